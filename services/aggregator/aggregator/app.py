@@ -1,0 +1,98 @@
+"""The aggregator's FastAPI application and its deadline watcher."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+
+from aggregator.contexts import EvaluationContexts, EvaluationContextSource
+from aggregator.intake import UpdateIntake
+from aggregator.jobs import JobCoordinator
+from aggregator.metrics import Metrics
+from aggregator.routes import internal, jobs, sites
+from aggregator.settings import AggregatorSettings
+from aggregator.sites import SiteRegistry
+from aggregator.tables import AggregatorBase
+from fedhe.api_client import KeyserverClient
+from fedhe.db import SessionFactory, make_engine
+from fedhe.http_errors import install_error_handlers
+
+logger = logging.getLogger(__name__)
+
+
+class DeadlineWatcher:
+    """Finishes overdue rounds in the background (every replica runs one; the job lock dedupes)."""
+
+    def __init__(self, jobs: JobCoordinator, interval_s: float):
+        self._jobs = jobs
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedhe-deadlines", daemon=True)
+
+    def start(self) -> None:
+        """Start watching."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and wait for the thread."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._jobs.expire_overdue_rounds()
+            except Exception:  # a transient database error must not kill the watcher
+                logger.exception("deadline check failed; retrying")
+
+
+def create_app(settings: AggregatorSettings | None = None, context_source: EvaluationContextSource | None = None) -> FastAPI:
+    """Build the aggregator application (secrets are resolved here, so a bad config fails at start)."""
+    settings = settings or AggregatorSettings()
+    service_token = settings.service_secret()
+    engine = make_engine(settings.database_url)
+    AggregatorBase.metadata.create_all(engine)
+    sessions = SessionFactory(engine)
+    source = context_source or KeyserverClient(settings.keyserver_url, service_token.get_secret_value(), timeout=30)
+    contexts = EvaluationContexts(sessions, source)
+    metrics = Metrics()
+    coordinator = JobCoordinator(sessions, contexts, metrics)
+    watcher = DeadlineWatcher(coordinator, settings.deadline_check_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher.start()
+        yield
+        watcher.stop()
+
+    app = FastAPI(title="fedhe aggregator", version="0.1.0", lifespan=lifespan)
+    app.state.sites = SiteRegistry(sessions)
+    app.state.jobs = coordinator
+    app.state.intake = UpdateIntake(coordinator, contexts)
+    app.state.operator_token = settings.operator_secret()
+    app.state.service_token = service_token
+    app.state.max_upload_bytes = settings.max_upload_bytes
+    install_error_handlers(app)
+    for router in (sites, internal, jobs):
+        app.include_router(router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> dict[str, str]:
+        with engine.connect():
+            pass
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["health"])
+    def prometheus_metrics() -> str:
+        return metrics.render()
+
+    return app

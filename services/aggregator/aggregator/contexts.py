@@ -1,0 +1,58 @@
+"""Keyless evaluation contexts: fetched once from the keyserver, kept in the database.
+
+The aggregator refuses any context with a secret key (``load_evaluation_context``), so even a
+misconfigured keyserver cannot make it able to decrypt.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from aggregator.repository import AggregatorRepository
+from aggregator.tables import EvaluationContextRow
+from fedhe.db import SessionFactory
+from fedhe.he import UpdateCodec, codec_for, load_evaluation_context
+
+
+class EvaluationContextSource(Protocol):
+    """Where evaluation contexts come from (the keyserver)."""
+
+    def evaluation_context(self, key_id: str) -> bytes:
+        """The serialised keyless context of ``key_id``."""
+        ...
+
+
+class EvaluationContexts:
+    """Loads, caches and binds codecs to the evaluation context of each key_id."""
+
+    def __init__(self, sessions: SessionFactory, source: EvaluationContextSource):
+        self._sessions = sessions
+        self._source = source
+        self._codecs: dict[tuple[str, str], UpdateCodec] = {}
+        self._lock = threading.Lock()
+
+    def ensure(self, repo: AggregatorRepository, key_id: str) -> None:
+        """Make sure ``key_id``'s context is stored (fetching it from the keyserver if needed)."""
+        if repo.evaluation_context(key_id) is not None:
+            return
+        data = self._source.evaluation_context(key_id)
+        load_evaluation_context(data)
+        repo.add(EvaluationContextRow(key_id=key_id, context=data))
+        repo.flush()
+
+    def codec(self, key_id: str, format_id: str) -> UpdateCodec:
+        """A codec bound to ``key_id``'s keyless context."""
+        with self._lock:
+            cached = self._codecs.get((key_id, format_id))
+            if cached is not None:
+                return cached
+            with self._sessions.transaction() as session:
+                repo = AggregatorRepository(session)
+                self.ensure(repo, key_id)
+                row = repo.evaluation_context(key_id)
+                assert row is not None
+                data = row.context
+            codec = codec_for(format_id, load_evaluation_context(data))
+            self._codecs[(key_id, format_id)] = codec
+            return codec

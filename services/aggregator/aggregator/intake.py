@@ -1,0 +1,129 @@
+"""Accepting encrypted updates: every check first, then one transaction that adds the update.
+
+A refused upload changes nothing: the checks either run before the transaction or inside it
+before any row is written, and any error rolls the transaction back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from aggregator.contexts import EvaluationContexts
+from aggregator.jobs import JobCoordinator, job_spec, rules_for
+from aggregator.tables import SubmissionRow
+from fedhe.errors import Conflict, FedheError, InvalidUpdate
+from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
+from fedhe.schemas import JobCreate, JobStatus, RoundState, UpdateAccepted
+from aggregator.rounds import RoundStateMachine
+
+MAX_METRICS = 64
+
+
+def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_parameters: int) -> int:
+    """Check an update's header against its job; returns the sample count n_k."""
+    if envelope.key_id != key_id:
+        raise Conflict(
+            f"update is encrypted under key {envelope.key_id!r}; this job uses {key_id!r}",
+            code="stale_key_id",
+            detail={"expected": key_id},
+        )
+    if envelope.format_id != spec.format_id:
+        raise InvalidUpdate(
+            f"update format {envelope.format_id!r} is not this job's {spec.format_id!r}",
+            code="unsupported_format",
+            detail={"expected": spec.format_id},
+        )
+    if envelope.num_values != num_parameters:
+        raise InvalidUpdate(
+            f"update has {envelope.num_values} values; the model has {num_parameters}",
+            code="wrong_num_values",
+            detail={"expected": num_parameters},
+        )
+    num_samples = envelope.meta.get("num_samples")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 1 <= num_samples <= spec.max_samples_per_round:
+        raise InvalidUpdate(
+            f"num_samples must be an integer in 1..{spec.max_samples_per_round} (the job's max_samples_per_round)",
+            code="invalid_num_samples",
+        )
+    metrics = envelope.meta.get("metrics", {})
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise InvalidUpdate(f"metrics must be an object with at most {MAX_METRICS} entries", code="invalid_metrics")
+    return num_samples
+
+
+class UpdateIntake:
+    """Validates uploads and adds them into their round's running encrypted sum."""
+
+    def __init__(self, jobs: JobCoordinator, contexts: EvaluationContexts):
+        self._jobs = jobs
+        self._contexts = contexts
+
+    def accept(self, *, site_id: str, job_id: str, round_number: int, body: bytes) -> UpdateAccepted:
+        """Accept one upload or raise the error naming what is wrong (state left unchanged)."""
+        try:
+            return self._accept(site_id=site_id, job_id=job_id, round_number=round_number, body=body)
+        except FedheError as exc:
+            self._jobs.metrics.reject(exc.code)
+            raise
+
+    def _accept(self, *, site_id: str, job_id: str, round_number: int, body: bytes) -> UpdateAccepted:
+        envelope = decode_envelope(body)
+        digest = hashlib.sha256(body).hexdigest()
+        with self._jobs.locked_job(job_id) as (repo, job):
+            spec = job_spec(job)
+            if job.status != JobStatus.RUNNING.value:
+                raise Conflict(f"job is {job.status}; it takes no uploads", code="job_not_running")
+            if round_number != job.current_round:
+                raise Conflict(
+                    f"round {round_number} is not the open round; the job is at round {job.current_round}",
+                    code="wrong_round",
+                    detail={"current_round": job.current_round},
+                )
+            row = repo.current_round(job.id, round_number)
+            if row is None or not RoundStateMachine.accepts_uploads(RoundState(row.state)):
+                state = row.state if row is not None else "missing"
+                raise Conflict(f"round {round_number} is {state}; it takes no uploads", code="round_closed")
+            if repo.submission(row.id, site_id) is not None:
+                raise Conflict(f"site already uploaded to round {round_number}", code="duplicate_update")
+            num_samples = check_envelope(envelope, spec=spec, key_id=job.key_id, num_parameters=job.num_parameters)
+            codec = self._contexts.codec(job.key_id, spec.format_id)
+            initial = decode_envelope(row.running_sum).chunks if row.running_sum is not None else None
+            accumulator = codec.accumulator(job.num_parameters, initial)
+            accumulator.add(envelope.chunks)
+            row.running_sum = encode_envelope(
+                Envelope(format_id=spec.format_id, key_id=job.key_id, num_values=job.num_parameters, chunks=accumulator.to_chunks())
+            )
+            row.num_submissions += 1
+            row.total_samples += num_samples
+            repo.add(
+                SubmissionRow(
+                    round_id=row.id,
+                    site_id=site_id,
+                    num_samples=num_samples,
+                    num_bytes=len(body),
+                    sha256=digest,
+                    envelope=body,
+                    metrics=envelope.meta.get("metrics", {}),
+                )
+            )
+            repo.audit(
+                actor=f"site:{site_id}",
+                action="update.accept",
+                subject=job.id,
+                detail={"round": round_number, "attempt": row.attempt, "sha256": digest, "num_samples": num_samples},
+            )
+            next_state = rules_for(spec).after_upload(row.num_submissions)
+            if next_state == RoundState.CLOSED:
+                self._jobs.finish_round(repo, job, row, RoundState.CLOSED)
+            elif row.state == RoundState.OPEN.value:
+                row.state = RoundStateMachine.transition(RoundState.OPEN, RoundState.COLLECTING).value
+            result = UpdateAccepted(
+                job_id=job.id,
+                round=round_number,
+                attempt=row.attempt,
+                round_state=RoundState(row.state),
+                num_submissions=row.num_submissions,
+                sha256=digest,
+            )
+        self._jobs.metrics.accept(len(body))
+        return result

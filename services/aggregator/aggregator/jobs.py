@@ -1,0 +1,244 @@
+"""Job lifecycle: creating jobs, opening, closing and publishing rounds, deadlines."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+from aggregator.contexts import EvaluationContexts
+from aggregator.repository import AggregatorRepository
+from aggregator.tables import EvaluationRow, JobRow, RoundRow
+from aggregator.views import job_public, round_public
+from fedhe.db import SessionFactory, utcnow
+from fedhe.errors import Conflict, InvalidRequest, NotFound
+from fedhe.global_model import encode_aggregate, encode_initial_model
+from fedhe.he.envelope import decode_envelope
+from fedhe.he.codec import supported_formats
+from fedhe.modelspec import flatten_weights
+from fedhe.schemas import (
+    EvaluationCreate,
+    JobCreate,
+    JobPublic,
+    JobStatus,
+    RoundPublic,
+    RoundState,
+)
+from aggregator.metrics import Metrics
+from aggregator.rounds import RoundStateMachine
+
+
+def job_spec(row: JobRow) -> JobCreate:
+    """The operator's definition of a stored job."""
+    return JobCreate.model_validate(row.spec)
+
+
+def rules_for(spec: JobCreate) -> RoundStateMachine:
+    """The closing rules of a job's rounds."""
+    return RoundStateMachine(min_sites=spec.min_sites, target_sites=spec.target_sites or spec.min_sites)
+
+
+class JobCoordinator:
+    """Owns every change to jobs and rounds, each in one transaction under the job's lock.
+
+    The job row is locked (``SELECT ... FOR UPDATE``) for the length of each change, so two
+    requests, or two aggregator replicas, never interleave changes to one job's rounds. SQLite
+    has no row locks; in embedded mode one process-wide lock plays that part.
+    """
+
+    def __init__(self, sessions: SessionFactory, contexts: EvaluationContexts, metrics: Metrics):
+        self._sessions = sessions
+        self._contexts = contexts
+        self.metrics = metrics
+        self._embedded_lock = threading.RLock() if sessions.is_sqlite else None
+
+    @contextmanager
+    def locked_job(self, job_id: str) -> Iterator[tuple[AggregatorRepository, JobRow]]:
+        """A transaction holding the job's row lock."""
+        if self._embedded_lock is not None:
+            self._embedded_lock.acquire()
+        try:
+            with self._sessions.transaction() as session:
+                repo = AggregatorRepository(session)
+                yield repo, repo.job(job_id, for_update=True)
+        finally:
+            if self._embedded_lock is not None:
+                self._embedded_lock.release()
+
+    def create_job(self, request: JobCreate, *, actor: str) -> JobPublic:
+        """Store a job and open its round 0."""
+        if request.format_id not in supported_formats():
+            raise InvalidRequest(
+                f"unsupported format_id {request.format_id!r}", code="unsupported_format", detail={"supported": supported_formats()}
+            )
+        row = JobRow(
+            id="job-" + uuid.uuid4().hex[:16],
+            name=request.name,
+            key_id=request.key_id,
+            spec=request.model_dump(mode="json"),
+            status=JobStatus.RUNNING.value,
+            current_round=0,
+            num_parameters=request.model.num_parameters(),
+        )
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            self._contexts.ensure(repo, request.key_id)
+            repo.add(row)
+            repo.flush()
+            self._open_round(repo, row, number=0, attempt=1)
+            repo.audit(actor=actor, action="job.create", subject=row.id, detail={"key_id": request.key_id})
+        return job_public(row)
+
+    def _open_round(self, repo: AggregatorRepository, job: JobRow, *, number: int, attempt: int) -> None:
+        now = utcnow()
+        deadline = now + timedelta(seconds=job_spec(job).round_deadline_s)
+        repo.add(
+            RoundRow(job_id=job.id, number=number, attempt=attempt, state=RoundState.OPEN.value, opened_at=now, deadline_at=deadline)
+        )
+        job.current_round = number
+        repo.flush()
+
+    def finish_round(self, repo: AggregatorRepository, job: JobRow, row: RoundRow, target: RoundState, reason: str | None = None) -> None:
+        """Close a round as ``target`` (closed → published, or failed) and move the job on."""
+        spec = job_spec(job)
+        now = utcnow()
+        state = RoundStateMachine.transition(RoundState(row.state), target)
+        row.closed_at = now
+        if state == RoundState.CLOSED:
+            row.state = RoundStateMachine.transition(state, RoundState.PUBLISHED).value
+            row.published_at = now
+            self.metrics.rounds_published += 1
+            repo.audit(actor="aggregator", action="round.publish", subject=job.id,
+                       detail={"round": row.number, "attempt": row.attempt, "sites": row.num_submissions, "total_samples": row.total_samples})
+            if row.number + 1 < spec.rounds:
+                self._open_round(repo, job, number=row.number + 1, attempt=1)
+            else:
+                job.status = JobStatus.COMPLETED.value
+                job.finished_at = now
+            return
+        row.state = state.value
+        row.failure_reason = reason
+        self.metrics.rounds_failed += 1
+        repo.audit(actor="aggregator", action="round.fail", subject=job.id,
+                   detail={"round": row.number, "attempt": row.attempt, "reason": reason})
+        if spec.on_round_failure == "retry" and row.attempt < spec.max_round_attempts:
+            self._open_round(repo, job, number=row.number, attempt=row.attempt + 1)
+        else:
+            job.status = JobStatus.FAILED.value
+            job.finished_at = now
+
+    def expire_overdue_rounds(self, now: datetime | None = None) -> int:
+        """Close or fail every round whose deadline has passed; returns how many it finished."""
+        moment = now or utcnow()
+        with self._sessions.transaction() as session:
+            job_ids = AggregatorRepository(session).overdue_job_ids(moment)
+        finished = 0
+        for job_id in job_ids:
+            with self.locked_job(job_id) as (repo, job):
+                row = repo.current_round(job.id, job.current_round)
+                if (
+                    row is None
+                    or job.status != JobStatus.RUNNING.value
+                    or not RoundStateMachine.accepts_uploads(RoundState(row.state))
+                    or row.deadline_at > moment
+                ):
+                    continue
+                target = rules_for(job_spec(job)).at_deadline(row.num_submissions)
+                reason = None
+                if target == RoundState.FAILED:
+                    reason = f"deadline passed with {row.num_submissions} of min_sites={job_spec(job).min_sites} uploads"
+                self.finish_round(repo, job, row, target, reason)
+                finished += 1
+        return finished
+
+    def stop_job(self, job_id: str, *, actor: str) -> JobPublic:
+        """Stop a running job; its open round fails."""
+        with self.locked_job(job_id) as (repo, job):
+            if job.status != JobStatus.RUNNING.value:
+                raise Conflict(f"job is {job.status}, not running", code="job_not_running")
+            row = repo.current_round(job.id, job.current_round)
+            if row is not None and RoundStateMachine.accepts_uploads(RoundState(row.state)):
+                row.state = RoundState.FAILED.value
+                row.closed_at = utcnow()
+                row.failure_reason = "job stopped by operator"
+            job.status = JobStatus.STOPPED.value
+            job.finished_at = utcnow()
+            repo.audit(actor=actor, action="job.stop", subject=job_id)
+            return job_public(job)
+
+    def job(self, job_id: str) -> JobPublic:
+        """One job."""
+        with self._sessions.transaction() as session:
+            return job_public(AggregatorRepository(session).job(job_id))
+
+    def jobs(self) -> list[JobPublic]:
+        """All jobs."""
+        with self._sessions.transaction() as session:
+            return [job_public(row) for row in AggregatorRepository(session).jobs()]
+
+    def rounds(self, job_id: str, *, operator: bool, caller_site: str | None) -> list[RoundPublic]:
+        """Every attempt of every round of a job."""
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            repo.job(job_id)
+            return [round_public(repo, row, include_submissions=operator, caller_site=caller_site) for row in repo.rounds(job_id)]
+
+    def round(self, job_id: str, number: int, *, operator: bool, caller_site: str | None) -> RoundPublic:
+        """The latest attempt of one round."""
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            repo.job(job_id)
+            row = repo.current_round(job_id, number)
+            if row is None:
+                raise NotFound(f"job {job_id} has no round {number} yet")
+            return round_public(repo, row, include_submissions=operator, caller_site=caller_site)
+
+    def model(self, job_id: str, number: int) -> bytes:
+        """Round ``number``'s global model: initial weights for 0, else round ``number - 1``'s aggregate."""
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            job = repo.job(job_id)
+            spec = job_spec(job)
+            if not 0 <= number <= spec.rounds:
+                raise NotFound(f"job {job_id} has rounds 0..{spec.rounds - 1} (and the final model at {spec.rounds})")
+            if number == 0:
+                weights = flatten_weights(spec.model.initial_weights(spec.seed))
+                return encode_initial_model(weights, job.key_id, job.id)
+            previous = repo.current_round(job_id, number - 1)
+            if previous is None or previous.state != RoundState.PUBLISHED.value or previous.running_sum is None:
+                raise Conflict(f"round {number - 1} is not published yet", code="model_not_ready")
+            return self._aggregate_envelope(job, spec, previous)
+
+    def final_model(self, job_id: str) -> bytes:
+        """The aggregate of the job's last round, once the job has completed."""
+        with self._sessions.transaction() as session:
+            job = AggregatorRepository(session).job(job_id)
+            if job.status != JobStatus.COMPLETED.value:
+                raise Conflict(f"job is {job.status}; the final model exists once it completes", code="model_not_ready")
+        return self.model(job_id, job_spec(job).rounds)
+
+    def _aggregate_envelope(self, job: JobRow, spec: JobCreate, row: RoundRow) -> bytes:
+        assert row.running_sum is not None
+        stored = decode_envelope(row.running_sum)
+        return encode_aggregate(
+            stored.chunks,
+            format_id=spec.format_id,
+            key_id=job.key_id,
+            num_values=job.num_parameters,
+            job_id=job.id,
+            round_number=row.number,
+            total_samples=row.total_samples,
+            weight_scale=spec.max_samples_per_round,
+        )
+
+    def record_evaluation(self, job_id: str, number: int, site_id: str, evaluation: EvaluationCreate) -> None:
+        """Store a site's evaluation of round ``number``'s published model (once per site)."""
+        with self.locked_job(job_id) as (repo, job):
+            row = repo.current_round(job.id, number)
+            if row is None or row.state != RoundState.PUBLISHED.value:
+                raise Conflict(f"round {number} is not published", code="round_not_published")
+            if repo.evaluation(row.id, site_id) is not None:
+                raise Conflict(f"site already evaluated round {number}", code="duplicate_evaluation")
+            repo.add(EvaluationRow(round_id=row.id, site_id=site_id, num_examples=evaluation.num_examples, metrics=evaluation.metrics))

@@ -1,0 +1,125 @@
+"""Storage of sites, jobs, rounds, submissions and audit events behind a small interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from aggregator.tables import (
+    AuditRow,
+    EvaluationContextRow,
+    EvaluationRow,
+    JobRow,
+    RoundRow,
+    SiteRow,
+    SubmissionRow,
+)
+from fedhe.errors import NotFound
+from fedhe.schemas import RoundState
+
+
+class AggregatorRepository:
+    """Reads and writes the aggregator's rows within one session (one transaction)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def add(self, row: object) -> None:
+        """Stage a new row."""
+        self.session.add(row)
+
+    def flush(self) -> None:
+        """Send staged changes (assigns generated ids) without committing."""
+        self.session.flush()
+
+    def site(self, site_id: str) -> SiteRow:
+        """The site, or ``NotFound``."""
+        row = self.session.get(SiteRow, site_id)
+        if row is None:
+            raise NotFound(f"no site {site_id!r}")
+        return row
+
+    def site_by_credential(self, credential_sha256: str) -> SiteRow | None:
+        """The site holding a credential with this hash."""
+        return self.session.scalars(select(SiteRow).where(SiteRow.credential_sha256 == credential_sha256)).first()
+
+    def sites(self) -> list[SiteRow]:
+        """All sites, oldest first."""
+        return list(self.session.scalars(select(SiteRow).order_by(SiteRow.created_at)))
+
+    def evaluation_context(self, key_id: str) -> EvaluationContextRow | None:
+        """A cached keyless context."""
+        return self.session.get(EvaluationContextRow, key_id)
+
+    def job(self, job_id: str, *, for_update: bool = False) -> JobRow:
+        """The job, or ``NotFound``; ``for_update`` locks its row until the transaction ends."""
+        query = select(JobRow).where(JobRow.id == job_id)
+        if for_update:
+            query = query.with_for_update()
+        row = self.session.scalars(query).first()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return row
+
+    def jobs(self) -> list[JobRow]:
+        """All jobs, oldest first."""
+        return list(self.session.scalars(select(JobRow).order_by(JobRow.created_at)))
+
+    def current_round(self, job_id: str, number: int) -> RoundRow | None:
+        """The latest attempt of round ``number``."""
+        query = (
+            select(RoundRow)
+            .where(RoundRow.job_id == job_id, RoundRow.number == number)
+            .order_by(RoundRow.attempt.desc())
+        )
+        return self.session.scalars(query).first()
+
+    def rounds(self, job_id: str) -> list[RoundRow]:
+        """Every attempt of every round of a job, in order."""
+        query = select(RoundRow).where(RoundRow.job_id == job_id).order_by(RoundRow.number, RoundRow.attempt)
+        return list(self.session.scalars(query))
+
+    def last_published_round(self, job_id: str) -> RoundRow | None:
+        """The most recent published round of a job."""
+        query = (
+            select(RoundRow)
+            .where(RoundRow.job_id == job_id, RoundRow.state == RoundState.PUBLISHED.value)
+            .order_by(RoundRow.number.desc())
+        )
+        return self.session.scalars(query).first()
+
+    def overdue_job_ids(self, now: Any) -> list[str]:
+        """Jobs with a round still taking uploads past its deadline."""
+        accepting = (RoundState.OPEN.value, RoundState.COLLECTING.value)
+        query = select(RoundRow.job_id).where(RoundRow.state.in_(accepting), RoundRow.deadline_at <= now).distinct()
+        return list(self.session.scalars(query))
+
+    def submission(self, round_id: int, site_id: str) -> SubmissionRow | None:
+        """A site's accepted upload in a round."""
+        query = select(SubmissionRow).where(SubmissionRow.round_id == round_id, SubmissionRow.site_id == site_id)
+        return self.session.scalars(query).first()
+
+    def submissions(self, round_id: int) -> list[SubmissionRow]:
+        """A round's accepted uploads, in arrival order."""
+        query = select(SubmissionRow).where(SubmissionRow.round_id == round_id).order_by(SubmissionRow.id)
+        return list(self.session.scalars(query))
+
+    def evaluation(self, round_id: int, site_id: str) -> EvaluationRow | None:
+        """A site's evaluation of a round's model."""
+        query = select(EvaluationRow).where(EvaluationRow.round_id == round_id, EvaluationRow.site_id == site_id)
+        return self.session.scalars(query).first()
+
+    def evaluations(self, round_id: int) -> list[EvaluationRow]:
+        """All evaluations of a round's model."""
+        query = select(EvaluationRow).where(EvaluationRow.round_id == round_id).order_by(EvaluationRow.id)
+        return list(self.session.scalars(query))
+
+    def audit(self, *, actor: str, action: str, subject: str, detail: dict[str, Any] | None = None) -> None:
+        """Append an audit event in the same transaction as the change it records."""
+        self.session.add(AuditRow(actor=actor, action=action, subject=subject, detail=detail or {}))
+
+    def audit_events(self, limit: int) -> list[AuditRow]:
+        """The newest audit events first."""
+        return list(self.session.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)))

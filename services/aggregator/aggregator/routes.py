@@ -1,0 +1,150 @@
+"""The aggregator's HTTP routes: thin wrappers over the registry, coordinator and intake."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from aggregator.deps import IntakeDep, JobsDep, OperatorDep, ParticipantDep, ServiceDep, SiteDep, SitesDep
+from fedhe.errors import PayloadTooLarge
+from fedhe.schemas import (
+    EvaluationCreate,
+    JobCreate,
+    JobPublic,
+    RoundPublic,
+    SiteApproved,
+    SiteCreate,
+    SiteIdentity,
+    SitePublic,
+    UpdateAccepted,
+)
+
+_OCTETS = "application/octet-stream"
+
+sites = APIRouter(prefix="/v1/sites", tags=["sites"])
+internal = APIRouter(prefix="/v1/internal", tags=["internal"])
+jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@sites.post("", status_code=201, response_model=SitePublic)
+def register_site(body: SiteCreate, registry: SitesDep) -> SitePublic:
+    """A site admin registers a site; it stays pending until an operator approves it."""
+    return registry.register(body)
+
+
+@sites.get("", response_model=list[SitePublic])
+def list_sites(registry: SitesDep, _: OperatorDep) -> list[SitePublic]:
+    """All sites."""
+    return registry.sites()
+
+
+@sites.get("/{site_id}", response_model=SitePublic)
+def get_site(site_id: str, registry: SitesDep, _: OperatorDep) -> SitePublic:
+    """One site."""
+    return registry.site(site_id)
+
+
+@sites.post("/{site_id}/approve", response_model=SiteApproved)
+def approve_site(site_id: str, registry: SitesDep, caller: OperatorDep) -> SiteApproved:
+    """Approve a pending site; the answer carries its credential, shown only this once."""
+    return registry.approve(site_id, actor=caller.actor)
+
+
+@sites.post("/{site_id}/reject", response_model=SitePublic)
+def reject_site(site_id: str, registry: SitesDep, caller: OperatorDep) -> SitePublic:
+    """Reject a pending site."""
+    return registry.reject(site_id, actor=caller.actor)
+
+
+@sites.post("/{site_id}/revoke", response_model=SitePublic)
+def revoke_site(site_id: str, registry: SitesDep, caller: OperatorDep) -> SitePublic:
+    """Revoke an approved site."""
+    return registry.revoke(site_id, actor=caller.actor)
+
+
+@internal.get("/sites/{site_id}", response_model=SiteIdentity)
+def site_identity(site_id: str, registry: SitesDep, _: ServiceDep) -> SiteIdentity:
+    """For the keyserver: a site's status and public key."""
+    return registry.identity(site_id)
+
+
+@jobs.post("", status_code=201, response_model=JobPublic)
+def create_job(body: JobCreate, coordinator: JobsDep, caller: OperatorDep) -> JobPublic:
+    """Create a job on a federation's key; round 0 opens at once."""
+    return coordinator.create_job(body, actor=caller.actor)
+
+
+@jobs.get("", response_model=list[JobPublic])
+def list_jobs(coordinator: JobsDep, _: ParticipantDep) -> list[JobPublic]:
+    """All jobs."""
+    return coordinator.jobs()
+
+
+@jobs.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, coordinator: JobsDep, _: ParticipantDep) -> JobPublic:
+    """One job and its progress."""
+    return coordinator.job(job_id)
+
+
+@jobs.post("/{job_id}/stop", response_model=JobPublic)
+def stop_job(job_id: str, coordinator: JobsDep, caller: OperatorDep) -> JobPublic:
+    """Stop a running job."""
+    return coordinator.stop_job(job_id, actor=caller.actor)
+
+
+@jobs.get("/{job_id}/rounds", response_model=list[RoundPublic])
+def list_rounds(job_id: str, coordinator: JobsDep, caller: ParticipantDep) -> list[RoundPublic]:
+    """Every attempt of every round; per-site details only for operators."""
+    return coordinator.rounds(job_id, operator=caller.role == "operator", caller_site=caller.site_id)
+
+
+@jobs.get("/{job_id}/rounds/{number}", response_model=RoundPublic)
+def get_round(job_id: str, number: int, coordinator: JobsDep, caller: ParticipantDep) -> RoundPublic:
+    """The latest attempt of one round."""
+    return coordinator.round(job_id, number, operator=caller.role == "operator", caller_site=caller.site_id)
+
+
+@jobs.get("/{job_id}/rounds/{number}/model")
+def get_model(job_id: str, number: int, coordinator: JobsDep, _: SiteDep) -> Response:
+    """Round ``number``'s global model envelope (encrypted after round 0)."""
+    return Response(coordinator.model(job_id, number), media_type=_OCTETS)
+
+
+@jobs.get("/{job_id}/final-model")
+def get_final_model(job_id: str, coordinator: JobsDep, _: SiteDep) -> Response:
+    """The encrypted aggregate of the last round of a completed job."""
+    return Response(coordinator.final_model(job_id), media_type=_OCTETS)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit", detail={"limit": limit})
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit", detail={"limit": limit})
+        parts.append(part)
+    return b"".join(parts)
+
+
+@jobs.post("/{job_id}/rounds/{number}/updates", status_code=201, response_model=UpdateAccepted)
+async def upload_update(
+    job_id: str, number: int, request: Request, intake: IntakeDep, caller: SiteDep
+) -> UpdateAccepted:
+    """Upload an encrypted update (a fedhe envelope) for round ``number``."""
+    body = await _read_limited(request, request.app.state.max_upload_bytes)
+    assert caller.site_id is not None
+    return await run_in_threadpool(intake.accept, site_id=caller.site_id, job_id=job_id, round_number=number, body=body)
+
+
+@jobs.post("/{job_id}/rounds/{number}/evaluations", status_code=201)
+def post_evaluation(
+    job_id: str, number: int, body: EvaluationCreate, coordinator: JobsDep, caller: SiteDep
+) -> dict[str, str]:
+    """A site reports how round ``number``'s published model scores on its validation split."""
+    assert caller.site_id is not None
+    coordinator.record_evaluation(job_id, number, caller.site_id, body)
+    return {"status": "recorded"}

@@ -1,0 +1,95 @@
+"""The site registry: registration, operator decisions and credential checks."""
+
+from __future__ import annotations
+
+import uuid
+
+from aggregator.repository import AggregatorRepository
+from aggregator.tables import SiteRow
+from aggregator.views import site_identity, site_public
+from fedhe.auth import SITE_CREDENTIAL_PREFIX, hash_token, new_token, parse_public_key
+from fedhe.db import SessionFactory, utcnow
+from fedhe.errors import Conflict, PermissionDenied, Unauthenticated
+from fedhe.schemas import SiteApproved, SiteCreate, SiteIdentity, SitePublic, SiteStatus
+
+
+class SiteRegistry:
+    """Sites move pending → approved (credential issued) → revoked, or pending → rejected."""
+
+    def __init__(self, sessions: SessionFactory):
+        self._sessions = sessions
+
+    def register(self, request: SiteCreate) -> SitePublic:
+        """Record a registration; the site stays pending until an operator decides."""
+        parse_public_key(request.public_key)
+        row = SiteRow(
+            id="site-" + uuid.uuid4().hex[:16],
+            name=request.name,
+            organisation=request.organisation,
+            contact=request.contact,
+            public_key=request.public_key,
+            status=SiteStatus.PENDING.value,
+        )
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            repo.add(row)
+            repo.audit(actor=f"site:{row.id}", action="site.register", subject=row.id, detail={"name": row.name})
+        return site_public(row)
+
+    def _decide(self, site_id: str, *, allowed_from: SiteStatus, to: SiteStatus, actor: str) -> tuple[SiteRow, str | None]:
+        credential = new_token(SITE_CREDENTIAL_PREFIX) if to == SiteStatus.APPROVED else None
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            row = repo.site(site_id)
+            if row.status != allowed_from.value:
+                raise Conflict(
+                    f"site is {row.status}; only a {allowed_from.value} site can become {to.value}",
+                    code="invalid_site_status",
+                )
+            row.status = to.value
+            row.decided_at = utcnow()
+            if credential is not None:
+                row.credential_sha256 = hash_token(credential)
+            repo.audit(actor=actor, action=f"site.{to.value}", subject=site_id)
+        return row, credential
+
+    def approve(self, site_id: str, *, actor: str) -> SiteApproved:
+        """Approve a pending site and issue its credential (returned once, stored hashed)."""
+        row, credential = self._decide(site_id, allowed_from=SiteStatus.PENDING, to=SiteStatus.APPROVED, actor=actor)
+        assert credential is not None
+        return SiteApproved(site=site_public(row), credential=credential)
+
+    def reject(self, site_id: str, *, actor: str) -> SitePublic:
+        """Reject a pending site."""
+        row, _ = self._decide(site_id, allowed_from=SiteStatus.PENDING, to=SiteStatus.REJECTED, actor=actor)
+        return site_public(row)
+
+    def revoke(self, site_id: str, *, actor: str) -> SitePublic:
+        """Revoke an approved site: its credential stops working at once."""
+        row, _ = self._decide(site_id, allowed_from=SiteStatus.APPROVED, to=SiteStatus.REVOKED, actor=actor)
+        return site_public(row)
+
+    def sites(self) -> list[SitePublic]:
+        """All sites."""
+        with self._sessions.transaction() as session:
+            return [site_public(row) for row in AggregatorRepository(session).sites()]
+
+    def site(self, site_id: str) -> SitePublic:
+        """One site."""
+        with self._sessions.transaction() as session:
+            return site_public(AggregatorRepository(session).site(site_id))
+
+    def identity(self, site_id: str) -> SiteIdentity:
+        """Status and public key, for the keyserver's key-release check."""
+        with self._sessions.transaction() as session:
+            return site_identity(AggregatorRepository(session).site(site_id))
+
+    def authenticate(self, credential: str) -> str:
+        """The id of the approved site holding ``credential``; 401 if unknown, 403 if not approved."""
+        with self._sessions.transaction() as session:
+            row = AggregatorRepository(session).site_by_credential(hash_token(credential))
+        if row is None:
+            raise Unauthenticated("credential is not valid")
+        if row.status != SiteStatus.APPROVED.value:
+            raise PermissionDenied(f"site {row.id} is {row.status}", code="site_not_approved")
+        return row.id

@@ -1,0 +1,114 @@
+"""The aggregator's tables. Postgres (or embedded SQLite) is the source of truth."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from fedhe.db import UTCDateTime, new_metadata, utcnow
+
+
+class AggregatorBase(DeclarativeBase):
+    """Declarative base of the aggregator's schema."""
+
+    metadata = new_metadata()
+
+
+class SiteRow(AggregatorBase):
+    __tablename__ = "sites"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    organisation: Mapped[str] = mapped_column(String(200))
+    contact: Mapped[str] = mapped_column(String(320))
+    public_key: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    credential_sha256: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class EvaluationContextRow(AggregatorBase):
+    """Keyless contexts fetched from the keyserver (public parameters only)."""
+
+    __tablename__ = "evaluation_contexts"
+
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    context: Mapped[bytes] = mapped_column(LargeBinary)
+    fetched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobRow(AggregatorBase):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_id: Mapped[str] = mapped_column(ForeignKey("evaluation_contexts.key_id"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    current_round: Mapped[int] = mapped_column(Integer, default=0)
+    num_parameters: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class RoundRow(AggregatorBase):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("job_id", "number", "attempt", name="uq_rounds_job_number_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    num_submissions: Mapped[int] = mapped_column(Integer, default=0)
+    total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    running_sum: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class SubmissionRow(AggregatorBase):
+    """An accepted upload, kept whole so the running sum can be recomputed and audited."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (UniqueConstraint("round_id", "site_id", name="uq_submissions_round_site"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"))
+    num_samples: Mapped[int] = mapped_column(BigInteger)
+    num_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class EvaluationRow(AggregatorBase):
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("round_id", "site_id", name="uq_evaluations_round_site"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"))
+    num_examples: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AuditRow(AggregatorBase):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

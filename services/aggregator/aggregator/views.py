@@ -1,0 +1,89 @@
+"""Conversions from stored rows to the public wire schemas."""
+
+from __future__ import annotations
+
+from aggregator.repository import AggregatorRepository
+from aggregator.tables import JobRow, RoundRow, SiteRow
+from fedhe.schemas import (
+    EvaluationPublic,
+    JobPublic,
+    JobStatus,
+    RoundPublic,
+    RoundState,
+    SiteIdentity,
+    SitePublic,
+    SiteStatus,
+    SubmissionPublic,
+)
+
+
+def site_public(row: SiteRow) -> SitePublic:
+    """A site as operators see it."""
+    return SitePublic(
+        id=row.id,
+        name=row.name,
+        organisation=row.organisation,
+        contact=row.contact,
+        public_key=row.public_key,
+        status=SiteStatus(row.status),
+        created_at=row.created_at,
+        decided_at=row.decided_at,
+    )
+
+
+def site_identity(row: SiteRow) -> SiteIdentity:
+    """A site as the keyserver needs it."""
+    return SiteIdentity(id=row.id, status=SiteStatus(row.status), public_key=row.public_key)
+
+
+def job_public(row: JobRow) -> JobPublic:
+    """A job with its progress."""
+    return JobPublic.model_validate(
+        {
+            **row.spec,
+            "id": row.id,
+            "status": JobStatus(row.status),
+            "current_round": row.current_round,
+            "created_at": row.created_at,
+            "finished_at": row.finished_at,
+            "num_parameters": row.num_parameters,
+        }
+    )
+
+
+def round_public(
+    repo: AggregatorRepository, row: RoundRow, *, include_submissions: bool, caller_site: str | None
+) -> RoundPublic:
+    """A round attempt; per-site submission details only for operators."""
+    submissions = repo.submissions(row.id)
+    return RoundPublic(
+        job_id=row.job_id,
+        number=row.number,
+        attempt=row.attempt,
+        state=RoundState(row.state),
+        opened_at=row.opened_at,
+        deadline_at=row.deadline_at,
+        closed_at=row.closed_at,
+        published_at=row.published_at,
+        failure_reason=row.failure_reason,
+        num_submissions=row.num_submissions,
+        total_samples=row.total_samples,
+        submissions=[
+            SubmissionPublic(
+                site_id=s.site_id,
+                num_samples=s.num_samples,
+                num_bytes=s.num_bytes,
+                sha256=s.sha256,
+                metrics=s.metrics,
+                received_at=s.received_at,
+            )
+            for s in submissions
+        ]
+        if include_submissions
+        else [],
+        evaluations=[
+            EvaluationPublic(site_id=e.site_id, num_examples=e.num_examples, metrics=e.metrics, received_at=e.received_at)
+            for e in repo.evaluations(row.id)
+        ],
+        submitted_by_caller=None if caller_site is None else any(s.site_id == caller_site for s in submissions),
+    )

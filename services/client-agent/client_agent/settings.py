@@ -1,0 +1,38 @@
+"""Client-agent settings: every field is read from ``FEDHE_AGENT_<FIELD>`` or a CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedhe.settings import resolve_secret
+
+
+class AgentSettings(BaseSettings):
+    """Configuration of one site's agent."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDHE_AGENT_", extra="ignore")
+
+    aggregator_url: str = "http://127.0.0.1:8080"
+    keyserver_url: str = "http://127.0.0.1:8090"
+    site_id: str
+    credential: SecretStr | None = None
+    credential_file: Path | None = None
+    signing_key_file: Path
+    data_path: str
+    label_column: str = "label"
+    validation_fraction: float = 0.2
+    policy_file: Path | None = None
+    state_dir: Path = Path("./fedhe-agent-state")
+    job_id: str | None = None
+    once: bool = False
+    poll_interval_s: float = 0.5
+    max_backoff_s: float = 30.0
+    request_timeout_s: float = 60.0
+    log_level: str = "INFO"
+
+    def credential_secret(self) -> SecretStr:
+        """The site's API credential issued at approval."""
+        return resolve_secret(self.credential, self.credential_file, "credential")

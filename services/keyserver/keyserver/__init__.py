@@ -1,0 +1,1 @@
+"""The fedhe keyserver: creates federations' CKKS contexts and releases them by role."""

@@ -1,0 +1,170 @@
+"""Compact CKKS codec: symmetric, seeded ciphertexts encoded at the last level.
+
+Every site holds the secret context, so updates can be encrypted symmetrically. SEAL then
+serialises a *seeded* ciphertext: the uniformly random half is replaced by the PRNG seed that
+regenerates it, which halves the bytes. Encoding at the last level of the modulus chain drops
+the primes a sum never uses. Together about 16 bytes per parameter on the wire (float32: 4,
+TenSEAL's usual [60,40,40] public-key setting: ~81). A summed ciphertext is no longer seeded
+(32 bytes per slot); that is what the aggregator stores and publishes.
+
+SEAL's Python bindings only serialise to and from files, so bytes pass through a private
+temporary file (on tmpfs where there is one). Only ciphertexts go there, never a key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as seal
+
+from fedhe.errors import InvalidRequest, InvalidUpdate
+from fedhe.he.codec import DEFAULT_FORMAT_ID, Accumulator, UpdateCodec
+
+_TMP_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+@contextmanager
+def _scratch_file() -> Iterator[str]:
+    fd, path = tempfile.mkstemp(prefix="fedhe-ct-", dir=_TMP_ROOT)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+
+
+class _SealIO:
+    """Byte-level (de)serialisation of SEAL ciphertexts through one scratch file."""
+
+    def __init__(self, seal_context: seal.SEALContext):
+        self._context = seal_context
+
+    def save(self, obj: seal.Ciphertext) -> bytes:
+        with _scratch_file() as path:
+            obj.save(path)
+            with open(path, "rb") as fh:
+                return fh.read()
+
+    def load(self, data: bytes) -> seal.Ciphertext:
+        with _scratch_file() as path:
+            with open(path, "wb") as fh:
+                fh.write(data)
+            ciphertext = seal.Ciphertext(self._context)
+            ciphertext.load(self._context, path)
+            return ciphertext
+
+
+class _SeededAccumulator(Accumulator):
+    def __init__(self, codec: SeededCkksCodec, num_values: int, initial: Sequence[bytes] | None):
+        self._codec = codec
+        self._num_chunks = codec.num_chunks(num_values)
+        self._sum: list[seal.Ciphertext] | None = None
+        if initial is not None:
+            self._sum = codec.parse(initial, self._num_chunks)
+
+    def add(self, chunks: Sequence[bytes]) -> None:
+        update = self._codec.parse(chunks, self._num_chunks)
+        if self._sum is None:
+            self._sum = update
+            return
+        for running, term in zip(self._sum, update, strict=True):
+            self._codec.evaluator.add_inplace(running, term)
+
+    def to_chunks(self) -> list[bytes]:
+        if self._sum is None:
+            raise InvalidRequest("the running sum is empty")
+        return [self._codec.io.save(ct) for ct in self._sum]
+
+
+class SeededCkksCodec(UpdateCodec):
+    """Seeded symmetric CKKS at the last level (format ``ckks-seeded-last-v1``)."""
+
+    format_id = DEFAULT_FORMAT_ID
+
+    def __init__(self, context: ts.Context):
+        self._tenseal_context = context
+        self._seal_context: seal.SEALContext = context.seal_context().data
+        self._scale = float(context.global_scale)
+        self._last_parms_id = self._seal_context.last_parms_id()
+        self._encoder = seal.CKKSEncoder(self._seal_context)
+        self.slot_count: int = self._encoder.slot_count()
+        self.evaluator = seal.Evaluator(self._seal_context)
+        self.io = _SealIO(self._seal_context)
+        self._has_secret = context.has_secret_key()
+
+    def num_chunks(self, num_values: int) -> int:
+        if num_values <= 0:
+            raise InvalidRequest("an update must have at least one value")
+        return math.ceil(num_values / self.slot_count)
+
+    def _secret_key(self) -> seal.SecretKey:
+        if not self._has_secret:
+            raise InvalidRequest("this context has no secret key: it cannot encrypt or decrypt")
+        return self._tenseal_context.secret_key().data
+
+    def encrypt_update(self, values: np.ndarray) -> list[bytes]:
+        flat = np.asarray(values, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(flat)):
+            raise InvalidRequest("an update must contain only finite values")
+        encryptor = seal.Encryptor(self._seal_context, self._secret_key())
+        chunks: list[bytes] = []
+        plain = seal.Plaintext()
+        for start in range(0, flat.size, self.slot_count):
+            self._encoder.encode(flat[start : start + self.slot_count].tolist(), self._last_parms_id, self._scale, plain)
+            seeded = encryptor.encrypt_symmetric(plain)
+            with _scratch_file() as path:
+                seeded.save(path)
+                with open(path, "rb") as fh:
+                    chunks.append(fh.read())
+        return chunks
+
+    def parse(self, chunks: Sequence[bytes], expected_chunks: int) -> list[seal.Ciphertext]:
+        """Deserialise and check every chunk; raise ``InvalidUpdate`` on the first bad one."""
+        if len(chunks) != expected_chunks:
+            raise InvalidUpdate(
+                f"expected {expected_chunks} ciphertext chunks, got {len(chunks)}",
+                code="wrong_chunk_count",
+                detail={"expected": expected_chunks, "received": len(chunks)},
+            )
+        parsed: list[seal.Ciphertext] = []
+        for index, data in enumerate(chunks):
+            try:
+                ciphertext = self.io.load(data)
+            except (RuntimeError, ValueError) as exc:
+                raise InvalidUpdate(
+                    f"chunk {index} is not a valid ciphertext for this context",
+                    code="invalid_ciphertext",
+                    detail={"chunk": index},
+                ) from exc
+            if (
+                ciphertext.size() != 2
+                or list(ciphertext.parms_id()) != list(self._last_parms_id)
+                or not math.isclose(ciphertext.scale, self._scale, rel_tol=1e-9)
+                or not ciphertext.is_ntt_form()
+            ):
+                raise InvalidUpdate(
+                    f"chunk {index} does not have this format's level, scale or size",
+                    code="invalid_ciphertext",
+                    detail={"chunk": index},
+                )
+            parsed.append(ciphertext)
+        return parsed
+
+    def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
+        return _SeededAccumulator(self, num_values, initial)
+
+    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> np.ndarray:
+        decryptor = seal.Decryptor(self._seal_context, self._secret_key())
+        parsed = self.parse(chunks, self.num_chunks(num_values))
+        out = np.empty(len(parsed) * self.slot_count, dtype=np.float64)
+        plain = seal.Plaintext()
+        for index, ciphertext in enumerate(parsed):
+            decryptor.decrypt(ciphertext, plain)
+            out[index * self.slot_count : (index + 1) * self.slot_count] = self._encoder.decode_double(plain)
+        return out[:num_values]

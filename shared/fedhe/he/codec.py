@@ -1,0 +1,70 @@
+"""The update-codec interface and its registry of versioned format ids.
+
+A codec turns a flat float64 vector into ciphertext chunks (site side), sums chunks without a
+secret key (aggregator side) and turns a summed aggregate back into floats (site side). The
+format id names the codec *and* its wire layout: a change to either is a new id, so sites and
+aggregators can refuse what they do not understand instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import numpy as np
+import tenseal as ts
+
+from fedhe.errors import InvalidRequest
+
+
+class Accumulator(abc.ABC):
+    """A running encrypted sum of updates; needs no secret key."""
+
+    @abc.abstractmethod
+    def add(self, chunks: Sequence[bytes]) -> None:
+        """Add one update. Validates every chunk first, so a bad update changes nothing."""
+
+    @abc.abstractmethod
+    def to_chunks(self) -> list[bytes]:
+        """Serialise the running sum."""
+
+
+class UpdateCodec(abc.ABC):
+    """Encrypts, sums and decrypts model updates for one CKKS context."""
+
+    format_id: str
+
+    @abc.abstractmethod
+    def num_chunks(self, num_values: int) -> int:
+        """How many chunks an update of ``num_values`` values has."""
+
+    @abc.abstractmethod
+    def encrypt_update(self, values: np.ndarray) -> list[bytes]:
+        """Encrypt a flat vector (needs the secret context)."""
+
+    @abc.abstractmethod
+    def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
+        """A running sum for updates of ``num_values`` values, optionally resumed from chunks."""
+
+    @abc.abstractmethod
+    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> np.ndarray:
+        """Decrypt a (summed) vector of ``num_values`` values (needs the secret context)."""
+
+
+DEFAULT_FORMAT_ID = "ckks-seeded-last-v1"
+
+
+def supported_formats() -> list[str]:
+    """Format ids this build can read and write."""
+    return [DEFAULT_FORMAT_ID]
+
+
+def codec_for(format_id: str, context: ts.Context) -> UpdateCodec:
+    """The codec for ``format_id`` bound to ``context``."""
+    from fedhe.he.ckks_seeded import SeededCkksCodec
+
+    if format_id == SeededCkksCodec.format_id:
+        return SeededCkksCodec(context)
+    raise InvalidRequest(
+        f"unknown update format {format_id!r}", code="unsupported_format", detail={"supported": supported_formats()}
+    )

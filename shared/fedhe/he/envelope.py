@@ -1,0 +1,89 @@
+"""The wire envelope for encrypted updates and aggregates.
+
+Layout (all integers big-endian)::
+
+    b"FEDHE\\x01"                 magic and envelope version
+    u32 header_length             then that many bytes of UTF-8 JSON
+    header                        {"format_id", "key_id", "num_values", "chunk_sizes", ...}
+    chunk 0 .. chunk k-1          raw ciphertext bytes, lengths from "chunk_sizes"
+
+The header carries everything the receiver must check before it touches a ciphertext, and
+whatever plaintext metadata the sender is allowed to reveal (sample count, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedhe.errors import InvalidUpdate
+
+MAGIC = b"FEDHE\x01"
+MAX_HEADER_BYTES = 256 * 1024
+_REQUIRED = ("format_id", "key_id", "num_values", "chunk_sizes")
+
+
+@dataclass
+class Envelope:
+    """A decoded envelope: its JSON header and its ciphertext chunks."""
+
+    format_id: str
+    key_id: str
+    num_values: int
+    chunks: list[bytes]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    """Serialise an envelope."""
+    header = dict(envelope.meta)
+    header.update(
+        format_id=envelope.format_id,
+        key_id=envelope.key_id,
+        num_values=envelope.num_values,
+        chunk_sizes=[len(chunk) for chunk in envelope.chunks],
+    )
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    return b"".join([MAGIC, struct.pack(">I", len(raw)), raw, *envelope.chunks])
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Parse an envelope; any structural problem raises ``InvalidUpdate`` naming it."""
+    if not data.startswith(MAGIC):
+        raise InvalidUpdate("body is not a fedhe envelope (bad magic bytes)", code="invalid_envelope")
+    offset = len(MAGIC)
+    if len(data) < offset + 4:
+        raise InvalidUpdate("envelope is truncated before its header", code="invalid_envelope")
+    (header_length,) = struct.unpack_from(">I", data, offset)
+    offset += 4
+    if header_length > MAX_HEADER_BYTES or len(data) < offset + header_length:
+        raise InvalidUpdate("envelope header is truncated or too large", code="invalid_envelope")
+    try:
+        header = json.loads(data[offset : offset + header_length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidUpdate("envelope header is not valid JSON", code="invalid_envelope") from exc
+    offset += header_length
+    if not isinstance(header, dict) or any(key not in header for key in _REQUIRED):
+        raise InvalidUpdate(f"envelope header must have {', '.join(_REQUIRED)}", code="invalid_envelope")
+    sizes = header.pop("chunk_sizes")
+    if not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise InvalidUpdate("chunk_sizes must be a list of positive integers", code="invalid_envelope")
+    if offset + sum(sizes) != len(data):
+        raise InvalidUpdate(
+            f"envelope declares {sum(sizes)} ciphertext bytes but carries {len(data) - offset}",
+            code="truncated_update",
+        )
+    num_values = header.pop("num_values")
+    format_id = header.pop("format_id")
+    key_id = header.pop("key_id")
+    if not isinstance(num_values, int) or num_values <= 0:
+        raise InvalidUpdate("num_values must be a positive integer", code="invalid_envelope")
+    if not isinstance(format_id, str) or not isinstance(key_id, str):
+        raise InvalidUpdate("format_id and key_id must be strings", code="invalid_envelope")
+    chunks = []
+    for size in sizes:
+        chunks.append(data[offset : offset + size])
+        offset += size
+    return Envelope(format_id=format_id, key_id=key_id, num_values=num_values, chunks=chunks, meta=header)

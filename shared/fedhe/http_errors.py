@@ -1,0 +1,38 @@
+"""Maps the fedhe exception hierarchy to HTTP responses, once, for every service."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fedhe.errors import FedheError, InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error leave the service as a JSON body ``{"error": {"code", "message"}}``."""
+
+    @app.exception_handler(FedheError)
+    async def _fedhe_error(request: Request, exc: FedheError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.error("%s %s failed: %s", request.method, request.url.path, exc.code)
+        return JSONResponse(status_code=exc.status_code, content=exc.to_body())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"location": ".".join(str(part) for part in err.get("loc", ())), "problem": err.get("msg", "")}
+            for err in exc.errors()
+        ]
+        error = InvalidRequest("request did not validate", detail={"problems": problems})
+        return JSONResponse(status_code=400, content=error.to_body())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(status_code=exc.status_code, content={"error": {"code": code, "message": str(exc.detail)}})
