@@ -1,0 +1,217 @@
+"""The site daemon: follows jobs round by round, trains, encrypts, uploads, evaluates.
+
+It never needs an operator: network failures are retried with exponential backoff, a
+restart resumes from the aggregator's view of the round (``submitted_by_caller``), and the
+privacy ledger on disk carries the budget across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client_agent.ledger import LedgerEntry, PrivacyLedger
+from client_agent.policy import SitePolicy, load_policy
+from client_agent.settings import AgentSettings
+from fedhe.api_client import AggregatorClient, KeyserverClient
+from fedhe.auth import private_key_from_pem, sign_key_release
+from fedhe.datasets import load_dataset, split
+from fedhe.errors import BudgetExhausted, Conflict, FedheError, InvalidRequest, UpstreamUnavailable
+from fedhe.global_model import decode_global_model, scale_for_upload
+from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context
+from fedhe.privacy import TrainingPass
+from fedhe.schemas import EvaluationCreate, JobPublic, JobStatus, KeyReleaseRequest, RoundState
+
+logger = logging.getLogger("fedhe.agent")
+
+
+@dataclass
+class JobOutcome:
+    """How the agent's part in a job ended."""
+
+    job_id: str
+    status: str
+    rounds_trained: int = 0
+    epsilon: float = 0.0
+    exported_model: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class SiteAgent:
+    """One site's participation in the federation."""
+
+    def __init__(self, settings: AgentSettings, aggregator: AggregatorClient | None = None, keyserver: KeyserverClient | None = None):
+        self.settings = settings
+        self._aggregator = aggregator or AggregatorClient(
+            settings.aggregator_url, settings.credential_secret().get_secret_value(), timeout=settings.request_timeout_s
+        )
+        self._keyserver = keyserver or KeyserverClient(settings.keyserver_url, timeout=settings.request_timeout_s)
+        self._signing_key = private_key_from_pem(settings.signing_key_file.read_bytes())
+        self._policy: SitePolicy = load_policy(settings.policy_file)
+        self._ledger = PrivacyLedger(settings.state_dir / "privacy-ledger.json")
+        data = load_dataset(settings.data_path, settings.label_column)
+        self.train_data, self.validation_data = split(data, settings.validation_fraction, seed=0)
+        self._codecs: dict[str, UpdateCodec] = {}
+        self._backoff = settings.poll_interval_s
+
+    def _codec(self, key_id: str, format_id: str) -> UpdateCodec:
+        if key_id not in self._codecs:
+            timestamp, signature = sign_key_release(self._signing_key, self.settings.site_id, key_id)
+            secret = self._keyserver.secret_context(
+                key_id, KeyReleaseRequest(site_id=self.settings.site_id, timestamp=timestamp, signature=signature)
+            )
+            self._codecs[key_id] = codec_for(format_id, load_secret_context(secret))
+        return self._codecs[key_id]
+
+    def _wait(self, failed: bool) -> None:
+        """Sleep before the next poll; back off exponentially while calls fail."""
+        if failed:
+            self._backoff = min(self._backoff * 2, self.settings.max_backoff_s)
+        else:
+            self._backoff = self.settings.poll_interval_s
+        time.sleep(self._backoff)
+
+    def run(self) -> list[JobOutcome]:
+        """Follow running jobs (only ``job_id`` if set); with ``once``, return after one job."""
+        finished: dict[str, JobOutcome] = {}
+        while True:
+            try:
+                jobs = [
+                    job
+                    for job in self._aggregator.jobs()
+                    if job.id not in finished
+                    and (self.settings.job_id is None or job.id == self.settings.job_id)
+                    and (job.status == JobStatus.RUNNING or job.id == self.settings.job_id)
+                ]
+            except UpstreamUnavailable as exc:
+                logger.warning("aggregator unreachable (%s); retrying", exc.message)
+                self._wait(failed=True)
+                continue
+            for job in jobs:
+                finished[job.id] = self.participate(job)
+                if self.settings.once:
+                    return list(finished.values())
+            self._wait(failed=False)
+
+    def participate(self, job: JobPublic) -> JobOutcome:
+        """Take part in ``job`` until it ends (or this site's budget does)."""
+        outcome = JobOutcome(job_id=job.id, status=job.status.value)
+        evaluated: set[int] = set()
+        while True:
+            try:
+                job = self._aggregator.job(job.id)
+                if job.status != JobStatus.RUNNING:
+                    return self._finish(job, outcome, evaluated)
+                current = self._aggregator.round(job.id, job.current_round)
+                if current.submitted_by_caller or current.state not in (RoundState.OPEN, RoundState.COLLECTING):
+                    self._wait(failed=False)
+                    continue
+                codec = self._codec(job.key_id, job.format_id)
+                weights = self._global_weights(job, job.current_round, codec, evaluated)
+                self._train_and_upload(job, current.attempt, weights, codec, outcome)
+            except BudgetExhausted as exc:
+                logger.warning("job %s: %s; this site stops training for it", job.id, exc.message)
+                outcome.status = "budget_exhausted"
+                outcome.notes.append(exc.message)
+                return outcome
+            except Conflict as exc:
+                logger.info("job %s: %s; following the job's new state", job.id, exc.message)
+                self._wait(failed=False)
+            except UpstreamUnavailable as exc:
+                logger.warning("job %s: %s; retrying", job.id, exc.message)
+                self._wait(failed=True)
+
+    def _global_weights(self, job: JobPublic, number: int, codec: UpdateCodec, evaluated: set[int]) -> np.ndarray:
+        weights = self._decode(job, self._aggregator.model(job.id, number), codec)
+        if number > 0 and number - 1 not in evaluated:
+            self._evaluate(job, number - 1, weights, evaluated)
+        return weights
+
+    def _decode(self, job: JobPublic, envelope: bytes, codec: UpdateCodec) -> np.ndarray:
+        def check(env: Envelope) -> UpdateCodec:
+            if env.key_id != job.key_id or env.format_id != job.format_id:
+                raise InvalidRequest("the aggregate's key or format is not the job's")
+            return codec
+
+        weights = decode_global_model(envelope, check)
+        if weights.size != job.num_parameters:
+            raise InvalidRequest(f"global model has {weights.size} values, the job's model {job.num_parameters}")
+        return weights
+
+    def _evaluate(self, job: JobPublic, number: int, weights: np.ndarray, evaluated: set[int]) -> None:
+        from client_agent.training import evaluate
+
+        metrics = evaluate(job.model, weights, self.validation_data)
+        try:
+            self._aggregator.post_evaluation(job.id, number, EvaluationCreate(num_examples=len(self.validation_data), metrics=metrics))
+        except Conflict as exc:
+            if exc.code != "duplicate_evaluation":
+                raise
+        evaluated.add(number)
+        logger.info("job %s round %d global model: accuracy %.3f on %d local validation rows", job.id, number, metrics["accuracy"], len(self.validation_data))
+
+    def _train_and_upload(self, job: JobPublic, attempt: int, weights: np.ndarray, codec: UpdateCodec, outcome: JobOutcome) -> None:
+        from client_agent.training import evaluate, train_dp_sgd
+
+        dp = self._policy.tighten(job.dp)
+        steps = job.local_epochs * (len(self.train_data) // job.batch_size)
+        planned_q = min(1.0, job.batch_size / max(1, len(self.train_data)))
+        if self._policy.max_epsilon is not None:
+            would_be = self._ledger.epsilon(dp.delta, TrainingPass(sampling_probability=planned_q, noise_multiplier=dp.noise_multiplier, steps=steps))
+            if would_be > self._policy.max_epsilon:
+                raise BudgetExhausted(f"round {job.current_round} would bring ε to {would_be:.2f}, over the site's limit {self._policy.max_epsilon}")
+        result = train_dp_sgd(
+            job.model, weights, self.train_data, dp=dp, epochs=job.local_epochs, batch_size=job.batch_size,
+            learning_rate=job.learning_rate, seed=job.seed * 100_003 + job.current_round * 101 + attempt,
+        )
+        self._ledger.record(LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training))
+        epsilon = self._ledger.epsilon(dp.delta)
+        local = evaluate(job.model, result.weights, self.validation_data)
+        started = time.perf_counter()
+        chunks = codec.encrypt_update(scale_for_upload(result.weights, result.num_samples, job.max_samples_per_round))
+        encrypt_s = time.perf_counter() - started
+        metrics = {
+            "train_loss": result.train_loss,
+            "local_val_accuracy": local["accuracy"],
+            "local_val_loss": local["loss"],
+            "epsilon": epsilon,
+            "delta": dp.delta,
+            "noise_multiplier": dp.noise_multiplier,
+            "l2_norm_clip": dp.l2_norm_clip,
+            "train_seconds": result.seconds,
+            "encrypt_seconds": encrypt_s,
+        }
+        body = encode_envelope(
+            Envelope(format_id=job.format_id, key_id=job.key_id, num_values=job.num_parameters, chunks=chunks,
+                     meta={"num_samples": result.num_samples, "metrics": metrics})
+        )
+        accepted = self._aggregator.upload_update(job.id, job.current_round, body)
+        outcome.rounds_trained += 1
+        outcome.epsilon = epsilon
+        logger.info("job %s round %d: uploaded %d bytes (n=%d, ε=%.2f at δ=%g); round is %s",
+                    job.id, job.current_round, len(body), result.num_samples, epsilon, dp.delta, accepted.round_state.value)
+
+    def _finish(self, job: JobPublic, outcome: JobOutcome, evaluated: set[int]) -> JobOutcome:
+        outcome.status = job.status.value
+        outcome.epsilon = self._ledger.epsilon(job.dp.delta)
+        if job.status != JobStatus.COMPLETED:
+            return outcome
+        from client_agent.training import export_model
+
+        codec = self._codec(job.key_id, job.format_id)
+        weights = self._decode(job, self._aggregator.final_model(job.id), codec)
+        last = job.rounds - 1
+        if last not in evaluated:
+            try:
+                self._evaluate(job, last, weights, evaluated)
+            except FedheError as exc:
+                outcome.notes.append(f"final evaluation not recorded: {exc.message}")
+        outcome.exported_model = export_model(job.model, weights, self.settings.state_dir / f"{job.id}-final.keras")
+        np.save(self.settings.state_dir / f"{job.id}-final-weights.npy", weights)
+        logger.info("job %s completed; final model saved to %s", job.id, outcome.exported_model)
+        return outcome
+

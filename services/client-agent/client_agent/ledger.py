@@ -1,0 +1,56 @@
+"""The site's privacy ledger: every DP-SGD pass whose result left the site, on disk.
+
+ε is always recomputed from the whole ledger (RDP composition over every pass on this site's
+data, across rounds and jobs), so a restart never forgets budget already spent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from fedhe.privacy import TrainingPass, epsilon_spent
+
+
+class LedgerEntry(BaseModel):
+    """One released training pass."""
+
+    job_id: str
+    round: int
+    attempt: int
+    training: TrainingPass
+
+
+class PrivacyLedger:
+    """An append-only JSON ledger, written atomically."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._lock = threading.Lock()
+
+    def entries(self) -> list[LedgerEntry]:
+        """All recorded passes."""
+        if not self._path.exists():
+            return []
+        raw = json.loads(self._path.read_text(encoding="utf-8"))
+        return [LedgerEntry.model_validate(item) for item in raw]
+
+    def epsilon(self, delta: float, extra: TrainingPass | None = None) -> float:
+        """ε at ``delta`` of everything recorded (plus ``extra``, to test a pass before running it)."""
+        passes = [entry.training for entry in self.entries()]
+        if extra is not None:
+            passes.append(extra)
+        return epsilon_spent(passes, delta)
+
+    def record(self, entry: LedgerEntry) -> None:
+        """Append a pass; the file is replaced atomically so a crash never truncates it."""
+        with self._lock:
+            entries = self.entries() + [entry]
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._path.with_suffix(".tmp")
+            tmp.write_text(json.dumps([e.model_dump() for e in entries], indent=1), encoding="utf-8")
+            os.replace(tmp, self._path)
