@@ -1,0 +1,70 @@
+"""Helpers for integration tests: site keys, decryption as a site, and database snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from fedhe.api_client import KeyserverClient
+from fedhe.auth import private_key_from_pem, sign_key_release
+from fedhe.he import DEFAULT_FORMAT_ID, UpdateCodec, codec_for, load_secret_context
+from fedhe.local_cluster import ProvisionedSite
+from fedhe.schemas import KeyReleaseRequest
+
+
+def site_codec(keyserver_url: str, site: ProvisionedSite, key_id: str) -> UpdateCodec:
+    """A codec with the secret context, released to ``site`` as the agent would get it."""
+    key = private_key_from_pem(Path(site.signing_key_file).read_bytes())
+    timestamp, signature = sign_key_release(key, site.site_id, key_id)
+    with KeyserverClient(keyserver_url) as client:
+        secret = client.secret_context(key_id, KeyReleaseRequest(site_id=site.site_id, timestamp=timestamp, signature=signature))
+    return codec_for(DEFAULT_FORMAT_ID, load_secret_context(secret))
+
+
+def round_snapshot(database_url: str, job_id: str, number: int) -> dict[str, Any]:
+    """Everything an upload could change about a round, read straight from Postgres."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT id, state, attempt, num_submissions, total_samples, running_sum FROM rounds "
+                    "WHERE job_id = :job AND number = :n ORDER BY attempt DESC LIMIT 1"
+                ),
+                {"job": job_id, "n": number},
+            ).one()
+            submissions = conn.execute(
+                text("SELECT site_id, sha256 FROM submissions WHERE round_id = :r ORDER BY id"), {"r": row.id}
+            ).all()
+            job = conn.execute(text("SELECT status, current_round FROM jobs WHERE id = :job"), {"job": job_id}).one()
+    finally:
+        engine.dispose()
+    return {
+        "state": row.state,
+        "attempt": row.attempt,
+        "num_submissions": row.num_submissions,
+        "total_samples": row.total_samples,
+        "running_sum_sha256": hashlib.sha256(row.running_sum or b"").hexdigest(),
+        "submissions": [tuple(s) for s in submissions],
+        "job": tuple(job),
+    }
+
+
+def stored_submissions(database_url: str, job_id: str, number: int) -> list[tuple[int, bytes]]:
+    """(n_k, envelope bytes) of every accepted upload of a round's published attempt."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT s.num_samples, s.envelope FROM submissions s JOIN rounds r ON r.id = s.round_id "
+                    "WHERE r.job_id = :job AND r.number = :n AND r.state = 'published' ORDER BY s.id"
+                ),
+                {"job": job_id, "n": number},
+            ).all()
+    finally:
+        engine.dispose()
+    return [(int(n), bytes(env)) for n, env in rows]
