@@ -80,11 +80,18 @@ def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactor
     ks_url, ag_url = f"http://127.0.0.1:{ks_port}", f"http://127.0.0.1:{ag_port}"
     aggregator_db = postgres.create("fedhe_aggregator")
     keyserver = start_keyserver(
-        port=ks_port, database_url=postgres.create("fedhe_keyserver"), aggregator_url=ag_url, secrets=secrets,
+        port=ks_port,
+        database_url=postgres.create("fedhe_keyserver"),
+        aggregator_url=ag_url,
+        secrets=secrets,
         log_dir=workdir / "logs",
     )
     aggregator = start_aggregator(
-        port=ag_port, database_url=aggregator_db, keyserver_url=ks_url, secrets=secrets, log_dir=workdir / "logs",
+        port=ag_port,
+        database_url=aggregator_db,
+        keyserver_url=ks_url,
+        secrets=secrets,
+        log_dir=workdir / "logs",
         extra_env={"FEDHE_AGGREGATOR_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)},
     )
     try:

@@ -7,7 +7,7 @@ problem happened here or on the other side of the wire.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -47,7 +47,7 @@ class ServiceClient:
         """Release the connection pool."""
         self._http.close()
 
-    def __enter__(self) -> ServiceClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -73,7 +73,9 @@ class KeyserverClient(ServiceClient):
 
     def create_federation(self, request: FederationCreate) -> FederationPublic:
         """Operator: create a federation."""
-        return FederationPublic.model_validate(self.request("POST", "/v1/federations", json=request.model_dump()).json())
+        return FederationPublic.model_validate(
+            self.request("POST", "/v1/federations", json=request.model_dump()).json()
+        )
 
     def rotate_key(self, federation_id: str) -> FederationPublic:
         """Operator: rotate a federation's key."""

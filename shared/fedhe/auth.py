@@ -57,7 +57,9 @@ def generate_signing_key() -> Ed25519PrivateKey:
 
 def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
     """Serialise a signing key (unencrypted PKCS#8; the file itself must be protected)."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
@@ -88,7 +90,9 @@ def key_release_message(site_id: str, key_id: str, timestamp: int) -> bytes:
     return f"fedhe-key-release\n{site_id}\n{key_id}\n{timestamp}".encode()
 
 
-def sign_key_release(key: Ed25519PrivateKey, site_id: str, key_id: str, timestamp: int | None = None) -> tuple[int, str]:
+def sign_key_release(
+    key: Ed25519PrivateKey, site_id: str, key_id: str, timestamp: int | None = None
+) -> tuple[int, str]:
     """Sign a key-release request; returns (timestamp, base64 signature)."""
     ts = int(time.time()) if timestamp is None else timestamp
     signature = key.sign(key_release_message(site_id, key_id, ts))
@@ -96,13 +100,22 @@ def sign_key_release(key: Ed25519PrivateKey, site_id: str, key_id: str, timestam
 
 
 def verify_key_release(
-    public_key: str, site_id: str, key_id: str, timestamp: int, signature: str, *, max_skew_s: int, now: float | None = None
+    public_key: str,
+    site_id: str,
+    key_id: str,
+    timestamp: int,
+    signature: str,
+    *,
+    max_skew_s: int,
+    now: float | None = None,
 ) -> None:
     """Check a key-release signature and its freshness; raise ``Unauthenticated`` if not valid."""
     current = time.time() if now is None else now
     if abs(current - timestamp) > max_skew_s:
         raise Unauthenticated(f"key-release request is older or newer than {max_skew_s} s; check the site's clock")
     try:
-        parse_public_key(public_key).verify(base64.b64decode(signature), key_release_message(site_id, key_id, timestamp))
+        parse_public_key(public_key).verify(
+            base64.b64decode(signature), key_release_message(site_id, key_id, timestamp)
+        )
     except (InvalidSignature, ValueError) as exc:
         raise Unauthenticated("key-release signature does not verify with the site's registered key") from exc

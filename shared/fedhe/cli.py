@@ -104,7 +104,9 @@ def _site(args: argparse.Namespace) -> None:
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(private_key_to_pem(key))
-        request = SiteCreate(name=args.name, organisation=args.organisation, contact=args.contact, public_key=public_key_b64(key))
+        request = SiteCreate(
+            name=args.name, organisation=args.organisation, contact=args.contact, public_key=public_key_b64(key)
+        )
         with AggregatorClient(args.aggregator) as client:
             _print(client.register_site(request))
         return
@@ -151,8 +153,13 @@ def _demo(args: argparse.Namespace) -> None:
 
     _configure_logging("WARNING")
     options = DemoOptions(
-        dataset=args.dataset, rounds=args.rounds, num_sites=args.sites, alpha=args.alpha, seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, report=Path(args.report) if args.report else None,
+        dataset=args.dataset,
+        rounds=args.rounds,
+        num_sites=args.sites,
+        alpha=args.alpha,
+        seed=args.seed,
+        workdir=Path(args.workdir) if args.workdir else None,
+        report=Path(args.report) if args.report else None,
         noise_multiplier=args.noise_multiplier,
     )
     run_demo(options)

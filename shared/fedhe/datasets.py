@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest
 
@@ -21,13 +23,13 @@ BUNDLED = ("breast_cancer", "digits", "wine", "iris")
 class Dataset:
     """Features ``x`` (float64, rows x features) and integer labels ``y``."""
 
-    x: np.ndarray
-    y: np.ndarray
+    x: NDArray[Any]
+    y: NDArray[Any]
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def subset(self, index: np.ndarray) -> Dataset:
+    def subset(self, index: NDArray[Any]) -> Dataset:
         """The rows at ``index``."""
         return Dataset(self.x[index], self.y[index])
 
@@ -114,11 +116,13 @@ def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datase
     if not 0 < fraction < 1:
         raise InvalidRequest("split fraction must be between 0 and 1")
     order = np.random.default_rng(seed).permutation(len(dataset))
-    cut = int(round(len(dataset) * (1 - fraction)))
+    cut = round(len(dataset) * (1 - fraction))
     return dataset.subset(order[:cut]), dataset.subset(order[cut:])
 
 
-def partition_dirichlet(labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_size: int = 1) -> list[np.ndarray]:
+def partition_dirichlet(
+    labels: NDArray[Any], num_sites: int, alpha: float, seed: int, min_size: int = 1
+) -> list[NDArray[Any]]:
     """Non-IID row indices per site: each class is spread over sites with Dirichlet(alpha) shares.
 
     Small ``alpha`` gives skewed label mixes; large ``alpha`` approaches IID. Redraws until

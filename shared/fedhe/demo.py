@@ -54,10 +54,24 @@ class DemoOptions:
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    "breast_cancer": {"hidden_units": [16], "local_epochs": 3, "batch_size": 16, "learning_rate": 0.2,
-                      "noise_multiplier": 1.0, "num_microbatches": 16, "baseline_epochs": 60},
-    "digits": {"hidden_units": [32], "local_epochs": 2, "batch_size": 32, "learning_rate": 0.2,
-               "noise_multiplier": 1.0, "num_microbatches": 32, "baseline_epochs": 60},
+    "breast_cancer": {
+        "hidden_units": [16],
+        "local_epochs": 3,
+        "batch_size": 16,
+        "learning_rate": 0.2,
+        "noise_multiplier": 1.0,
+        "num_microbatches": 16,
+        "baseline_epochs": 60,
+    },
+    "digits": {
+        "hidden_units": [32],
+        "local_epochs": 2,
+        "batch_size": 32,
+        "learning_rate": 0.2,
+        "noise_multiplier": 1.0,
+        "num_microbatches": 32,
+        "baseline_epochs": 60,
+    },
 }
 
 
@@ -82,7 +96,9 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate
         local_epochs=preset["local_epochs"],
         batch_size=preset["batch_size"],
         learning_rate=preset["learning_rate"],
-        dp=DPSettings(l2_norm_clip=1.0, noise_multiplier=noise, num_microbatches=preset["num_microbatches"], delta=1e-5),
+        dp=DPSettings(
+            l2_norm_clip=1.0, noise_multiplier=noise, num_microbatches=preset["num_microbatches"], delta=1e-5
+        ),
         max_samples_per_round=10_000,
         seed=options.seed,
     )
@@ -96,7 +112,9 @@ def _baseline_accuracy(spec: ModelSpec, train: Dataset, test: Dataset, epochs: i
 
     tf.keras.utils.set_random_seed(seed)
     model = build_model(spec)
-    model.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(0.01), loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     model.fit(normalise(spec, train.x), train.y, epochs=epochs, batch_size=32, verbose=0)
     predicted = model(normalise(spec, test.x), training=False).numpy().argmax(axis=1)
     return float((predicted == test.y).mean())
@@ -119,17 +137,29 @@ def _round_row(round_: RoundPublic) -> dict[str, Any]:
 
 
 def _print_report(report: dict[str, Any], site_names: dict[str, str]) -> None:
-    print(f"\nfedhe demo: {report['dataset']}, {report['num_sites']} sites (Dirichlet alpha={report['alpha']}), "
-          f"{report['rounds']} rounds, DP-SGD noise {report['noise_multiplier']}, delta {report['delta']}")
+    print(
+        f"\nfedhe demo: {report['dataset']}, {report['num_sites']} sites (Dirichlet alpha={report['alpha']}), "
+        f"{report['rounds']} rounds, DP-SGD noise {report['noise_multiplier']}, delta {report['delta']}"
+    )
     names = list(site_names.values())
-    print(f"{'round':>5} {'global acc':>10} " + " ".join(f"{'eps ' + n:>12}" for n in names) + f" {'bytes up':>10} {'time s':>7}")
+    print(
+        f"{'round':>5} {'global acc':>10} "
+        + " ".join(f"{'eps ' + n:>12}" for n in names)
+        + f" {'bytes up':>10} {'time s':>7}"
+    )
     for row in report["per_round"]:
         eps = [row["site_epsilon"].get(site_id) for site_id in site_names]
         acc = "-" if row["global_accuracy"] is None else f"{row['global_accuracy']:.3f}"
         secs = "-" if row["round_seconds"] is None else f"{row['round_seconds']:.1f}"
-        print(f"{row['round']:>5} {acc:>10} " + " ".join(f"{e:>12.2f}" if e is not None else f"{'-':>12}" for e in eps)
-              + f" {row['bytes_uploaded']:>10} {secs:>7}")
-    print(f"\nfinal federated accuracy (held-out test set, {report['test_rows']} rows): {report['federated_accuracy']:.3f}")
+        print(
+            f"{row['round']:>5} {acc:>10} "
+            + " ".join(f"{e:>12.2f}" if e is not None else f"{'-':>12}" for e in eps)
+            + f" {row['bytes_uploaded']:>10} {secs:>7}"
+        )
+    print(
+        f"\nfinal federated accuracy (held-out test set, {report['test_rows']} rows): "
+        f"{report['federated_accuracy']:.3f}"
+    )
     print(f"centralised non-private baseline (same model, pooled data):   {report['baseline_accuracy']:.3f}")
     print(f"privacy spent per site: max epsilon {report['max_epsilon']:.2f} at delta {report['delta']}")
     print(f"total wall time {report['wall_seconds']:.0f} s; logs and site files in {report['workdir']}")
@@ -147,14 +177,33 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     processes: list[ManagedProcess] = []
     try:
         print(f"starting keyserver ({ks_url}) and aggregator ({ag_url}); workdir {workdir}", flush=True)
-        processes.append(start_keyserver(port=ks_port, database_url=f"sqlite:///{workdir}/keyserver.db",
-                                         aggregator_url=ag_url, secrets=secrets, log_dir=logs))
-        processes.append(start_aggregator(port=ag_port, database_url=f"sqlite:///{workdir}/aggregator.db",
-                                          keyserver_url=ks_url, secrets=secrets, log_dir=logs))
+        processes.append(
+            start_keyserver(
+                port=ks_port,
+                database_url=f"sqlite:///{workdir}/keyserver.db",
+                aggregator_url=ag_url,
+                secrets=secrets,
+                log_dir=logs,
+            )
+        )
+        processes.append(
+            start_aggregator(
+                port=ag_port,
+                database_url=f"sqlite:///{workdir}/aggregator.db",
+                keyserver_url=ks_url,
+                secrets=secrets,
+                log_dir=logs,
+            )
+        )
         data = load_bundled(options.dataset)
         pool, test = split(data, 0.2, seed=options.seed)
-        parts = partition_dirichlet(pool.y, options.num_sites, options.alpha, seed=options.seed,
-                                    min_size=4 * _PRESETS[options.dataset]["batch_size"])
+        parts = partition_dirichlet(
+            pool.y,
+            options.num_sites,
+            options.alpha,
+            seed=options.seed,
+            min_size=4 * _PRESETS[options.dataset]["batch_size"],
+        )
         operator = secrets.operator_token
         with KeyserverClient(ks_url, operator) as keyserver:
             federation = keyserver.create_federation(FederationCreate(name=f"demo-{options.dataset}"))
@@ -170,9 +219,18 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 save_csv(pool.subset(rows), csv_path)
                 counts = np.bincount(pool.y[rows], minlength=request.model.num_classes).tolist()
                 print(f"{name}: {len(rows)} rows, class counts {counts}", flush=True)
-                processes.append(start_agent(site=site, name=name, aggregator_url=ag_url, keyserver_url=ks_url,
-                                             data_path=csv_path, state_dir=workdir / "sites" / name / "state",
-                                             job_id=job.id, log_dir=logs))
+                processes.append(
+                    start_agent(
+                        site=site,
+                        name=name,
+                        aggregator_url=ag_url,
+                        keyserver_url=ks_url,
+                        data_path=csv_path,
+                        state_dir=workdir / "sites" / name / "state",
+                        job_id=job.id,
+                        log_dir=logs,
+                    )
+                )
             agents = processes[2:]
             deadline = time.monotonic() + options.timeout_s
             reported = -1
@@ -181,7 +239,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 published = [r for r in aggregator.rounds(job.id) if r.state.value == "published"]
                 for r in published:
                     if r.number > reported:
-                        print(f"round {r.number} published ({r.num_submissions} sites, {r.total_samples} samples)", flush=True)
+                        print(
+                            f"round {r.number} published ({r.num_submissions} sites, {r.total_samples} samples)",
+                            flush=True,
+                        )
                         reported = r.number
                 if current.status != JobStatus.RUNNING and all(a.process.poll() is not None for a in agents):
                     break
@@ -199,16 +260,28 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         from client_agent.training import evaluate
 
         federated = evaluate(request.model, final_weights, test)
-        baseline = _baseline_accuracy(request.model, pool, test, _PRESETS[options.dataset]["baseline_epochs"], options.seed)
+        baseline = _baseline_accuracy(
+            request.model, pool, test, _PRESETS[options.dataset]["baseline_epochs"], options.seed
+        )
         per_round = [_round_row(r) for r in rounds]
         epsilons = [e for row in per_round for e in row["site_epsilon"].values() if e is not None]
         report = {
-            "dataset": options.dataset, "num_sites": options.num_sites, "alpha": options.alpha, "rounds": options.rounds,
-            "noise_multiplier": request.dp.noise_multiplier, "delta": request.dp.delta, "job_id": job.id,
-            "sites": site_names, "per_round": per_round, "test_rows": len(test),
-            "federated_accuracy": federated["accuracy"], "federated_f1": federated["f1"],
-            "baseline_accuracy": baseline, "max_epsilon": max(epsilons) if epsilons else 0.0,
-            "wall_seconds": time.perf_counter() - started, "workdir": str(workdir),
+            "dataset": options.dataset,
+            "num_sites": options.num_sites,
+            "alpha": options.alpha,
+            "rounds": options.rounds,
+            "noise_multiplier": request.dp.noise_multiplier,
+            "delta": request.dp.delta,
+            "job_id": job.id,
+            "sites": site_names,
+            "per_round": per_round,
+            "test_rows": len(test),
+            "federated_accuracy": federated["accuracy"],
+            "federated_f1": federated["f1"],
+            "baseline_accuracy": baseline,
+            "max_epsilon": max(epsilons) if epsilons else 0.0,
+            "wall_seconds": time.perf_counter() - started,
+            "workdir": str(workdir),
         }
         _print_report(report, site_names)
         if options.report is not None:

@@ -131,5 +131,4 @@ def error_from_body(status_code: int, body: Any) -> FedheError:
         cls = InvalidUpdate
     elif code == BudgetExhausted.default_code:
         cls = BudgetExhausted
-    error = cls(message, code=code, detail=detail)
-    return error
+    return cls(message, code=code, detail=detail)

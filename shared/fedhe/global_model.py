@@ -9,8 +9,10 @@ site recovers the weighted average as ``sum * S / Σ n_k``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest
 from fedhe.he.codec import UpdateCodec
@@ -19,7 +21,7 @@ from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
 INITIAL_FORMAT_ID = "initial-float64-v1"
 
 
-def encode_initial_model(weights: np.ndarray, key_id: str, job_id: str) -> bytes:
+def encode_initial_model(weights: NDArray[Any], key_id: str, job_id: str) -> bytes:
     """Round 0's envelope: the public initial weights as little-endian float64."""
     flat = np.asarray(weights, dtype="<f8").ravel()
     return encode_envelope(
@@ -34,8 +36,15 @@ def encode_initial_model(weights: np.ndarray, key_id: str, job_id: str) -> bytes
 
 
 def encode_aggregate(
-    chunks: list[bytes], *, format_id: str, key_id: str, num_values: int, job_id: str, round_number: int,
-    total_samples: int, weight_scale: int,
+    chunks: list[bytes],
+    *,
+    format_id: str,
+    key_id: str,
+    num_values: int,
+    job_id: str,
+    round_number: int,
+    total_samples: int,
+    weight_scale: int,
 ) -> bytes:
     """The envelope of a published encrypted aggregate."""
     meta = {"job_id": job_id, "round": round_number, "total_samples": total_samples, "weight_scale": weight_scale}
@@ -44,12 +53,12 @@ def encode_aggregate(
     )
 
 
-def scale_for_upload(weights: np.ndarray, num_samples: int, weight_scale: int) -> np.ndarray:
+def scale_for_upload(weights: NDArray[Any], num_samples: int, weight_scale: int) -> NDArray[Any]:
     """What a site encrypts: its weights times n_k / S (keeps the sum within CKKS headroom)."""
     return np.asarray(weights, dtype=np.float64) * (num_samples / weight_scale)
 
 
-def decode_global_model(data: bytes, codec_for_envelope: Callable[[Envelope], UpdateCodec]) -> np.ndarray:
+def decode_global_model(data: bytes, codec_for_envelope: Callable[[Envelope], UpdateCodec]) -> NDArray[Any]:
     """The weighted-average weights in a model envelope (decrypting it if it is an aggregate)."""
     envelope = decode_envelope(data)
     if envelope.format_id == INITIAL_FORMAT_ID:

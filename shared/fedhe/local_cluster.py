@@ -68,7 +68,7 @@ class ManagedProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        self.process = subprocess.Popen(  # noqa: S603 (argv is fedhe's own CLI, no shell)
             [sys.executable, "-m", "fedhe.cli", *args],
             env={**os.environ, **env},
             stdout=self._log,
@@ -112,7 +112,9 @@ class ManagedProcess:
         self._log.close()
 
 
-def start_keyserver(*, port: int, database_url: str, aggregator_url: str, secrets: ClusterSecrets, log_dir: Path) -> ManagedProcess:
+def start_keyserver(
+    *, port: int, database_url: str, aggregator_url: str, secrets: ClusterSecrets, log_dir: Path
+) -> ManagedProcess:
     """Start a keyserver on 127.0.0.1:``port`` and wait until it is healthy."""
     env = {
         "FEDHE_KEYSERVER_DATABASE_URL": database_url,
@@ -128,7 +130,13 @@ def start_keyserver(*, port: int, database_url: str, aggregator_url: str, secret
 
 
 def start_aggregator(
-    *, port: int, database_url: str, keyserver_url: str, secrets: ClusterSecrets, log_dir: Path, name: str = "aggregator",
+    *,
+    port: int,
+    database_url: str,
+    keyserver_url: str,
+    secrets: ClusterSecrets,
+    log_dir: Path,
+    name: str = "aggregator",
     extra_env: dict[str, str] | None = None,
 ) -> ManagedProcess:
     """Start an aggregator on 127.0.0.1:``port`` and wait until it is healthy."""
@@ -169,7 +177,12 @@ def provision_site(aggregator_url: str, operator_token: str, directory: Path, na
     key_file = directory / name / "signing-key.pem"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     write_secret(key_file, private_key_to_pem(key).decode())
-    request = SiteCreate(name=name, organisation=f"{name} demo organisation", contact=f"admin@{name}.example", public_key=public_key_b64(key))
+    request = SiteCreate(
+        name=name,
+        organisation=f"{name} demo organisation",
+        contact=f"admin@{name}.example",
+        public_key=public_key_b64(key),
+    )
     with AggregatorClient(aggregator_url) as anonymous:
         site = anonymous.register_site(request)
     with AggregatorClient(aggregator_url, operator_token) as operator:
@@ -179,13 +192,35 @@ def provision_site(aggregator_url: str, operator_token: str, directory: Path, na
 
 
 def start_agent(
-    *, site: ProvisionedSite, name: str, aggregator_url: str, keyserver_url: str, data_path: Path, state_dir: Path,
-    job_id: str, log_dir: Path,
+    *,
+    site: ProvisionedSite,
+    name: str,
+    aggregator_url: str,
+    keyserver_url: str,
+    data_path: Path,
+    state_dir: Path,
+    job_id: str,
+    log_dir: Path,
 ) -> ManagedProcess:
     """Start a site agent that follows ``job_id`` and exits when it ends."""
     args = [
-        "agent", "--aggregator", aggregator_url, "--keyserver", keyserver_url, "--site-id", site.site_id,
-        "--credential-file", str(site.credential_file), "--signing-key", str(site.signing_key_file),
-        "--data", str(data_path), "--state-dir", str(state_dir), "--job", job_id, "--once",
+        "agent",
+        "--aggregator",
+        aggregator_url,
+        "--keyserver",
+        keyserver_url,
+        "--site-id",
+        site.site_id,
+        "--credential-file",
+        str(site.credential_file),
+        "--signing-key",
+        str(site.signing_key_file),
+        "--data",
+        str(data_path),
+        "--state-dir",
+        str(state_dir),
+        "--job",
+        job_id,
+        "--once",
     ]
     return ManagedProcess(name, args, {"FEDHE_AGENT_LOG_LEVEL": "INFO", "TF_CPP_MIN_LOG_LEVEL": "2"}, log_dir)

@@ -7,9 +7,11 @@ builds the matching Keras model (``client_agent.training``) and checks the shape
 
 from __future__ import annotations
 
-from typing import Literal
+import itertools
+from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel, Field, model_validator
 
 
@@ -50,7 +52,7 @@ class ModelSpec(BaseModel):
         """Shapes of the weight arrays in Keras order (kernel, bias per layer)."""
         sizes = [self.input_dim, *self.hidden_units, self.num_classes]
         shapes: list[tuple[int, ...]] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             shapes.extend([(fan_in, fan_out), (fan_out,)])
         return shapes
 
@@ -58,10 +60,10 @@ class ModelSpec(BaseModel):
         """Total number of trainable values."""
         return int(sum(np.prod(shape) for shape in self.weight_shapes()))
 
-    def initial_weights(self, seed: int) -> list[np.ndarray]:
+    def initial_weights(self, seed: int) -> list[NDArray[Any]]:
         """Seeded Glorot-uniform kernels and zero biases, as Keras initialises Dense layers."""
         rng = np.random.default_rng(seed)
-        weights: list[np.ndarray] = []
+        weights: list[NDArray[Any]] = []
         for shape in self.weight_shapes():
             if len(shape) == 2:
                 limit = np.sqrt(6.0 / (shape[0] + shape[1]))
@@ -71,17 +73,17 @@ class ModelSpec(BaseModel):
         return weights
 
 
-def flatten_weights(weights: list[np.ndarray]) -> np.ndarray:
+def flatten_weights(weights: list[NDArray[Any]]) -> NDArray[Any]:
     """Concatenate weight arrays into one float64 vector."""
     return np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in weights])
 
 
-def unflatten_weights(vector: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+def unflatten_weights(vector: NDArray[Any], shapes: list[tuple[int, ...]]) -> list[NDArray[Any]]:
     """Split a flat vector back into arrays of ``shapes``."""
     total = int(sum(np.prod(shape) for shape in shapes))
     if vector.size != total:
         raise ValueError(f"vector has {vector.size} values, the shapes need {total}")
-    out: list[np.ndarray] = []
+    out: list[NDArray[Any]] = []
     offset = 0
     for shape in shapes:
         size = int(np.prod(shape))

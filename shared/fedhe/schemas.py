@@ -141,7 +141,9 @@ class JobCreate(BaseModel):
     max_samples_per_round: int = Field(
         default=100_000,
         ge=1,
-        description="public bound S on a round's total samples; sites encrypt w*n_k/S so the sum stays within CKKS headroom",
+        description=(
+            "public bound S on a round's total samples; sites encrypt w*n_k/S so the sum stays within CKKS headroom"
+        ),
     )
     format_id: str = DEFAULT_FORMAT_ID
     on_round_failure: Literal["retry", "stop"] = "retry"

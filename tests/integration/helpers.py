@@ -20,7 +20,9 @@ def site_codec(keyserver_url: str, site: ProvisionedSite, key_id: str) -> Update
     key = private_key_from_pem(Path(site.signing_key_file).read_bytes())
     timestamp, signature = sign_key_release(key, site.site_id, key_id)
     with KeyserverClient(keyserver_url) as client:
-        secret = client.secret_context(key_id, KeyReleaseRequest(site_id=site.site_id, timestamp=timestamp, signature=signature))
+        secret = client.secret_context(
+            key_id, KeyReleaseRequest(site_id=site.site_id, timestamp=timestamp, signature=signature)
+        )
     return codec_for(DEFAULT_FORMAT_ID, load_secret_context(secret))
 
 

@@ -36,22 +36,41 @@ class Scene:
     second: ProvisionedSite
     revoked: ProvisionedSite
 
-    def envelope(self, *, codec: UpdateCodec | None = None, key_id: str | None = None, format_id: str = DEFAULT_FORMAT_ID,
-                 num_values: int = NUM_VALUES, chunks: list[bytes] | None = None, num_samples: object = 50) -> bytes:
+    def envelope(
+        self,
+        *,
+        codec: UpdateCodec | None = None,
+        key_id: str | None = None,
+        format_id: str = DEFAULT_FORMAT_ID,
+        num_values: int = NUM_VALUES,
+        chunks: list[bytes] | None = None,
+        num_samples: object = 50,
+    ) -> bytes:
         codec = codec or self.codec
         if chunks is None:
             chunks = codec.encrypt_update(scale_for_upload(np.linspace(-1, 1, NUM_VALUES), 50, 1000))
-        return encode_envelope(Envelope(format_id=format_id, key_id=key_id or self.key_id, num_values=num_values,
-                                        chunks=chunks, meta={"num_samples": num_samples, "metrics": {"loss": 0.5}}))
+        return encode_envelope(
+            Envelope(
+                format_id=format_id,
+                key_id=key_id or self.key_id,
+                num_values=num_values,
+                chunks=chunks,
+                meta={"num_samples": num_samples, "metrics": {"loss": 0.5}},
+            )
+        )
 
-    def upload(self, body: bytes, *, site: ProvisionedSite | None = None, token: str | None = None, round_number: int = 0) -> httpx.Response:
+    def upload(
+        self, body: bytes, *, site: ProvisionedSite | None = None, token: str | None = None, round_number: int = 0
+    ) -> httpx.Response:
         credential = token if token is not None else (site or self.second).credential
         headers = {"Content-Type": "application/octet-stream"}
         if credential:
             headers["Authorization"] = f"Bearer {credential}"
         return httpx.post(
             f"{self.cluster.aggregator_url}/v1/jobs/{self.job_id}/rounds/{round_number}/updates",
-            content=body, headers=headers, timeout=60,
+            content=body,
+            headers=headers,
+            timeout=60,
         )
 
 
@@ -61,14 +80,32 @@ def scene(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Scene:
     with cluster.operator_keyserver() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="bad-uploads"))
         other = keyserver.create_federation(FederationCreate(name="another-federation"))
-    request = JobCreate(name="bad-uploads", key_id=federation.key_id, model=ModelSpec(input_dim=4, num_classes=2),
-                        rounds=2, min_sites=2, round_deadline_s=3600, max_samples_per_round=1000)
+    request = JobCreate(
+        name="bad-uploads",
+        key_id=federation.key_id,
+        model=ModelSpec(input_dim=4, num_classes=2),
+        rounds=2,
+        min_sites=2,
+        round_deadline_s=3600,
+        max_samples_per_round=1000,
+    )
     with cluster.operator_aggregator() as operator:
         job = operator.create_job(request)
-        sites = [provision_site(cluster.aggregator_url, cluster.secrets.operator_token, workdir, f"s{i}") for i in range(3)]
+        sites = [
+            provision_site(cluster.aggregator_url, cluster.secrets.operator_token, workdir, f"s{i}") for i in range(3)
+        ]
         operator.revoke_site(sites[2].site_id)
-    scene = Scene(cluster, job.id, federation.key_id, site_codec(cluster.keyserver_url, sites[0], federation.key_id),
-                  site_codec(cluster.keyserver_url, sites[0], other.key_id), other.key_id, sites[0], sites[1], sites[2])
+    scene = Scene(
+        cluster,
+        job.id,
+        federation.key_id,
+        site_codec(cluster.keyserver_url, sites[0], federation.key_id),
+        site_codec(cluster.keyserver_url, sites[0], other.key_id),
+        other.key_id,
+        sites[0],
+        sites[1],
+        sites[2],
+    )
     first = scene.upload(scene.envelope(), site=scene.first)
     assert first.status_code == 201, first.text
     assert first.json()["round_state"] == "collecting"
@@ -80,28 +117,50 @@ BAD_UPLOADS: list[tuple[str, Callable[[Scene], httpx.Response], int, str]] = [
     ("no-credential", lambda s: s.upload(s.envelope(), token=""), 401, "unauthenticated"),
     ("revoked-site", lambda s: s.upload(s.envelope(), site=s.revoked), 403, "site_not_approved"),
     ("wrong-round", lambda s: s.upload(s.envelope(), round_number=1), 409, "wrong_round"),
-    ("stale-key-id", lambda s: s.upload(s.envelope(codec=s.other_key_codec, key_id=s.other_key_id)), 409, "stale_key_id"),
+    (
+        "stale-key-id",
+        lambda s: s.upload(s.envelope(codec=s.other_key_codec, key_id=s.other_key_id)),
+        409,
+        "stale_key_id",
+    ),
     ("wrong-format-id", lambda s: s.upload(s.envelope(format_id="ckks-tenseal-v0")), 400, "unsupported_format"),
     ("garbage-ciphertext", lambda s: s.upload(s.envelope(chunks=[b"\x5e\xa1" * 3000])), 400, "invalid_ciphertext"),
-    ("truncated-ciphertext", lambda s: s.upload(s.envelope(chunks=[s.codec.encrypt_update(np.ones(NUM_VALUES))[0][:-200]])),
-     400, "invalid_ciphertext"),
+    (
+        "truncated-ciphertext",
+        lambda s: s.upload(s.envelope(chunks=[s.codec.encrypt_update(np.ones(NUM_VALUES))[0][:-200]])),
+        400,
+        "invalid_ciphertext",
+    ),
     ("truncated-body", lambda s: s.upload(s.envelope()[:-100]), 400, "truncated_update"),
     ("not-an-envelope", lambda s: s.upload(b'{"weights": [1, 2, 3]}'), 400, "invalid_envelope"),
-    ("too-many-chunks", lambda s: s.upload(s.envelope(chunks=s.codec.encrypt_update(np.ones(NUM_VALUES)) * 2)), 400,
-     "wrong_chunk_count"),
+    (
+        "too-many-chunks",
+        lambda s: s.upload(s.envelope(chunks=s.codec.encrypt_update(np.ones(NUM_VALUES)) * 2)),
+        400,
+        "wrong_chunk_count",
+    ),
     ("wrong-num-values", lambda s: s.upload(s.envelope(num_values=11)), 400, "wrong_num_values"),
     ("negative-num-samples", lambda s: s.upload(s.envelope(num_samples=-5)), 400, "invalid_num_samples"),
     ("num-samples-over-bound", lambda s: s.upload(s.envelope(num_samples=1001)), 400, "invalid_num_samples"),
     ("num-samples-not-int", lambda s: s.upload(s.envelope(num_samples="50")), 400, "invalid_num_samples"),
     ("duplicate", lambda s: s.upload(s.envelope(), site=s.first), 409, "duplicate_update"),
     ("oversized-body", lambda s: s.upload(b"\0" * (4 * 1024 * 1024 + 1)), 413, "payload_too_large"),
-    ("unknown-job", lambda s: httpx.post(f"{s.cluster.aggregator_url}/v1/jobs/job-nope/rounds/0/updates",
-                                         content=s.envelope(), headers={"Authorization": f"Bearer {s.second.credential}"}),
-     404, "not_found"),
+    (
+        "unknown-job",
+        lambda s: httpx.post(
+            f"{s.cluster.aggregator_url}/v1/jobs/job-nope/rounds/0/updates",
+            content=s.envelope(),
+            headers={"Authorization": f"Bearer {s.second.credential}"},
+        ),
+        404,
+        "not_found",
+    ),
 ]
 
 
-@pytest.mark.parametrize("make, status, code", [case[1:] for case in BAD_UPLOADS], ids=[case[0] for case in BAD_UPLOADS])
+@pytest.mark.parametrize(
+    ("make", "status", "code"), [case[1:] for case in BAD_UPLOADS], ids=[case[0] for case in BAD_UPLOADS]
+)
 def test_bad_upload_is_refused_and_changes_nothing(scene: Scene, make, status: int, code: str) -> None:
     before = round_snapshot(scene.cluster.aggregator_database_url, scene.job_id, 0)
     response = make(scene)

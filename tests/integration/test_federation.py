@@ -36,12 +36,23 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     with cluster.operator_keyserver() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="it-federation"))
     spec = ModelSpec(
-        input_dim=30, hidden_units=[8], num_classes=2,
+        input_dim=30,
+        hidden_units=[8],
+        num_classes=2,
         normalisation=InputNormalisation(mean=pool.x.mean(0).tolist(), std=pool.x.std(0).tolist()),
     )
     request = JobCreate(
-        name="it-two-rounds", key_id=federation.key_id, model=spec, rounds=ROUNDS, min_sites=3, round_deadline_s=240,
-        local_epochs=1, batch_size=16, learning_rate=0.2, dp=DPSettings(num_microbatches=16), max_samples_per_round=10_000,
+        name="it-two-rounds",
+        key_id=federation.key_id,
+        model=spec,
+        rounds=ROUNDS,
+        min_sites=3,
+        round_deadline_s=240,
+        local_epochs=1,
+        batch_size=16,
+        learning_rate=0.2,
+        dp=DPSettings(num_microbatches=16),
+        max_samples_per_round=10_000,
     )
     with cluster.operator_aggregator() as operator:
         job = operator.create_job(request)
@@ -51,10 +62,18 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
         site = provision_site(cluster.aggregator_url, cluster.secrets.operator_token, workdir, name)
         save_csv(pool.subset(rows), workdir / name / "data.csv")
         sites.append(site)
-        agents.append(start_agent(
-            site=site, name=name, aggregator_url=cluster.aggregator_url, keyserver_url=cluster.keyserver_url,
-            data_path=workdir / name / "data.csv", state_dir=workdir / name / "state", job_id=job.id, log_dir=workdir / "logs",
-        ))
+        agents.append(
+            start_agent(
+                site=site,
+                name=name,
+                aggregator_url=cluster.aggregator_url,
+                keyserver_url=cluster.keyserver_url,
+                data_path=workdir / name / "data.csv",
+                state_dir=workdir / name / "state",
+                job_id=job.id,
+                log_dir=workdir / "logs",
+            )
+        )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and any(a.process.poll() is None for a in agents):
@@ -72,7 +91,9 @@ def test_job_completes_with_every_round_published_by_all_sites(cluster: Cluster,
     with cluster.operator_aggregator() as operator:
         assert operator.job(job.id).status == JobStatus.COMPLETED
         rounds = operator.rounds(job.id)
-    assert [(r.number, r.state, r.num_submissions) for r in rounds] == [(n, RoundState.PUBLISHED, 3) for n in range(ROUNDS)]
+    assert [(r.number, r.state, r.num_submissions) for r in rounds] == [
+        (n, RoundState.PUBLISHED, 3) for n in range(ROUNDS)
+    ]
     for r in rounds:
         assert sorted(s.site_id for s in r.submissions) == sorted(s.site_id for s in finished_federation["sites"])
         assert len(r.evaluations) == 3
@@ -89,7 +110,8 @@ def test_published_aggregate_equals_plaintext_weighted_fedavg(cluster: Cluster, 
             uploads = stored_submissions(cluster.aggregator_database_url, job.id, number)
             samples = np.array([n for n, _ in uploads])
             site_weights = [
-                codec.decrypt_aggregate(decode_envelope(env).chunks, job.num_parameters) * (10_000 / n) for n, env in uploads
+                codec.decrypt_aggregate(decode_envelope(env).chunks, job.num_parameters) * (10_000 / n)
+                for n, env in uploads
             ]
             expected = np.average(np.stack(site_weights), axis=0, weights=samples)
             assert np.max(np.abs(published - expected)) <= FEDAVG_TOLERANCE

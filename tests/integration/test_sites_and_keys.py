@@ -30,7 +30,9 @@ def _register(cluster: Cluster, tmp_path: Path, name: str):
     key = generate_signing_key()
     write_secret(tmp_path / f"{name}.pem", private_key_to_pem(key).decode())
     with AggregatorClient(cluster.aggregator_url) as anonymous:
-        site = anonymous.register_site(SiteCreate(name=name, organisation="org", contact="a@b.example", public_key=public_key_b64(key)))
+        site = anonymous.register_site(
+            SiteCreate(name=name, organisation="org", contact="a@b.example", public_key=public_key_b64(key))
+        )
     return site, key
 
 
@@ -40,7 +42,9 @@ def _release(cluster: Cluster, site_id: str, key, key_id: str, timestamp: int | 
         return client.secret_context(key_id, KeyReleaseRequest(site_id=site_id, timestamp=ts, signature=sig))
 
 
-def test_pending_site_gets_403_then_approved_site_gets_the_secret_context(cluster: Cluster, key_id: str, tmp_path: Path) -> None:
+def test_pending_site_gets_403_then_approved_site_gets_the_secret_context(
+    cluster: Cluster, key_id: str, tmp_path: Path
+) -> None:
     site, key = _register(cluster, tmp_path, "pending-then-approved")
     assert site.status == SiteStatus.PENDING
     with pytest.raises(PermissionDenied) as refused:
@@ -77,10 +81,18 @@ def test_rejected_site_cannot_be_approved_later(cluster: Cluster, tmp_path: Path
     assert conflict.value.code == "invalid_site_status"
 
 
-def test_key_release_needs_a_fresh_signature_by_the_registered_key(cluster: Cluster, key_id: str, tmp_path: Path) -> None:
+def test_key_release_needs_a_fresh_signature_by_the_registered_key(
+    cluster: Cluster, key_id: str, tmp_path: Path
+) -> None:
     site = provision_site(cluster.aggregator_url, cluster.secrets.operator_token, tmp_path, "signer")
     with pytest.raises(Unauthenticated, match="older or newer"):
-        _release(cluster, site.site_id, private_key_from_pem(site.signing_key_file.read_bytes()), key_id, int(time.time()) - 3600)
+        _release(
+            cluster,
+            site.site_id,
+            private_key_from_pem(site.signing_key_file.read_bytes()),
+            key_id,
+            int(time.time()) - 3600,
+        )
     with pytest.raises(Unauthenticated, match="does not verify"):
         _release(cluster, site.site_id, generate_signing_key(), key_id)
     with pytest.raises(NotFound):
@@ -91,9 +103,12 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -
     token = cluster.secrets.service_token_file.read_text()
     with KeyserverClient(cluster.keyserver_url, token) as as_aggregator:
         context = load_evaluation_context(as_aggregator.evaluation_context(key_id))
-    assert not context.has_secret_key() and not context.is_private()
+    assert not context.has_secret_key()
+    assert not context.is_private()
     with cluster.operator_aggregator() as operator:
-        operator.create_job(JobCreate(name="keyless", key_id=key_id, model=ModelSpec(input_dim=2, num_classes=2), min_sites=1))
+        operator.create_job(
+            JobCreate(name="keyless", key_id=key_id, model=ModelSpec(input_dim=2, num_classes=2), min_sites=1)
+        )
     engine = create_engine(cluster.aggregator_database_url)
     with engine.connect() as conn:
         stored = [bytes(row[0]) for row in conn.execute(text("SELECT context FROM evaluation_contexts"))]
@@ -104,7 +119,7 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -
 
 
 @pytest.mark.parametrize(
-    "method, path, credential, status",
+    ("method", "path", "credential", "status"),
     [
         ("GET", "/v1/sites", None, 401),
         ("GET", "/v1/sites", "site", 403),
@@ -113,10 +128,15 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -
         ("GET", "/v1/jobs", "Bearer-less", 401),
     ],
 )
-def test_roles_are_enforced(cluster: Cluster, tmp_path: Path, method: str, path: str, credential: str | None, status: int) -> None:
+def test_roles_are_enforced(  # noqa: PLR0917 (pytest fixtures and parameters)
+    cluster: Cluster, tmp_path: Path, method: str, path: str, credential: str | None, status: int
+) -> None:
     headers = {}
     if credential == "site":
-        headers["Authorization"] = "Bearer " + provision_site(cluster.aggregator_url, cluster.secrets.operator_token, tmp_path, "role").credential
+        headers["Authorization"] = (
+            "Bearer "
+            + provision_site(cluster.aggregator_url, cluster.secrets.operator_token, tmp_path, "role").credential
+        )
     elif credential == "operator":
         headers["Authorization"] = "Bearer " + cluster.secrets.operator_token
     elif credential == "Bearer-less":
@@ -127,19 +147,26 @@ def test_roles_are_enforced(cluster: Cluster, tmp_path: Path, method: str, path:
 
 
 def test_evaluation_context_needs_the_service_credential(cluster: Cluster, key_id: str) -> None:
-    response = httpx.get(f"{cluster.keyserver_url}/v1/contexts/{key_id}/evaluation",
-                         headers={"Authorization": f"Bearer {cluster.secrets.operator_token}"})
+    response = httpx.get(
+        f"{cluster.keyserver_url}/v1/contexts/{key_id}/evaluation",
+        headers={"Authorization": f"Bearer {cluster.secrets.operator_token}"},
+    )
     assert response.status_code == 401
 
 
 def test_registration_with_a_bad_public_key_is_a_400_naming_it(cluster: Cluster) -> None:
-    response = httpx.post(f"{cluster.aggregator_url}/v1/sites",
-                          json={"name": "x", "organisation": "o", "contact": "c@d.e", "public_key": "not-a-key"})
+    response = httpx.post(
+        f"{cluster.aggregator_url}/v1/sites",
+        json={"name": "x", "organisation": "o", "contact": "c@d.e", "public_key": "not-a-key"},
+    )
     assert response.status_code == 400
     assert "public_key" in response.json()["error"]["message"]
     missing = httpx.post(f"{cluster.aggregator_url}/v1/sites", json={"name": "x"})
     assert missing.status_code == 400
-    assert {p["location"] for p in missing.json()["error"]["detail"]["problems"]} >= {"body.organisation", "body.contact"}
+    assert {p["location"] for p in missing.json()["error"]["detail"]["problems"]} >= {
+        "body.organisation",
+        "body.contact",
+    }
 
 
 def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> None:

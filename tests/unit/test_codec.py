@@ -58,7 +58,8 @@ def test_evaluation_context_has_no_secret_key(key_material: KeyMaterial, aggrega
     context = load_evaluation_context(key_material.evaluation_context)
     assert not context.has_secret_key()
     assert not context.is_private()
-    assert b"" != key_material.evaluation_context and len(key_material.evaluation_context) < 1024
+    assert key_material.evaluation_context != b""
+    assert len(key_material.evaluation_context) < 1024
     with pytest.raises(InvalidRequest, match="no secret key"):
         aggregator_codec.encrypt_update(np.zeros(4))
     with pytest.raises(InvalidRequest, match="no secret key"):
@@ -77,7 +78,7 @@ def test_compact_format_is_about_16_bytes_per_parameter(site_codec) -> None:
 
 
 @pytest.mark.parametrize(
-    "mangle, code",
+    ("mangle", "code"),
     [
         (lambda chunks: [b"garbage" * 100], "invalid_ciphertext"),
         (lambda chunks: [chunks[0][: len(chunks[0]) // 2]], "invalid_ciphertext"),

@@ -21,7 +21,7 @@ def test_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "data, code",
+    ("data", "code"),
     [
         (b"not an envelope", "invalid_envelope"),
         (MAGIC + b"\x00", "invalid_envelope"),

@@ -18,13 +18,13 @@ LEGAL = [
 ]
 
 
-@pytest.mark.parametrize("current, target", LEGAL)
+@pytest.mark.parametrize(("current", "target"), LEGAL)
 def test_legal_transitions(current: RoundState, target: RoundState) -> None:
     assert RoundStateMachine.transition(current, target) is target
 
 
 @pytest.mark.parametrize(
-    "current, target",
+    ("current", "target"),
     [(c, t) for c in RoundState for t in RoundState if (c, t) not in LEGAL],
 )
 def test_every_other_transition_is_refused(current: RoundState, target: RoundState) -> None:

@@ -14,7 +14,9 @@ from fedhe.privacy import DPSettings
 
 def _spec(x: np.ndarray) -> ModelSpec:
     return ModelSpec(
-        input_dim=x.shape[1], hidden_units=[8], num_classes=2,
+        input_dim=x.shape[1],
+        hidden_units=[8],
+        num_classes=2,
         normalisation=InputNormalisation(mean=x.mean(0).tolist(), std=x.std(0).tolist()),
     )
 
@@ -32,11 +34,18 @@ def test_dp_sgd_learns_breast_cancer() -> None:
     start = flatten_weights(spec.initial_weights(0))
     before = evaluate(spec, start, test)["accuracy"]
     result = train_dp_sgd(
-        spec, start, train, dp=DPSettings(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=16),
-        epochs=5, batch_size=32, learning_rate=0.2, seed=0,
+        spec,
+        start,
+        train,
+        dp=DPSettings(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=16),
+        epochs=5,
+        batch_size=32,
+        learning_rate=0.2,
+        seed=0,
     )
     after = evaluate(spec, result.weights, test)["accuracy"]
-    assert after > 0.85 and after > before
+    assert after > 0.85
+    assert after > before
     assert result.num_samples == len(train)
     assert result.training.steps == 5 * (len(train) // 32)
     assert result.training.sampling_probability == pytest.approx(32 / len(train))
@@ -47,5 +56,13 @@ def test_too_little_data_for_one_batch_is_a_clear_error() -> None:
     tiny = train.subset(np.arange(10))
     spec = _spec(train.x)
     with pytest.raises(InvalidRequest, match="fewer than one batch"):
-        train_dp_sgd(spec, flatten_weights(spec.initial_weights(0)), tiny, dp=DPSettings(num_microbatches=16),
-                     epochs=1, batch_size=16, learning_rate=0.1, seed=0)
+        train_dp_sgd(
+            spec,
+            flatten_weights(spec.initial_weights(0)),
+            tiny,
+            dp=DPSettings(num_microbatches=16),
+            epochs=1,
+            batch_size=16,
+            learning_rate=0.1,
+            seed=0,
+        )

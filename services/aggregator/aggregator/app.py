@@ -51,7 +51,9 @@ class DeadlineWatcher:
                 logger.exception("deadline check failed; retrying")
 
 
-def create_app(settings: AggregatorSettings | None = None, context_source: EvaluationContextSource | None = None) -> FastAPI:
+def create_app(
+    settings: AggregatorSettings | None = None, context_source: EvaluationContextSource | None = None
+) -> FastAPI:
     """Build the aggregator application (secrets are resolved here, so a bad config fails at start)."""
     settings = settings or AggregatorSettings()
     service_token = settings.service_secret()

@@ -10,11 +10,11 @@ import hashlib
 
 from aggregator.contexts import EvaluationContexts
 from aggregator.jobs import JobCoordinator, job_spec, rules_for
+from aggregator.rounds import RoundStateMachine
 from aggregator.tables import SubmissionRow
 from fedhe.errors import Conflict, FedheError, InvalidUpdate
 from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
 from fedhe.schemas import JobCreate, JobStatus, RoundState, UpdateAccepted
-from aggregator.rounds import RoundStateMachine
 
 MAX_METRICS = 64
 
@@ -40,7 +40,11 @@ def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_para
             detail={"expected": num_parameters},
         )
     num_samples = envelope.meta.get("num_samples")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 1 <= num_samples <= spec.max_samples_per_round:
+    if (
+        not isinstance(num_samples, int)
+        or isinstance(num_samples, bool)
+        or not 1 <= num_samples <= spec.max_samples_per_round
+    ):
         raise InvalidUpdate(
             f"num_samples must be an integer in 1..{spec.max_samples_per_round} (the job's max_samples_per_round)",
             code="invalid_num_samples",
@@ -91,7 +95,12 @@ class UpdateIntake:
             accumulator = codec.accumulator(job.num_parameters, initial)
             accumulator.add(envelope.chunks)
             row.running_sum = encode_envelope(
-                Envelope(format_id=spec.format_id, key_id=job.key_id, num_values=job.num_parameters, chunks=accumulator.to_chunks())
+                Envelope(
+                    format_id=spec.format_id,
+                    key_id=job.key_id,
+                    num_values=job.num_parameters,
+                    chunks=accumulator.to_chunks(),
+                )
             )
             row.num_submissions += 1
             row.total_samples += num_samples

@@ -9,14 +9,16 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from aggregator.contexts import EvaluationContexts
+from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
+from aggregator.rounds import RoundStateMachine
 from aggregator.tables import EvaluationRow, JobRow, RoundRow
 from aggregator.views import job_public, round_public
 from fedhe.db import SessionFactory, utcnow
 from fedhe.errors import Conflict, InvalidRequest, NotFound
 from fedhe.global_model import encode_aggregate, encode_initial_model
-from fedhe.he.envelope import decode_envelope
 from fedhe.he.codec import supported_formats
+from fedhe.he.envelope import decode_envelope
 from fedhe.modelspec import flatten_weights
 from fedhe.schemas import (
     EvaluationCreate,
@@ -26,8 +28,6 @@ from fedhe.schemas import (
     RoundPublic,
     RoundState,
 )
-from aggregator.metrics import Metrics
-from aggregator.rounds import RoundStateMachine
 
 
 def job_spec(row: JobRow) -> JobCreate:
@@ -71,7 +71,9 @@ class JobCoordinator:
         """Store a job and open its round 0."""
         if request.format_id not in supported_formats():
             raise InvalidRequest(
-                f"unsupported format_id {request.format_id!r}", code="unsupported_format", detail={"supported": supported_formats()}
+                f"unsupported format_id {request.format_id!r}",
+                code="unsupported_format",
+                detail={"supported": supported_formats()},
             )
         row = JobRow(
             id="job-" + uuid.uuid4().hex[:16],
@@ -95,12 +97,21 @@ class JobCoordinator:
         now = utcnow()
         deadline = now + timedelta(seconds=job_spec(job).round_deadline_s)
         repo.add(
-            RoundRow(job_id=job.id, number=number, attempt=attempt, state=RoundState.OPEN.value, opened_at=now, deadline_at=deadline)
+            RoundRow(
+                job_id=job.id,
+                number=number,
+                attempt=attempt,
+                state=RoundState.OPEN.value,
+                opened_at=now,
+                deadline_at=deadline,
+            )
         )
         job.current_round = number
         repo.flush()
 
-    def finish_round(self, repo: AggregatorRepository, job: JobRow, row: RoundRow, target: RoundState, reason: str | None = None) -> None:
+    def finish_round(
+        self, repo: AggregatorRepository, job: JobRow, row: RoundRow, target: RoundState, reason: str | None = None
+    ) -> None:
         """Close a round as ``target`` (closed → published, or failed) and move the job on."""
         spec = job_spec(job)
         now = utcnow()
@@ -110,8 +121,17 @@ class JobCoordinator:
             row.state = RoundStateMachine.transition(state, RoundState.PUBLISHED).value
             row.published_at = now
             self.metrics.rounds_published += 1
-            repo.audit(actor="aggregator", action="round.publish", subject=job.id,
-                       detail={"round": row.number, "attempt": row.attempt, "sites": row.num_submissions, "total_samples": row.total_samples})
+            repo.audit(
+                actor="aggregator",
+                action="round.publish",
+                subject=job.id,
+                detail={
+                    "round": row.number,
+                    "attempt": row.attempt,
+                    "sites": row.num_submissions,
+                    "total_samples": row.total_samples,
+                },
+            )
             if row.number + 1 < spec.rounds:
                 self._open_round(repo, job, number=row.number + 1, attempt=1)
             else:
@@ -121,8 +141,12 @@ class JobCoordinator:
         row.state = state.value
         row.failure_reason = reason
         self.metrics.rounds_failed += 1
-        repo.audit(actor="aggregator", action="round.fail", subject=job.id,
-                   detail={"round": row.number, "attempt": row.attempt, "reason": reason})
+        repo.audit(
+            actor="aggregator",
+            action="round.fail",
+            subject=job.id,
+            detail={"round": row.number, "attempt": row.attempt, "reason": reason},
+        )
         if spec.on_round_failure == "retry" and row.attempt < spec.max_round_attempts:
             self._open_round(repo, job, number=row.number, attempt=row.attempt + 1)
         else:
@@ -148,7 +172,9 @@ class JobCoordinator:
                 target = rules_for(job_spec(job)).at_deadline(row.num_submissions)
                 reason = None
                 if target == RoundState.FAILED:
-                    reason = f"deadline passed with {row.num_submissions} of min_sites={job_spec(job).min_sites} uploads"
+                    reason = (
+                        f"deadline passed with {row.num_submissions} of min_sites={job_spec(job).min_sites} uploads"
+                    )
                 self.finish_round(repo, job, row, target, reason)
                 finished += 1
         return finished
@@ -183,7 +209,10 @@ class JobCoordinator:
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
             repo.job(job_id)
-            return [round_public(repo, row, include_submissions=operator, caller_site=caller_site) for row in repo.rounds(job_id)]
+            return [
+                round_public(repo, row, include_submissions=operator, caller_site=caller_site)
+                for row in repo.rounds(job_id)
+            ]
 
     def round(self, job_id: str, number: int, *, operator: bool, caller_site: str | None) -> RoundPublic:
         """The latest attempt of one round."""
@@ -241,4 +270,8 @@ class JobCoordinator:
                 raise Conflict(f"round {number} is not published", code="round_not_published")
             if repo.evaluation(row.id, site_id) is not None:
                 raise Conflict(f"site already evaluated round {number}", code="duplicate_evaluation")
-            repo.add(EvaluationRow(round_id=row.id, site_id=site_id, num_examples=evaluation.num_examples, metrics=evaluation.metrics))
+            repo.add(
+                EvaluationRow(
+                    round_id=row.id, site_id=site_id, num_examples=evaluation.num_examples, metrics=evaluation.metrics
+                )
+            )

@@ -47,5 +47,7 @@ class Metrics:
             "# HELP fedhe_updates_rejected_total Uploads refused, by error code.",
             "# TYPE fedhe_updates_rejected_total counter",
         ]
-        lines += [f'fedhe_updates_rejected_total{{code="{code}"}} {n}' for code, n in sorted(self.updates_rejected.items())]
+        lines += [
+            f'fedhe_updates_rejected_total{{code="{code}"}} {n}' for code, n in sorted(self.updates_rejected.items())
+        ]
         return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from fedhe.schemas import RoundState
 _ALLOWED: dict[RoundState, frozenset[RoundState]] = {
     RoundState.OPEN: frozenset({RoundState.COLLECTING, RoundState.CLOSED, RoundState.FAILED}),
     RoundState.COLLECTING: frozenset({RoundState.CLOSED, RoundState.FAILED}),
-    RoundState.CLOSED: frozenset({RoundState.PUBLISHED, RoundState.FAILED}),
+    RoundState.CLOSED: frozenset({RoundState.PUBLISHED}),
     RoundState.PUBLISHED: frozenset(),
     RoundState.FAILED: frozenset(),
 }

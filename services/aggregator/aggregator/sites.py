@@ -36,7 +36,9 @@ class SiteRegistry:
             repo.audit(actor=f"site:{row.id}", action="site.register", subject=row.id, detail={"name": row.name})
         return site_public(row)
 
-    def _decide(self, site_id: str, *, allowed_from: SiteStatus, to: SiteStatus, actor: str) -> tuple[SiteRow, str | None]:
+    def _decide(
+        self, site_id: str, *, allowed_from: SiteStatus, to: SiteStatus, actor: str
+    ) -> tuple[SiteRow, str | None]:
         credential = new_token(SITE_CREDENTIAL_PREFIX) if to == SiteStatus.APPROVED else None
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)

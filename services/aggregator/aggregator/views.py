@@ -82,7 +82,9 @@ def round_public(
         if include_submissions
         else [],
         evaluations=[
-            EvaluationPublic(site_id=e.site_id, num_examples=e.num_examples, metrics=e.metrics, received_at=e.received_at)
+            EvaluationPublic(
+                site_id=e.site_id, num_examples=e.num_examples, metrics=e.metrics, received_at=e.received_at
+            )
             for e in repo.evaluations(row.id)
         ],
         submitted_by_caller=None if caller_site is None else any(s.site_id == caller_site for s in submissions),

@@ -11,8 +11,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from client_agent.ledger import LedgerEntry, PrivacyLedger
 from client_agent.policy import SitePolicy, load_policy
@@ -44,7 +46,12 @@ class JobOutcome:
 class SiteAgent:
     """One site's participation in the federation."""
 
-    def __init__(self, settings: AgentSettings, aggregator: AggregatorClient | None = None, keyserver: KeyserverClient | None = None):
+    def __init__(
+        self,
+        settings: AgentSettings,
+        aggregator: AggregatorClient | None = None,
+        keyserver: KeyserverClient | None = None,
+    ):
         self.settings = settings
         self._aggregator = aggregator or AggregatorClient(
             settings.aggregator_url, settings.credential_secret().get_secret_value(), timeout=settings.request_timeout_s
@@ -125,13 +132,13 @@ class SiteAgent:
                 logger.warning("job %s: %s; retrying", job.id, exc.message)
                 self._wait(failed=True)
 
-    def _global_weights(self, job: JobPublic, number: int, codec: UpdateCodec, evaluated: set[int]) -> np.ndarray:
+    def _global_weights(self, job: JobPublic, number: int, codec: UpdateCodec, evaluated: set[int]) -> NDArray[Any]:
         weights = self._decode(job, self._aggregator.model(job.id, number), codec)
         if number > 0 and number - 1 not in evaluated:
             self._evaluate(job, number - 1, weights, evaluated)
         return weights
 
-    def _decode(self, job: JobPublic, envelope: bytes, codec: UpdateCodec) -> np.ndarray:
+    def _decode(self, job: JobPublic, envelope: bytes, codec: UpdateCodec) -> NDArray[Any]:
         def check(env: Envelope) -> UpdateCodec:
             if env.key_id != job.key_id or env.format_id != job.format_id:
                 raise InvalidRequest("the aggregate's key or format is not the job's")
@@ -142,33 +149,57 @@ class SiteAgent:
             raise InvalidRequest(f"global model has {weights.size} values, the job's model {job.num_parameters}")
         return weights
 
-    def _evaluate(self, job: JobPublic, number: int, weights: np.ndarray, evaluated: set[int]) -> None:
+    def _evaluate(self, job: JobPublic, number: int, weights: NDArray[Any], evaluated: set[int]) -> None:
         from client_agent.training import evaluate
 
         metrics = evaluate(job.model, weights, self.validation_data)
         try:
-            self._aggregator.post_evaluation(job.id, number, EvaluationCreate(num_examples=len(self.validation_data), metrics=metrics))
+            self._aggregator.post_evaluation(
+                job.id, number, EvaluationCreate(num_examples=len(self.validation_data), metrics=metrics)
+            )
         except Conflict as exc:
             if exc.code != "duplicate_evaluation":
                 raise
         evaluated.add(number)
-        logger.info("job %s round %d global model: accuracy %.3f on %d local validation rows", job.id, number, metrics["accuracy"], len(self.validation_data))
+        logger.info(
+            "job %s round %d global model: accuracy %.3f on %d local validation rows",
+            job.id,
+            number,
+            metrics["accuracy"],
+            len(self.validation_data),
+        )
 
-    def _train_and_upload(self, job: JobPublic, attempt: int, weights: np.ndarray, codec: UpdateCodec, outcome: JobOutcome) -> None:
+    def _train_and_upload(
+        self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
+    ) -> None:
         from client_agent.training import evaluate, train_dp_sgd
 
         dp = self._policy.tighten(job.dp)
         steps = job.local_epochs * (len(self.train_data) // job.batch_size)
         planned_q = min(1.0, job.batch_size / max(1, len(self.train_data)))
         if self._policy.max_epsilon is not None:
-            would_be = self._ledger.epsilon(dp.delta, TrainingPass(sampling_probability=planned_q, noise_multiplier=dp.noise_multiplier, steps=steps))
+            would_be = self._ledger.epsilon(
+                dp.delta,
+                TrainingPass(sampling_probability=planned_q, noise_multiplier=dp.noise_multiplier, steps=steps),
+            )
             if would_be > self._policy.max_epsilon:
-                raise BudgetExhausted(f"round {job.current_round} would bring ε to {would_be:.2f}, over the site's limit {self._policy.max_epsilon}")
+                raise BudgetExhausted(
+                    f"round {job.current_round} would bring ε to {would_be:.2f}, "
+                    f"over the site's limit {self._policy.max_epsilon}"
+                )
         result = train_dp_sgd(
-            job.model, weights, self.train_data, dp=dp, epochs=job.local_epochs, batch_size=job.batch_size,
-            learning_rate=job.learning_rate, seed=job.seed * 100_003 + job.current_round * 101 + attempt,
+            job.model,
+            weights,
+            self.train_data,
+            dp=dp,
+            epochs=job.local_epochs,
+            batch_size=job.batch_size,
+            learning_rate=job.learning_rate,
+            seed=job.seed * 100_003 + job.current_round * 101 + attempt,
         )
-        self._ledger.record(LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training))
+        self._ledger.record(
+            LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training)
+        )
         epsilon = self._ledger.epsilon(dp.delta)
         local = evaluate(job.model, result.weights, self.validation_data)
         started = time.perf_counter()
@@ -186,14 +217,27 @@ class SiteAgent:
             "encrypt_seconds": encrypt_s,
         }
         body = encode_envelope(
-            Envelope(format_id=job.format_id, key_id=job.key_id, num_values=job.num_parameters, chunks=chunks,
-                     meta={"num_samples": result.num_samples, "metrics": metrics})
+            Envelope(
+                format_id=job.format_id,
+                key_id=job.key_id,
+                num_values=job.num_parameters,
+                chunks=chunks,
+                meta={"num_samples": result.num_samples, "metrics": metrics},
+            )
         )
         accepted = self._aggregator.upload_update(job.id, job.current_round, body)
         outcome.rounds_trained += 1
         outcome.epsilon = epsilon
-        logger.info("job %s round %d: uploaded %d bytes (n=%d, ε=%.2f at δ=%g); round is %s",
-                    job.id, job.current_round, len(body), result.num_samples, epsilon, dp.delta, accepted.round_state.value)
+        logger.info(
+            "job %s round %d: uploaded %d bytes (n=%d, ε=%.2f at δ=%g); round is %s",
+            job.id,
+            job.current_round,
+            len(body),
+            result.num_samples,
+            epsilon,
+            dp.delta,
+            accepted.round_state.value,
+        )
 
     def _finish(self, job: JobPublic, outcome: JobOutcome, evaluated: set[int]) -> JobOutcome:
         outcome.status = job.status.value
@@ -214,4 +258,3 @@ class SiteAgent:
         np.save(self.settings.state_dir / f"{job.id}-final-weights.npy", weights)
         logger.info("job %s completed; final model saved to %s", job.id, outcome.exported_model)
         return outcome
-

@@ -49,7 +49,7 @@ class PrivacyLedger:
     def record(self, entry: LedgerEntry) -> None:
         """Append a pass; the file is replaced atomically so a crash never truncates it."""
         with self._lock:
-            entries = self.entries() + [entry]
+            entries = [*self.entries(), entry]
             self._path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._path.with_suffix(".tmp")
             tmp.write_text(json.dumps([e.model_dump() for e in entries], indent=1), encoding="utf-8")

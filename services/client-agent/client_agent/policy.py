@@ -24,7 +24,11 @@ class SitePolicy(BaseModel):
     def tighten(self, job: DPSettings) -> DPSettings:
         """The job's DP settings, made at least as strict as this policy."""
         clip = job.l2_norm_clip if self.max_l2_norm_clip is None else min(job.l2_norm_clip, self.max_l2_norm_clip)
-        noise = job.noise_multiplier if self.min_noise_multiplier is None else max(job.noise_multiplier, self.min_noise_multiplier)
+        noise = (
+            job.noise_multiplier
+            if self.min_noise_multiplier is None
+            else max(job.noise_multiplier, self.min_noise_multiplier)
+        )
         delta = job.delta if self.max_delta is None else min(job.delta, self.max_delta)
         return DPSettings(l2_norm_clip=clip, noise_multiplier=noise, num_microbatches=job.num_microbatches, delta=delta)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from numpy.typing import NDArray
 from sklearn.metrics import f1_score, recall_score
 from tensorflow_privacy import DPKerasSGDOptimizer
 
@@ -29,27 +31,28 @@ def build_model(spec: ModelSpec) -> tf.keras.Model:
     return model
 
 
-def normalise(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
+def normalise(spec: ModelSpec, x: NDArray[Any]) -> NDArray[Any]:
     """Apply the federation's agreed input scaling."""
     if x.shape[1] != spec.input_dim:
         raise InvalidRequest(f"data has {x.shape[1]} features, the model expects {spec.input_dim}")
     if spec.normalisation is None:
         return x
-    return (x - np.asarray(spec.normalisation.mean)) / np.asarray(spec.normalisation.std)
+    scaled: NDArray[Any] = (x - np.asarray(spec.normalisation.mean)) / np.asarray(spec.normalisation.std)
+    return scaled
 
 
 @dataclass(frozen=True)
 class TrainResult:
     """What one round of local training produced."""
 
-    weights: np.ndarray
+    weights: NDArray[Any]
     num_samples: int
     training: TrainingPass
     train_loss: float
     seconds: float
 
 
-def evaluate(spec: ModelSpec, weights: np.ndarray, data: Dataset) -> dict[str, float]:
+def evaluate(spec: ModelSpec, weights: NDArray[Any], data: Dataset) -> dict[str, float]:
     """Loss, accuracy, macro recall and macro F1 of ``weights`` on ``data``."""
     model = build_model(spec)
     model.set_weights(unflatten_weights(weights, spec.weight_shapes()))
@@ -67,7 +70,7 @@ def evaluate(spec: ModelSpec, weights: np.ndarray, data: Dataset) -> dict[str, f
 
 def train_dp_sgd(
     spec: ModelSpec,
-    weights: np.ndarray,
+    weights: NDArray[Any],
     data: Dataset,
     *,
     dp: DPSettings,
@@ -105,14 +108,16 @@ def train_dp_sgd(
         weights=flatten_weights(model.get_weights()),
         num_samples=len(data),
         training=TrainingPass(
-            sampling_probability=batch_size / len(data), noise_multiplier=dp.noise_multiplier, steps=epochs * steps_per_epoch
+            sampling_probability=batch_size / len(data),
+            noise_multiplier=dp.noise_multiplier,
+            steps=epochs * steps_per_epoch,
         ),
         train_loss=float(history.history["loss"][-1]),
         seconds=time.perf_counter() - started,
     )
 
 
-def export_model(spec: ModelSpec, weights: np.ndarray, path: Path) -> Path:
+def export_model(spec: ModelSpec, weights: NDArray[Any], path: Path) -> Path:
     """Save the model as a Keras file (with a softmax head so it outputs probabilities)."""
     model = build_model(spec)
     model.set_weights(unflatten_weights(weights, spec.weight_shapes()))

@@ -86,7 +86,9 @@ def evaluation_context(key_id: str, service: KeyServiceDep, actor: AggregatorDep
 @router.post("/contexts/{key_id}/secret", tags=["contexts"])
 def secret_context(key_id: str, body: KeyReleaseRequest, service: KeyServiceDep) -> Response:
     """The secret context, for an approved site presenting a fresh signature."""
-    return Response(service.release_secret_context(key_id, body), media_type=_OCTETS, headers={"Cache-Control": "no-store"})
+    return Response(
+        service.release_secret_context(key_id, body), media_type=_OCTETS, headers={"Cache-Control": "no-store"}
+    )
 
 
 def create_app(settings: KeyserverSettings | None = None, sites: SiteDirectory | None = None) -> FastAPI:

@@ -78,7 +78,9 @@ class KeyService:
             repo = KeyserverRepository(session)
             federation = FederationRow(id=federation_id, name=request.name, current_key_id=context.key_id)
             repo.add_federation(federation, context)
-            repo.audit(actor=actor, action="federation.create", subject=federation_id, detail={"key_id": context.key_id})
+            repo.audit(
+                actor=actor, action="federation.create", subject=federation_id, detail={"key_id": context.key_id}
+            )
             session.flush()
             return self._public(repo, federation)
 
@@ -93,7 +95,10 @@ class KeyService:
             repo.add_context(new)
             federation.current_key_id = new.key_id
             repo.audit(
-                actor=actor, action="federation.rotate", subject=federation_id, detail={"old": old.key_id, "new": new.key_id}
+                actor=actor,
+                action="federation.rotate",
+                subject=federation_id,
+                detail={"old": old.key_id, "new": new.key_id},
             )
             session.flush()
             return self._public(repo, federation)

@@ -18,15 +18,19 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
+from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
 from fedhe.he.codec import DEFAULT_FORMAT_ID, Accumulator, UpdateCodec
 
-_TMP_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+# Scratch files hold ciphertexts only; tmpfs keeps them off disk. mkstemp makes them 0600.
+_SHM = "/dev/shm"  # noqa: S108
+_TMP_ROOT = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
 
 
 @contextmanager
@@ -108,7 +112,7 @@ class SeededCkksCodec(UpdateCodec):
             raise InvalidRequest("this context has no secret key: it cannot encrypt or decrypt")
         return self._tenseal_context.secret_key().data
 
-    def encrypt_update(self, values: np.ndarray) -> list[bytes]:
+    def encrypt_update(self, values: NDArray[Any]) -> list[bytes]:
         flat = np.asarray(values, dtype=np.float64).ravel()
         if not np.all(np.isfinite(flat)):
             raise InvalidRequest("an update must contain only finite values")
@@ -116,7 +120,9 @@ class SeededCkksCodec(UpdateCodec):
         chunks: list[bytes] = []
         plain = seal.Plaintext()
         for start in range(0, flat.size, self.slot_count):
-            self._encoder.encode(flat[start : start + self.slot_count].tolist(), self._last_parms_id, self._scale, plain)
+            self._encoder.encode(
+                flat[start : start + self.slot_count].tolist(), self._last_parms_id, self._scale, plain
+            )
             seeded = encryptor.encrypt_symmetric(plain)
             with _scratch_file() as path:
                 seeded.save(path)
@@ -159,7 +165,7 @@ class SeededCkksCodec(UpdateCodec):
     def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
         return _SeededAccumulator(self, num_values, initial)
 
-    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> np.ndarray:
+    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
         decryptor = seal.Decryptor(self._seal_context, self._secret_key())
         parsed = self.parse(chunks, self.num_chunks(num_values))
         out = np.empty(len(parsed) * self.slot_count, dtype=np.float64)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 import tenseal as ts
+from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest
 
@@ -39,7 +40,7 @@ class UpdateCodec(abc.ABC):
         """How many chunks an update of ``num_values`` values has."""
 
     @abc.abstractmethod
-    def encrypt_update(self, values: np.ndarray) -> list[bytes]:
+    def encrypt_update(self, values: NDArray[Any]) -> list[bytes]:
         """Encrypt a flat vector (needs the secret context)."""
 
     @abc.abstractmethod
@@ -47,7 +48,7 @@ class UpdateCodec(abc.ABC):
         """A running sum for updates of ``num_values`` values, optionally resumed from chunks."""
 
     @abc.abstractmethod
-    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> np.ndarray:
+    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
         """Decrypt a (summed) vector of ``num_values`` values (needs the secret context)."""
 
 

@@ -73,7 +73,9 @@ def create_key_material(parameters: CkksParameters) -> KeyMaterial:
     except ValueError as exc:
         raise InvalidRequest(f"CKKS parameters rejected: {exc}") from exc
     context.global_scale = float(2**parameters.scale_bits)
-    secret = context.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+    secret = context.serialize(
+        save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+    )
     # make_context_public() refuses symmetric contexts, so drop the keys at serialisation.
     evaluation = context.serialize(
         save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
