@@ -165,6 +165,25 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(options)
 
 
+def _db(args: argparse.Namespace) -> None:
+    from fedhe.migrations import upgrade
+
+    if args.service == "aggregator":
+        from aggregator.settings import AggregatorSettings
+
+        url = args.database_url or os.environ.get(
+            "FEDHE_AGGREGATOR_DATABASE_URL", AggregatorSettings.model_fields["database_url"].default
+        )
+    else:
+        from keyserver.settings import KeyserverSettings
+
+        url = args.database_url or os.environ.get(
+            "FEDHE_KEYSERVER_DATABASE_URL", KeyserverSettings.model_fields["database_url"].default
+        )
+    upgrade(url, args.service, args.revision)
+    print(f"{args.service} database is at revision {args.revision}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedhe`` command."""
     parser = argparse.ArgumentParser(prog="fedhe", description=__doc__.splitlines()[0])
@@ -214,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--aggregator", default="http://127.0.0.1:8080")
     job.add_argument("--spec", help="job definition (JSON) for create")
     job.set_defaults(func=_job)
+
+    db = sub.add_parser("db", help="database schema migrations")
+    db.add_argument("action", choices=["upgrade"])
+    db.add_argument("--service", choices=["aggregator", "keyserver"], required=True)
+    db.add_argument("--database-url", help="default: the service's FEDHE_<SERVICE>_DATABASE_URL")
+    db.add_argument("--revision", default="head")
+    db.set_defaults(func=_db)
 
     demo = sub.add_parser("demo", help="run a whole federation on this machine and report accuracy")
     demo.add_argument("--dataset", default="breast_cancer", choices=["breast_cancer", "digits"])

@@ -17,10 +17,10 @@ from aggregator.metrics import Metrics
 from aggregator.routes import internal, jobs, sites
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
-from aggregator.tables import AggregatorBase
 from fedhe.api_client import KeyserverClient
 from fedhe.db import SessionFactory, make_engine
 from fedhe.http_errors import install_error_handlers
+from fedhe.migrations import upgrade
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ def create_app(
     """Build the aggregator application (secrets are resolved here, so a bad config fails at start)."""
     settings = settings or AggregatorSettings()
     service_token = settings.service_secret()
+    if settings.migrate_on_start:
+        upgrade(settings.database_url, "aggregator")
     engine = make_engine(settings.database_url)
-    AggregatorBase.metadata.create_all(engine)
     sessions = SessionFactory(engine)
     source = context_source or KeyserverClient(settings.keyserver_url, service_token.get_secret_value(), timeout=30)
     contexts = EvaluationContexts(sessions, source)

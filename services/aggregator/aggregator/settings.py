@@ -26,6 +26,7 @@ class AggregatorSettings(BaseSettings):
     service_token_file: Path | None = None
     max_upload_bytes: int = 256 * 1024 * 1024
     deadline_check_interval_s: float = 1.0
+    migrate_on_start: bool = True
     log_level: str = "INFO"
 
     def operator_secret(self) -> SecretStr:

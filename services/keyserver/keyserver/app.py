@@ -12,11 +12,11 @@ from fedhe.auth import bearer_token, tokens_match
 from fedhe.db import SessionFactory, make_engine
 from fedhe.errors import Unauthenticated
 from fedhe.http_errors import install_error_handlers
+from fedhe.migrations import upgrade
 from fedhe.schemas import ContextInfo, FederationCreate, FederationPublic, KeyReleaseRequest
 from keyserver.sealing import SecretSealer
 from keyserver.service import KeyService, SiteDirectory
 from keyserver.settings import KeyserverSettings
-from keyserver.tables import KeyserverBase
 
 _OCTETS = "application/octet-stream"
 
@@ -96,8 +96,9 @@ def create_app(settings: KeyserverSettings | None = None, sites: SiteDirectory |
     settings = settings or KeyserverSettings()
     sealer = SecretSealer(settings.kek_secret().get_secret_value())
     service_token = settings.service_secret()
+    if settings.migrate_on_start:
+        upgrade(settings.database_url, "keyserver")
     engine = make_engine(settings.database_url)
-    KeyserverBase.metadata.create_all(engine)
     directory = sites or AggregatorClient(settings.aggregator_url, service_token.get_secret_value(), timeout=10)
     app = FastAPI(title="fedhe keyserver", version="0.1.0")
     app.state.key_service = KeyService(SessionFactory(engine), sealer, directory, settings.key_release_max_skew_s)

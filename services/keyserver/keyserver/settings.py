@@ -26,6 +26,7 @@ class KeyserverSettings(BaseSettings):
     service_token: SecretStr | None = None
     service_token_file: Path | None = None
     key_release_max_skew_s: int = 300
+    migrate_on_start: bool = True
     log_level: str = "INFO"
 
     def operator_secret(self) -> SecretStr:
