@@ -236,3 +236,4 @@ class UpdateAccepted(BaseModel):
     round_state: RoundState
     num_submissions: int
     sha256: str
+    replayed: bool = Field(default=False, description="true when this exact upload had already been accepted")

@@ -23,7 +23,9 @@ def test_upgrade_matches_the_declared_schema_and_is_idempotent(postgres: Postgre
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"version_table": version_table(service), "compare_type": True})
+            context = MigrationContext.configure(
+                conn, opts={"version_table": version_table(service), "compare_type": True}
+            )
             assert compare_metadata(context, METADATA[service]) == []
     finally:
         engine.dispose()

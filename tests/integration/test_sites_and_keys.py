@@ -128,7 +128,7 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -
         ("GET", "/v1/jobs", "Bearer-less", 401),
     ],
 )
-def test_roles_are_enforced(  # noqa: PLR0917 (pytest fixtures and parameters)
+def test_roles_are_enforced(
     cluster: Cluster, tmp_path: Path, method: str, path: str, credential: str | None, status: int
 ) -> None:
     headers = {}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,10 +14,11 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
 from aggregator.contexts import EvaluationContexts, EvaluationContextSource
+from aggregator.coordination import Coordination, CoordinationUnavailable, coordination_for
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
 from aggregator.metrics import Metrics
-from aggregator.routes import internal, jobs, sites
+from aggregator.routes import events, internal, jobs, sites
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
 from fedhe.api_client import KeyserverClient
@@ -26,11 +30,20 @@ logger = logging.getLogger(__name__)
 
 
 class DeadlineWatcher:
-    """Finishes overdue rounds in the background (every replica runs one; the job lock dedupes)."""
+    """Finishes overdue rounds in the background, on the replica that holds the deadline lease.
 
-    def __init__(self, jobs: JobCoordinator, interval_s: float):
+    Deadlines live in the database, so whichever replica holds the lease sees every one of
+    them; if the holder dies its lease expires and another replica takes over within
+    ``lease_ttl``. If Redis is unreachable every replica sweeps (the job row lock keeps that
+    safe) rather than letting deadlines slip.
+    """
+
+    def __init__(self, jobs: JobCoordinator, coordination: Coordination, interval_s: float):
         self._jobs = jobs
+        self._coordination = coordination
         self._interval_s = interval_s
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease_ttl_s = max(5.0, 5 * interval_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fedhe-deadlines", daemon=True)
 
@@ -46,7 +59,13 @@ class DeadlineWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                self._jobs.expire_overdue_rounds()
+                fence = self._coordination.hold_lease("deadline-watcher", self._holder, self._lease_ttl_s)
+                if fence is None:
+                    continue
+            except CoordinationUnavailable:
+                fence = None
+            try:
+                self._jobs.expire_overdue_rounds(fence=fence)
             except Exception:  # a transient database error must not kill the watcher
                 logger.exception("deadline check failed; retrying")
 
@@ -64,8 +83,9 @@ def create_app(
     source = context_source or KeyserverClient(settings.keyserver_url, service_token.get_secret_value(), timeout=30)
     contexts = EvaluationContexts(sessions, source)
     metrics = Metrics()
-    coordinator = JobCoordinator(sessions, contexts, metrics)
-    watcher = DeadlineWatcher(coordinator, settings.deadline_check_interval_s)
+    coordination = coordination_for(settings.redis_url)
+    coordinator = JobCoordinator(sessions, contexts, metrics, coordination)
+    watcher = DeadlineWatcher(coordinator, coordination, settings.deadline_check_interval_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,12 +96,13 @@ def create_app(
     app = FastAPI(title="fedhe aggregator", version="0.1.0", lifespan=lifespan)
     app.state.sites = SiteRegistry(sessions)
     app.state.jobs = coordinator
-    app.state.intake = UpdateIntake(coordinator, contexts)
+    app.state.intake = UpdateIntake(coordinator, contexts, coordination)
+    app.state.coordination = coordination
     app.state.operator_token = settings.operator_secret()
     app.state.service_token = service_token
     app.state.max_upload_bytes = settings.max_upload_bytes
     install_error_handlers(app)
-    for router in (sites, internal, jobs):
+    for router in (sites, internal, jobs, events):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from aggregator.coordination import Coordination
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
 from aggregator.sites import SiteRegistry
@@ -84,3 +85,11 @@ ParticipantDep = Annotated[Caller, Depends(_participant)]
 SitesDep = Annotated[SiteRegistry, Depends(_sites)]
 JobsDep = Annotated[JobCoordinator, Depends(_jobs)]
 IntakeDep = Annotated[UpdateIntake, Depends(_intake)]
+
+
+def _coordination(request: Request) -> Coordination:
+    coordination: Coordination = request.app.state.coordination
+    return coordination
+
+
+CoordinationDep = Annotated[Coordination, Depends(_coordination)]

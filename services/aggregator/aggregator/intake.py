@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 
 from aggregator.contexts import EvaluationContexts
-from aggregator.jobs import JobCoordinator, job_spec, rules_for
+from aggregator.coordination import Coordination, CoordinationUnavailable
+from aggregator.jobs import JobChange, JobCoordinator, job_spec, rules_for
 from aggregator.rounds import RoundStateMachine
 from aggregator.tables import SubmissionRow
 from fedhe.errors import Conflict, FedheError, InvalidUpdate
@@ -55,26 +56,55 @@ def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_para
     return num_samples
 
 
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
 class UpdateIntake:
     """Validates uploads and adds them into their round's running encrypted sum."""
 
-    def __init__(self, jobs: JobCoordinator, contexts: EvaluationContexts):
+    def __init__(self, jobs: JobCoordinator, contexts: EvaluationContexts, coordination: Coordination):
         self._jobs = jobs
         self._contexts = contexts
+        self._coordination = coordination
 
-    def accept(self, *, site_id: str, job_id: str, round_number: int, body: bytes) -> UpdateAccepted:
-        """Accept one upload or raise the error naming what is wrong (state left unchanged)."""
+    def accept(
+        self, *, site_id: str, job_id: str, round_number: int, body: bytes, idempotency_key: str | None = None
+    ) -> UpdateAccepted:
+        """Accept one upload or raise the error naming what is wrong (state left unchanged).
+
+        Sending the same bytes again (a retry after a lost response) is not a duplicate: it
+        returns the original acceptance with ``replayed`` set, and counts nothing twice.
+        """
         try:
-            return self._accept(site_id=site_id, job_id=job_id, round_number=round_number, body=body)
+            return self._accept(
+                site_id=site_id, job_id=job_id, round_number=round_number, body=body, idempotency_key=idempotency_key
+            )
         except FedheError as exc:
             self._jobs.metrics.reject(exc.code)
             raise
 
-    def _accept(self, *, site_id: str, job_id: str, round_number: int, body: bytes) -> UpdateAccepted:
+    def _check_idempotency_key(self, site_id: str, job_id: str, key: str | None, digest: str) -> None:
+        if key is None:
+            return
+        try:
+            earlier = self._coordination.claim_idempotency_key(f"{site_id}:{job_id}:{key}", digest, IDEMPOTENCY_TTL_S)
+        except CoordinationUnavailable:
+            return  # the database's digest check below still makes replays safe
+        if earlier is not None and earlier != digest:
+            raise Conflict("Idempotency-Key was already used for a different body", code="idempotency_key_reused")
+
+    def _accept(
+        self, *, site_id: str, job_id: str, round_number: int, body: bytes, idempotency_key: str | None
+    ) -> UpdateAccepted:
         envelope = decode_envelope(body)
         digest = hashlib.sha256(body).hexdigest()
-        with self._jobs.locked_job(job_id) as (repo, job):
+        self._check_idempotency_key(site_id, job_id, idempotency_key, digest)
+        with self._jobs.locked_job(job_id) as change:
+            repo, job = change.repo, change.job
             spec = job_spec(job)
+            replay = self._replayed(change, site_id, round_number, digest)
+            if replay is not None:
+                return replay
             if job.status != JobStatus.RUNNING.value:
                 raise Conflict(f"job is {job.status}; it takes no uploads", code="job_not_running")
             if round_number != job.current_round:
@@ -115,15 +145,12 @@ class UpdateIntake:
                     metrics=envelope.meta.get("metrics", {}),
                 )
             )
-            repo.audit(
-                actor=f"site:{site_id}",
-                action="update.accept",
-                subject=job.id,
-                detail={"round": round_number, "attempt": row.attempt, "sha256": digest, "num_samples": num_samples},
-            )
+            detail = {"round": round_number, "attempt": row.attempt, "sha256": digest, "num_samples": num_samples}
+            repo.audit(actor=f"site:{site_id}", action="update.accept", subject=job.id, detail=detail)
+            change.emit("update.accepted", site_id=site_id, num_submissions=row.num_submissions, **detail)
             next_state = rules_for(spec).after_upload(row.num_submissions)
             if next_state == RoundState.CLOSED:
-                self._jobs.finish_round(repo, job, row, RoundState.CLOSED)
+                self._jobs.finish_round(change, row, RoundState.CLOSED)
             elif row.state == RoundState.OPEN.value:
                 row.state = RoundStateMachine.transition(RoundState.OPEN, RoundState.COLLECTING).value
             result = UpdateAccepted(
@@ -136,3 +163,22 @@ class UpdateIntake:
             )
         self._jobs.metrics.accept(len(body))
         return result
+
+    @staticmethod
+    def _replayed(change: JobChange, site_id: str, round_number: int, digest: str) -> UpdateAccepted | None:
+        """The original acceptance if this exact body was already accepted for this round."""
+        row = change.repo.current_round(change.job.id, round_number)
+        if row is None:
+            return None
+        earlier = change.repo.submission(row.id, site_id)
+        if earlier is None or earlier.sha256 != digest:
+            return None
+        return UpdateAccepted(
+            job_id=change.job.id,
+            round=round_number,
+            attempt=row.attempt,
+            round_state=RoundState(row.state),
+            num_submissions=row.num_submissions,
+            sha256=digest,
+            replayed=True,
+        )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from aggregator.contexts import EvaluationContexts
+from aggregator.coordination import Coordination, CoordinationUnavailable, Event
 from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
 from aggregator.rounds import RoundStateMachine
@@ -29,6 +33,21 @@ from fedhe.schemas import (
     RoundState,
 )
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobChange:
+    """One locked transaction on a job: the repository, the locked row, the events it caused."""
+
+    repo: AggregatorRepository
+    job: JobRow
+    events: list[Event] = field(default_factory=list)
+
+    def emit(self, kind: str, **data: Any) -> None:
+        """Record an event to publish once the transaction commits."""
+        self.events.append({"kind": kind, "job_id": self.job.id, "at": utcnow().isoformat(), **data})
+
 
 def job_spec(row: JobRow) -> JobCreate:
     """The operator's definition of a stored job."""
@@ -48,24 +67,37 @@ class JobCoordinator:
     has no row locks; in embedded mode one process-wide lock plays that part.
     """
 
-    def __init__(self, sessions: SessionFactory, contexts: EvaluationContexts, metrics: Metrics):
+    def __init__(
+        self, sessions: SessionFactory, contexts: EvaluationContexts, metrics: Metrics, coordination: Coordination
+    ):
         self._sessions = sessions
         self._contexts = contexts
         self.metrics = metrics
+        self._coordination = coordination
         self._embedded_lock = threading.RLock() if sessions.is_sqlite else None
 
     @contextmanager
-    def locked_job(self, job_id: str) -> Iterator[tuple[AggregatorRepository, JobRow]]:
-        """A transaction holding the job's row lock."""
+    def locked_job(self, job_id: str) -> Iterator[JobChange]:
+        """A transaction holding the job's row lock; its events are published after commit."""
         if self._embedded_lock is not None:
             self._embedded_lock.acquire()
         try:
             with self._sessions.transaction() as session:
                 repo = AggregatorRepository(session)
-                yield repo, repo.job(job_id, for_update=True)
+                change = JobChange(repo, repo.job(job_id, for_update=True))
+                yield change
         finally:
             if self._embedded_lock is not None:
                 self._embedded_lock.release()
+        self.publish_events(change.events)
+
+    def publish_events(self, events: list[Event]) -> None:
+        """Send committed changes to the live stream (best effort: the database is the record)."""
+        for event in events:
+            try:
+                self._coordination.publish(event)
+            except CoordinationUnavailable as exc:
+                logger.warning("event %s not streamed: coordination unavailable (%s)", event["kind"], exc)
 
     def create_job(self, request: JobCreate, *, actor: str) -> JobPublic:
         """Store a job and open its round 0."""
@@ -89,16 +121,19 @@ class JobCoordinator:
             self._contexts.ensure(repo, request.key_id)
             repo.add(row)
             repo.flush()
-            self._open_round(repo, row, number=0, attempt=1)
+            change = JobChange(repo, row)
+            change.emit("job.created", name=row.name)
+            self._open_round(change, number=0, attempt=1)
             repo.audit(actor=actor, action="job.create", subject=row.id, detail={"key_id": request.key_id})
+        self.publish_events(change.events)
         return job_public(row)
 
-    def _open_round(self, repo: AggregatorRepository, job: JobRow, *, number: int, attempt: int) -> None:
+    def _open_round(self, change: JobChange, *, number: int, attempt: int) -> None:
         now = utcnow()
-        deadline = now + timedelta(seconds=job_spec(job).round_deadline_s)
-        repo.add(
+        deadline = now + timedelta(seconds=job_spec(change.job).round_deadline_s)
+        change.repo.add(
             RoundRow(
-                job_id=job.id,
+                job_id=change.job.id,
                 number=number,
                 attempt=attempt,
                 state=RoundState.OPEN.value,
@@ -106,62 +141,64 @@ class JobCoordinator:
                 deadline_at=deadline,
             )
         )
-        job.current_round = number
-        repo.flush()
+        change.job.current_round = number
+        change.repo.flush()
+        change.emit("round.opened", round=number, attempt=attempt, deadline_at=deadline.isoformat())
 
     def finish_round(
-        self, repo: AggregatorRepository, job: JobRow, row: RoundRow, target: RoundState, reason: str | None = None
+        self, change: JobChange, row: RoundRow, target: RoundState, reason: str | None = None, fence: int | None = None
     ) -> None:
-        """Close a round as ``target`` (closed → published, or failed) and move the job on."""
+        """Close a round as ``target`` (closed → published, or failed) and move the job on.
+
+        ``fence`` is the deadline lease's fencing token when a deadline sweep closes the round;
+        it is recorded in the audit log so an operator can tell which lease holder acted.
+        """
+        repo, job = change.repo, change.job
         spec = job_spec(job)
         now = utcnow()
         state = RoundStateMachine.transition(RoundState(row.state), target)
         row.closed_at = now
+        detail: dict[str, Any] = {"round": row.number, "attempt": row.attempt, "fence": fence}
         if state == RoundState.CLOSED:
             row.state = RoundStateMachine.transition(state, RoundState.PUBLISHED).value
             row.published_at = now
             self.metrics.rounds_published += 1
-            repo.audit(
-                actor="aggregator",
-                action="round.publish",
-                subject=job.id,
-                detail={
-                    "round": row.number,
-                    "attempt": row.attempt,
-                    "sites": row.num_submissions,
-                    "total_samples": row.total_samples,
-                },
-            )
+            detail |= {"sites": row.num_submissions, "total_samples": row.total_samples}
+            repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
+            change.emit("round.published", **detail)
             if row.number + 1 < spec.rounds:
-                self._open_round(repo, job, number=row.number + 1, attempt=1)
+                self._open_round(change, number=row.number + 1, attempt=1)
             else:
                 job.status = JobStatus.COMPLETED.value
                 job.finished_at = now
+                change.emit("job.completed")
             return
         row.state = state.value
         row.failure_reason = reason
         self.metrics.rounds_failed += 1
-        repo.audit(
-            actor="aggregator",
-            action="round.fail",
-            subject=job.id,
-            detail={"round": row.number, "attempt": row.attempt, "reason": reason},
-        )
+        detail["reason"] = reason
+        repo.audit(actor="aggregator", action="round.fail", subject=job.id, detail=detail)
+        change.emit("round.failed", **detail)
         if spec.on_round_failure == "retry" and row.attempt < spec.max_round_attempts:
-            self._open_round(repo, job, number=row.number, attempt=row.attempt + 1)
+            self._open_round(change, number=row.number, attempt=row.attempt + 1)
         else:
             job.status = JobStatus.FAILED.value
             job.finished_at = now
+            change.emit("job.failed", reason=f"round {row.number} failed {row.attempt} time(s)")
 
-    def expire_overdue_rounds(self, now: datetime | None = None) -> int:
-        """Close or fail every round whose deadline has passed; returns how many it finished."""
+    def expire_overdue_rounds(self, now: datetime | None = None, fence: int | None = None) -> int:
+        """Close or fail every round whose deadline has passed; returns how many it finished.
+
+        Safe to run on every replica at once: each job is re-checked under its row lock.
+        """
         moment = now or utcnow()
         with self._sessions.transaction() as session:
             job_ids = AggregatorRepository(session).overdue_job_ids(moment)
         finished = 0
         for job_id in job_ids:
-            with self.locked_job(job_id) as (repo, job):
-                row = repo.current_round(job.id, job.current_round)
+            with self.locked_job(job_id) as change:
+                job = change.job
+                row = change.repo.current_round(job.id, job.current_round)
                 if (
                     row is None
                     or job.status != JobStatus.RUNNING.value
@@ -169,29 +206,30 @@ class JobCoordinator:
                     or row.deadline_at > moment
                 ):
                     continue
+                min_sites = job_spec(job).min_sites
                 target = rules_for(job_spec(job)).at_deadline(row.num_submissions)
                 reason = None
                 if target == RoundState.FAILED:
-                    reason = (
-                        f"deadline passed with {row.num_submissions} of min_sites={job_spec(job).min_sites} uploads"
-                    )
-                self.finish_round(repo, job, row, target, reason)
+                    reason = f"deadline passed with {row.num_submissions} of min_sites={min_sites} uploads"
+                self.finish_round(change, row, target, reason, fence=fence)
                 finished += 1
         return finished
 
     def stop_job(self, job_id: str, *, actor: str) -> JobPublic:
         """Stop a running job; its open round fails."""
-        with self.locked_job(job_id) as (repo, job):
+        with self.locked_job(job_id) as change:
+            job = change.job
             if job.status != JobStatus.RUNNING.value:
                 raise Conflict(f"job is {job.status}, not running", code="job_not_running")
-            row = repo.current_round(job.id, job.current_round)
+            row = change.repo.current_round(job.id, job.current_round)
             if row is not None and RoundStateMachine.accepts_uploads(RoundState(row.state)):
                 row.state = RoundState.FAILED.value
                 row.closed_at = utcnow()
                 row.failure_reason = "job stopped by operator"
             job.status = JobStatus.STOPPED.value
             job.finished_at = utcnow()
-            repo.audit(actor=actor, action="job.stop", subject=job_id)
+            change.repo.audit(actor=actor, action="job.stop", subject=job_id)
+            change.emit("job.stopped", actor=actor)
             return job_public(job)
 
     def job(self, job_id: str) -> JobPublic:
@@ -264,8 +302,9 @@ class JobCoordinator:
 
     def record_evaluation(self, job_id: str, number: int, site_id: str, evaluation: EvaluationCreate) -> None:
         """Store a site's evaluation of round ``number``'s published model (once per site)."""
-        with self.locked_job(job_id) as (repo, job):
-            row = repo.current_round(job.id, number)
+        with self.locked_job(job_id) as change:
+            repo = change.repo
+            row = repo.current_round(job_id, number)
             if row is None or row.state != RoundState.PUBLISHED.value:
                 raise Conflict(f"round {number} is not published", code="round_not_published")
             if repo.evaluation(row.id, site_id) is not None:

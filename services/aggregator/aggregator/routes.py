@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from aggregator.deps import IntakeDep, JobsDep, OperatorDep, ParticipantDep, ServiceDep, SiteDep, SitesDep
+from aggregator.coordination import CoordinationUnavailable
+from aggregator.deps import (
+    CoordinationDep,
+    IntakeDep,
+    JobsDep,
+    OperatorDep,
+    ParticipantDep,
+    ServiceDep,
+    SiteDep,
+    SitesDep,
+)
 from fedhe.errors import PayloadTooLarge
 from fedhe.schemas import (
     EvaluationCreate,
@@ -132,12 +148,31 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 @jobs.post("/{job_id}/rounds/{number}/updates", status_code=201, response_model=UpdateAccepted)
 async def upload_update(
-    job_id: str, number: int, request: Request, intake: IntakeDep, caller: SiteDep
+    job_id: str,
+    number: int,
+    request: Request,
+    response: Response,
+    intake: IntakeDep,
+    caller: SiteDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> UpdateAccepted:
-    """Upload an encrypted update (a fedhe envelope) for round ``number``."""
+    """Upload an encrypted update (a fedhe envelope) for round ``number``.
+
+    201 when accepted; 200 with ``replayed: true`` when this exact body was accepted before.
+    """
     body = await _read_limited(request, request.app.state.max_upload_bytes)
     assert caller.site_id is not None
-    return await run_in_threadpool(intake.accept, site_id=caller.site_id, job_id=job_id, round_number=number, body=body)
+    accepted = await run_in_threadpool(
+        intake.accept,
+        site_id=caller.site_id,
+        job_id=job_id,
+        round_number=number,
+        body=body,
+        idempotency_key=idempotency_key,
+    )
+    if accepted.replayed:
+        response.status_code = 200
+    return accepted
 
 
 @jobs.post("/{job_id}/rounds/{number}/evaluations", status_code=201)
@@ -148,3 +183,36 @@ def post_evaluation(
     assert caller.site_id is not None
     coordinator.record_evaluation(job_id, number, caller.site_id, body)
     return {"status": "recorded"}
+
+
+events = APIRouter(prefix="/v1/events", tags=["events"])
+
+
+@events.get("")
+async def stream_events(
+    request: Request,
+    coordination: CoordinationDep,
+    _: OperatorDep,
+    job_id: str | None = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Live round events as Server-Sent Events; reconnect with ``Last-Event-ID`` to resume."""
+
+    async def generate() -> AsyncIterator[str]:
+        after = last_event_id
+        yield ": connected\n\n"
+        while not await request.is_disconnected():
+            try:
+                batch = await run_in_threadpool(coordination.read_events, after, 5.0)
+            except CoordinationUnavailable:
+                yield ": coordination unavailable, retrying\n\n"
+                await asyncio.sleep(1)
+                continue
+            if not batch:
+                yield ": keep-alive\n\n"
+            for event_id, event in batch:
+                after = event_id
+                if job_id is None or event.get("job_id") == job_id:
+                    yield f"id: {event_id}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
+
+    return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})

@@ -1,0 +1,160 @@
+"""Coordination between aggregator replicas: leases with fencing tokens, live events, idempotency.
+
+Postgres stays the source of truth: every change to a round happens under the job's row lock,
+so correctness never depends on Redis. Redis makes the cluster efficient and observable: one
+replica at a time sweeps deadlines (a lease that expires if its holder dies), round events are
+streamed to operators, and idempotency keys catch a retried upload before it reaches the
+database. Without Redis (embedded mode) ``LocalCoordination`` gives the same interface in one
+process. If Redis is unreachable, callers fall back to the database (see each method).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from typing import Any, Protocol
+
+import redis
+
+Event = dict[str, Any]
+
+_RENEW_OR_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]))
+elseif not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return redis.call('INCR', KEYS[2])
+end
+return nil
+"""
+
+
+class CoordinationUnavailable(Exception):
+    """Redis could not be reached; callers fall back to the database alone."""
+
+
+class Coordination(Protocol):
+    """What replicas share besides the database."""
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Acquire or renew lease ``name``; the fencing token if ``holder`` has it, else None."""
+        ...
+
+    def claim_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> str | None:
+        """Remember ``key`` -> ``fingerprint``; returns the fingerprint stored earlier, if any."""
+        ...
+
+    def publish(self, event: Event) -> str:
+        """Append an event to the live stream; returns its id."""
+        ...
+
+    def read_events(self, after: str | None, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
+        """Events after id ``after`` (from now if None), waiting up to ``timeout_s`` for one."""
+        ...
+
+
+class LocalCoordination:
+    """Single-process coordination for the embedded mode."""
+
+    def __init__(self, max_events: int = 10_000):
+        self._lock = threading.Condition()
+        self._leases: dict[str, tuple[str, float, int]] = {}
+        self._fences: dict[str, int] = {}
+        self._keys: dict[str, tuple[str, float]] = {}
+        self._events: deque[tuple[int, Event]] = deque(maxlen=max_events)
+        self._next_id = 1
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        with self._lock:
+            now = time.monotonic()
+            current = self._leases.get(name)
+            if current is not None and current[1] > now and current[0] != holder:
+                return None
+            if current is not None and current[0] == holder and current[1] > now:
+                token = current[2]
+            else:
+                token = self._fences.get(name, 0) + 1
+                self._fences[name] = token
+            self._leases[name] = (holder, now + ttl_s, token)
+            return token
+
+    def claim_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> str | None:
+        with self._lock:
+            now = time.monotonic()
+            stored = self._keys.get(key)
+            if stored is not None and stored[1] > now:
+                return stored[0]
+            self._keys[key] = (fingerprint, now + ttl_s)
+            return None
+
+    def publish(self, event: Event) -> str:
+        with self._lock:
+            event_id = self._next_id
+            self._next_id += 1
+            self._events.append((event_id, event))
+            self._lock.notify_all()
+            return f"{event_id}-0"
+
+    def read_events(self, after: str | None, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
+        with self._lock:
+            start = int(after.split("-")[0]) if after else self._next_id - 1
+            deadline = time.monotonic() + timeout_s
+            while True:
+                found = [(f"{i}-0", e) for i, e in self._events if i > start][:limit]
+                remaining = deadline - time.monotonic()
+                if found or remaining <= 0:
+                    return found
+                self._lock.wait(remaining)
+
+
+class RedisCoordination:
+    """Coordination through Redis: a lease key plus a fencing counter, a stream, SET NX keys."""
+
+    def __init__(self, url: str, stream: str = "fedhe:events", max_events: int = 100_000):
+        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self._stream = stream
+        self._max_events = max_events
+        self._lease_script = self._redis.register_script(_RENEW_OR_ACQUIRE)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise CoordinationUnavailable(str(exc)) from exc
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        keys = [f"fedhe:lease:{name}", f"fedhe:fence:{name}"]
+        token = self._call(self._lease_script, keys=keys, args=[holder, int(ttl_s * 1000)])
+        return None if token is None else int(token)
+
+    def claim_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> str | None:
+        name = f"fedhe:idempotency:{key}"
+        if self._call(self._redis.set, name, fingerprint, nx=True, ex=max(1, int(ttl_s))):
+            return None
+        stored = self._call(self._redis.get, name)
+        return None if stored is None else bytes(stored).decode()
+
+    def publish(self, event: Event) -> str:
+        event_id = self._call(
+            self._redis.xadd, self._stream, {"event": json.dumps(event)}, maxlen=self._max_events, approximate=True
+        )
+        return bytes(event_id).decode()
+
+    def read_events(self, after: str | None, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
+        response = self._call(
+            self._redis.xread, {self._stream: after or "$"}, count=limit, block=max(1, int(timeout_s * 1000))
+        )
+        events: list[tuple[str, Event]] = []
+        for _stream, entries in response or []:
+            for event_id, fields in entries:
+                events.append((bytes(event_id).decode(), json.loads(fields[b"event"])))
+        return events
+
+
+def coordination_for(redis_url: str | None) -> Coordination:
+    """Redis coordination when a URL is configured, in-process coordination otherwise."""
+    return RedisCoordination(redis_url) if redis_url else LocalCoordination()
