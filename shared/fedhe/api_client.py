@@ -157,14 +157,14 @@ class AggregatorClient(ServiceClient):
         """Site: the envelope holding the job's final aggregate."""
         return self.request("GET", f"/v1/jobs/{job_id}/final-model").content
 
-    def upload_update(self, job_id: str, number: int, envelope: bytes) -> UpdateAccepted:
-        """Site: upload an encrypted update for round ``number``."""
-        response = self.request(
-            "POST",
-            f"/v1/jobs/{job_id}/rounds/{number}/updates",
-            content=envelope,
-            headers={"Content-Type": "application/octet-stream"},
-        )
+    def upload_update(
+        self, job_id: str, number: int, envelope: bytes, idempotency_key: str | None = None
+    ) -> UpdateAccepted:
+        """Site: upload an encrypted update for round ``number`` (safe to retry with the same bytes)."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        response = self.request("POST", f"/v1/jobs/{job_id}/rounds/{number}/updates", content=envelope, headers=headers)
         return UpdateAccepted.model_validate(response.json())
 
     def post_evaluation(self, job_id: str, number: int, evaluation: EvaluationCreate) -> None:

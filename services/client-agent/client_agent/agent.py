@@ -8,6 +8,7 @@ privacy ledger on disk carries the budget across restarts.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,19 +170,56 @@ class SiteAgent:
             len(self.validation_data),
         )
 
+    def _pending_path(self, job: JobPublic, attempt: int) -> Path:
+        return self.settings.state_dir / f"pending-{job.id}-r{job.current_round}-a{attempt}.fedhe"
+
     def _train_and_upload(
         self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
     ) -> None:
+        """Upload this round's update, training only if no encrypted update is already waiting.
+
+        The encrypted update is written to the state directory before the first upload try, so
+        a lost connection or a restart re-sends the same bytes (the aggregator treats that as a
+        replay) instead of training again and spending privacy budget twice.
+        """
+        pending = self._pending_path(job, attempt)
+        if pending.exists():
+            body = pending.read_bytes()
+            logger.info("job %s round %d: re-sending the saved update", job.id, job.current_round)
+        else:
+            body = self._train_and_encrypt(job, attempt, weights, codec, outcome)
+            tmp = pending.with_suffix(".tmp")
+            tmp.write_bytes(body)
+            os.replace(tmp, pending)
+        try:
+            accepted = self._aggregator.upload_update(
+                job.id, job.current_round, body, idempotency_key=f"{job.id}:{job.current_round}:{attempt}"
+            )
+        except Conflict:
+            pending.unlink(missing_ok=True)  # the round moved on; this update can never count
+            raise
+        pending.unlink(missing_ok=True)
+        outcome.rounds_trained += 1
+        logger.info(
+            "job %s round %d: uploaded %d bytes%s; round is %s",
+            job.id,
+            job.current_round,
+            len(body),
+            " (replay of an accepted upload)" if accepted.replayed else "",
+            accepted.round_state.value,
+        )
+
+    def _train_and_encrypt(
+        self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
+    ) -> bytes:
         from client_agent.training import evaluate, train_dp_sgd
 
         dp = self._policy.tighten(job.dp)
         steps = job.local_epochs * (len(self.train_data) // job.batch_size)
         planned_q = min(1.0, job.batch_size / max(1, len(self.train_data)))
         if self._policy.max_epsilon is not None:
-            would_be = self._ledger.epsilon(
-                dp.delta,
-                TrainingPass(sampling_probability=planned_q, noise_multiplier=dp.noise_multiplier, steps=steps),
-            )
+            planned = TrainingPass(sampling_probability=planned_q, noise_multiplier=dp.noise_multiplier, steps=steps)
+            would_be = self._ledger.epsilon(dp.delta, planned)
             if would_be > self._policy.max_epsilon:
                 raise BudgetExhausted(
                     f"round {job.current_round} would bring ε to {would_be:.2f}, "
@@ -201,10 +239,10 @@ class SiteAgent:
             LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training)
         )
         epsilon = self._ledger.epsilon(dp.delta)
+        outcome.epsilon = epsilon
         local = evaluate(job.model, result.weights, self.validation_data)
         started = time.perf_counter()
         chunks = codec.encrypt_update(scale_for_upload(result.weights, result.num_samples, job.max_samples_per_round))
-        encrypt_s = time.perf_counter() - started
         metrics = {
             "train_loss": result.train_loss,
             "local_val_accuracy": local["accuracy"],
@@ -214,9 +252,17 @@ class SiteAgent:
             "noise_multiplier": dp.noise_multiplier,
             "l2_norm_clip": dp.l2_norm_clip,
             "train_seconds": result.seconds,
-            "encrypt_seconds": encrypt_s,
+            "encrypt_seconds": time.perf_counter() - started,
         }
-        body = encode_envelope(
+        logger.info(
+            "job %s round %d: trained on n=%d, ε=%.2f at δ=%g",
+            job.id,
+            job.current_round,
+            result.num_samples,
+            epsilon,
+            dp.delta,
+        )
+        return encode_envelope(
             Envelope(
                 format_id=job.format_id,
                 key_id=job.key_id,
@@ -224,19 +270,6 @@ class SiteAgent:
                 chunks=chunks,
                 meta={"num_samples": result.num_samples, "metrics": metrics},
             )
-        )
-        accepted = self._aggregator.upload_update(job.id, job.current_round, body)
-        outcome.rounds_trained += 1
-        outcome.epsilon = epsilon
-        logger.info(
-            "job %s round %d: uploaded %d bytes (n=%d, ε=%.2f at δ=%g); round is %s",
-            job.id,
-            job.current_round,
-            len(body),
-            result.num_samples,
-            epsilon,
-            dp.delta,
-            accepted.round_state.value,
         )
 
     def _finish(self, job: JobPublic, outcome: JobOutcome, evaluated: set[int]) -> JobOutcome:
