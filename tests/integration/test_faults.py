@@ -1,0 +1,183 @@
+"""Faults mid-round: nothing accepted is lost and nothing is counted twice.
+
+Each test checks the published aggregate, decrypted as a site would, against the plaintext
+weighted average of exactly the uploads the aggregator acknowledged.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import psycopg
+import pytest
+
+from fedhe.api_client import AggregatorClient
+from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
+from tests.integration.faults_support import (
+    MODEL,
+    FaultCluster,
+    RedisServer,
+    federation_with_job,
+    start_fault_cluster,
+    weighted_average,
+)
+from tests.integration.helpers import round_snapshot
+
+pytestmark = pytest.mark.faults
+TOLERANCE = 1e-6
+N = MODEL.num_parameters()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def cluster(postgres: PostgresDatabases, tmp_path: Path, redis_server: RedisServer) -> Iterator[FaultCluster]:
+    cluster = start_fault_cluster(postgres, tmp_path, redis_server.url)
+    yield cluster
+    cluster.stop()
+
+
+def _updates(count: int, seed: int) -> list[tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.uniform(-3, 3, N), int(rng.integers(10, 500))) for _ in range(count)]
+
+
+def test_sigkill_of_the_aggregator_mid_round(cluster: FaultCluster) -> None:
+    job_id, sites = federation_with_job(cluster, 3, min_sites=3, rounds=1)
+    updates = _updates(3, seed=1)
+    bodies = [site.body(w, n) for site, (w, n) in zip(sites, updates, strict=True)]
+    url = cluster.urls[0]
+    for site, body in zip(sites[:2], bodies[:2], strict=True):
+        assert site.post(url, job_id, 0, body).status_code == 201
+    port, process = cluster.replicas.pop()
+    process.kill()
+    restarted = cluster.add_replica(port, name="aggregator-restarted")
+    replay = sites[1].post(restarted, job_id, 0, bodies[1])
+    assert replay.status_code == 200, replay.text
+    assert replay.json()["replayed"] is True
+    final = sites[2].post(restarted, job_id, 0, bodies[2])
+    assert final.json()["round_state"] == "published"
+    assert final.json()["num_submissions"] == 3
+    published = sites[0].global_model(restarted, job_id, 1)
+    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+
+
+def test_redis_killed_and_restarted_mid_round(cluster: FaultCluster, redis_server: RedisServer) -> None:
+    job_id, sites = federation_with_job(cluster, 3, min_sites=3, rounds=1)
+    updates = _updates(3, seed=2)
+    url = cluster.urls[0]
+    assert sites[0].post(url, job_id, 0, sites[0].body(*updates[0])).status_code == 201
+    redis_server.kill()
+    during_outage = sites[1].post(url, job_id, 0, sites[1].body(*updates[1]))
+    assert during_outage.status_code == 201, during_outage.text
+    redis_server.start()
+    assert sites[2].post(url, job_id, 0, sites[2].body(*updates[2])).json()["round_state"] == "published"
+    published = sites[0].global_model(url, job_id, 1)
+    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+
+
+def test_postgres_connections_dropped_mid_round(cluster: FaultCluster) -> None:
+    job_id, sites = federation_with_job(cluster, 3, min_sites=3, rounds=1)
+    updates = _updates(3, seed=3)
+    url = cluster.urls[0]
+    assert sites[0].post(url, job_id, 0, sites[0].body(*updates[0])).status_code == 201
+    database = urlparse(cluster.database_url).path.lstrip("/")
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        dropped = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchone()
+    assert dropped is not None and dropped[0] >= 1
+    for site, update in zip(sites[1:], updates[1:], strict=True):
+        response = site.post(url, job_id, 0, site.body(*update))
+        assert response.status_code == 201, response.text
+    published = sites[0].global_model(url, job_id, 1)
+    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+
+
+def test_site_connection_cut_mid_upload_then_retry(cluster: FaultCluster) -> None:
+    job_id, sites = federation_with_job(cluster, 2, min_sites=2, rounds=1)
+    updates = _updates(2, seed=4)
+    url = cluster.urls[0]
+    assert sites[0].post(url, job_id, 0, sites[0].body(*updates[0])).status_code == 201
+    before = round_snapshot(cluster.database_url, job_id, 0)
+    body = sites[1].body(*updates[1])
+    host, port = urlparse(url).hostname, urlparse(url).port
+    with socket.create_connection((host, port)) as raw:
+        head = (
+            f"POST /v1/jobs/{job_id}/rounds/0/updates HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {sites[1].site.credential}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        raw.sendall(head.encode() + body[: len(body) // 2])
+    time.sleep(1)
+    assert round_snapshot(cluster.database_url, job_id, 0) == before
+    retry = sites[1].post(url, job_id, 0, body)
+    assert retry.status_code == 201, retry.text
+    assert retry.json()["round_state"] == "published"
+    published = sites[0].global_model(url, job_id, 1)
+    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+
+
+def _wait_for_round(url: str, token: str, job_id: str, number: int, state: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    with AggregatorClient(url, token) as operator:
+        while time.monotonic() < deadline:
+            rounds = [r for r in operator.rounds(job_id) if r.number == number]
+            if any(r.state.value == state for r in rounds):
+                return
+            time.sleep(0.3)
+    raise AssertionError(f"round {number} never became {state}")
+
+
+def test_straggler_deadline_publishes_with_min_sites(cluster: FaultCluster) -> None:
+    job_id, sites = federation_with_job(cluster, 3, min_sites=2, target_sites=3, rounds=2, round_deadline_s=3)
+    updates = _updates(2, seed=5)
+    url = cluster.urls[0]
+    for site, update in zip(sites[:2], updates, strict=True):
+        assert site.post(url, job_id, 0, site.body(*update)).status_code == 201
+    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "published")
+    late = sites[2].post(url, job_id, 0, sites[2].body(*_updates(1, seed=9)[0]))
+    assert late.status_code == 409
+    assert late.json()["error"]["code"] == "wrong_round"
+    published = sites[0].global_model(url, job_id, 1)
+    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+
+
+def test_round_below_min_sites_at_deadline_fails_and_is_retried(cluster: FaultCluster) -> None:
+    job_id, sites = federation_with_job(cluster, 2, min_sites=2, rounds=1, round_deadline_s=2, max_round_attempts=2)
+    url = cluster.urls[0]
+    assert sites[0].post(url, job_id, 0, sites[0].body(*_updates(1, seed=6)[0])).status_code == 201
+    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "failed")
+    with AggregatorClient(url, cluster.secrets.operator_token) as operator:
+        attempts = [(r.attempt, r.state.value) for r in operator.rounds(job_id)]
+        assert attempts[0] == (1, "failed")
+        assert attempts[1][0] == 2
+        assert operator.job(job_id).status.value == "running"
+    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "failed", timeout_s=30)
+    deadline = time.monotonic() + 30
+    with AggregatorClient(url, cluster.secrets.operator_token) as operator:
+        while operator.job(job_id).status.value == "running" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert operator.job(job_id).status.value == "failed"
+        assert [r.state.value for r in operator.rounds(job_id)] == ["failed", "failed"]
+
+
+def test_stop_policy_fails_the_job_at_the_first_failed_round(cluster: FaultCluster) -> None:
+    job_id, _ = federation_with_job(cluster, 1, min_sites=1, rounds=3, round_deadline_s=1, on_round_failure="stop")
+    url = cluster.urls[0]
+    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "failed")
+    with AggregatorClient(url, cluster.secrets.operator_token) as operator:
+        assert operator.job(job_id).status.value == "failed"
+        assert len(operator.rounds(job_id)) == 1
