@@ -225,6 +225,22 @@ def test_replicas_are_configurable(chart: helm.Chart) -> None:
     assert deployment(render(chart, values), "aggregator")["spec"]["replicas"] == 3
 
 
+def test_names_fit_in_dns_labels(chart: helm.Chart) -> None:
+    """With the longest release name Helm allows (53) and a 40-character site, names stay unique and <= 63."""
+    values = scenario_values("with-agents-values.yaml")
+    values["agents"][0]["name"] = "s" * 40
+    manifests = chart.render(values, name="r" * 53, namespace=NAMESPACE)
+    names = [
+        (doc["kind"], doc["metadata"]["name"])
+        for path, text in manifests.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    assert len(set(names)) == len(names)
+    assert all(len(name) <= 63 for _, name in names), names
+
+
 # ---- hardening --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,96 @@
+"""Two aggregator replicas behind one (simulated) Service: no update is lost or counted twice."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fedhe.api_client import AggregatorClient
+from tests.conftest import PostgresDatabases
+from tests.integration.faults_support import (
+    MODEL,
+    FaultCluster,
+    RedisServer,
+    federation_with_job,
+    start_fault_cluster,
+    weighted_average,
+)
+
+TOLERANCE = 1e-6
+SITES = 8
+
+
+@pytest.fixture(scope="module")
+def replicas(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
+    workdir = tmp_path_factory.mktemp("replicas")
+    server = RedisServer(workdir)
+    server.start()
+    cluster = start_fault_cluster(postgres, workdir, server.url)
+    cluster.add_replica(name="aggregator-b")
+    yield cluster
+    cluster.stop()
+    server.kill()
+
+
+def test_random_replicas_and_racing_duplicates_count_each_update_once(replicas: FaultCluster) -> None:
+    job_id, sites = federation_with_job(replicas, SITES, min_sites=SITES, rounds=2)
+    rng = np.random.default_rng(7)
+    chooser = random.Random(7)
+    for number in range(2):
+        updates = [(rng.uniform(-2, 2, MODEL.num_parameters()), int(rng.integers(5, 900))) for _ in sites]
+        bodies = [site.body(w, n) for site, (w, n) in zip(sites, updates, strict=True)]
+        # Every site uploads to a random replica; three of them also race the same upload to the other one.
+        calls = [(site, chooser.choice(replicas.urls), body) for site, body in zip(sites, bodies, strict=True)]
+        calls += [(site, url, body) for site, body in list(zip(sites, bodies, strict=True))[:3] for url in replicas.urls]
+        chooser.shuffle(calls)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            responses = list(pool.map(lambda call: call[0].post(call[1], job_id, number, call[2]), calls))
+        assert all(r.status_code in (200, 201) for r in responses), [r.text for r in responses if r.status_code >= 300]
+        assert sum(r.status_code == 201 for r in responses) == SITES
+        published = sites[0].global_model(replicas.urls[1], job_id, number + 1)
+        assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+    with AggregatorClient(replicas.urls[0], replicas.secrets.operator_token) as operator:
+        assert [r.num_submissions for r in operator.rounds(job_id)] == [SITES, SITES]
+        assert operator.job(job_id).status.value == "completed"
+
+
+def test_events_from_either_replica_reach_a_subscriber_of_the_other(replicas: FaultCluster) -> None:
+    job_id, sites = federation_with_job(replicas, 2, min_sites=2, rounds=1)
+    seen: list[dict[str, object]] = []
+    subscribed = threading.Event()
+
+    def listen() -> None:
+        headers = {"Authorization": f"Bearer {replicas.secrets.operator_token}"}
+        with httpx.stream("GET", f"{replicas.urls[1]}/v1/events", params={"job_id": job_id}, headers=headers,
+                          timeout=30) as response:
+            for line in response.iter_lines():
+                subscribed.set()
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if seen[-1]["kind"] == "job.completed":
+                        return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert subscribed.wait(10)
+    rng = np.random.default_rng(3)
+    for site in sites:
+        body = site.body(rng.uniform(-1, 1, MODEL.num_parameters()), 10)
+        assert site.post(replicas.urls[0], job_id, 0, body).status_code == 201
+    listener.join(timeout=20)
+    kinds = [e["kind"] for e in seen]
+    assert kinds == ["update.accepted", "update.accepted", "round.published", "job.completed"]
+    assert {e["site_id"] for e in seen if e["kind"] == "update.accepted"} == {s.site.site_id for s in sites}
+
+
+def test_events_need_the_operator_credential(replicas: FaultCluster, tmp_path: Path) -> None:
+    response = httpx.get(f"{replicas.urls[0]}/v1/events", timeout=5)
+    assert response.status_code == 401
