@@ -44,9 +44,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self._workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self._workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
         for _ in range(100):
@@ -78,9 +90,16 @@ class FaultCluster:
     def add_replica(self, port: int | None = None, name: str | None = None) -> str:
         port = port or free_port()
         process = start_aggregator(
-            port=port, database_url=self.database_url, keyserver_url=self.keyserver_url, secrets=self.secrets,
-            log_dir=self.workdir / "logs", name=name or f"aggregator-{port}",
-            extra_env={"FEDHE_AGGREGATOR_REDIS_URL": self.redis_url, "FEDHE_AGGREGATOR_DEADLINE_CHECK_INTERVAL_S": "0.5"},
+            port=port,
+            database_url=self.database_url,
+            keyserver_url=self.keyserver_url,
+            secrets=self.secrets,
+            log_dir=self.workdir / "logs",
+            name=name or f"aggregator-{port}",
+            extra_env={
+                "FEDHE_AGGREGATOR_REDIS_URL": self.redis_url,
+                "FEDHE_AGGREGATOR_DEADLINE_CHECK_INTERVAL_S": "0.5",
+            },
         )
         self.replicas.append((port, process))
         return f"http://127.0.0.1:{port}"
@@ -99,11 +118,15 @@ def start_fault_cluster(postgres: PostgresDatabases, workdir: Path, redis_url: s
     secrets = ClusterSecrets.generate(workdir / "secrets")
     ks_port, ag_port = free_port(), free_port()
     keyserver = start_keyserver(
-        port=ks_port, database_url=postgres.create("fedhe_fault_ks"), aggregator_url=f"http://127.0.0.1:{ag_port}",
-        secrets=secrets, log_dir=workdir / "logs",
+        port=ks_port,
+        database_url=postgres.create("fedhe_fault_ks"),
+        aggregator_url=f"http://127.0.0.1:{ag_port}",
+        secrets=secrets,
+        log_dir=workdir / "logs",
     )
-    cluster = FaultCluster(workdir, secrets, f"http://127.0.0.1:{ks_port}", postgres.create("fedhe_fault_ag"),
-                           redis_url, keyserver)
+    cluster = FaultCluster(
+        workdir, secrets, f"http://127.0.0.1:{ks_port}", postgres.create("fedhe_fault_ag"), redis_url, keyserver
+    )
     cluster.add_replica(ag_port, name="aggregator")
     return cluster
 
@@ -118,12 +141,23 @@ class UploadingSite:
 
     def body(self, weights: NDArray[np.float64], num_samples: int) -> bytes:
         chunks = self.codec.encrypt_update(scale_for_upload(weights, num_samples, WEIGHT_SCALE))
-        return encode_envelope(Envelope(format_id=self.codec.format_id, key_id=self.key_id, num_values=weights.size,
-                                        chunks=chunks, meta={"num_samples": num_samples, "metrics": {}}))
+        return encode_envelope(
+            Envelope(
+                format_id=self.codec.format_id,
+                key_id=self.key_id,
+                num_values=weights.size,
+                chunks=chunks,
+                meta={"num_samples": num_samples, "metrics": {}},
+            )
+        )
 
     def post(self, url: str, job_id: str, number: int, body: bytes) -> httpx.Response:
-        return httpx.post(f"{url}/v1/jobs/{job_id}/rounds/{number}/updates", content=body, timeout=60,
-                          headers={"Authorization": f"Bearer {self.site.credential}"})
+        return httpx.post(
+            f"{url}/v1/jobs/{job_id}/rounds/{number}/updates",
+            content=body,
+            timeout=60,
+            headers={"Authorization": f"Bearer {self.site.credential}"},
+        )
 
     def global_model(self, url: str, job_id: str, number: int) -> NDArray[np.float64]:
         with AggregatorClient(url, self.site.credential) as client:
@@ -137,8 +171,9 @@ def federation_with_job(cluster: FaultCluster, num_sites: int, **job: object) ->
 
     with KeyserverClient(cluster.keyserver_url, operator_token) as keyserver:
         key_id = keyserver.create_federation(FederationCreate(name="faults")).key_id
-    spec = JobCreate.model_validate({"name": "faults", "key_id": key_id, "model": MODEL.model_dump(),
-                                     "max_samples_per_round": WEIGHT_SCALE, **job})
+    spec = JobCreate.model_validate(
+        {"name": "faults", "key_id": key_id, "model": MODEL.model_dump(), "max_samples_per_round": WEIGHT_SCALE, **job}
+    )
     with AggregatorClient(cluster.urls[0], operator_token) as operator:
         job_id = operator.create_job(spec).id
     sites = []

@@ -95,10 +95,12 @@ def test_postgres_connections_dropped_mid_round(cluster: FaultCluster) -> None:
     database = urlparse(cluster.database_url).path.lstrip("/")
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         dropped = admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
             (database,),
         ).fetchone()
-    assert dropped is not None and dropped[0] >= 1
+    assert dropped is not None
+    assert dropped[0] >= 1
     for site, update in zip(sites[1:], updates[1:], strict=True):
         response = site.post(url, job_id, 0, site.body(*update))
         assert response.status_code == 201, response.text

@@ -49,10 +49,12 @@ def test_random_replicas_and_racing_duplicates_count_each_update_once(replicas: 
         bodies = [site.body(w, n) for site, (w, n) in zip(sites, updates, strict=True)]
         # Every site uploads to a random replica; three of them also race the same upload to the other one.
         calls = [(site, chooser.choice(replicas.urls), body) for site, body in zip(sites, bodies, strict=True)]
-        calls += [(site, url, body) for site, body in list(zip(sites, bodies, strict=True))[:3] for url in replicas.urls]
+        calls += [
+            (site, url, body) for site, body in list(zip(sites, bodies, strict=True))[:3] for url in replicas.urls
+        ]
         chooser.shuffle(calls)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            responses = list(pool.map(lambda call: call[0].post(call[1], job_id, number, call[2]), calls))
+            responses = list(pool.map(lambda call, n=number: call[0].post(call[1], job_id, n, call[2]), calls))
         assert all(r.status_code in (200, 201) for r in responses), [r.text for r in responses if r.status_code >= 300]
         assert sum(r.status_code == 201 for r in responses) == SITES
         published = sites[0].global_model(replicas.urls[1], job_id, number + 1)
@@ -69,8 +71,9 @@ def test_events_from_either_replica_reach_a_subscriber_of_the_other(replicas: Fa
 
     def listen() -> None:
         headers = {"Authorization": f"Bearer {replicas.secrets.operator_token}"}
-        with httpx.stream("GET", f"{replicas.urls[1]}/v1/events", params={"job_id": job_id}, headers=headers,
-                          timeout=30) as response:
+        with httpx.stream(
+            "GET", f"{replicas.urls[1]}/v1/events", params={"job_id": job_id}, headers=headers, timeout=30
+        ) as response:
             for line in response.iter_lines():
                 subscribed.set()
                 if line.startswith("data: "):

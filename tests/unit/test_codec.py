@@ -121,3 +121,28 @@ def test_unknown_format_is_refused(key_material: KeyMaterial) -> None:
 def test_insecure_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="128-bit"):
         CkksParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=[60, 40, 60])
+
+
+def test_bad_chunk_after_good_ones_rolls_the_sum_back_bit_for_bit(site_codec, aggregator_codec) -> None:
+    size = site_codec.slot_count * 3
+    accumulator = aggregator_codec.accumulator(size)
+    accumulator.add(site_codec.encrypt_update(np.full(size, 1.5)))
+    before = accumulator.to_chunks()
+    bad = site_codec.encrypt_update(np.full(size, 2.0))
+    bad[2] = b"\x00" * len(bad[2])
+    with pytest.raises(InvalidUpdate):
+        accumulator.add(bad)
+    assert accumulator.to_chunks() == before
+
+
+def test_parallel_encryption_matches_sequential_decryption(key_material: KeyMaterial) -> None:
+    context = load_secret_context(key_material.secret_context)
+    parallel = codec_for(DEFAULT_FORMAT_ID, context, workers=2)
+    try:
+        values = np.random.default_rng(5).uniform(-5, 5, parallel.slot_count * 9 + 17)
+        chunks = parallel.encrypt_update(values)
+        assert len(chunks) == 10
+        decrypted = codec_for(DEFAULT_FORMAT_ID, context).decrypt_aggregate(chunks, values.size)
+        assert np.max(np.abs(decrypted - values)) < 1e-7
+    finally:
+        parallel.close()

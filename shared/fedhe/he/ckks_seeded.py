@@ -14,9 +14,11 @@ temporary file (on tmpfs where there is one). Only ciphertexts go there, never a
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -65,6 +67,12 @@ class _SealIO:
 
 
 class _SeededAccumulator(Accumulator):
+    """Adds updates chunk by chunk, so memory holds the sum plus one chunk, never a whole update.
+
+    A bad chunk found part-way is rolled back by subtracting the chunks already added: CKKS
+    addition is exact modular arithmetic on the coefficients, so the sum returns bit for bit.
+    """
+
     def __init__(self, codec: SeededCkksCodec, num_values: int, initial: Sequence[bytes] | None):
         self._codec = codec
         self._num_chunks = codec.num_chunks(num_values)
@@ -73,12 +81,18 @@ class _SeededAccumulator(Accumulator):
             self._sum = codec.parse(initial, self._num_chunks)
 
     def add(self, chunks: Sequence[bytes]) -> None:
-        update = self._codec.parse(chunks, self._num_chunks)
+        self._codec.check_count(chunks, self._num_chunks)
         if self._sum is None:
-            self._sum = update
+            self._sum = self._codec.parse(chunks, self._num_chunks)
             return
-        for running, term in zip(self._sum, update, strict=True):
-            self._codec.evaluator.add_inplace(running, term)
+        for index, data in enumerate(chunks):
+            try:
+                term = self._codec.load_chunk(index, data)
+            except InvalidUpdate:
+                for done in range(index):
+                    self._codec.evaluator.sub_inplace(self._sum[done], self._codec.load_chunk(done, chunks[done]))
+                raise
+            self._codec.evaluator.add_inplace(self._sum[index], term)
 
     def to_chunks(self) -> list[bytes]:
         if self._sum is None:
@@ -86,12 +100,30 @@ class _SeededAccumulator(Accumulator):
         return [self._codec.io.save(ct) for ct in self._sum]
 
 
+_WORKER: dict[str, SeededCkksCodec] = {}
+
+
+def _start_worker(secret_context: bytes) -> None:
+    _WORKER["codec"] = SeededCkksCodec(ts.context_from(secret_context))
+
+
+def _encrypt_in_worker(values: NDArray[Any]) -> list[bytes]:
+    return _WORKER["codec"].encrypt_update(values)
+
+
 class SeededCkksCodec(UpdateCodec):
-    """Seeded symmetric CKKS at the last level (format ``ckks-seeded-last-v1``)."""
+    """Seeded symmetric CKKS at the last level (format ``ckks-seeded-last-v1``).
+
+    With ``workers > 1``, large updates are encrypted by a pool of processes (TenSEAL holds
+    the GIL, so threads would not help); each worker gets the secret context once, through a
+    pipe, at start.
+    """
 
     format_id = DEFAULT_FORMAT_ID
 
-    def __init__(self, context: ts.Context):
+    def __init__(self, context: ts.Context, workers: int = 1):
+        self._workers = max(1, workers)
+        self._pool: ProcessPoolExecutor | None = None
         self._tenseal_context = context
         self._seal_context: seal.SEALContext = context.seal_context().data
         self._scale = float(context.global_scale)
@@ -116,6 +148,8 @@ class SeededCkksCodec(UpdateCodec):
         flat = np.asarray(values, dtype=np.float64).ravel()
         if not np.all(np.isfinite(flat)):
             raise InvalidRequest("an update must contain only finite values")
+        if self._workers > 1 and flat.size >= 2 * self._workers * self.slot_count:
+            return self._encrypt_parallel(flat)
         encryptor = seal.Encryptor(self._seal_context, self._secret_key())
         chunks: list[bytes] = []
         plain = seal.Plaintext()
@@ -130,37 +164,65 @@ class SeededCkksCodec(UpdateCodec):
                     chunks.append(fh.read())
         return chunks
 
-    def parse(self, chunks: Sequence[bytes], expected_chunks: int) -> list[seal.Ciphertext]:
-        """Deserialise and check every chunk; raise ``InvalidUpdate`` on the first bad one."""
+    @staticmethod
+    def check_count(chunks: Sequence[bytes], expected_chunks: int) -> None:
+        """Raise ``InvalidUpdate`` unless there are exactly ``expected_chunks`` chunks."""
         if len(chunks) != expected_chunks:
             raise InvalidUpdate(
                 f"expected {expected_chunks} ciphertext chunks, got {len(chunks)}",
                 code="wrong_chunk_count",
                 detail={"expected": expected_chunks, "received": len(chunks)},
             )
-        parsed: list[seal.Ciphertext] = []
-        for index, data in enumerate(chunks):
-            try:
-                ciphertext = self.io.load(data)
-            except (RuntimeError, ValueError) as exc:
-                raise InvalidUpdate(
-                    f"chunk {index} is not a valid ciphertext for this context",
-                    code="invalid_ciphertext",
-                    detail={"chunk": index},
-                ) from exc
-            if (
-                ciphertext.size() != 2
-                or list(ciphertext.parms_id()) != list(self._last_parms_id)
-                or not math.isclose(ciphertext.scale, self._scale, rel_tol=1e-9)
-                or not ciphertext.is_ntt_form()
-            ):
-                raise InvalidUpdate(
-                    f"chunk {index} does not have this format's level, scale or size",
-                    code="invalid_ciphertext",
-                    detail={"chunk": index},
-                )
-            parsed.append(ciphertext)
-        return parsed
+
+    def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
+        """Deserialise one chunk and check it has this format's level, scale and size."""
+        try:
+            ciphertext = self.io.load(data)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidUpdate(
+                f"chunk {index} is not a valid ciphertext for this context",
+                code="invalid_ciphertext",
+                detail={"chunk": index},
+            ) from exc
+        if (
+            ciphertext.size() != 2
+            or list(ciphertext.parms_id()) != list(self._last_parms_id)
+            or not math.isclose(ciphertext.scale, self._scale, rel_tol=1e-9)
+            or not ciphertext.is_ntt_form()
+        ):
+            raise InvalidUpdate(
+                f"chunk {index} does not have this format's level, scale or size",
+                code="invalid_ciphertext",
+                detail={"chunk": index},
+            )
+        return ciphertext
+
+    def _encrypt_parallel(self, flat: NDArray[Any]) -> list[bytes]:
+        if self._pool is None:
+            secret = self._tenseal_context.serialize(
+                save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+            )
+            self._pool = ProcessPoolExecutor(
+                self._workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(secret,),
+            )
+        chunks_per_slice = math.ceil(math.ceil(flat.size / self.slot_count) / (4 * self._workers))
+        step = chunks_per_slice * self.slot_count
+        slices = [flat[start : start + step] for start in range(0, flat.size, step)]
+        return [chunk for part in self._pool.map(_encrypt_in_worker, slices) for chunk in part]
+
+    def close(self) -> None:
+        """Stop the encryption worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def parse(self, chunks: Sequence[bytes], expected_chunks: int) -> list[seal.Ciphertext]:
+        """Deserialise and check every chunk; raise ``InvalidUpdate`` on the first bad one."""
+        self.check_count(chunks, expected_chunks)
+        return [self.load_chunk(index, data) for index, data in enumerate(chunks)]
 
     def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
         return _SeededAccumulator(self, num_values, initial)

@@ -47,6 +47,9 @@ class UpdateCodec(abc.ABC):
     def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
         """A running sum for updates of ``num_values`` values, optionally resumed from chunks."""
 
+    def close(self) -> None:  # noqa: B027 (optional hook; most codecs hold nothing to release)
+        """Release worker processes or other resources the codec holds."""
+
     @abc.abstractmethod
     def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
         """Decrypt a (summed) vector of ``num_values`` values (needs the secret context)."""
@@ -60,12 +63,12 @@ def supported_formats() -> list[str]:
     return [DEFAULT_FORMAT_ID]
 
 
-def codec_for(format_id: str, context: ts.Context) -> UpdateCodec:
-    """The codec for ``format_id`` bound to ``context``."""
+def codec_for(format_id: str, context: ts.Context, workers: int = 1) -> UpdateCodec:
+    """The codec for ``format_id`` bound to ``context``; ``workers`` processes encrypt large updates."""
     from fedhe.he.ckks_seeded import SeededCkksCodec
 
     if format_id == SeededCkksCodec.format_id:
-        return SeededCkksCodec(context)
+        return SeededCkksCodec(context, workers)
     raise InvalidRequest(
         f"unknown update format {format_id!r}", code="unsupported_format", detail={"supported": supported_formats()}
     )
