@@ -11,12 +11,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from fedhe.errors import FedheError, InvalidRequest
 
@@ -62,6 +63,13 @@ def _serve(args: argparse.Namespace) -> None:
         uvicorn.run(create_aggregator(ag), host=ag.host, port=ag.port, log_level=ag.log_level.lower())
 
 
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [name for name in names if getattr(args, name, None) in (None, "")]
+    if missing:
+        flags = ", ".join(name if name.endswith("_id") else "--" + name.replace("_", "-") for name in missing)
+        raise InvalidRequest(f"{args.command} {args.action} needs {flags}")
+
+
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -85,6 +93,9 @@ def _agent(args: argparse.Namespace) -> None:
     }
     settings = AgentSettings(**{k: v for k, v in fields.items() if v is not None})
     _configure_logging(settings.log_level)
+    # As PID 1 in a container SIGTERM is ignored by default; exit promptly (the ledger and the
+    # pending upload are written atomically, so stopping anywhere is safe).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     outcomes = SiteAgent(settings).run()
     _print([{**o.__dict__, "exported_model": str(o.exported_model) if o.exported_model else None} for o in outcomes])
 
@@ -96,24 +107,27 @@ def _site(args: argparse.Namespace) -> None:
         from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
         from fedhe.schemas import SiteCreate
 
+        _require(args, "name", "organisation", "contact")
         key_path = Path(args.key_out)
         if key_path.exists():
             raise InvalidRequest(f"{key_path} exists; refusing to overwrite a signing key")
         key = generate_signing_key()
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(private_key_to_pem(key))
         request = SiteCreate(
             name=args.name, organisation=args.organisation, contact=args.contact, public_key=public_key_b64(key)
         )
         with AggregatorClient(args.aggregator) as client:
-            _print(client.register_site(request))
+            site = client.register_site(request)
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(private_key_to_pem(key))
+        _print(site)
         return
     with AggregatorClient(args.aggregator, _operator_token()) as client:
         if args.action == "list":
             _print(client.sites())
         else:
+            _require(args, "site_id")
             _print(getattr(client, f"{args.action}_site")(args.site_id))
 
 
@@ -123,8 +137,11 @@ def _federation(args: argparse.Namespace) -> None:
 
     with KeyserverClient(args.keyserver, _operator_token()) as client:
         if args.action == "create":
+            _require(args, "name")
             _print(client.create_federation(FederationCreate(name=args.name)))
-        elif args.action == "rotate":
+            return
+        _require(args, "federation_id")
+        if args.action == "rotate":
             _print(client.rotate_key(args.federation_id))
         else:
             _print(client.federation(args.federation_id))
@@ -136,11 +153,15 @@ def _job(args: argparse.Namespace) -> None:
 
     with AggregatorClient(args.aggregator, _operator_token()) as client:
         if args.action == "create":
+            _require(args, "spec")
             spec = JobCreate.model_validate_json(Path(args.spec).read_text(encoding="utf-8"))
             _print(client.create_job(spec))
-        elif args.action == "list":
+            return
+        if args.action == "list":
             _print(client.jobs())
-        elif args.action == "status":
+            return
+        _require(args, "job_id")
+        if args.action == "status":
             _print(client.job(args.job_id))
         elif args.action == "rounds":
             _print(client.rounds(args.job_id))
@@ -261,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except FedheError as exc:
         print(f"fedhe: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        print(f"fedhe: invalid input: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"fedhe: {exc}", file=sys.stderr)
         return 1
     return 0
 

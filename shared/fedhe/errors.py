@@ -10,7 +10,7 @@
     ├── NotFound                404  no such site, federation, job or round
     ├── Conflict                409  valid, but not now (duplicate, round closed, stale key)
     ├── PayloadTooLarge         413  the body is over the configured limit
-    ├── BudgetExhausted         --   a site's privacy budget forbids further training
+    ├── BudgetExhausted         409  a site's privacy budget forbids further training
     └── UpstreamUnavailable     503  a service this one depends on did not answer
 
 Each error carries a stable machine-readable ``code`` and a human ``message``; services map

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -12,6 +13,20 @@ from fedhe.he.codec import DEFAULT_FORMAT_ID
 from fedhe.he.context import CkksParameters
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
+
+MAX_METRICS = 64
+
+
+def check_metrics(metrics: object) -> dict[str, float]:
+    """Plaintext metrics a site may send: at most 64 named finite numbers."""
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise ValueError(f"metrics must be an object with at most {MAX_METRICS} entries")
+    for name, value in metrics.items():
+        if not isinstance(name, str) or len(name) > 64:
+            raise ValueError("metric names must be strings of at most 64 characters")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"metric {name!r} must be a finite number")
+    return metrics
 
 
 class SiteStatus(StrEnum):
@@ -142,7 +157,8 @@ class JobCreate(BaseModel):
         default=100_000,
         ge=1,
         description=(
-            "public bound S on a round's total samples; sites encrypt w*n_k/S so the sum stays within CKKS headroom"
+            "public bound S on one site's samples per round; sites encrypt w*n_k/S, so each term is at most "
+            "|w| and the sum stays far inside the CKKS headroom (about 2^19 at the last level)"
         ),
     )
     format_id: str = DEFAULT_FORMAT_ID
@@ -194,8 +210,7 @@ class EvaluationCreate(BaseModel):
     @field_validator("metrics")
     @classmethod
     def _finite(cls, value: dict[str, float]) -> dict[str, float]:
-        if len(value) > 64:
-            raise ValueError("at most 64 metrics")
+        check_metrics(value)
         return value
 
 

@@ -45,6 +45,7 @@ class Scene:
         num_values: int = NUM_VALUES,
         chunks: list[bytes] | None = None,
         num_samples: object = 50,
+        metrics: object = None,
     ) -> bytes:
         codec = codec or self.codec
         if chunks is None:
@@ -55,7 +56,7 @@ class Scene:
                 key_id=key_id or self.key_id,
                 num_values=num_values,
                 chunks=chunks,
-                meta={"num_samples": num_samples, "metrics": {"loss": 0.5}},
+                meta={"num_samples": num_samples, "metrics": {"loss": 0.5} if metrics is None else metrics},
             )
         )
 
@@ -143,6 +144,8 @@ BAD_UPLOADS: list[tuple[str, Callable[[Scene], httpx.Response], int, str]] = [
     ("negative-num-samples", lambda s: s.upload(s.envelope(num_samples=-5)), 400, "invalid_num_samples"),
     ("num-samples-over-bound", lambda s: s.upload(s.envelope(num_samples=1001)), 400, "invalid_num_samples"),
     ("num-samples-not-int", lambda s: s.upload(s.envelope(num_samples="50")), 400, "invalid_num_samples"),
+    ("non-finite-metric", lambda s: s.upload(s.envelope(metrics={"loss": float("nan")})), 400, "invalid_metrics"),
+    ("metric-not-a-number", lambda s: s.upload(s.envelope(metrics={"loss": "low"})), 400, "invalid_metrics"),
     ("duplicate", lambda s: s.upload(s.envelope(), site=s.first), 409, "duplicate_update"),
     ("oversized-body", lambda s: s.upload(b"\0" * (4 * 1024 * 1024 + 1)), 413, "payload_too_large"),
     (

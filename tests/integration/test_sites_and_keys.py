@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import generate_signing_key, private_key_from_pem, private_key_to_pem, public_key_b64, sign_key_release
-from fedhe.errors import Conflict, NotFound, PermissionDenied, Unauthenticated
+from fedhe.errors import Conflict, PermissionDenied, Unauthenticated
 from fedhe.he import load_evaluation_context, load_secret_context
 from fedhe.local_cluster import provision_site, write_secret
 from fedhe.modelspec import ModelSpec
@@ -95,8 +95,9 @@ def test_key_release_needs_a_fresh_signature_by_the_registered_key(
         )
     with pytest.raises(Unauthenticated, match="does not verify"):
         _release(cluster, site.site_id, generate_signing_key(), key_id)
-    with pytest.raises(NotFound):
+    with pytest.raises(PermissionDenied) as unknown:
         _release(cluster, "site-unknown", generate_signing_key(), key_id)
+    assert unknown.value.code == "site_not_approved"
 
 
 def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -> None:
@@ -179,3 +180,8 @@ def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> N
         site_codec(cluster.keyserver_url, site, federation.key_id)
     assert stale.value.code == "stale_key_id"
     site_codec(cluster.keyserver_url, site, rotated.key_id)
+    with cluster.operator_aggregator() as operator, pytest.raises(Conflict) as retired:
+        operator.create_job(
+            JobCreate(name="old-key", key_id=federation.key_id, model=ModelSpec(input_dim=2, num_classes=2))
+        )
+    assert retired.value.code == "stale_key_id"

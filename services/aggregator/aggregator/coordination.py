@@ -85,6 +85,8 @@ class LocalCoordination:
     def claim_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> str | None:
         with self._lock:
             now = time.monotonic()
+            if len(self._keys) > 10_000:
+                self._keys = {k: v for k, v in self._keys.items() if v[1] > now}
             stored = self._keys.get(key)
             if stored is not None and stored[1] > now:
                 return stored[0]

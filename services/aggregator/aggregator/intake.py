@@ -15,9 +15,7 @@ from aggregator.rounds import RoundStateMachine
 from aggregator.tables import SubmissionRow
 from fedhe.errors import Conflict, FedheError, InvalidUpdate
 from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
-from fedhe.schemas import JobCreate, JobStatus, RoundState, UpdateAccepted
-
-MAX_METRICS = 64
+from fedhe.schemas import JobCreate, JobStatus, RoundState, UpdateAccepted, check_metrics
 
 
 def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_parameters: int) -> int:
@@ -50,9 +48,10 @@ def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_para
             f"num_samples must be an integer in 1..{spec.max_samples_per_round} (the job's max_samples_per_round)",
             code="invalid_num_samples",
         )
-    metrics = envelope.meta.get("metrics", {})
-    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
-        raise InvalidUpdate(f"metrics must be an object with at most {MAX_METRICS} entries", code="invalid_metrics")
+    try:
+        check_metrics(envelope.meta.get("metrics", {}))
+    except ValueError as exc:
+        raise InvalidUpdate(str(exc), code="invalid_metrics") from exc
     return num_samples
 
 

@@ -94,6 +94,7 @@ class JobCoordinator:
     def publish_events(self, events: list[Event]) -> None:
         """Send committed changes to the live stream (best effort: the database is the record)."""
         for event in events:
+            self.metrics.observe(event["kind"])
             try:
                 self._coordination.publish(event)
             except CoordinationUnavailable as exc:
@@ -162,7 +163,6 @@ class JobCoordinator:
         if state == RoundState.CLOSED:
             row.state = RoundStateMachine.transition(state, RoundState.PUBLISHED).value
             row.published_at = now
-            self.metrics.rounds_published += 1
             detail |= {"sites": row.num_submissions, "total_samples": row.total_samples}
             repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
             change.emit("round.published", **detail)
@@ -175,7 +175,6 @@ class JobCoordinator:
             return
         row.state = state.value
         row.failure_reason = reason
-        self.metrics.rounds_failed += 1
         detail["reason"] = reason
         repo.audit(actor="aggregator", action="round.fail", subject=job.id, detail=detail)
         change.emit("round.failed", **detail)

@@ -29,6 +29,14 @@ class Metrics:
             self.updates_accepted += 1
             self.update_bytes_accepted += num_bytes
 
+    def observe(self, event_kind: str) -> None:
+        """Count a committed round event."""
+        with self._lock:
+            if event_kind == "round.published":
+                self.rounds_published += 1
+            elif event_kind == "round.failed":
+                self.rounds_failed += 1
+
     def render(self) -> str:
         """The counters in Prometheus text exposition format."""
         lines = [

@@ -54,7 +54,7 @@ def job_public(row: JobRow) -> JobPublic:
 def round_public(
     repo: AggregatorRepository, row: RoundRow, *, include_submissions: bool, caller_site: str | None
 ) -> RoundPublic:
-    """A round attempt; per-site submission details only for operators."""
+    """A round attempt; other sites' submissions and evaluations only for operators."""
     submissions = repo.submissions(row.id)
     return RoundPublic(
         job_id=row.job_id,
@@ -86,6 +86,7 @@ def round_public(
                 site_id=e.site_id, num_examples=e.num_examples, metrics=e.metrics, received_at=e.received_at
             )
             for e in repo.evaluations(row.id)
+            if include_submissions or e.site_id == caller_site
         ],
         submitted_by_caller=None if caller_site is None else any(s.site_id == caller_site for s in submissions),
     )

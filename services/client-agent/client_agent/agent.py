@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,14 @@ from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import private_key_from_pem, sign_key_release
 from fedhe.datasets import load_dataset, split
-from fedhe.errors import BudgetExhausted, Conflict, FedheError, InvalidRequest, UpstreamUnavailable
+from fedhe.errors import (
+    BudgetExhausted,
+    Conflict,
+    FedheError,
+    InvalidRequest,
+    PermissionDenied,
+    UpstreamUnavailable,
+)
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context
 from fedhe.privacy import TrainingPass
@@ -126,7 +134,18 @@ class SiteAgent:
                 outcome.status = "budget_exhausted"
                 outcome.notes.append(exc.message)
                 return outcome
+            except (InvalidRequest, PermissionDenied) as exc:
+                # Retrying cannot fix these (a refused update, a site this job does not fit).
+                logger.error("job %s: %s (%s); this site stops taking part", job.id, exc.message, exc.code)
+                outcome.status = "refused"
+                outcome.notes.append(f"{exc.code}: {exc.message}")
+                return outcome
             except Conflict as exc:
+                if exc.code == "stale_key_id":
+                    logger.error("job %s: its key was retired (%s); this site stops taking part", job.id, exc.message)
+                    outcome.status = "stale_key"
+                    outcome.notes.append(exc.message)
+                    return outcome
                 logger.info("job %s: %s; following the job's new state", job.id, exc.message)
                 self._wait(failed=False)
             except UpstreamUnavailable as exc:
@@ -195,8 +214,8 @@ class SiteAgent:
             accepted = self._aggregator.upload_update(
                 job.id, job.current_round, body, idempotency_key=f"{job.id}:{job.current_round}:{attempt}"
             )
-        except Conflict:
-            pending.unlink(missing_ok=True)  # the round moved on; this update can never count
+        except (Conflict, InvalidRequest):
+            pending.unlink(missing_ok=True)  # refused, or the round moved on: these bytes can never count
             raise
         pending.unlink(missing_ok=True)
         outcome.rounds_trained += 1
@@ -214,6 +233,12 @@ class SiteAgent:
     ) -> bytes:
         from client_agent.training import evaluate, train_dp_sgd
 
+        if len(self.train_data) > job.max_samples_per_round:
+            raise InvalidRequest(
+                f"this site has {len(self.train_data)} training rows, more than the job's "
+                f"max_samples_per_round={job.max_samples_per_round}; ask the operator to raise it",
+                code="too_many_samples",
+            )
         dp = self._policy.tighten(job.dp)
         steps = job.local_epochs * (len(self.train_data) // job.batch_size)
         planned_q = min(1.0, job.batch_size / max(1, len(self.train_data)))
@@ -233,7 +258,9 @@ class SiteAgent:
             epochs=job.local_epochs,
             batch_size=job.batch_size,
             learning_rate=job.learning_rate,
-            seed=job.seed * 100_003 + job.current_round * 101 + attempt,
+            # The seed drives DP-SGD's noise: it must be secret and fresh, or anyone who sees the
+            # model could regenerate the noise and subtract it.
+            seed=secrets.randbits(31),
         )
         self._ledger.record(
             LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training)
@@ -274,7 +301,7 @@ class SiteAgent:
 
     def _finish(self, job: JobPublic, outcome: JobOutcome, evaluated: set[int]) -> JobOutcome:
         outcome.status = job.status.value
-        outcome.epsilon = self._ledger.epsilon(job.dp.delta)
+        outcome.epsilon = self._ledger.epsilon(self._policy.tighten(job.dp).delta)
         if job.status != JobStatus.COMPLETED:
             return outcome
         from client_agent.training import export_model

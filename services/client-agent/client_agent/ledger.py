@@ -1,4 +1,7 @@
-"""The site's privacy ledger: every DP-SGD pass whose result left the site, on disk.
+"""The site's privacy ledger: every DP-SGD pass the site ran, on disk.
+
+A pass is recorded as soon as it finishes, before its update is uploaded: counting a pass
+whose result never left the site overstates ε, never understates it.
 
 ε is always recomputed from the whole ledger (RDP composition over every pass on this site's
 data, across rounds and jobs), so a restart never forgets budget already spent.

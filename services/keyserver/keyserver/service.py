@@ -7,7 +7,7 @@ from typing import Protocol
 
 from fedhe.auth import verify_key_release
 from fedhe.db import SessionFactory, utcnow
-from fedhe.errors import Conflict, PermissionDenied
+from fedhe.errors import Conflict, NotFound, PermissionDenied
 from fedhe.he.context import CkksParameters, create_key_material
 from fedhe.schemas import (
     ContextInfo,
@@ -125,6 +125,8 @@ class KeyService:
         with self._sessions.transaction() as session:
             repo = KeyserverRepository(session)
             row = repo.context(key_id)
+            if row.retired_at is not None:
+                raise Conflict(f"key {key_id} was retired; use the federation's current key", code="stale_key_id")
             repo.audit(actor=actor, action="context.release_evaluation", subject=key_id)
             return row.evaluation_context
 
@@ -135,7 +137,11 @@ class KeyService:
         """
         actor = f"site:{request.site_id}"
         try:
-            identity = self._sites.site_identity(request.site_id)
+            try:
+                identity = self._sites.site_identity(request.site_id)
+            except NotFound as exc:
+                # Same answer as for a pending site, so the endpoint does not reveal which ids exist.
+                raise PermissionDenied("site is not approved", code="site_not_approved") from exc
             if identity.status != SiteStatus.APPROVED:
                 raise PermissionDenied(f"site is {identity.status.value}, not approved", code="site_not_approved")
             verify_key_release(
