@@ -17,11 +17,11 @@ import psycopg
 import pytest
 
 from fedhe.api_client import AggregatorClient
+from fedhe.local_cluster import RedisServer
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
 from tests.integration.faults_support import (
     MODEL,
     FaultCluster,
-    RedisServer,
     federation_with_job,
     start_fault_cluster,
     weighted_average,

@@ -9,7 +9,7 @@ aggregators can refuse what they do not understand instead of misreading it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tenseal as ts
@@ -26,8 +26,12 @@ class Accumulator(abc.ABC):
         """Add one update. Validates every chunk first, so a bad update changes nothing."""
 
     @abc.abstractmethod
+    def iter_chunks(self) -> Iterator[bytes]:
+        """Serialise the running sum one chunk at a time (for streaming it out)."""
+
     def to_chunks(self) -> list[bytes]:
         """Serialise the running sum."""
+        return list(self.iter_chunks())
 
 
 class UpdateCodec(abc.ABC):
