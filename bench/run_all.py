@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import dp_speed, he_bench, load
+from bench import dp_speed, e2e, he_bench, load
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     he_bench.main(out + quick)
     load.main(out + (["--sites", "10", "--rounds", "2", "--params", "20000"] if args.quick else []))
     dp_speed.main(out + quick)
+    e2e.main(out + (["--rounds", "3"] if args.quick else []))
 
 
 if __name__ == "__main__":

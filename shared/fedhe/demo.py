@@ -24,6 +24,7 @@ import numpy as np
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.datasets import Dataset, load_bundled, partition_dirichlet, save_csv, split
+from fedhe.he import DEFAULT_FORMAT_ID
 from fedhe.local_cluster import (
     ClusterSecrets,
     ManagedProcess,
@@ -51,6 +52,9 @@ class DemoOptions:
     report: Path | None = None
     noise_multiplier: float | None = None
     timeout_s: float = 900
+    format_id: str = DEFAULT_FORMAT_ID
+    hidden_units: tuple[int, ...] | None = None
+    local_epochs: int | None = None
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -81,7 +85,7 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate
     std = np.where(train.x.std(axis=0) > 0, train.x.std(axis=0), 1.0)
     model = ModelSpec(
         input_dim=train.x.shape[1],
-        hidden_units=preset["hidden_units"],
+        hidden_units=list(options.hidden_units) if options.hidden_units is not None else preset["hidden_units"],
         num_classes=int(train.y.max()) + 1,
         normalisation=InputNormalisation(mean=mean.tolist(), std=std.tolist()),
     )
@@ -93,7 +97,7 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate
         rounds=options.rounds,
         min_sites=options.num_sites,
         round_deadline_s=300,
-        local_epochs=preset["local_epochs"],
+        local_epochs=options.local_epochs or preset["local_epochs"],
         batch_size=preset["batch_size"],
         learning_rate=preset["learning_rate"],
         dp=DPSettings(
@@ -101,6 +105,7 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate
         ),
         max_samples_per_round=10_000,
         seed=options.seed,
+        format_id=options.format_id,
     )
 
 

@@ -146,3 +146,19 @@ def test_parallel_encryption_matches_sequential_decryption(key_material: KeyMate
         assert np.max(np.abs(decrypted - values)) < 1e-7
     finally:
         parallel.close()
+
+
+def test_plaintext_format_is_refused_without_the_benchmark_switch(key_material: KeyMaterial, monkeypatch) -> None:
+    from fedhe.he.codec import supported_formats
+    from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, SWITCH
+
+    monkeypatch.delenv(SWITCH, raising=False)
+    assert PLAINTEXT_FORMAT_ID not in supported_formats()
+    with pytest.raises(InvalidRequest, match="refused outside benchmarks"):
+        codec_for(PLAINTEXT_FORMAT_ID, load_secret_context(key_material.secret_context))
+    monkeypatch.setenv(SWITCH, "benchmark-only")
+    codec = codec_for(PLAINTEXT_FORMAT_ID, load_secret_context(key_material.secret_context))
+    accumulator = codec.accumulator(5)
+    accumulator.add(codec.encrypt_update(np.arange(5.0)))
+    accumulator.add(codec.encrypt_update(np.ones(5)))
+    np.testing.assert_array_equal(codec.decrypt_aggregate(accumulator.to_chunks(), 5), np.arange(5.0) + 1)

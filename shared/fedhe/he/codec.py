@@ -63,16 +63,21 @@ DEFAULT_FORMAT_ID = "ckks-seeded-last-v1"
 
 
 def supported_formats() -> list[str]:
-    """Format ids this build can read and write."""
-    return [DEFAULT_FORMAT_ID]
+    """Format ids this process accepts (the plaintext one only under its benchmark switch)."""
+    from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, plaintext_allowed
+
+    return [DEFAULT_FORMAT_ID, PLAINTEXT_FORMAT_ID] if plaintext_allowed() else [DEFAULT_FORMAT_ID]
 
 
 def codec_for(format_id: str, context: ts.Context, workers: int = 1) -> UpdateCodec:
     """The codec for ``format_id`` bound to ``context``; ``workers`` processes encrypt large updates."""
     from fedhe.he.ckks_seeded import SeededCkksCodec
+    from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, PlaintextCodec
 
     if format_id == SeededCkksCodec.format_id:
         return SeededCkksCodec(context, workers)
+    if format_id == PLAINTEXT_FORMAT_ID:
+        return PlaintextCodec()
     raise InvalidRequest(
         f"unknown update format {format_id!r}", code="unsupported_format", detail={"supported": supported_formats()}
     )
