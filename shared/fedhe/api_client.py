@@ -21,6 +21,7 @@ from fedhe.schemas import (
     JobPublic,
     KeyReleaseRequest,
     RoundPublic,
+    RoundVerification,
     SiteApproved,
     SiteCreate,
     SiteIdentity,
@@ -148,6 +149,10 @@ class AggregatorClient(ServiceClient):
     def round(self, job_id: str, number: int) -> RoundPublic:
         """Operator or site: the latest attempt of round ``number``."""
         return RoundPublic.model_validate(self.request("GET", f"/v1/jobs/{job_id}/rounds/{number}").json())
+
+    def verify_round(self, job_id: str, number: int) -> RoundVerification:
+        """Operator: rebuild a round's sum from its submissions and compare with the stored one."""
+        return RoundVerification.model_validate(self.request("GET", f"/v1/jobs/{job_id}/rounds/{number}/verify").json())
 
     def model(self, job_id: str, number: int) -> bytes:
         """Site: the envelope holding round ``number``'s global model."""

@@ -242,6 +242,16 @@ class RoundPublic(BaseModel):
     submitted_by_caller: bool | None = None
 
 
+class RoundVerification(BaseModel):
+    """Whether a round's stored running sum and counters match its stored submissions."""
+
+    job_id: str
+    number: int
+    submissions: int
+    counters_match: bool
+    sum_matches: bool
+
+
 class UpdateAccepted(BaseModel):
     """The aggregator's answer to an accepted upload."""
 

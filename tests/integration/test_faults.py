@@ -71,6 +71,9 @@ def test_sigkill_of_the_aggregator_mid_round(cluster: FaultCluster) -> None:
     assert final.json()["num_submissions"] == 3
     published = sites[0].global_model(restarted, job_id, 1)
     assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+    with AggregatorClient(restarted, cluster.secrets.operator_token) as operator:
+        verification = operator.verify_round(job_id, 0)
+    assert (verification.submissions, verification.counters_match, verification.sum_matches) == (3, True, True)
 
 
 def test_redis_killed_and_restarted_mid_round(cluster: FaultCluster, redis_server: RedisServer) -> None:

@@ -98,6 +98,8 @@ def create_app(
     app.state.jobs = coordinator
     app.state.intake = UpdateIntake(coordinator, contexts, coordination)
     app.state.coordination = coordination
+    app.state.sessions = sessions
+    app.state.contexts = contexts
     app.state.operator_token = settings.operator_secret()
     app.state.service_token = service_token
     app.state.max_upload_bytes = settings.max_upload_bytes

@@ -22,12 +22,14 @@ from aggregator.deps import (
     SiteDep,
     SitesDep,
 )
+from aggregator.recovery import verify_round
 from fedhe.errors import PayloadTooLarge
 from fedhe.schemas import (
     EvaluationCreate,
     JobCreate,
     JobPublic,
     RoundPublic,
+    RoundVerification,
     SiteApproved,
     SiteCreate,
     SiteIdentity,
@@ -118,6 +120,12 @@ def list_rounds(job_id: str, coordinator: JobsDep, caller: ParticipantDep) -> li
 def get_round(job_id: str, number: int, coordinator: JobsDep, caller: ParticipantDep) -> RoundPublic:
     """The latest attempt of one round."""
     return coordinator.round(job_id, number, operator=caller.role == "operator", caller_site=caller.site_id)
+
+
+@jobs.get("/{job_id}/rounds/{number}/verify", response_model=RoundVerification)
+def verify_round_sum(job_id: str, number: int, request: Request, _: OperatorDep) -> RoundVerification:
+    """Rebuild the round's encrypted sum from its stored submissions and compare (operators)."""
+    return verify_round(request.app.state.sessions, request.app.state.contexts, job_id, number)
 
 
 @jobs.get("/{job_id}/rounds/{number}/model")

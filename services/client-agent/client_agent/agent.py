@@ -80,7 +80,8 @@ class SiteAgent:
             secret = self._keyserver.secret_context(
                 key_id, KeyReleaseRequest(site_id=self.settings.site_id, timestamp=timestamp, signature=signature)
             )
-            self._codecs[key_id] = codec_for(format_id, load_secret_context(secret))
+            workers = self.settings.encrypt_workers or os.cpu_count() or 1
+            self._codecs[key_id] = codec_for(format_id, load_secret_context(secret), workers=workers)
         return self._codecs[key_id]
 
     def _wait(self, failed: bool) -> None:
@@ -93,6 +94,13 @@ class SiteAgent:
 
     def run(self) -> list[JobOutcome]:
         """Follow running jobs (only ``job_id`` if set); with ``once``, return after one job."""
+        try:
+            return self._follow_jobs()
+        finally:
+            for codec in self._codecs.values():
+                codec.close()
+
+    def _follow_jobs(self) -> list[JobOutcome]:
         finished: dict[str, JobOutcome] = {}
         while True:
             try:

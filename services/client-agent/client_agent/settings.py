@@ -31,6 +31,7 @@ class AgentSettings(BaseSettings):
     poll_interval_s: float = 0.5
     max_backoff_s: float = 30.0
     request_timeout_s: float = 60.0
+    encrypt_workers: int = 0  # processes encrypting large updates; 0 means one per CPU core
     log_level: str = "INFO"
 
     def credential_secret(self) -> SecretStr:
