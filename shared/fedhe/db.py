@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, TypeDecorator, create_engine, event
+from sqlalchemy import JSON, DateTime, Engine, Integer, MetaData, String, TypeDecorator, create_engine, event, select
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 
 def utcnow() -> datetime:
@@ -95,3 +95,34 @@ class SessionFactory:
     def is_sqlite(self) -> bool:
         """Whether the store is the embedded SQLite database."""
         return self.engine.dialect.name == "sqlite"
+
+
+class AuditEventColumns:
+    """The audit log's columns; each service's schema declares its own ``audit_events`` table."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AuditingRepository:
+    """Audit-log access shared by the services' repositories."""
+
+    session: Session
+    audit_row: type[AuditEventColumns]
+
+    def audit(self, *, actor: str, action: str, subject: str, detail: dict[str, Any] | None = None) -> None:
+        """Append an audit event in the same transaction as the change it records."""
+        row = self.audit_row()
+        row.actor, row.action, row.subject, row.detail = actor, action, subject, detail or {}
+        self.session.add(row)
+
+    def audit_events(self, limit: int) -> list[AuditEventColumns]:
+        """The newest audit events first."""
+        query = select(self.audit_row).order_by(self.audit_row.id.desc()).limit(limit)
+        return list(self.session.scalars(query))

@@ -1,4 +1,4 @@
-"""Maps the fedhe exception hierarchy to HTTP responses, once, for every service."""
+"""What every fedhe service app shares: error mapping (once, for all) and health routes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedhe.errors import FedheError, InvalidRequest
@@ -36,3 +37,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(status_code=exc.status_code, content={"error": {"code": code, "message": str(exc.detail)}})
+
+
+def add_health_routes(app: FastAPI, engine: Engine) -> None:
+    """``/healthz`` (the process answers) and ``/readyz`` (its database answers too)."""
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> dict[str, str]:
+        with engine.connect():
+            pass
+        return {"status": "ready"}

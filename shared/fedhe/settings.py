@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import SecretStr
+from pydantic_settings import BaseSettings
 
 from fedhe.errors import InvalidRequest
 
@@ -28,3 +29,25 @@ def resolve_secret(value: SecretStr | None, file: Path | None, name: str) -> Sec
     if value is None or not value.get_secret_value():
         raise InvalidRequest(f"{name} is required (set it directly or through {name}_file)")
     return value
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has: where it listens, its database, its two credentials, logging."""
+
+    host: str = "127.0.0.1"
+    port: int
+    database_url: str
+    operator_token: SecretStr | None = None
+    operator_token_file: Path | None = None
+    service_token: SecretStr | None = None
+    service_token_file: Path | None = None
+    migrate_on_start: bool = True
+    log_level: str = "INFO"
+
+    def operator_secret(self) -> SecretStr:
+        """The operator credential."""
+        return resolve_secret(self.operator_token, self.operator_token_file, "operator_token")
+
+    def service_secret(self) -> SecretStr:
+        """The token the keyserver and the aggregator use to authenticate to each other."""
+        return resolve_secret(self.service_token, self.service_token_file, "service_token")

@@ -23,7 +23,7 @@ from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
 from fedhe.api_client import KeyserverClient
 from fedhe.db import SessionFactory, make_engine
-from fedhe.http_errors import install_error_handlers
+from fedhe.http_errors import add_health_routes, install_error_handlers
 from fedhe.migrations import upgrade
 
 logger = logging.getLogger(__name__)
@@ -107,15 +107,7 @@ def create_app(
     for router in (sites, internal, jobs, events):
         app.include_router(router)
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"])
-    def readyz() -> dict[str, str]:
-        with engine.connect():
-            pass
-        return {"status": "ready"}
+    add_health_routes(app, engine)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["health"])
     def prometheus_metrics() -> str:

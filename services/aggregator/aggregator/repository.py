@@ -16,12 +16,15 @@ from aggregator.tables import (
     SiteRow,
     SubmissionRow,
 )
+from fedhe.db import AuditingRepository
 from fedhe.errors import NotFound
 from fedhe.schemas import RoundState
 
 
-class AggregatorRepository:
+class AggregatorRepository(AuditingRepository):
     """Reads and writes the aggregator's rows within one session (one transaction)."""
+
+    audit_row = AuditRow
 
     def __init__(self, session: Session):
         self.session = session
@@ -115,11 +118,3 @@ class AggregatorRepository:
         """All evaluations of a round's model."""
         query = select(EvaluationRow).where(EvaluationRow.round_id == round_id).order_by(EvaluationRow.id)
         return list(self.session.scalars(query))
-
-    def audit(self, *, actor: str, action: str, subject: str, detail: dict[str, Any] | None = None) -> None:
-        """Append an audit event in the same transaction as the change it records."""
-        self.session.add(AuditRow(actor=actor, action=action, subject=subject, detail=detail or {}))
-
-    def audit_events(self, limit: int) -> list[AuditRow]:
-        """The newest audit events first."""
-        return list(self.session.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)))

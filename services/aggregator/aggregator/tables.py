@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from fedhe.db import UTCDateTime, new_metadata, utcnow
+from fedhe.db import AuditEventColumns, UTCDateTime, new_metadata, utcnow
 
 
 class AggregatorBase(DeclarativeBase):
@@ -103,12 +103,5 @@ class EvaluationRow(AggregatorBase):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class AuditRow(AggregatorBase):
-    __tablename__ = "audit_events"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(String(128))
-    action: Mapped[str] = mapped_column(String(64))
-    subject: Mapped[str] = mapped_column(String(128))
-    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+class AuditRow(AuditEventColumns, AggregatorBase):
+    """Who did what to which subject, written in the same transaction as the change."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
 from sklearn.metrics import f1_score, recall_score
-from tensorflow_privacy import DPKerasSGDOptimizer
+from tensorflow_privacy import DPKerasSGDOptimizer, DPModel, VectorizedDPKerasSGDOptimizer
+from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import make_default_layer_registry
 
 from fedhe.datasets import Dataset
 from fedhe.errors import InvalidRequest
@@ -68,6 +70,124 @@ def evaluate(spec: ModelSpec, weights: NDArray[Any], data: Dataset) -> dict[str,
     }
 
 
+class DPTrainingPath(enum.StrEnum):
+    """How a DP-SGD step computes its clipped, noised gradient (all three are the same mechanism).
+
+    Every path clips each microbatch's gradient (a microbatch is one example when
+    ``num_microbatches == batch_size``) to L2 norm ``l2_norm_clip``, sums them, adds Gaussian
+    noise of std ``l2_norm_clip * noise_multiplier`` and divides by ``num_microbatches``. They
+    differ only in how the per-microbatch gradient norms are obtained:
+
+    ``FAST_CLIPPING``
+        tensorflow-privacy's ``DPModel`` with a layer registry ("ghost" / fast gradient clipping,
+        Goodfellow 2015; Lee & Kifer 2020): one forward and two backward passes give every
+        per-example (or per-microbatch) gradient norm from the layers' inputs and output
+        gradients, without ever materialising per-example gradients; a second backward pass of
+        the clip-weighted loss then yields the sum of the clipped gradients. Needs every trainable
+        layer in the registry (Dense and Embedding in 0.9.0) and a functional/Sequential model.
+    ``VECTORIZED``
+        ``VectorizedDPKerasSGDOptimizer``: per-microbatch gradients as a Jacobian
+        (``tape.jacobian``, pfor-vectorised), clipped with ``tf.vectorized_map``. Works for any
+        layer, but materialises ``num_microbatches x num_parameters`` gradients.
+    ``MICROBATCH_LOOP``
+        ``DPKerasSGDOptimizer``, the previous implementation: the same Jacobian, then a
+        ``tf.while_loop`` over microbatches through a ``GaussianSumQuery``. Kept as the reference
+        the benchmark (``bench/dp_speed.py``) and the tests compare against.
+    """
+
+    FAST_CLIPPING = "fast_clipping"
+    VECTORIZED = "vectorized"
+    MICROBATCH_LOOP = "microbatch_loop"
+
+
+# Architectures whose trainable layers are all in tensorflow-privacy's default layer registry:
+# an "mlp" spec is Dense layers only (build_model), and Dense has a fast-clipping rule.
+_FAST_CLIPPING_ARCHITECTURES = frozenset({"mlp"})
+
+# XLA-compile the fast-clipping train step (DPModel's ``use_xla``). See bench/dp_speed.py.
+_FAST_CLIPPING_XLA = False
+
+
+def choose_dp_path(spec: ModelSpec, dp: DPSettings, batch_size: int) -> DPTrainingPath:
+    """The fastest DP-SGD path that computes exactly the mechanism ``dp`` describes for ``spec``.
+
+    * Fast gradient clipping (``DPModel`` + layer registry) whenever every trainable layer of the
+      model has a registry rule, i.e. for every "mlp" spec. It is the fastest path at every size
+      measured by ``bench/dp_speed.py``, by a growing margin as the model widens and the batch
+      grows, because its cost is about two ordinary backward passes instead of one backward pass
+      per example. It serves both per-example clipping (``num_microbatches == batch_size``, run
+      with ``num_microbatches=None``) and microbatch clipping (fewer microbatches: the loss is
+      sparse categorical cross-entropy with a mean over each microbatch, which is what
+      tensorflow-privacy's microbatched fast clipping assumes).
+    * Otherwise (a future architecture with a layer the registry lacks) the vectorised optimizer,
+      which handles any layer and is still faster than the microbatch loop.
+
+    ``dp`` and ``batch_size`` do not change the choice today; they are part of the signature
+    because the microbatch geometry is what would (the vectorised path's cost grows with the
+    number of microbatches, the fast path's barely does).
+    """
+    del dp, batch_size
+    if spec.architecture in _FAST_CLIPPING_ARCHITECTURES:
+        return DPTrainingPath.FAST_CLIPPING
+    return DPTrainingPath.VECTORIZED
+
+
+def build_dp_model(
+    spec: ModelSpec,
+    weights: NDArray[Any],
+    *,
+    dp: DPSettings,
+    batch_size: int,
+    learning_rate: float,
+    path: DPTrainingPath,
+    xla: bool = _FAST_CLIPPING_XLA,
+) -> tf.keras.Model:
+    """``build_model(spec)`` loaded with ``weights`` and compiled to train with DP-SGD via ``path``.
+
+    The returned model's ``get_weights()`` has the order of ``spec.weight_shapes()`` on every
+    path (the fast path wraps the very layers ``build_model`` made in a functional ``DPModel``).
+    ``xla`` only affects ``FAST_CLIPPING`` (the benchmark compares both settings).
+    """
+    if batch_size % dp.num_microbatches != 0:
+        raise InvalidRequest("batch_size must be a multiple of num_microbatches")
+    model = build_model(spec)
+    model.set_weights(unflatten_weights(weights, spec.weight_shapes()))
+    if path is DPTrainingPath.FAST_CLIPPING:
+        dp_model = DPModel(
+            l2_norm_clip=dp.l2_norm_clip,
+            noise_multiplier=dp.noise_multiplier,
+            # None means one microbatch per example; it also lets the Dense rule use its
+            # cheaper row-norm formula instead of per-microbatch Gram matrices.
+            num_microbatches=None if dp.num_microbatches == batch_size else dp.num_microbatches,
+            use_xla=xla,
+            layer_registry=make_default_layer_registry(),
+            inputs=model.inputs,
+            outputs=model.outputs,
+        )
+        # DPModel silently falls back to its own per-example vectorized_map when a layer is not
+        # registered; that would still be DP but not the path we chose, so fail loudly instead.
+        if not dp_model._enable_fast_peg_computation:
+            raise RuntimeError(f"fast gradient clipping is not available for {spec.architecture!r}")
+        # A *reduced* (mean) loss: DPModel re-derives the per-example loss itself, then weights
+        # each example's (or microbatch's) loss by its clip factor and adds noise / num_microbatches.
+        dp_model.compile(
+            optimizer=tf.keras.optimizers.legacy.SGD(learning_rate=learning_rate),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        return dp_model
+    optimizer_class = VectorizedDPKerasSGDOptimizer if path is DPTrainingPath.VECTORIZED else DPKerasSGDOptimizer
+    optimizer = optimizer_class(
+        l2_norm_clip=dp.l2_norm_clip,
+        noise_multiplier=dp.noise_multiplier,
+        num_microbatches=dp.num_microbatches,
+        learning_rate=learning_rate,
+    )
+    # Per-example losses: the DP optimizer clips and noises per microbatch itself.
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+    model.compile(optimizer=optimizer, loss=loss)
+    return model
+
+
 def train_dp_sgd(
     spec: ModelSpec,
     weights: NDArray[Any],
@@ -79,7 +199,13 @@ def train_dp_sgd(
     learning_rate: float,
     seed: int,
 ) -> TrainResult:
-    """Train from ``weights`` with DP-SGD; every batch is full (a multiple of the microbatches)."""
+    """Train from ``weights`` with DP-SGD; every batch is full (a multiple of the microbatches).
+
+    The step runs on the path ``choose_dp_path`` picks (fast gradient clipping for every MLP);
+    whichever it is, each step clips per microbatch to ``dp.l2_norm_clip``, adds Gaussian noise
+    of std ``dp.l2_norm_clip * dp.noise_multiplier`` to the sum and divides by the number of
+    microbatches, so the privacy accounting below is the same for every path.
+    """
     if batch_size % dp.num_microbatches != 0:
         raise InvalidRequest("batch_size must be a multiple of num_microbatches")
     steps_per_epoch = len(data) // batch_size
@@ -87,17 +213,14 @@ def train_dp_sgd(
         raise InvalidRequest(f"site has {len(data)} training rows, fewer than one batch of {batch_size}")
     started = time.perf_counter()
     tf.keras.utils.set_random_seed(seed)
-    model = build_model(spec)
-    model.set_weights(unflatten_weights(weights, spec.weight_shapes()))
-    optimizer = DPKerasSGDOptimizer(
-        l2_norm_clip=dp.l2_norm_clip,
-        noise_multiplier=dp.noise_multiplier,
-        num_microbatches=dp.num_microbatches,
+    model = build_dp_model(
+        spec,
+        weights,
+        dp=dp,
+        batch_size=batch_size,
         learning_rate=learning_rate,
+        path=choose_dp_path(spec, dp, batch_size),
     )
-    # Per-example losses: the DP optimizer clips and noises per microbatch itself.
-    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
-    model.compile(optimizer=optimizer, loss=loss)
     batches = (
         tf.data.Dataset.from_tensor_slices((normalise(spec, data.x).astype(np.float32), data.y))
         .shuffle(len(data), seed=seed, reshuffle_each_iteration=True)

@@ -11,7 +11,7 @@ from fedhe.api_client import AggregatorClient
 from fedhe.auth import bearer_token, tokens_match
 from fedhe.db import SessionFactory, make_engine
 from fedhe.errors import Unauthenticated
-from fedhe.http_errors import install_error_handlers
+from fedhe.http_errors import add_health_routes, install_error_handlers
 from fedhe.migrations import upgrade
 from fedhe.schemas import ContextInfo, FederationCreate, FederationPublic, KeyReleaseRequest
 from keyserver.sealing import SecretSealer
@@ -107,14 +107,6 @@ def create_app(settings: KeyserverSettings | None = None, sites: SiteDirectory |
     install_error_handlers(app)
     app.include_router(router)
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"])
-    def readyz() -> dict[str, str]:
-        with engine.connect():
-            pass
-        return {"status": "ready"}
+    add_health_routes(app, engine)
 
     return app

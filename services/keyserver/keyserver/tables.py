@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, LargeBinary, String
+from sqlalchemy import JSON, ForeignKey, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from fedhe.db import UTCDateTime, new_metadata, utcnow
+from fedhe.db import AuditEventColumns, UTCDateTime, new_metadata, utcnow
 
 
 class KeyserverBase(DeclarativeBase):
@@ -39,12 +39,5 @@ class ContextRow(KeyserverBase):
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
-class AuditRow(KeyserverBase):
-    __tablename__ = "audit_events"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(String(128))
-    action: Mapped[str] = mapped_column(String(64))
-    subject: Mapped[str] = mapped_column(String(128))
-    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+class AuditRow(AuditEventColumns, KeyserverBase):
+    """Who did what to which subject, written in the same transaction as the change."""
