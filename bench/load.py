@@ -164,6 +164,9 @@ def run(sites: int, rounds: int, params: int, workdir: Path) -> dict[str, Any]:
             wall = time.perf_counter() - started
             statuses = [status for status, _ in results]
             latencies += [seconds for _, seconds in results]
+            if statuses.count(201) != sites:
+                logs = "\n".join(r.tail(30) for r in replicas)
+                raise RuntimeError(f"round {number}: upload statuses {sorted(set(statuses))}: {statuses}\n{logs}")
             with AggregatorClient(urls[1], first.credential) as as_site:
                 published = decode_global_model(as_site.model(job.id, number + 1), lambda env: codec)
             expected = np.average(np.stack([w for w, _ in updates]), axis=0, weights=[n for _, n in updates])

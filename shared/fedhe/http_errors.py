@@ -8,9 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedhe.errors import FedheError, InvalidRequest
+from fedhe.errors import FedheError, InvalidRequest, UpstreamUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,15 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         error = InvalidRequest("request did not validate", detail={"problems": problems})
         return JSONResponse(status_code=400, content=error.to_body())
+
+    @app.exception_handler(SQLAlchemyOperationalError)
+    @app.exception_handler(SQLAlchemyTimeoutError)
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("%s %s: database unavailable (%s)", request.method, request.url.path, type(exc).__name__)
+        error = UpstreamUnavailable(
+            "the database is unavailable or saturated; retry shortly", code="database_unavailable"
+        )
+        return JSONResponse(status_code=503, content=error.to_body(), headers={"Retry-After": "2"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

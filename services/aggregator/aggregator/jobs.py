@@ -63,8 +63,11 @@ class JobCoordinator:
     """Owns every change to jobs and rounds, each in one transaction under the job's lock.
 
     The job row is locked (``SELECT ... FOR UPDATE``) for the length of each change, so two
-    requests, or two aggregator replicas, never interleave changes to one job's rounds. SQLite
-    has no row locks; in embedded mode one process-wide lock plays that part.
+    requests, or two aggregator replicas, never interleave changes to one job's rounds. Within
+    one replica, requests for the same job first queue on an in-process lock, so they wait
+    without holding a database connection (fifty concurrent uploads would otherwise drain the
+    pool while blocked on the row lock). SQLite has no row locks; in embedded mode one
+    process-wide lock plays that part.
     """
 
     def __init__(
@@ -75,20 +78,22 @@ class JobCoordinator:
         self.metrics = metrics
         self._coordination = coordination
         self._embedded_lock = threading.RLock() if sessions.is_sqlite else None
+        self._job_locks: dict[str, threading.Lock] = {}
+        self._job_locks_guard = threading.Lock()
+
+    def _local_lock(self, job_id: str) -> threading.RLock | threading.Lock:
+        if self._embedded_lock is not None:
+            return self._embedded_lock
+        with self._job_locks_guard:
+            return self._job_locks.setdefault(job_id, threading.Lock())
 
     @contextmanager
     def locked_job(self, job_id: str) -> Iterator[JobChange]:
         """A transaction holding the job's row lock; its events are published after commit."""
-        if self._embedded_lock is not None:
-            self._embedded_lock.acquire()
-        try:
-            with self._sessions.transaction() as session:
-                repo = AggregatorRepository(session)
-                change = JobChange(repo, repo.job(job_id, for_update=True))
-                yield change
-        finally:
-            if self._embedded_lock is not None:
-                self._embedded_lock.release()
+        with self._local_lock(job_id), self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            change = JobChange(repo, repo.job(job_id, for_update=True))
+            yield change
         self.publish_events(change.events)
 
     def publish_events(self, events: list[Event]) -> None:
