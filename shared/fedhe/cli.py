@@ -170,6 +170,7 @@ def _job(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides the table
     from fedhe.demo import DemoOptions, run_demo
 
     _configure_logging("WARNING")
@@ -182,6 +183,7 @@ def _demo(args: argparse.Namespace) -> None:
         workdir=Path(args.workdir) if args.workdir else None,
         report=Path(args.report) if args.report else None,
         noise_multiplier=args.noise_multiplier,
+        local_epochs=args.local_epochs,
     )
     run_demo(options)
 
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=5)
     demo.add_argument("--sites", type=int, default=3)
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID concentration")
-    demo.add_argument("--noise-multiplier", type=float, default=None)
+    demo.add_argument("--noise-multiplier", type=float, default=None, help="DP-SGD noise (default: the preset's)")
+    demo.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default: the preset's)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workdir")
     demo.add_argument("--report", help="write the report as JSON here")

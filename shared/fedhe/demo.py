@@ -60,10 +60,10 @@ class DemoOptions:
 _PRESETS: dict[str, dict[str, Any]] = {
     "breast_cancer": {
         "hidden_units": [16],
-        "local_epochs": 3,
+        "local_epochs": 2,
         "batch_size": 16,
         "learning_rate": 0.2,
-        "noise_multiplier": 1.0,
+        "noise_multiplier": 1.2,
         "num_microbatches": 16,
         "baseline_epochs": 60,
     },
