@@ -16,8 +16,11 @@ import numpy as np
 import psycopg
 import pytest
 
-from fedhe.api_client import AggregatorClient
-from fedhe.local_cluster import RedisServer
+from fedhe.api_client import AggregatorClient, KeyserverClient
+from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
+from fedhe.local_cluster import RedisServer, provision_site, start_agent
+from fedhe.modelspec import ModelSpec
+from fedhe.schemas import FederationCreate, JobCreate
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
 from tests.integration.faults_support import (
     MODEL,
@@ -186,3 +189,63 @@ def test_stop_policy_fails_the_job_at_the_first_failed_round(cluster: FaultClust
     with AggregatorClient(url, cluster.secrets.operator_token) as operator:
         assert operator.job(job_id).status.value == "failed"
         assert len(operator.rounds(job_id)) == 1
+
+
+def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultCluster) -> None:
+    """Two DP-SGD agents keep going through a SIGKILL and restart of the aggregator."""
+
+    pool, _ = split(load_bundled("breast_cancer"), 0.2, seed=5)
+    parts = partition_dirichlet(pool.y, 2, alpha=5.0, seed=5, min_size=64)
+    url, operator_token = cluster.urls[0], cluster.secrets.operator_token
+
+    with KeyserverClient(cluster.keyserver_url, operator_token) as keyserver:
+        key_id = keyserver.create_federation(FederationCreate(name="crash")).key_id
+    with AggregatorClient(url, operator_token) as operator:
+        job = operator.create_job(
+            JobCreate(
+                name="crash",
+                key_id=key_id,
+                model=ModelSpec(input_dim=30, num_classes=2),
+                rounds=3,
+                min_sites=2,
+                batch_size=16,
+                max_samples_per_round=10_000,
+            )
+        )
+    agents = []
+    for index, rows in enumerate(parts):
+        site = provision_site(url, operator_token, cluster.workdir / "agents", f"a{index}")
+        data = cluster.workdir / "agents" / f"a{index}" / "data.csv"
+        save_csv(pool.subset(rows), data)
+        agents.append(
+            start_agent(
+                site=site,
+                name=f"agent{index}",
+                aggregator_url=url,
+                keyserver_url=cluster.keyserver_url,
+                data_path=data,
+                state_dir=data.parent / "state",
+                job_id=job.id,
+                log_dir=cluster.workdir / "logs",
+            )
+        )
+    try:
+        _wait_for_round(url, operator_token, job.id, 0, "published", timeout_s=120)
+        port, process = cluster.replicas.pop()
+        process.kill()
+        time.sleep(3)
+        restarted = cluster.add_replica(port, name="aggregator-after-crash")
+        for agent in agents:
+            agent.process.wait(timeout=240)
+            assert agent.process.returncode == 0, agent.tail()
+    finally:
+        for agent in agents:
+            agent.stop()
+    with AggregatorClient(restarted, operator_token) as operator:
+        assert operator.job(job.id).status.value == "completed"
+        rounds = operator.rounds(job.id)
+        assert [(r.number, r.state.value, r.num_submissions) for r in rounds] == [(n, "published", 2) for n in range(3)]
+        for number in range(3):
+            check = operator.verify_round(job.id, number)
+            assert check.counters_match
+            assert check.sum_matches
