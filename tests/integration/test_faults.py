@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 import psycopg
 import pytest
+import redis
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
@@ -249,3 +250,20 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
             check = operator.verify_round(job.id, number)
             assert check.counters_match
             assert check.sum_matches
+
+
+def test_deadline_fires_after_the_lease_holding_replica_dies(cluster: FaultCluster, redis_server: RedisServer) -> None:
+    cluster.add_replica(name="aggregator-b")
+    job_id, sites = federation_with_job(cluster, 3, min_sites=2, target_sites=3, rounds=1, round_deadline_s=6)
+    for site, update in zip(sites[:2], _updates(2, seed=8), strict=True):
+        assert site.post(cluster.urls[0], job_id, 0, site.body(*update)).status_code == 201
+    holder = redis.Redis.from_url(redis_server.url).get("fedhe:lease:deadline-watcher")
+    assert holder is not None
+    holder_pid = int(holder.decode().split(":")[1])
+    index = next(i for i, (_, p) in enumerate(cluster.replicas) if p.process.pid == holder_pid)
+    _, process = cluster.replicas.pop(index)
+    process.kill()
+    survivor = cluster.urls[0]
+    _wait_for_round(survivor, cluster.secrets.operator_token, job_id, 0, "published", timeout_s=30)
+    with AggregatorClient(survivor, cluster.secrets.operator_token) as operator:
+        assert operator.round(job_id, 0).num_submissions == 2
