@@ -13,6 +13,7 @@ import httpx
 
 from fedhe.errors import UpstreamUnavailable, error_from_body
 from fedhe.schemas import (
+    AuditEventPublic,
     ContextInfo,
     EvaluationCreate,
     FederationCreate,
@@ -67,6 +68,11 @@ class ServiceClient:
                 body = None
             raise error_from_body(response.status_code, body)
         return response
+
+    def audit_events(self, limit: int = 100) -> list[AuditEventPublic]:
+        """Operator: the newest audit events."""
+        events = self.request("GET", "/v1/audit", params={"limit": limit}).json()
+        return [AuditEventPublic.model_validate(e) for e in events]
 
 
 class KeyserverClient(ServiceClient):

@@ -242,6 +242,19 @@ class RoundPublic(BaseModel):
     submitted_by_caller: bool | None = None
 
 
+class AuditEventPublic(BaseModel):
+    """One audit-log entry."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+
+
 class RoundVerification(BaseModel):
     """Whether a round's stored running sum and counters match its stored submissions."""
 

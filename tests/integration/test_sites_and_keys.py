@@ -185,3 +185,23 @@ def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> N
             JobCreate(name="old-key", key_id=federation.key_id, model=ModelSpec(input_dim=2, num_classes=2))
         )
     assert retired.value.code == "stale_key_id"
+
+
+def test_every_key_release_granted_or_refused_is_audited(cluster: Cluster, key_id: str, tmp_path: Path) -> None:
+    site, key = _register(cluster, tmp_path, "audited")
+    with pytest.raises(PermissionDenied):
+        _release(cluster, site.id, key, key_id)
+    with cluster.operator_aggregator() as operator:
+        operator.approve_site(site.id)
+    _release(cluster, site.id, key, key_id)
+    with cluster.operator_keyserver() as keyserver:
+        events = [e for e in keyserver.audit_events(200) if e.actor == f"site:{site.id}"]
+    assert [(e.action, e.subject, e.detail.get("granted")) for e in reversed(events)] == [
+        ("context.release_secret", key_id, False),
+        ("context.release_secret", key_id, True),
+    ]
+    assert events[1].detail["reason"] == "site_not_approved"
+    with cluster.operator_aggregator() as operator:
+        actions = {(e.action, e.subject) for e in operator.audit_events(500)}
+    assert ("site.register", site.id) in actions
+    assert ("site.approved", site.id) in actions

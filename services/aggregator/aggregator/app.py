@@ -18,7 +18,7 @@ from aggregator.coordination import Coordination, CoordinationUnavailable, coord
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
 from aggregator.metrics import Metrics
-from aggregator.routes import events, internal, jobs, sites
+from aggregator.routes import audit, events, internal, jobs, sites
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
 from fedhe.api_client import KeyserverClient
@@ -104,7 +104,7 @@ def create_app(
     app.state.service_token = service_token
     app.state.max_upload_bytes = settings.max_upload_bytes
     install_error_handlers(app)
-    for router in (sites, internal, jobs, events):
+    for router in (sites, internal, jobs, events, audit):
         app.include_router(router)
 
     add_health_routes(app, engine)

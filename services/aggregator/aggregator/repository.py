@@ -84,15 +84,6 @@ class AggregatorRepository(AuditingRepository):
         query = select(RoundRow).where(RoundRow.job_id == job_id).order_by(RoundRow.number, RoundRow.attempt)
         return list(self.session.scalars(query))
 
-    def last_published_round(self, job_id: str) -> RoundRow | None:
-        """The most recent published round of a job."""
-        query = (
-            select(RoundRow)
-            .where(RoundRow.job_id == job_id, RoundRow.state == RoundState.PUBLISHED.value)
-            .order_by(RoundRow.number.desc())
-        )
-        return self.session.scalars(query).first()
-
     def overdue_job_ids(self, now: Any) -> list[str]:
         """Jobs with a round still taking uploads past its deadline."""
         accepting = (RoundState.OPEN.value, RoundState.COLLECTING.value)

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -23,8 +23,10 @@ from aggregator.deps import (
     SitesDep,
 )
 from aggregator.recovery import verify_round
+from aggregator.repository import AggregatorRepository
 from fedhe.errors import PayloadTooLarge
 from fedhe.schemas import (
+    AuditEventPublic,
     EvaluationCreate,
     JobCreate,
     JobPublic,
@@ -224,3 +226,15 @@ async def stream_events(
                     yield f"id: {event_id}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n"
 
     return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+audit = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+
+@audit.get("", response_model=list[AuditEventPublic])
+def list_audit_events(
+    request: Request, _: OperatorDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[AuditEventPublic]:
+    """The newest audit events (registrations, decisions, jobs, accepted updates, rounds)."""
+    with request.app.state.sessions.transaction() as session:
+        return [AuditEventPublic.model_validate(row) for row in AggregatorRepository(session).audit_events(limit)]

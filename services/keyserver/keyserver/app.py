@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from pydantic import SecretStr
 
 from fedhe.api_client import AggregatorClient
@@ -13,7 +13,7 @@ from fedhe.db import SessionFactory, make_engine
 from fedhe.errors import Unauthenticated
 from fedhe.http_errors import add_health_routes, install_error_handlers
 from fedhe.migrations import upgrade
-from fedhe.schemas import ContextInfo, FederationCreate, FederationPublic, KeyReleaseRequest
+from fedhe.schemas import AuditEventPublic, ContextInfo, FederationCreate, FederationPublic, KeyReleaseRequest
 from keyserver.sealing import SecretSealer
 from keyserver.service import KeyService, SiteDirectory
 from keyserver.settings import KeyserverSettings
@@ -89,6 +89,14 @@ def secret_context(key_id: str, body: KeyReleaseRequest, service: KeyServiceDep)
     return Response(
         service.release_secret_context(key_id, body), media_type=_OCTETS, headers={"Cache-Control": "no-store"}
     )
+
+
+@router.get("/audit", response_model=list[AuditEventPublic], tags=["audit"])
+def list_audit_events(
+    service: KeyServiceDep, _: OperatorDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[AuditEventPublic]:
+    """The newest audit events, newest first."""
+    return service.audit_events(limit)
 
 
 def create_app(settings: KeyserverSettings | None = None, sites: SiteDirectory | None = None) -> FastAPI:

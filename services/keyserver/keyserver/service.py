@@ -10,6 +10,7 @@ from fedhe.db import SessionFactory, utcnow
 from fedhe.errors import Conflict, NotFound, PermissionDenied
 from fedhe.he.context import CkksParameters, create_key_material
 from fedhe.schemas import (
+    AuditEventPublic,
     ContextInfo,
     FederationCreate,
     FederationPublic,
@@ -129,6 +130,11 @@ class KeyService:
                 raise Conflict(f"key {key_id} was retired; use the federation's current key", code="stale_key_id")
             repo.audit(actor=actor, action="context.release_evaluation", subject=key_id)
             return row.evaluation_context
+
+    def audit_events(self, limit: int) -> list[AuditEventPublic]:
+        """The newest audit events (federations, rotations, every key release granted or refused)."""
+        with self._sessions.transaction() as session:
+            return [AuditEventPublic.model_validate(row) for row in KeyserverRepository(session).audit_events(limit)]
 
     def release_secret_context(self, key_id: str, request: KeyReleaseRequest) -> bytes:
         """The secret context, for an approved site that signed a fresh request for it.
