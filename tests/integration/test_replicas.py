@@ -94,6 +94,21 @@ def test_events_from_either_replica_reach_a_subscriber_of_the_other(replicas: Fa
     assert {e["site_id"] for e in seen if e["kind"] == "update.accepted"} == {s.site.site_id for s in sites}
 
 
+def test_a_refused_upload_does_not_burn_its_idempotency_key(replicas: FaultCluster) -> None:
+    job_id, (site,) = federation_with_job(replicas, 1, min_sites=1, rounds=1)
+    url, key = replicas.urls[0], {"Idempotency-Key": "round-0-attempt-1"}
+    headers = {"Authorization": f"Bearer {site.site.credential}", **key}
+    endpoint = f"{url}/v1/jobs/{job_id}/rounds/0/updates"
+    refused = httpx.post(endpoint, content=b"not an envelope", headers=headers, timeout=30)
+    assert refused.status_code == 400
+    body = site.body(np.ones(MODEL.num_parameters()), 10)
+    accepted = httpx.post(endpoint, content=body, headers=headers, timeout=30)
+    assert accepted.status_code == 201, accepted.text
+    reused = httpx.post(endpoint, content=site.body(np.zeros(MODEL.num_parameters()), 10), headers=headers, timeout=30)
+    assert reused.status_code == 409
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+
+
 def test_events_need_the_operator_credential(replicas: FaultCluster, tmp_path: Path) -> None:
     response = httpx.get(f"{replicas.urls[0]}/v1/events", timeout=5)
     assert response.status_code == 401

@@ -4,7 +4,8 @@ Postgres stays the source of truth: every change to a round happens under the jo
 so correctness never depends on Redis. Redis makes the cluster efficient and observable: one
 replica at a time sweeps deadlines (a lease that expires if its holder dies), round events are
 streamed to operators, and idempotency keys catch a retried upload before it reaches the
-database. Without Redis (embedded mode) ``LocalCoordination`` gives the same interface in one
+database (keys are recorded only after the upload they name is committed, so a refused upload
+never burns its key). Without Redis (embedded mode) ``LocalCoordination`` gives the same interface in one
 process. If Redis is unreachable, callers fall back to the database (see each method).
 """
 
@@ -44,16 +45,24 @@ class Coordination(Protocol):
         """Acquire or renew lease ``name``; the fencing token if ``holder`` has it, else None."""
         ...
 
-    def claim_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> str | None:
-        """Remember ``key`` -> ``fingerprint``; returns the fingerprint stored earlier, if any."""
+    def idempotency_fingerprint(self, key: str) -> str | None:
+        """The body fingerprint an accepted upload recorded under ``key``, if any."""
+        ...
+
+    def remember_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> None:
+        """Record ``key`` -> ``fingerprint`` once the upload it names has been accepted."""
+        ...
+
+    def latest_event_id(self) -> str:
+        """The id of the newest event (a cursor to read everything published after now)."""
         ...
 
     def publish(self, event: Event) -> str:
         """Append an event to the live stream; returns its id."""
         ...
 
-    def read_events(self, after: str | None, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
-        """Events after id ``after`` (from now if None), waiting up to ``timeout_s`` for one."""
+    def read_events(self, after: str, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
+        """Events after id ``after``, waiting up to ``timeout_s`` for one."""
         ...
 
 
@@ -82,16 +91,21 @@ class LocalCoordination:
             self._leases[name] = (holder, now + ttl_s, token)
             return token
 
-    def claim_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> str | None:
+    def idempotency_fingerprint(self, key: str) -> str | None:
+        with self._lock:
+            stored = self._keys.get(key)
+            return stored[0] if stored is not None and stored[1] > time.monotonic() else None
+
+    def remember_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> None:
         with self._lock:
             now = time.monotonic()
             if len(self._keys) > 10_000:
                 self._keys = {k: v for k, v in self._keys.items() if v[1] > now}
-            stored = self._keys.get(key)
-            if stored is not None and stored[1] > now:
-                return stored[0]
             self._keys[key] = (fingerprint, now + ttl_s)
-            return None
+
+    def latest_event_id(self) -> str:
+        with self._lock:
+            return f"{self._next_id - 1}-0"
 
     def publish(self, event: Event) -> str:
         with self._lock:
@@ -101,9 +115,9 @@ class LocalCoordination:
             self._lock.notify_all()
             return f"{event_id}-0"
 
-    def read_events(self, after: str | None, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
+    def read_events(self, after: str, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
         with self._lock:
-            start = int(after.split("-")[0]) if after else self._next_id - 1
+            start = int(after.split("-", maxsplit=1)[0])
             deadline = time.monotonic() + timeout_s
             while True:
                 found = [(f"{i}-0", e) for i, e in self._events if i > start][:limit]
@@ -133,12 +147,16 @@ class RedisCoordination:
         token = self._call(self._lease_script, keys=keys, args=[holder, int(ttl_s * 1000)])
         return None if token is None else int(token)
 
-    def claim_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> str | None:
-        name = f"fedhe:idempotency:{key}"
-        if self._call(self._redis.set, name, fingerprint, nx=True, ex=max(1, int(ttl_s))):
-            return None
-        stored = self._call(self._redis.get, name)
+    def idempotency_fingerprint(self, key: str) -> str | None:
+        stored = self._call(self._redis.get, f"fedhe:idempotency:{key}")
         return None if stored is None else bytes(stored).decode()
+
+    def remember_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> None:
+        self._call(self._redis.set, f"fedhe:idempotency:{key}", fingerprint, ex=max(1, int(ttl_s)))
+
+    def latest_event_id(self) -> str:
+        newest = self._call(self._redis.xrevrange, self._stream, count=1)
+        return bytes(newest[0][0]).decode() if newest else "0-0"
 
     def publish(self, event: Event) -> str:
         event_id = self._call(
@@ -146,9 +164,9 @@ class RedisCoordination:
         )
         return bytes(event_id).decode()
 
-    def read_events(self, after: str | None, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
+    def read_events(self, after: str, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
         response = self._call(
-            self._redis.xread, {self._stream: after or "$"}, count=limit, block=max(1, int(timeout_s * 1000))
+            self._redis.xread, {self._stream: after}, count=limit, block=max(1, int(timeout_s * 1000))
         )
         events: list[tuple[str, Event]] = []
         for _stream, entries in response or []:

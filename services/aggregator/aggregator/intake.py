@@ -6,6 +6,7 @@ before any row is written, and any error rolls the transaction back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 from aggregator.contexts import EvaluationContexts
@@ -82,22 +83,30 @@ class UpdateIntake:
             self._jobs.metrics.reject(exc.code)
             raise
 
-    def _check_idempotency_key(self, site_id: str, job_id: str, key: str | None, digest: str) -> None:
+    def _check_idempotency_key(self, key: str | None, digest: str) -> None:
         if key is None:
             return
         try:
-            earlier = self._coordination.claim_idempotency_key(f"{site_id}:{job_id}:{key}", digest, IDEMPOTENCY_TTL_S)
+            earlier = self._coordination.idempotency_fingerprint(key)
         except CoordinationUnavailable:
-            return  # the database's digest check below still makes replays safe
+            return  # the database's digest check still makes replays safe
         if earlier is not None and earlier != digest:
             raise Conflict("Idempotency-Key was already used for a different body", code="idempotency_key_reused")
+
+    def _remember_idempotency_key(self, key: str | None, digest: str) -> None:
+        if key is None:
+            return
+        # If Redis is down only the early refusal of a reused key is lost; replays stay safe.
+        with contextlib.suppress(CoordinationUnavailable):
+            self._coordination.remember_idempotency_key(key, digest, IDEMPOTENCY_TTL_S)
 
     def _accept(
         self, *, site_id: str, job_id: str, round_number: int, body: bytes, idempotency_key: str | None
     ) -> UpdateAccepted:
         envelope = decode_envelope(body)
         digest = hashlib.sha256(body).hexdigest()
-        self._check_idempotency_key(site_id, job_id, idempotency_key, digest)
+        scoped_key = None if idempotency_key is None else f"{site_id}:{job_id}:{idempotency_key}"
+        self._check_idempotency_key(scoped_key, digest)
         with self._jobs.locked_job(job_id) as change:
             repo, job = change.repo, change.job
             spec = job_spec(job)
@@ -160,6 +169,7 @@ class UpdateIntake:
                 num_submissions=row.num_submissions,
                 sha256=digest,
             )
+        self._remember_idempotency_key(scoped_key, digest)
         self._jobs.metrics.accept(len(body))
         return result
 

@@ -209,7 +209,17 @@ async def stream_events(
     """Live round events as Server-Sent Events; reconnect with ``Last-Event-ID`` to resume."""
 
     async def generate() -> AsyncIterator[str]:
+        # Fix the cursor once: re-reading "from now" on every poll would drop events published
+        # between two polls.
         after = last_event_id
+        while after is None and not await request.is_disconnected():
+            try:
+                after = await run_in_threadpool(coordination.latest_event_id)
+            except CoordinationUnavailable:
+                yield ": coordination unavailable, retrying\n\n"
+                await asyncio.sleep(1)
+        if after is None:
+            return
         yield ": connected\n\n"
         while not await request.is_disconnected():
             try:
