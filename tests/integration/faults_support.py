@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhe.api_client import AggregatorClient
+from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, encode_envelope
 from fedhe.local_cluster import (
@@ -28,6 +28,7 @@ from tests.integration.helpers import site_codec
 
 WEIGHT_SCALE = 10_000
 MODEL = ModelSpec(input_dim=50, num_classes=2)  # 102 parameters
+FEDAVG_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -122,8 +123,6 @@ class UploadingSite:
 def federation_with_job(cluster: FaultCluster, num_sites: int, **job: object) -> tuple[str, list[UploadingSite]]:
     """A federation, ``num_sites`` approved sites holding its secret context, and a job on it."""
     operator_token = cluster.secrets.operator_token
-    from fedhe.api_client import KeyserverClient
-
     with KeyserverClient(cluster.keyserver_url, operator_token) as keyserver:
         key_id = keyserver.create_federation(FederationCreate(name="faults")).key_id
     spec = JobCreate.model_validate(
@@ -141,3 +140,12 @@ def federation_with_job(cluster: FaultCluster, num_sites: int, **job: object) ->
 def weighted_average(updates: list[tuple[NDArray[np.float64], int]]) -> NDArray[np.float64]:
     weights = np.stack([w for w, _ in updates])
     return np.average(weights, axis=0, weights=[n for _, n in updates])
+
+
+def assert_published_average(
+    site: UploadingSite, url: str, job_id: str, number: int, updates: list[tuple[NDArray[np.float64], int]]
+) -> None:
+    """Round ``number``'s published aggregate, decrypted by ``site``, is the weighted average of
+    exactly ``updates``, within the stated FedAvg tolerance."""
+    published = site.global_model(url, job_id, number + 1)
+    assert np.max(np.abs(published - weighted_average(updates))) <= FEDAVG_TOLERANCE

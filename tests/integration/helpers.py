@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from fedhe.api_client import KeyserverClient
 from fedhe.auth import private_key_from_pem, sign_key_release
@@ -26,24 +28,31 @@ def site_codec(keyserver_url: str, site: ProvisionedSite, key_id: str) -> Update
     return codec_for(DEFAULT_FORMAT_ID, load_secret_context(secret))
 
 
-def round_snapshot(database_url: str, job_id: str, number: int) -> dict[str, Any]:
-    """Everything an upload could change about a round, read straight from Postgres."""
+@contextmanager
+def database_connection(database_url: str) -> Iterator[Connection]:
+    """A short-lived connection to a service's database, read straight from Postgres."""
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT id, state, attempt, num_submissions, total_samples, running_sum FROM rounds "
-                    "WHERE job_id = :job AND number = :n ORDER BY attempt DESC LIMIT 1"
-                ),
-                {"job": job_id, "n": number},
-            ).one()
-            submissions = conn.execute(
-                text("SELECT site_id, sha256 FROM submissions WHERE round_id = :r ORDER BY id"), {"r": row.id}
-            ).all()
-            job = conn.execute(text("SELECT status, current_round FROM jobs WHERE id = :job"), {"job": job_id}).one()
+            yield conn
     finally:
         engine.dispose()
+
+
+def round_snapshot(database_url: str, job_id: str, number: int) -> dict[str, Any]:
+    """Everything an upload could change about a round, read straight from Postgres."""
+    with database_connection(database_url) as conn:
+        row = conn.execute(
+            text(
+                "SELECT id, state, attempt, num_submissions, total_samples, running_sum FROM rounds "
+                "WHERE job_id = :job AND number = :n ORDER BY attempt DESC LIMIT 1"
+            ),
+            {"job": job_id, "n": number},
+        ).one()
+        submissions = conn.execute(
+            text("SELECT site_id, sha256 FROM submissions WHERE round_id = :r ORDER BY id"), {"r": row.id}
+        ).all()
+        job = conn.execute(text("SELECT status, current_round FROM jobs WHERE id = :job"), {"job": job_id}).one()
     return {
         "state": row.state,
         "attempt": row.attempt,
@@ -57,16 +66,12 @@ def round_snapshot(database_url: str, job_id: str, number: int) -> dict[str, Any
 
 def stored_submissions(database_url: str, job_id: str, number: int) -> list[tuple[int, bytes]]:
     """(n_k, envelope bytes) of every accepted upload of a round's published attempt."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT s.num_samples, s.envelope FROM submissions s JOIN rounds r ON r.id = s.round_id "
-                    "WHERE r.job_id = :job AND r.number = :n AND r.state = 'published' ORDER BY s.id"
-                ),
-                {"job": job_id, "n": number},
-            ).all()
-    finally:
-        engine.dispose()
+    with database_connection(database_url) as conn:
+        rows = conn.execute(
+            text(
+                "SELECT s.num_samples, s.envelope FROM submissions s JOIN rounds r ON r.id = s.round_id "
+                "WHERE r.job_id = :job AND r.number = :n AND r.state = 'published' ORDER BY s.id"
+            ),
+            {"job": job_id, "n": number},
+        ).all()
     return [(int(n), bytes(env)) for n, env in rows]

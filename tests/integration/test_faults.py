@@ -26,14 +26,13 @@ from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
 from tests.integration.faults_support import (
     MODEL,
     FaultCluster,
+    assert_published_average,
     federation_with_job,
     start_fault_cluster,
-    weighted_average,
 )
 from tests.integration.helpers import round_snapshot
 
 pytestmark = pytest.mark.faults
-TOLERANCE = 1e-6
 N = MODEL.num_parameters()
 
 
@@ -73,8 +72,7 @@ def test_sigkill_of_the_aggregator_mid_round(cluster: FaultCluster) -> None:
     final = sites[2].post(restarted, job_id, 0, bodies[2])
     assert final.json()["round_state"] == "published"
     assert final.json()["num_submissions"] == 3
-    published = sites[0].global_model(restarted, job_id, 1)
-    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+    assert_published_average(sites[0], restarted, job_id, 0, updates)
     with AggregatorClient(restarted, cluster.secrets.operator_token) as operator:
         verification = operator.verify_round(job_id, 0)
     assert (verification.submissions, verification.counters_match, verification.sum_matches) == (3, True, True)
@@ -90,8 +88,7 @@ def test_redis_killed_and_restarted_mid_round(cluster: FaultCluster, redis_serve
     assert during_outage.status_code == 201, during_outage.text
     redis_server.start()
     assert sites[2].post(url, job_id, 0, sites[2].body(*updates[2])).json()["round_state"] == "published"
-    published = sites[0].global_model(url, job_id, 1)
-    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+    assert_published_average(sites[0], url, job_id, 0, updates)
 
 
 def test_postgres_connections_dropped_mid_round(cluster: FaultCluster) -> None:
@@ -111,8 +108,7 @@ def test_postgres_connections_dropped_mid_round(cluster: FaultCluster) -> None:
     for site, update in zip(sites[1:], updates[1:], strict=True):
         response = site.post(url, job_id, 0, site.body(*update))
         assert response.status_code == 201, response.text
-    published = sites[0].global_model(url, job_id, 1)
-    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+    assert_published_average(sites[0], url, job_id, 0, updates)
 
 
 def test_site_connection_cut_mid_upload_then_retry(cluster: FaultCluster) -> None:
@@ -135,8 +131,7 @@ def test_site_connection_cut_mid_upload_then_retry(cluster: FaultCluster) -> Non
     retry = sites[1].post(url, job_id, 0, body)
     assert retry.status_code == 201, retry.text
     assert retry.json()["round_state"] == "published"
-    published = sites[0].global_model(url, job_id, 1)
-    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+    assert_published_average(sites[0], url, job_id, 0, updates)
 
 
 def _wait_for_round(url: str, token: str, job_id: str, number: int, state: str, timeout_s: float = 30) -> None:
@@ -160,8 +155,7 @@ def test_straggler_deadline_publishes_with_min_sites(cluster: FaultCluster) -> N
     late = sites[2].post(url, job_id, 0, sites[2].body(*_updates(1, seed=9)[0]))
     assert late.status_code == 409
     assert late.json()["error"]["code"] == "wrong_round"
-    published = sites[0].global_model(url, job_id, 1)
-    assert np.max(np.abs(published - weighted_average(updates))) <= TOLERANCE
+    assert_published_average(sites[0], url, job_id, 0, updates)
 
 
 def test_round_below_min_sites_at_deadline_fails_and_is_retried(cluster: FaultCluster) -> None:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from fedhe.api_client import AggregatorClient
 from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
@@ -22,7 +22,7 @@ from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundState
 from tests.conftest import Cluster
-from tests.integration.helpers import site_codec, stored_submissions
+from tests.integration.helpers import database_connection, site_codec, stored_submissions
 
 FEDAVG_TOLERANCE = 1e-6
 ROUNDS = 2
@@ -126,11 +126,9 @@ def test_epsilon_accumulates_across_rounds_in_each_site_ledger(finished_federati
 
 
 def test_every_accepted_update_and_publication_is_audited(cluster: Cluster, finished_federation) -> None:
-    engine = create_engine(cluster.aggregator_database_url)
-    with engine.connect() as conn:
+    with database_connection(cluster.aggregator_database_url) as conn:
         actions = conn.execute(
             text("SELECT action, count(*) FROM audit_events WHERE subject = :job GROUP BY action"),
             {"job": finished_federation["job"].id},
         ).all()
-    engine.dispose()
     assert dict(actions) == {"job.create": 1, "update.accept": 3 * ROUNDS, "round.publish": ROUNDS}

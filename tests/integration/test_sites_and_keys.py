@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import generate_signing_key, private_key_from_pem, private_key_to_pem, public_key_b64, sign_key_release
@@ -17,7 +17,7 @@ from fedhe.local_cluster import provision_site, write_secret
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import FederationCreate, JobCreate, KeyReleaseRequest, SiteCreate, SiteStatus
 from tests.conftest import Cluster
-from tests.integration.helpers import site_codec
+from tests.integration.helpers import database_connection, site_codec
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +110,8 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -
         operator.create_job(
             JobCreate(name="keyless", key_id=key_id, model=ModelSpec(input_dim=2, num_classes=2), min_sites=1)
         )
-    engine = create_engine(cluster.aggregator_database_url)
-    with engine.connect() as conn:
+    with database_connection(cluster.aggregator_database_url) as conn:
         stored = [bytes(row[0]) for row in conn.execute(text("SELECT context FROM evaluation_contexts"))]
-    engine.dispose()
     assert stored, "the aggregator stored no evaluation context"
     for data in stored:
         assert not load_evaluation_context(data).has_secret_key()
