@@ -126,7 +126,9 @@ def error_from_body(status_code: int, body: Any) -> FedheError:
         message = str(err.get("message", message))
         code = str(err["code"]) if "code" in err else None
         detail = err.get("detail") if isinstance(err.get("detail"), dict) else None
-    cls = _BY_STATUS.get(status_code, FedheError)
+    # Any server-side failure is, from the caller's side, a service that did not answer properly:
+    # clients retry it with backoff rather than give up.
+    cls = _BY_STATUS.get(status_code, UpstreamUnavailable if status_code >= 500 else FedheError)
     if code == InvalidUpdate.default_code:
         cls = InvalidUpdate
     elif code == BudgetExhausted.default_code:
