@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from fedhe.errors import FedheError, InvalidRequest
+from fedhe.settings import ServiceSettings
 
 
 def _configure_logging(level: str) -> None:
@@ -44,23 +45,37 @@ def _print(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
+def _service_settings(service: str, args: argparse.Namespace, flags: Sequence[str]) -> ServiceSettings:
+    """The service's settings from ``FEDHE_<SERVICE>_*``, with the given flags winning."""
+    if service == "keyserver":
+        from keyserver.settings import KeyserverSettings
+
+        return KeyserverSettings(**_overrides(args, flags))
+    from aggregator.settings import AggregatorSettings
+
+    return AggregatorSettings(**_overrides(args, flags))
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
+    from fastapi import FastAPI
 
-    if args.command == "keyserver":
+    from aggregator.settings import AggregatorSettings
+
+    settings = _service_settings(args.command, args, ("host", "port", "database_url"))
+    _configure_logging(settings.log_level)
+    app: FastAPI
+    if isinstance(settings, AggregatorSettings):
+        from aggregator.app import create_app as create_aggregator
+
+        app = create_aggregator(settings)
+    else:
         from keyserver.app import create_app as create_keyserver
         from keyserver.settings import KeyserverSettings
 
-        ks = KeyserverSettings(**_overrides(args, ("host", "port", "database_url")))
-        _configure_logging(ks.log_level)
-        uvicorn.run(create_keyserver(ks), host=ks.host, port=ks.port, log_level=ks.log_level.lower())
-    else:
-        from aggregator.app import create_app as create_aggregator
-        from aggregator.settings import AggregatorSettings
-
-        ag = AggregatorSettings(**_overrides(args, ("host", "port", "database_url")))
-        _configure_logging(ag.log_level)
-        uvicorn.run(create_aggregator(ag), host=ag.host, port=ag.port, log_level=ag.log_level.lower())
+        assert isinstance(settings, KeyserverSettings)
+        app = create_keyserver(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -191,19 +206,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _db(args: argparse.Namespace) -> None:
     from fedhe.migrations import upgrade
 
-    if args.service == "aggregator":
-        from aggregator.settings import AggregatorSettings
-
-        url = args.database_url or os.environ.get(
-            "FEDHE_AGGREGATOR_DATABASE_URL", AggregatorSettings.model_fields["database_url"].default
-        )
-    else:
-        from keyserver.settings import KeyserverSettings
-
-        url = args.database_url or os.environ.get(
-            "FEDHE_KEYSERVER_DATABASE_URL", KeyserverSettings.model_fields["database_url"].default
-        )
-    upgrade(url, args.service, args.revision)
+    settings = _service_settings(args.service, args, ("database_url",))
+    upgrade(settings.database_url, args.service, args.revision)
     print(f"{args.service} database is at revision {args.revision}")
 
 
