@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         timings = {}
         for label, format_id in (("encrypted", DEFAULT_FORMAT_ID), ("plaintext", PLAINTEXT_FORMAT_ID)):
             report = run_demo(DemoOptions(rounds=args.rounds, format_id=format_id, hidden_units=hidden, local_epochs=1))
-            timings[label] = (_mean_round_seconds(report), report["per_round"][-1]["bytes_uploaded"] / 3)
+            per_site_bytes = report["per_round"][-1]["bytes_uploaded"] / report["num_sites"]
+            timings[label] = (_mean_round_seconds(report), per_site_bytes)
         rows.append(
             {
                 "model": name,

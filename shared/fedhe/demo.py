@@ -36,7 +36,7 @@ from fedhe.local_cluster import (
 )
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
-from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundPublic
+from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundPublic, RoundState
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             reported = -1
             while time.monotonic() < deadline:
                 current = aggregator.job(job.id)
-                published = [r for r in aggregator.rounds(job.id) if r.state.value == "published"]
+                published = [r for r in aggregator.rounds(job.id) if r.state == RoundState.PUBLISHED]
                 for r in published:
                     if r.number > reported:
                         print(
@@ -259,7 +259,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 raise RuntimeError("demo timed out; see the logs in " + str(logs))
             if current.status != JobStatus.COMPLETED:
                 raise RuntimeError(f"job ended {current.status.value}; see {logs}")
-            rounds = [r for r in aggregator.rounds(job.id) if r.state.value == "published"]
+            rounds = [r for r in aggregator.rounds(job.id) if r.state == RoundState.PUBLISHED]
         first_site = next(iter(site_names.values()))
         final_weights = np.load(workdir / "sites" / first_site / "state" / f"{job.id}-final-weights.npy")
         from client_agent.training import evaluate
