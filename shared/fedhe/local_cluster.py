@@ -94,7 +94,8 @@ class ManagedProcess:
 
     def tail(self, lines: int = 40) -> str:
         """The last lines of the process's log."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
     def kill(self) -> None:
@@ -102,6 +103,7 @@ class ManagedProcess:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        self._log.close()
 
     def stop(self, timeout_s: float = 10) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
