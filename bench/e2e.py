@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.reporting import machine_description, write_markdown_table
-from fedhe.demo import DemoOptions, run_demo
 from fedhe.he import DEFAULT_FORMAT_ID
 from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, SWITCH
+from fedhe_demo.demo import DemoOptions, run_demo
 
 MODELS: dict[str, tuple[int, ...] | None] = {"demo MLP 30-16-2": None, "MLP 30-1000-1000-2 (~1.03M)": (1000, 1000)}
 

@@ -221,7 +221,7 @@ def test_dockerignore_keeps_the_context_small_and_clean() -> None:
     for path in [
         "pyproject.toml",
         "requirements/runtime.lock",
-        "shared/fedhe/cli.py",
+        "shared/fedhe/cli/main.py",
         "services/aggregator/aggregator/app.py",
         "services/client-agent/client_agent/agent.py",
     ]:

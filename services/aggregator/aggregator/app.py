@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
+from aggregator import migrations
 from aggregator.contexts import EvaluationContexts, EvaluationContextSource
 from aggregator.coordination import Coordination, CoordinationUnavailable, coordination_for
 from aggregator.intake import UpdateIntake
@@ -77,7 +78,7 @@ def create_app(
     settings = settings or AggregatorSettings()
     service_token = settings.service_secret()
     if settings.migrate_on_start:
-        upgrade(settings.database_url, "aggregator")
+        upgrade(settings.database_url, "aggregator", migrations)
     engine = make_engine(settings.database_url)
     sessions = SessionFactory(engine)
     source = context_source or KeyserverClient(settings.keyserver_url, service_token.get_secret_value(), timeout=30)

@@ -14,6 +14,7 @@ from fedhe.errors import Unauthenticated
 from fedhe.http_errors import add_health_routes, install_error_handlers
 from fedhe.migrations import upgrade
 from fedhe.schemas import AuditEventPublic, ContextInfo, FederationCreate, FederationPublic, KeyReleaseRequest
+from keyserver import migrations
 from keyserver.sealing import SecretSealer
 from keyserver.service import KeyService, SiteDirectory
 from keyserver.settings import KeyserverSettings
@@ -105,7 +106,7 @@ def create_app(settings: KeyserverSettings | None = None, sites: SiteDirectory |
     sealer = SecretSealer(settings.kek_secret().get_secret_value())
     service_token = settings.service_secret()
     if settings.migrate_on_start:
-        upgrade(settings.database_url, "keyserver")
+        upgrade(settings.database_url, "keyserver", migrations)
     engine = make_engine(settings.database_url)
     directory = sites or AggregatorClient(settings.aggregator_url, service_token.get_secret_value(), timeout=10)
     app = FastAPI(title="fedhe keyserver", version="0.1.0")
