@@ -7,19 +7,14 @@ the primes a sum never uses. Together about 16 bytes per parameter on the wire (
 TenSEAL's usual [60,40,40] public-key setting: ~81). A summed ciphertext is no longer seeded
 (32 bytes per slot); that is what the aggregator stores and publishes.
 
-SEAL's Python bindings only serialise to and from files, so bytes pass through a private
-temporary file (on tmpfs where there is one). Only ciphertexts go there, never a key.
+Ciphertexts cross the wire uncompressed and are checked before SEAL parses them
+(``fedhe.he.seal_io``): SEAL's zstd loader aborts the process on some hostile inputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
-import os
-import tempfile
-import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -30,55 +25,8 @@ import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
+from fedhe.he import seal_io
 from fedhe.he.codec import DEFAULT_FORMAT_ID, Accumulator, UpdateCodec
-
-# Scratch files hold ciphertexts only; tmpfs keeps them off disk. mkstemp makes them 0600.
-_SHM = "/dev/shm"  # noqa: S108
-_TMP_ROOT = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
-
-
-class _ScratchFiles(threading.local):
-    """One private scratch file per thread, reused for every chunk (creating one per chunk
-    cost about a third of the encryption time)."""
-
-    path: str | None = None
-
-    def get(self) -> str:
-        if self.path is None or not os.path.exists(self.path):
-            fd, self.path = tempfile.mkstemp(prefix="fedhe-ct-", dir=_TMP_ROOT)
-            os.close(fd)
-            weakref.finalize(self, _remove, self.path)
-        return self.path
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-_SCRATCH = _ScratchFiles()
-
-
-class _SealIO:
-    """Byte-level (de)serialisation of SEAL objects through the thread's scratch file."""
-
-    def __init__(self, seal_context: seal.SEALContext):
-        self._context = seal_context
-
-    @staticmethod
-    def save(obj: Any) -> bytes:
-        path = _SCRATCH.get()
-        obj.save(path)
-        with open(path, "rb") as fh:
-            return fh.read()
-
-    def load(self, data: bytes) -> seal.Ciphertext:
-        path = _SCRATCH.get()
-        with open(path, "wb") as fh:
-            fh.write(data)
-        ciphertext = seal.Ciphertext(self._context)
-        ciphertext.load(self._context, path)
-        return ciphertext
 
 
 class _SeededAccumulator(Accumulator):
@@ -112,7 +60,7 @@ class _SeededAccumulator(Accumulator):
     def iter_chunks(self) -> Iterator[bytes]:
         if self._sum is None:
             raise InvalidRequest("the running sum is empty")
-        return (self._codec.io.save(ct) for ct in self._sum)
+        return (seal_io.save(ct) for ct in self._sum)
 
 
 _WORKER: dict[str, SeededCkksCodec] = {}
@@ -127,7 +75,7 @@ def _encrypt_in_worker(values: NDArray[Any]) -> list[bytes]:
 
 
 class SeededCkksCodec(UpdateCodec):
-    """Seeded symmetric CKKS at the last level (format ``ckks-seeded-last-v1``).
+    """Seeded symmetric CKKS at the last level (format ``ckks-seeded-last-v2``).
 
     With ``workers > 1``, large updates are encrypted by a pool of processes (TenSEAL holds
     the GIL, so threads would not help); each worker gets the secret context once, through a
@@ -146,7 +94,6 @@ class SeededCkksCodec(UpdateCodec):
         self._encoder = seal.CKKSEncoder(self._seal_context)
         self.slot_count: int = self._encoder.slot_count()
         self.evaluator = seal.Evaluator(self._seal_context)
-        self.io = _SealIO(self._seal_context)
         self._has_secret = context.has_secret_key()
 
     def num_chunks(self, num_values: int) -> int:
@@ -172,7 +119,7 @@ class SeededCkksCodec(UpdateCodec):
             self._encoder.encode(
                 flat[start : start + self.slot_count].tolist(), self._last_parms_id, self._scale, plain
             )
-            chunks.append(self.io.save(encryptor.encrypt_symmetric(plain)))
+            chunks.append(seal_io.save(encryptor.encrypt_symmetric(plain)))
         return chunks
 
     @staticmethod
@@ -187,14 +134,7 @@ class SeededCkksCodec(UpdateCodec):
 
     def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
         """Deserialise one chunk and check it has this format's level, scale and size."""
-        try:
-            ciphertext = self.io.load(data)
-        except (RuntimeError, ValueError) as exc:
-            raise InvalidUpdate(
-                f"chunk {index} is not a valid ciphertext for this context",
-                code="invalid_ciphertext",
-                detail={"chunk": index},
-            ) from exc
+        ciphertext = seal_io.load_ciphertext(self._seal_context, data, index)
         if (
             ciphertext.size() != 2
             or list(ciphertext.parms_id()) != list(self._last_parms_id)

@@ -59,7 +59,7 @@ class UpdateCodec(abc.ABC):
         """Decrypt a (summed) vector of ``num_values`` values (needs the secret context)."""
 
 
-DEFAULT_FORMAT_ID = "ckks-seeded-last-v1"
+DEFAULT_FORMAT_ID = "ckks-seeded-last-v2"
 
 
 def supported_formats() -> list[str]:

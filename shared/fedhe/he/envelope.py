@@ -22,6 +22,7 @@ from fedhe.errors import InvalidUpdate
 
 MAGIC = b"FEDHE\x01"
 MAX_HEADER_BYTES = 256 * 1024
+MAX_CHUNKS = 1_000_000
 _REQUIRED = ("format_id", "key_id", "num_values", "chunk_sizes")
 
 
@@ -49,6 +50,10 @@ def encode_envelope(envelope: Envelope) -> bytes:
     return b"".join([MAGIC, struct.pack(">I", len(raw)), raw, *envelope.chunks])
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def decode_envelope(data: bytes) -> Envelope:
     """Parse an envelope; any structural problem raises ``InvalidUpdate`` naming it."""
     if not data.startswith(MAGIC):
@@ -62,14 +67,23 @@ def decode_envelope(data: bytes) -> Envelope:
         raise InvalidUpdate("envelope header is truncated or too large", code="invalid_envelope")
     try:
         header = json.loads(data[offset : offset + header_length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers past Python's digit limit;
+        # RecursionError, nesting deeper than the parser's stack.
         raise InvalidUpdate("envelope header is not valid JSON", code="invalid_envelope") from exc
     offset += header_length
     if not isinstance(header, dict) or any(key not in header for key in _REQUIRED):
         raise InvalidUpdate(f"envelope header must have {', '.join(_REQUIRED)}", code="invalid_envelope")
     sizes = header.pop("chunk_sizes")
-    if not isinstance(sizes, list) or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise InvalidUpdate("chunk_sizes must be a list of positive integers", code="invalid_envelope")
+    if (
+        not isinstance(sizes, list)
+        or not 0 < len(sizes) <= MAX_CHUNKS
+        or not all(_is_int(s) and 0 < s <= len(data) for s in sizes)
+    ):
+        raise InvalidUpdate(
+            f"chunk_sizes must be a list of 1 to {MAX_CHUNKS} positive integers no larger than the body",
+            code="invalid_envelope",
+        )
     if offset + sum(sizes) != len(data):
         raise InvalidUpdate(
             f"envelope declares {sum(sizes)} ciphertext bytes but carries {len(data) - offset}",
@@ -78,7 +92,7 @@ def decode_envelope(data: bytes) -> Envelope:
     num_values = header.pop("num_values")
     format_id = header.pop("format_id")
     key_id = header.pop("key_id")
-    if not isinstance(num_values, int) or num_values <= 0:
+    if not _is_int(num_values) or not 0 < num_values <= 2**40:
         raise InvalidUpdate("num_values must be a positive integer", code="invalid_envelope")
     if not isinstance(format_id, str) or not isinstance(key_id, str):
         raise InvalidUpdate("format_id and key_id must be strings", code="invalid_envelope")

@@ -1,0 +1,177 @@
+"""Fuzzing what the aggregator parses from an upload: every input is accepted or refused with a 4xx.
+
+Deterministic (fixed seeds) so a failure reproduces: random byte strings, valid envelopes
+mutated by bit flips, truncation, insertion and splicing, hostile JSON headers (deep nesting,
+huge integers, wrong types), and mutated ciphertext chunks fed to the real CKKS accumulator.
+The only exception allowed out of the parser is ``InvalidUpdate``; anything else (a 500 at the
+service) fails the test with the input that caused it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from fedhe.errors import InvalidUpdate
+from fedhe.he import (
+    DEFAULT_FORMAT_ID,
+    Envelope,
+    KeyMaterial,
+    codec_for,
+    decode_envelope,
+    encode_envelope,
+    load_evaluation_context,
+    load_secret_context,
+)
+from fedhe.he.envelope import MAGIC
+from fedhe.schemas import check_metrics
+
+RANDOM_CASES = 5000
+MUTATED_CASES = 10000
+HOSTILE_HEADERS = 400
+CHUNK_CASES = 1000
+
+
+def _valid(rng: random.Random) -> bytes:
+    chunks = [rng.randbytes(rng.randint(1, 64)) for _ in range(rng.randint(1, 4))]
+    return encode_envelope(
+        Envelope(
+            format_id=DEFAULT_FORMAT_ID,
+            key_id="key-" + "a" * 32,
+            num_values=rng.randint(1, 10_000),
+            chunks=chunks,
+            meta={"num_samples": rng.randint(1, 100), "metrics": {"loss": rng.random()}},
+        )
+    )
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    raw = bytearray(data)
+    kind = rng.randrange(5)
+    if kind == 0 and raw:
+        for _ in range(rng.randint(1, 8)):
+            raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        raw = raw[: rng.randrange(len(raw) + 1)]
+    elif kind == 2:
+        at = rng.randrange(len(raw) + 1)
+        raw[at:at] = rng.randbytes(rng.randint(1, 32))
+    elif kind == 3 and raw:
+        at = rng.randrange(len(raw))
+        raw[at : at + rng.randint(1, 16)] = b""
+    else:
+        other = _valid(rng)
+        raw = raw[: rng.randrange(len(raw) + 1)] + other[rng.randrange(len(other) + 1) :]
+    return bytes(raw)
+
+
+def _hostile_headers(rng: random.Random) -> Iterator[bytes]:
+    depth_bombs = ["[" * n + "]" * n for n in (100, 5_000, 60_000)] + ['{"a":' * 20_000 + "1" + "}" * 20_000]
+    for text in depth_bombs:
+        yield text.encode()
+    yield b'{"format_id":"f","key_id":"k","num_values":' + b"9" * 5000 + b',"chunk_sizes":[1]}'
+    yield b'{"format_id":"f","key_id":"k","num_values":1,"chunk_sizes":[' + b"9" * 5000 + b"]}"
+    values: list[object] = [None, True, False, -1, 0, 2**70, 1.5, float("inf"), "x", [], {}, [True], [-3], [0]]
+    for _ in range(HOSTILE_HEADERS):
+        header = {
+            "format_id": rng.choice([*values, DEFAULT_FORMAT_ID]),
+            "key_id": rng.choice([*values, "key-" + "a" * 32]),
+            "num_values": rng.choice([*values, 4]),
+            "chunk_sizes": rng.choice([*values, [1, 2], [10**12]]),
+            "num_samples": rng.choice(values),
+            "metrics": rng.choice([*values, {"m": 10**400}, {"m": float("nan")}, {"x" * 100: 1}]),
+        }
+        yield json.dumps(header, allow_nan=True).encode()
+
+
+def _framed(header: bytes, body: bytes = b"") -> bytes:
+    return MAGIC + struct.pack(">I", len(header)) + header + body
+
+
+def _parse_like_the_aggregator(data: bytes) -> str:
+    """What intake does before it touches a ciphertext; returns the outcome for the tally."""
+    try:
+        envelope = decode_envelope(data)
+        check_metrics(envelope.meta.get("metrics", {}))
+    except InvalidUpdate as exc:
+        return exc.code
+    except ValueError:
+        return "invalid_metrics"
+    return "parsed"
+
+
+def _run(cases: Iterator[bytes], parse: Callable[[bytes], str]) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    for data in cases:
+        try:
+            outcomes[parse(data)] += 1
+        except Exception as exc:  # any other exception is the failure this test hunts for
+            pytest.fail(f"{type(exc).__name__}: {exc!s:.200} on input {data[:120]!r}")
+    return outcomes
+
+
+def test_random_bytes_are_refused_by_name() -> None:
+    rng = random.Random(1)
+    cases = (rng.randbytes(rng.randint(0, 512)) for _ in range(RANDOM_CASES // 2))
+    prefixed = (MAGIC + rng.randbytes(rng.randint(0, 512)) for _ in range(RANDOM_CASES // 2))
+    outcomes = _run(iter([*cases, *prefixed]), _parse_like_the_aggregator)
+    assert sum(outcomes.values()) == RANDOM_CASES
+    assert outcomes["parsed"] == 0
+
+
+def test_mutated_envelopes_parse_or_are_refused_by_name() -> None:
+    rng = random.Random(2)
+    outcomes = _run((_mutate(_valid(rng), rng) for _ in range(MUTATED_CASES)), _parse_like_the_aggregator)
+    assert sum(outcomes.values()) == MUTATED_CASES
+    assert outcomes["truncated_update"] > 0
+    assert outcomes["invalid_envelope"] > 0
+
+
+def test_hostile_headers_are_refused_by_name() -> None:
+    rng = random.Random(3)
+    outcomes = _run((_framed(h, b"\x01" * 16) for h in _hostile_headers(rng)), _parse_like_the_aggregator)
+    assert sum(outcomes.values()) == HOSTILE_HEADERS + 6
+    assert set(outcomes) <= {"parsed", "invalid_envelope", "truncated_update", "invalid_metrics"}
+
+
+def test_mutated_ciphertext_chunks_never_escape_the_accumulator(key_material: KeyMaterial) -> None:
+    site = codec_for(DEFAULT_FORMAT_ID, load_secret_context(key_material.secret_context))
+    aggregator = codec_for(DEFAULT_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
+    good = site.encrypt_update(np.linspace(-1, 1, 10))
+    accumulator = aggregator.accumulator(10, good)
+    rng = random.Random(4)
+
+    def add_mutated(chunk: bytes) -> str:
+        before = accumulator.to_chunks()
+        try:
+            accumulator.add([chunk])
+        except InvalidUpdate as exc:
+            assert accumulator.to_chunks() == before, "a refused chunk changed the running sum"
+            return exc.code
+        return "added"  # a flipped coefficient bit is still a ciphertext; only its value changes
+
+    outcomes = _run((_mutate(good[0], rng) for _ in range(CHUNK_CASES)), add_mutated)
+    assert sum(outcomes.values()) == CHUNK_CASES
+    assert outcomes["invalid_ciphertext"] > CHUNK_CASES // 2
+
+
+def test_a_compressed_serialisation_is_refused_before_seal_parses_it(key_material: KeyMaterial) -> None:
+    import zstandard
+
+    from fedhe.he.seal_io import COMPR_ZSTD, HEADER
+
+    site = codec_for(DEFAULT_FORMAT_ID, load_secret_context(key_material.secret_context))
+    aggregator = codec_for(DEFAULT_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
+    chunk = site.encrypt_update(np.ones(4))[0]
+    magic, size, major, minor, _, _, _ = HEADER.unpack_from(chunk)
+    payload = zstandard.ZstdCompressor().compress(chunk[HEADER.size :])
+    compressed = HEADER.pack(magic, size, major, minor, COMPR_ZSTD, 0, HEADER.size + len(payload)) + payload
+    with pytest.raises(InvalidUpdate) as refused:
+        aggregator.accumulator(4).add([compressed])
+    assert refused.value.code == "invalid_ciphertext"
