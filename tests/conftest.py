@@ -13,7 +13,15 @@ import pytest
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.he import CkksParameters, KeyMaterial, create_key_material
-from fedhe.local_cluster import ClusterSecrets, ManagedProcess, free_port, start_aggregator, start_keyserver
+from fedhe.local_cluster import ClusterSecrets, ManagedProcess, free_port, start_aggregator, start_keyserver, url
+
+# The suite registers and polls far more than one site would from one address; the rate limits
+# themselves are tested on services of their own (tests/integration/test_limits.py).
+GENEROUS_LIMITS = {
+    f"FEDHE_{service}_{name}": "1000000"
+    for service in ("KEYSERVER", "AGGREGATOR")
+    for name in ("RATE_LIMIT_PER_ADDRESS", "RATE_LIMIT_PER_CREDENTIAL", "AUTH_FAILURES_PER_ADDRESS")
+} | {"FEDHE_AGGREGATOR_REGISTRATIONS_PER_ADDRESS": "1000000", "FEDHE_KEYSERVER_KEY_RELEASES_PER_SITE": "1000000"}
 
 POSTGRES_ADMIN_URL = os.environ.get("FEDHE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -62,13 +70,13 @@ class Cluster:
     keyserver: ManagedProcess
     aggregator: ManagedProcess
 
-    def operator_aggregator(self) -> AggregatorClient:
-        """An aggregator client holding the operator credential."""
-        return AggregatorClient(self.aggregator_url, self.secrets.operator_token)
+    def aggregator_admin(self) -> AggregatorClient:
+        """An aggregator client holding the aggregator admin's token."""
+        return self.secrets.aggregator_admin(self.aggregator_url)
 
-    def operator_keyserver(self) -> KeyserverClient:
-        """A keyserver client holding the operator credential."""
-        return KeyserverClient(self.keyserver_url, self.secrets.operator_token)
+    def keyserver_admin(self) -> KeyserverClient:
+        """A keyserver client holding the keyserver admin's token."""
+        return self.secrets.keyserver_admin(self.keyserver_url)
 
 
 @pytest.fixture(scope="session")
@@ -77,14 +85,14 @@ def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactor
     workdir = tmp_path_factory.mktemp("cluster")
     secrets = ClusterSecrets.generate(workdir / "secrets")
     ks_port, ag_port = free_port(), free_port()
-    ks_url, ag_url = f"http://127.0.0.1:{ks_port}", f"http://127.0.0.1:{ag_port}"
+    ks_url, ag_url = url(ks_port), url(ag_port)
     aggregator_db = postgres.create("fedhe_aggregator")
     keyserver = start_keyserver(
         port=ks_port,
         database_url=postgres.create("fedhe_keyserver"),
-        aggregator_url=ag_url,
         secrets=secrets,
         log_dir=workdir / "logs",
+        extra_env=GENEROUS_LIMITS,
     )
     aggregator = start_aggregator(
         port=ag_port,
@@ -92,7 +100,7 @@ def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactor
         keyserver_url=ks_url,
         secrets=secrets,
         log_dir=workdir / "logs",
-        extra_env={"FEDHE_AGGREGATOR_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)},
+        extra_env={**GENEROUS_LIMITS, "FEDHE_AGGREGATOR_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)},
     )
     try:
         yield Cluster(ks_url, ag_url, aggregator_db, secrets, workdir, keyserver, aggregator)

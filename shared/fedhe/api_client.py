@@ -7,43 +7,77 @@ problem happened here or on the other side of the wire.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from fedhe.errors import UpstreamUnavailable, error_from_body
+from fedhe.errors import InvalidRequest, UpstreamUnavailable, error_from_body
+from fedhe.identifiers import ACCOUNT_NAME, FEDERATION_ID, JOB_ID, KEY_ID, SITE_ID, TOKEN_ID, checked
 from fedhe.schemas import (
+    AccountCreate,
+    AccountPublic,
     AuditEventPublic,
     ContextInfo,
+    EndorsementCreate,
     EvaluationCreate,
     FederationCreate,
     FederationPublic,
     JobCreate,
     JobPublic,
     KeyReleaseRequest,
+    MemberCreate,
+    MemberPublic,
     RoundPublic,
     RoundVerification,
     SiteApproved,
     SiteCreate,
-    SiteIdentity,
     SitePublic,
+    TokenCreate,
+    TokenIssued,
+    TokenPublic,
     UpdateAccepted,
+    WhoAmI,
 )
+from fedhe.tls import ClientTLS
+
+M = TypeVar("M", bound=BaseModel)
+
+_ID_PATTERNS = {
+    "job_id": JOB_ID,
+    "site_id": SITE_ID,
+    "candidate": SITE_ID,
+    "federation_id": FEDERATION_ID,
+    "key_id": KEY_ID,
+    "token_id": TOKEN_ID,
+    "account": ACCOUNT_NAME,
+    "name": ACCOUNT_NAME,
+}
 
 
 class ServiceClient:
-    """A base URL, a bearer token and error mapping around ``httpx.Client``."""
+    """A base URL, a bearer token, TLS and error mapping around ``httpx.Client``.
+
+    The URL must be ``https://`` unless ``tls.insecure_http`` was chosen; the server is verified
+    against ``tls.ca_file`` (or the system's CAs), and ``tls``'s certificate is presented when the
+    server asks for one (mutual TLS).
+    """
 
     def __init__(
         self,
         base_url: str,
         token: str | None = None,
         *,
+        tls: ClientTLS | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ):
+        tls = tls or ClientTLS()
+        tls.check_url(base_url)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=base_url, headers=headers, timeout=timeout, transport=transport, verify=tls.ssl_context()
+        )
 
     def close(self) -> None:
         """Release the connection pool."""
@@ -54,6 +88,43 @@ class ServiceClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @staticmethod
+    def _url(template: str, **ids: str | int) -> str:
+        """A route path with each identifier checked against its pattern before it goes in the URL."""
+        values: dict[str, str] = {}
+        for name, value in ids.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                values[name] = str(value)
+            else:
+                values[name] = checked(_ID_PATTERNS[name], value, name)
+        return template.format(**values)
+
+    @staticmethod
+    def parse(model: type[M], response: httpx.Response) -> M:
+        """The response body as ``model``; a body that does not validate is refused, not trusted."""
+        try:
+            return model.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:
+            raise InvalidRequest(
+                f"{response.request.method} {response.request.url.path} answered a body that is not a valid "
+                f"{model.__name__}",
+                code="invalid_response",
+            ) from exc
+
+    def parse_list(self, model: type[M], response: httpx.Response) -> list[M]:
+        """The response body as a list of ``model``."""
+        try:
+            items = response.json()
+            if not isinstance(items, list):
+                raise ValueError("not a list")
+            return [model.model_validate(item) for item in items]
+        except (ValueError, ValidationError) as exc:
+            raise InvalidRequest(
+                f"{response.request.method} {response.request.url.path} answered a body that is not a list of "
+                f"{model.__name__}",
+                code="invalid_response",
+            ) from exc
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request; raise the mapped ``FedheError`` on any failure."""
@@ -70,39 +141,122 @@ class ServiceClient:
         return response
 
     def audit_events(self, limit: int = 100) -> list[AuditEventPublic]:
-        """Operator: the newest audit events."""
-        events = self.request("GET", "/v1/audit", params={"limit": limit}).json()
-        return [AuditEventPublic.model_validate(e) for e in events]
+        """Admin or viewer: the newest audit events."""
+        return self.parse_list(AuditEventPublic, self.request("GET", "/v1/audit", params={"limit": limit}))
+
+    def whoami(self) -> WhoAmI:
+        """The caller as the service sees it."""
+        return self.parse(WhoAmI, self.request("GET", "/v1/whoami"))
+
+    def accounts(self) -> list[AccountPublic]:
+        """Admin: every account."""
+        return self.parse_list(AccountPublic, self.request("GET", "/v1/accounts"))
+
+    def create_account(self, request: AccountCreate) -> AccountPublic:
+        """Admin: create a named account."""
+        return self.parse(AccountPublic, self.request("POST", "/v1/accounts", json=request.model_dump()))
+
+    def disable_account(self, name: str) -> AccountPublic:
+        """Admin: disable an account and revoke its tokens."""
+        return self.parse(AccountPublic, self.request("POST", self._url("/v1/accounts/{name}/disable", name=name)))
+
+    def tokens(self, account: str) -> list[TokenPublic]:
+        """An account's tokens (metadata)."""
+        return self.parse_list(
+            TokenPublic, self.request("GET", self._url("/v1/accounts/{account}/tokens", account=account))
+        )
+
+    def issue_token(self, account: str, request: TokenCreate) -> TokenIssued:
+        """A new token for an account, shown once."""
+        response = self.request(
+            "POST", self._url("/v1/accounts/{account}/tokens", account=account), json=request.model_dump()
+        )
+        return self.parse(TokenIssued, response)
+
+    def revoke_token(self, token_id: str) -> TokenPublic:
+        """Revoke a token."""
+        return self.parse(
+            TokenPublic, self.request("POST", self._url("/v1/tokens/{token_id}/revoke", token_id=token_id))
+        )
 
 
 class KeyserverClient(ServiceClient):
     """Typed calls to the keyserver."""
 
     def create_federation(self, request: FederationCreate) -> FederationPublic:
-        """Operator: create a federation."""
-        return FederationPublic.model_validate(
-            self.request("POST", "/v1/federations", json=request.model_dump()).json()
-        )
+        """Keyserver admin: create a federation."""
+        return self.parse(FederationPublic, self.request("POST", "/v1/federations", json=request.model_dump()))
 
     def rotate_key(self, federation_id: str) -> FederationPublic:
-        """Operator: rotate a federation's key."""
-        return FederationPublic.model_validate(self.request("POST", f"/v1/federations/{federation_id}/rotate").json())
+        """Keyserver admin: rotate a federation's key."""
+        return self.parse(
+            FederationPublic,
+            self.request("POST", self._url("/v1/federations/{federation_id}/rotate", federation_id=federation_id)),
+        )
 
     def federation(self, federation_id: str) -> FederationPublic:
-        """Operator: one federation."""
-        return FederationPublic.model_validate(self.request("GET", f"/v1/federations/{federation_id}").json())
+        """Keyserver admin or viewer: one federation."""
+        return self.parse(
+            FederationPublic,
+            self.request("GET", self._url("/v1/federations/{federation_id}", federation_id=federation_id)),
+        )
+
+    def federations(self) -> list[FederationPublic]:
+        """Keyserver admin or viewer: every federation."""
+        return self.parse_list(FederationPublic, self.request("GET", "/v1/federations"))
+
+    def members(self, federation_id: str) -> list[MemberPublic]:
+        """Keyserver admin, viewer or the aggregator's service identity: a federation's members."""
+        response = self.request(
+            "GET", self._url("/v1/federations/{federation_id}/members", federation_id=federation_id)
+        )
+        return self.parse_list(MemberPublic, response)
+
+    def add_member(self, federation_id: str, request: MemberCreate) -> MemberPublic:
+        """Keyserver admin: propose (or admit) a member, pinning its public key."""
+        response = self.request(
+            "POST",
+            self._url("/v1/federations/{federation_id}/members", federation_id=federation_id),
+            json=request.model_dump(),
+        )
+        return self.parse(MemberPublic, response)
+
+    def revoke_member(self, federation_id: str, site_id: str) -> MemberPublic:
+        """Keyserver admin: revoke a membership."""
+        response = self.request(
+            "POST",
+            self._url(
+                "/v1/federations/{federation_id}/members/{site_id}/revoke", federation_id=federation_id, site_id=site_id
+            ),
+        )
+        return self.parse(MemberPublic, response)
+
+    def endorse_member(self, federation_id: str, candidate: str, request: EndorsementCreate) -> MemberPublic:
+        """An active member: endorse a proposed member's pinned key (signed, no bearer token)."""
+        response = self.request(
+            "POST",
+            self._url(
+                "/v1/federations/{federation_id}/members/{candidate}/endorsements",
+                federation_id=federation_id,
+                candidate=candidate,
+            ),
+            json=request.model_dump(),
+        )
+        return self.parse(MemberPublic, response)
 
     def context_info(self, key_id: str) -> ContextInfo:
         """Public facts about a context."""
-        return ContextInfo.model_validate(self.request("GET", f"/v1/contexts/{key_id}").json())
+        return self.parse(ContextInfo, self.request("GET", self._url("/v1/contexts/{key_id}", key_id=key_id)))
 
     def evaluation_context(self, key_id: str) -> bytes:
         """Aggregator: the keyless evaluation context."""
-        return self.request("GET", f"/v1/contexts/{key_id}/evaluation").content
+        return self.request("GET", self._url("/v1/contexts/{key_id}/evaluation", key_id=key_id)).content
 
     def secret_context(self, key_id: str, request: KeyReleaseRequest) -> bytes:
         """Site: the secret context, against a signed request."""
-        return self.request("POST", f"/v1/contexts/{key_id}/secret", json=request.model_dump()).content
+        return self.request(
+            "POST", self._url("/v1/contexts/{key_id}/secret", key_id=key_id), json=request.model_dump()
+        ).content
 
 
 class AggregatorClient(ServiceClient):
@@ -110,63 +264,71 @@ class AggregatorClient(ServiceClient):
 
     def register_site(self, request: SiteCreate) -> SitePublic:
         """Site admin: register (no credential needed)."""
-        return SitePublic.model_validate(self.request("POST", "/v1/sites", json=request.model_dump()).json())
+        return self.parse(SitePublic, self.request("POST", "/v1/sites", json=request.model_dump()))
 
     def sites(self) -> list[SitePublic]:
-        """Operator: all sites."""
-        return [SitePublic.model_validate(s) for s in self.request("GET", "/v1/sites").json()]
+        """Admin or viewer: all sites."""
+        return self.parse_list(SitePublic, self.request("GET", "/v1/sites"))
+
+    def site(self, site_id: str) -> SitePublic:
+        """Admin or viewer: one site."""
+        return self.parse(SitePublic, self.request("GET", self._url("/v1/sites/{site_id}", site_id=site_id)))
 
     def approve_site(self, site_id: str) -> SiteApproved:
-        """Operator: approve a site; the answer holds its credential, shown once."""
-        return SiteApproved.model_validate(self.request("POST", f"/v1/sites/{site_id}/approve").json())
+        """Admin: approve a site; the answer holds its credential, shown once."""
+        return self.parse(SiteApproved, self.request("POST", self._url("/v1/sites/{site_id}/approve", site_id=site_id)))
 
     def reject_site(self, site_id: str) -> SitePublic:
-        """Operator: reject a pending site."""
-        return SitePublic.model_validate(self.request("POST", f"/v1/sites/{site_id}/reject").json())
+        """Admin: reject a pending site."""
+        return self.parse(SitePublic, self.request("POST", self._url("/v1/sites/{site_id}/reject", site_id=site_id)))
 
     def revoke_site(self, site_id: str) -> SitePublic:
-        """Operator: revoke an approved site."""
-        return SitePublic.model_validate(self.request("POST", f"/v1/sites/{site_id}/revoke").json())
-
-    def site_identity(self, site_id: str) -> SiteIdentity:
-        """Keyserver: a site's status and public key."""
-        return SiteIdentity.model_validate(self.request("GET", f"/v1/internal/sites/{site_id}").json())
+        """Admin: revoke an approved site."""
+        return self.parse(SitePublic, self.request("POST", self._url("/v1/sites/{site_id}/revoke", site_id=site_id)))
 
     def create_job(self, request: JobCreate) -> JobPublic:
-        """Operator: create a job; round 0 opens at once."""
-        return JobPublic.model_validate(self.request("POST", "/v1/jobs", json=request.model_dump(mode="json")).json())
+        """Admin: create a job; round 0 opens at once."""
+        return self.parse(JobPublic, self.request("POST", "/v1/jobs", json=request.model_dump(mode="json")))
 
     def jobs(self) -> list[JobPublic]:
-        """Operator or site: all jobs."""
-        return [JobPublic.model_validate(j) for j in self.request("GET", "/v1/jobs").json()]
+        """Admin, viewer, or a site (the jobs of its federations): jobs."""
+        return self.parse_list(JobPublic, self.request("GET", "/v1/jobs"))
 
     def job(self, job_id: str) -> JobPublic:
         """Operator or site: one job."""
-        return JobPublic.model_validate(self.request("GET", f"/v1/jobs/{job_id}").json())
+        return self.parse(JobPublic, self.request("GET", self._url("/v1/jobs/{job_id}", job_id=job_id)))
 
     def stop_job(self, job_id: str) -> JobPublic:
-        """Operator: stop a running job."""
-        return JobPublic.model_validate(self.request("POST", f"/v1/jobs/{job_id}/stop").json())
+        """Admin: stop a running job."""
+        return self.parse(JobPublic, self.request("POST", self._url("/v1/jobs/{job_id}/stop", job_id=job_id)))
 
     def rounds(self, job_id: str) -> list[RoundPublic]:
         """Operator or site: every round attempt of a job."""
-        return [RoundPublic.model_validate(r) for r in self.request("GET", f"/v1/jobs/{job_id}/rounds").json()]
+        return self.parse_list(RoundPublic, self.request("GET", self._url("/v1/jobs/{job_id}/rounds", job_id=job_id)))
 
     def round(self, job_id: str, number: int) -> RoundPublic:
         """Operator or site: the latest attempt of round ``number``."""
-        return RoundPublic.model_validate(self.request("GET", f"/v1/jobs/{job_id}/rounds/{number}").json())
+        return self.parse(
+            RoundPublic,
+            self.request("GET", self._url("/v1/jobs/{job_id}/rounds/{number}", job_id=job_id, number=number)),
+        )
 
     def verify_round(self, job_id: str, number: int) -> RoundVerification:
-        """Operator: rebuild a round's sum from its submissions and compare with the stored one."""
-        return RoundVerification.model_validate(self.request("GET", f"/v1/jobs/{job_id}/rounds/{number}/verify").json())
+        """Admin or viewer: rebuild a round's sum from its submissions and compare with the stored one."""
+        return self.parse(
+            RoundVerification,
+            self.request("GET", self._url("/v1/jobs/{job_id}/rounds/{number}/verify", job_id=job_id, number=number)),
+        )
 
     def model(self, job_id: str, number: int) -> bytes:
         """Site: the envelope holding round ``number``'s global model."""
-        return self.request("GET", f"/v1/jobs/{job_id}/rounds/{number}/model").content
+        return self.request(
+            "GET", self._url("/v1/jobs/{job_id}/rounds/{number}/model", job_id=job_id, number=number)
+        ).content
 
     def final_model(self, job_id: str) -> bytes:
         """Site: the envelope holding the job's final aggregate."""
-        return self.request("GET", f"/v1/jobs/{job_id}/final-model").content
+        return self.request("GET", self._url("/v1/jobs/{job_id}/final-model", job_id=job_id)).content
 
     def upload_update(
         self, job_id: str, number: int, envelope: bytes, idempotency_key: str | None = None
@@ -175,9 +337,18 @@ class AggregatorClient(ServiceClient):
         headers = {"Content-Type": "application/octet-stream"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
-        response = self.request("POST", f"/v1/jobs/{job_id}/rounds/{number}/updates", content=envelope, headers=headers)
-        return UpdateAccepted.model_validate(response.json())
+        response = self.request(
+            "POST",
+            self._url("/v1/jobs/{job_id}/rounds/{number}/updates", job_id=job_id, number=number),
+            content=envelope,
+            headers=headers,
+        )
+        return self.parse(UpdateAccepted, response)
 
     def post_evaluation(self, job_id: str, number: int, evaluation: EvaluationCreate) -> None:
         """Site: report how round ``number``'s published model scores on local validation data."""
-        self.request("POST", f"/v1/jobs/{job_id}/rounds/{number}/evaluations", json=evaluation.model_dump())
+        self.request(
+            "POST",
+            self._url("/v1/jobs/{job_id}/rounds/{number}/evaluations", job_id=job_id, number=number),
+            json=evaluation.model_dump(),
+        )

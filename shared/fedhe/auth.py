@@ -3,9 +3,9 @@
 - API credentials (operator, site, service) are bearer tokens of 256 random bits. Services
   store only their SHA-256 (a slow hash adds nothing for tokens with that much entropy) and
   compare digests in constant time.
-- Each site holds an Ed25519 signing key; it registers the public half. The keyserver
-  releases a secret context only against a fresh signature by an approved site's key, so it
-  never needs the site's API credential.
+- Each site holds an Ed25519 signing key; the keyserver pins the public half in its own
+  membership table. It releases a secret context only against a fresh, single-use signature
+  by a member's pinned key, so it never needs the site's API credential.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -85,37 +86,70 @@ def parse_public_key(encoded: str) -> Ed25519PublicKey:
         raise InvalidRequest("public_key must be base64 of a 32-byte Ed25519 public key") from exc
 
 
-def key_release_message(site_id: str, key_id: str, timestamp: int) -> bytes:
-    """The exact bytes a site signs to ask for a federation's secret context."""
-    return f"fedhe-key-release\n{site_id}\n{key_id}\n{timestamp}".encode()
+SIGNED_REQUEST_VERSION = "fedhe-signed-request-v1"
+KEY_RELEASE_PURPOSE = "release-secret-context"
+ENDORSE_PURPOSE = "endorse-member"
 
 
-def sign_key_release(
-    key: Ed25519PrivateKey, site_id: str, key_id: str, timestamp: int | None = None
-) -> tuple[int, str]:
-    """Sign a key-release request; returns (timestamp, base64 signature)."""
-    ts = int(time.time()) if timestamp is None else timestamp
-    signature = key.sign(key_release_message(site_id, key_id, ts))
-    return ts, base64.b64encode(signature).decode()
+def new_nonce() -> str:
+    """A single-use request nonce: 128 random bits, hex."""
+    return secrets.token_hex(16)
 
 
-def verify_key_release(
-    public_key: str,
-    site_id: str,
-    key_id: str,
-    timestamp: int,
-    signature: str,
+def signed_message(purpose: str, audience: str, timestamp: int, nonce: str, fields: Sequence[str]) -> bytes:
+    """The exact bytes a site signs: purpose, audience, time, nonce and the request's fields.
+
+    The audience names the keyserver the request is meant for, so a request captured at one
+    keyserver is worthless at another; the nonce makes it single-use at the one it names.
+    """
+    parts = [SIGNED_REQUEST_VERSION, purpose, audience, str(timestamp), nonce, *fields]
+    if any("\n" in part for part in parts):
+        raise InvalidRequest("signed request fields must not contain line breaks")
+    return "\n".join(parts).encode()
+
+
+def sign_request(
+    key: Ed25519PrivateKey,
+    purpose: str,
+    audience: str,
+    fields: Sequence[str],
     *,
+    timestamp: int | None = None,
+    nonce: str | None = None,
+) -> tuple[int, str, str]:
+    """Sign a request; returns (timestamp, nonce, base64 signature)."""
+    ts = int(time.time()) if timestamp is None else timestamp
+    once = new_nonce() if nonce is None else nonce
+    signature = key.sign(signed_message(purpose, audience, ts, once, fields))
+    return ts, once, base64.b64encode(signature).decode()
+
+
+def verify_request(
+    public_key: str,
+    purpose: str,
+    audience: str,
+    fields: Sequence[str],
+    *,
+    timestamp: int,
+    nonce: str,
+    signature: str,
     max_skew_s: int,
     now: float | None = None,
 ) -> None:
-    """Check a key-release signature and its freshness; raise ``Unauthenticated`` if not valid."""
+    """Check a signed request's freshness and signature; raise ``Unauthenticated`` if either fails.
+
+    Single use (the nonce not seen before) is the caller's check: it needs shared state.
+    """
     current = time.time() if now is None else now
     if abs(current - timestamp) > max_skew_s:
-        raise Unauthenticated(f"key-release request is older or newer than {max_skew_s} s; check the site's clock")
+        raise Unauthenticated(
+            f"signed request is older or newer than {max_skew_s} s; check the site's clock", code="request_expired"
+        )
     try:
         parse_public_key(public_key).verify(
-            base64.b64decode(signature), key_release_message(site_id, key_id, timestamp)
+            base64.b64decode(signature, validate=True), signed_message(purpose, audience, timestamp, nonce, fields)
         )
     except (InvalidSignature, ValueError) as exc:
-        raise Unauthenticated("key-release signature does not verify with the site's registered key") from exc
+        raise Unauthenticated(
+            "signature does not verify with the site's pinned key for this keyserver", code="bad_signature"
+        ) from exc

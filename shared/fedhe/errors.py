@@ -11,6 +11,7 @@
     ├── Conflict                409  valid, but not now (duplicate, round closed, stale key)
     ├── PayloadTooLarge         413  the body is over the configured limit
     ├── BudgetExhausted         409  a site's privacy budget forbids further training
+    ├── TooManyRequests         429  a rate limit was reached; retry after ``retry_after_s``
     └── UpstreamUnavailable     503  a service this one depends on did not answer
 
 Each error carries a stable machine-readable ``code`` and a human ``message``; services map
@@ -98,6 +99,17 @@ class BudgetExhausted(FedheError):
     default_code = "privacy_budget_exhausted"
 
 
+class TooManyRequests(FedheError):
+    """A rate limit was reached for this credential, client address or action."""
+
+    status_code = 429
+    default_code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None):
+        super().__init__(message, code=code, detail={"retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s
+
+
 class UpstreamUnavailable(FedheError):
     """A service this one depends on could not be reached or answered with an error."""
 
@@ -112,6 +124,7 @@ _BY_STATUS: dict[int, type[FedheError]] = {
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,
+    429: TooManyRequests,
     503: UpstreamUnavailable,
 }
 
@@ -128,6 +141,9 @@ def error_from_body(status_code: int, body: Any) -> FedheError:
         detail = err.get("detail") if isinstance(err.get("detail"), dict) else None
     # Any server-side failure is, from the caller's side, a service that did not answer properly:
     # clients retry it with backoff rather than give up.
+    if status_code == 429:
+        retry = (detail or {}).get("retry_after_s")
+        return TooManyRequests(message, retry_after_s=retry if isinstance(retry, int) else 1, code=code)
     cls = _BY_STATUS.get(status_code, UpstreamUnavailable if status_code >= 500 else FedheError)
     if code == InvalidUpdate.default_code:
         cls = InvalidUpdate

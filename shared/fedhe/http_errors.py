@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedhe.errors import FedheError, InvalidRequest, UpstreamUnavailable
+from fedhe.http_limits import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _fedhe_error(request: Request, exc: FedheError) -> JSONResponse:
         if exc.status_code >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.code)
-        return JSONResponse(status_code=exc.status_code, content=exc.to_body())
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,7 +1,8 @@
-"""Running fedhe's processes on one machine: free ports, secrets files, start, wait, stop.
+"""Running fedhe's processes on one machine: free ports, secrets, TLS, start, wait, stop.
 
-Used by ``fedhe demo`` and by the integration tests, so both exercise the real services as
-separate processes on loopback.
+Used by ``fedhe demo``, the integration tests and the benchmarks, so all of them exercise the
+real services as separate processes on loopback, over TLS with a development CA, each service
+with its own admin account.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from pathlib import Path
 import httpx
 import redis
 
-from fedhe.auth import new_token
+from fedhe.api_client import AggregatorClient, KeyserverClient
+from fedhe.auth import generate_signing_key, new_token, private_key_to_pem, public_key_b64
+from fedhe.devca import create_ca
+from fedhe.files import write_private_text
+from fedhe.schemas import MemberCreate, SiteCreate
+from fedhe.tls import ClientTLS
+
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]
 
 
 def free_port() -> int:
@@ -30,36 +38,82 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_secret(path: Path, value: str) -> Path:
-    """Write a secret to a file only its owner can read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(value)
-    return path
+def url(port: int) -> str:
+    """The HTTPS URL of a service on loopback."""
+    return f"https://127.0.0.1:{port}"
 
 
 @dataclass(frozen=True)
 class ClusterSecrets:
-    """Files holding the operator token, the service token and the keyserver's KEK."""
+    """Everything a local cluster needs that must not be in the repository, as files (0600 keys).
 
-    operator_token_file: Path
-    service_token_file: Path
+    The keyserver's admin token and the aggregator's are different credentials; the aggregator's
+    service token is its identity at the keyserver.
+    """
+
+    directory: Path
     kek_file: Path
+    keyserver_admin_token_file: Path
+    aggregator_admin_token_file: Path
+    aggregator_service_token_file: Path
+    ca_file: Path
+    server_cert_file: Path
+    server_key_file: Path
 
     @classmethod
     def generate(cls, directory: Path) -> ClusterSecrets:
-        """Fresh random secrets, written under ``directory``."""
+        """Fresh random secrets and a development CA with a loopback server certificate."""
+        ca = create_ca(directory)
+        server = ca.issue(directory, "server", hosts=LOOPBACK_HOSTS)
         return cls(
-            operator_token_file=write_secret(directory / "operator-token", new_token()),
-            service_token_file=write_secret(directory / "service-token", new_token()),
-            kek_file=write_secret(directory / "kek", base64.b64encode(os.urandom(32)).decode()),
+            directory=directory,
+            kek_file=write_private_text(directory / "kek", base64.b64encode(os.urandom(32)).decode()),
+            keyserver_admin_token_file=write_private_text(directory / "keyserver-admin-token", new_token("fht_")),
+            aggregator_admin_token_file=write_private_text(directory / "aggregator-admin-token", new_token("fht_")),
+            aggregator_service_token_file=write_private_text(directory / "aggregator-service-token", new_token("fht_")),
+            ca_file=ca.cert_file,
+            server_cert_file=server.cert_file,
+            server_key_file=server.key_file,
         )
 
     @property
-    def operator_token(self) -> str:
-        """The operator credential."""
-        return self.operator_token_file.read_text(encoding="utf-8")
+    def tls(self) -> ClientTLS:
+        """Client TLS trusting the cluster's CA."""
+        return ClientTLS(ca_file=self.ca_file)
+
+    @property
+    def keyserver_admin_token(self) -> str:
+        """The keyserver admin's token."""
+        return self.keyserver_admin_token_file.read_text(encoding="utf-8")
+
+    @property
+    def aggregator_admin_token(self) -> str:
+        """The aggregator admin's token."""
+        return self.aggregator_admin_token_file.read_text(encoding="utf-8")
+
+    def keyserver_admin(self, keyserver_url: str) -> KeyserverClient:
+        """A keyserver client holding the keyserver admin's token."""
+        return KeyserverClient(keyserver_url, self.keyserver_admin_token, tls=self.tls)
+
+    def aggregator_admin(self, aggregator_url: str) -> AggregatorClient:
+        """An aggregator client holding the aggregator admin's token."""
+        return AggregatorClient(aggregator_url, self.aggregator_admin_token, tls=self.tls)
+
+    def tls_env(self, prefix: str) -> dict[str, str]:
+        """The TLS settings of a service (serving the loopback certificate, trusting the CA)."""
+        return {
+            f"{prefix}_TLS_CERT_FILE": str(self.server_cert_file),
+            f"{prefix}_TLS_KEY_FILE": str(self.server_key_file),
+            f"{prefix}_TLS_CA_FILE": str(self.ca_file),
+        }
+
+    def cli_env(self) -> dict[str, str]:
+        """Environment for ``fedhe`` client commands run as both admins."""
+        return {
+            "FEDHE_CA_FILE": str(self.ca_file),
+            "FEDHE_KEYSERVER_TOKEN_FILE": str(self.keyserver_admin_token_file),
+            "FEDHE_AGGREGATOR_TOKEN_FILE": str(self.aggregator_admin_token_file),
+        }
 
 
 class ManagedProcess:
@@ -78,14 +132,15 @@ class ManagedProcess:
             start_new_session=True,
         )
 
-    def wait_healthy(self, url: str, timeout_s: float = 60) -> None:
-        """Block until ``url``/healthz answers 200, or raise with the log's tail."""
+    def wait_healthy(self, base_url: str, tls: ClientTLS, timeout_s: float = 60) -> None:
+        """Block until ``base_url``/healthz answers 200, or raise with the log's tail."""
         deadline = time.monotonic() + timeout_s
+        verify = tls.ssl_context()
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{base_url}/healthz", timeout=1, verify=verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -117,19 +172,26 @@ class ManagedProcess:
 
 
 def start_keyserver(
-    *, port: int, database_url: str, aggregator_url: str, secrets: ClusterSecrets, log_dir: Path
+    *,
+    port: int,
+    database_url: str,
+    secrets: ClusterSecrets,
+    log_dir: Path,
+    name: str = "keyserver",
+    extra_env: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    """Start a keyserver on 127.0.0.1:``port`` and wait until it is healthy."""
+    """Start a keyserver on 127.0.0.1:``port`` over TLS and wait until it is healthy."""
     env = {
         "FEDHE_KEYSERVER_DATABASE_URL": database_url,
-        "FEDHE_KEYSERVER_AGGREGATOR_URL": aggregator_url,
         "FEDHE_KEYSERVER_KEK_FILE": str(secrets.kek_file),
-        "FEDHE_KEYSERVER_OPERATOR_TOKEN_FILE": str(secrets.operator_token_file),
-        "FEDHE_KEYSERVER_SERVICE_TOKEN_FILE": str(secrets.service_token_file),
+        "FEDHE_KEYSERVER_BOOTSTRAP_ADMIN_TOKEN_FILE": str(secrets.keyserver_admin_token_file),
+        "FEDHE_KEYSERVER_AGGREGATOR_TOKEN_FILE": str(secrets.aggregator_service_token_file),
         "FEDHE_KEYSERVER_LOG_LEVEL": "WARNING",
+        **secrets.tls_env("FEDHE_KEYSERVER"),
+        **(extra_env or {}),
     }
-    process = ManagedProcess("keyserver", ["keyserver", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
-    process.wait_healthy(f"http://127.0.0.1:{port}")
+    process = ManagedProcess(name, ["keyserver", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
+    process.wait_healthy(url(port), secrets.tls)
     return process
 
 
@@ -143,17 +205,18 @@ def start_aggregator(
     name: str = "aggregator",
     extra_env: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    """Start an aggregator on 127.0.0.1:``port`` and wait until it is healthy."""
+    """Start an aggregator on 127.0.0.1:``port`` over TLS and wait until it is healthy."""
     env = {
         "FEDHE_AGGREGATOR_DATABASE_URL": database_url,
         "FEDHE_AGGREGATOR_KEYSERVER_URL": keyserver_url,
-        "FEDHE_AGGREGATOR_OPERATOR_TOKEN_FILE": str(secrets.operator_token_file),
-        "FEDHE_AGGREGATOR_SERVICE_TOKEN_FILE": str(secrets.service_token_file),
+        "FEDHE_AGGREGATOR_BOOTSTRAP_ADMIN_TOKEN_FILE": str(secrets.aggregator_admin_token_file),
+        "FEDHE_AGGREGATOR_KEYSERVER_TOKEN_FILE": str(secrets.aggregator_service_token_file),
         "FEDHE_AGGREGATOR_LOG_LEVEL": "WARNING",
+        **secrets.tls_env("FEDHE_AGGREGATOR"),
         **(extra_env or {}),
     }
     process = ManagedProcess(name, ["aggregator", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
-    process.wait_healthy(f"http://127.0.0.1:{port}")
+    process.wait_healthy(url(port), secrets.tls)
     return process
 
 
@@ -162,6 +225,7 @@ class ProvisionedSite:
     """A registered and approved site's identity files."""
 
     site_id: str
+    public_key: str
     credential_file: Path
     signing_key_file: Path
 
@@ -171,28 +235,45 @@ class ProvisionedSite:
         return self.credential_file.read_text(encoding="utf-8")
 
 
-def provision_site(aggregator_url: str, operator_token: str, directory: Path, name: str) -> ProvisionedSite:
-    """Do what a site admin and an operator do: make a key, register, approve, keep the credential."""
-    from fedhe.api_client import AggregatorClient
-    from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
-    from fedhe.schemas import SiteCreate
+def provision_site(
+    *,
+    aggregator_url: str,
+    keyserver_url: str,
+    secrets: ClusterSecrets,
+    directory: Path,
+    name: str,
+    federation_id: str | None,
+) -> ProvisionedSite:
+    """What a site admin and the two admins do: make a key, register, approve, admit to a federation.
 
+    The aggregator admin approves the site (it may talk to the aggregator); the keyserver admin
+    admits it to ``federation_id`` with its public key pinned (it may get the key and see jobs).
+    """
     key = generate_signing_key()
-    key_file = directory / name / "signing-key.pem"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    write_secret(key_file, private_key_to_pem(key).decode())
+    key_file = write_private_text(directory / name / "signing-key.pem", private_key_to_pem(key).decode())
+    public_key = public_key_b64(key)
     request = SiteCreate(
-        name=name,
-        organisation=f"{name} demo organisation",
-        contact=f"admin@{name}.example",
-        public_key=public_key_b64(key),
+        name=name, organisation=f"{name} demo organisation", contact=f"admin@{name}.example", public_key=public_key
     )
-    with AggregatorClient(aggregator_url) as anonymous:
+    with AggregatorClient(aggregator_url, tls=secrets.tls) as anonymous:
         site = anonymous.register_site(request)
-    with AggregatorClient(aggregator_url, operator_token) as operator:
-        approved = operator.approve_site(site.id)
-    credential_file = write_secret(directory / name / "credential", approved.credential)
-    return ProvisionedSite(site_id=site.id, credential_file=credential_file, signing_key_file=key_file)
+    with secrets.aggregator_admin(aggregator_url) as admin:
+        approved = admin.approve_site(site.id)
+    credential_file = write_private_text(directory / name / "credential", approved.credential)
+    provisioned = ProvisionedSite(
+        site_id=site.id, public_key=public_key, credential_file=credential_file, signing_key_file=key_file
+    )
+    if federation_id is not None:
+        admit_member(keyserver_url, secrets, federation_id, provisioned, name)
+    return provisioned
+
+
+def admit_member(
+    keyserver_url: str, secrets: ClusterSecrets, federation_id: str, site: ProvisionedSite, name: str
+) -> None:
+    """The keyserver admin adds ``site`` to ``federation_id``, pinning its public key."""
+    with secrets.keyserver_admin(keyserver_url) as admin:
+        admin.add_member(federation_id, MemberCreate(site_id=site.site_id, public_key=site.public_key, name=name))
 
 
 def start_agent(
@@ -201,12 +282,14 @@ def start_agent(
     name: str,
     aggregator_url: str,
     keyserver_url: str,
+    secrets: ClusterSecrets,
     data_path: Path,
     state_dir: Path,
     job_id: str,
     log_dir: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    """Start a site agent that follows ``job_id`` and exits when it ends."""
+    """Start a site agent that follows ``job_id`` over TLS and exits when it ends."""
     args = [
         "agent",
         "--aggregator",
@@ -227,7 +310,13 @@ def start_agent(
         job_id,
         "--once",
     ]
-    return ManagedProcess(name, args, {"FEDHE_AGENT_LOG_LEVEL": "INFO", "TF_CPP_MIN_LOG_LEVEL": "2"}, log_dir)
+    env = {
+        "FEDHE_AGENT_LOG_LEVEL": "INFO",
+        "FEDHE_AGENT_TLS_CA_FILE": str(secrets.ca_file),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **(extra_env or {}),
+    }
+    return ManagedProcess(name, args, env, log_dir)
 
 
 class RedisServer:

@@ -11,10 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedhe.he.codec import DEFAULT_FORMAT_ID
 from fedhe.he.context import CkksParameters
+from fedhe.identifiers import AccountName, FederationId, JobId, KeyId, Nonce, SiteId, TokenId
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 
 MAX_METRICS = 64
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def check_metrics(metrics: object) -> dict[str, float]:
@@ -24,7 +32,7 @@ def check_metrics(metrics: object) -> dict[str, float]:
     for name, value in metrics.items():
         if not isinstance(name, str) or len(name) > 64:
             raise ValueError("metric names must be strings of at most 64 characters")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             raise ValueError(f"metric {name!r} must be a finite number")
     return metrics
 
@@ -71,7 +79,7 @@ class SiteCreate(BaseModel):
 class SitePublic(BaseModel):
     """A site as operators see it."""
 
-    id: str
+    id: SiteId
     name: str
     organisation: str
     contact: str
@@ -88,51 +96,95 @@ class SiteApproved(BaseModel):
     credential: str
 
 
-class SiteIdentity(BaseModel):
-    """What the keyserver learns about a site from the aggregator's registry."""
-
-    id: str
-    status: SiteStatus
-    public_key: str
-
-
 class FederationCreate(BaseModel):
-    """An operator's request for a new federation and its CKKS context."""
+    """A keyserver admin's request for a new federation and its HE context."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
     parameters: CkksParameters = Field(default_factory=CkksParameters)
+    endorsements_required: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description=(
+            "k: once the federation has had k active members, a new member is admitted only when k "
+            "existing members have signed its public key (0: the keyserver admin admits alone)"
+        ),
+    )
 
 
 class ContextInfo(BaseModel):
-    """Public facts about one CKKS context."""
+    """Public facts about one HE context."""
 
-    key_id: str
-    federation_id: str
+    key_id: KeyId
+    federation_id: FederationId
     parameters: CkksParameters
     created_at: datetime
     retired_at: datetime | None = None
 
 
 class FederationPublic(BaseModel):
-    """A federation and its current key."""
+    """A federation, its admission policy and its current key."""
 
-    id: str
+    id: FederationId
     name: str
-    key_id: str
+    key_id: KeyId
     created_at: datetime
+    endorsements_required: int
+    bootstrap_complete: bool = Field(description="whether new members now need endorsements_required endorsements")
     contexts: list[ContextInfo]
 
 
-class KeyReleaseRequest(BaseModel):
-    """A site's signed request for the secret context of ``key_id``."""
+class MemberStatus(StrEnum):
+    """Lifecycle of a site's membership in a federation (held by the keyserver)."""
+
+    PROPOSED = "proposed"
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class MemberCreate(BaseModel):
+    """A keyserver admin proposes (or, without an endorsement rule, admits) a site as a member."""
 
     model_config = ConfigDict(extra="forbid")
 
-    site_id: str
-    timestamp: int
-    signature: str
+    site_id: SiteId
+    public_key: str = Field(max_length=64, description="base64 of the site's 32-byte Ed25519 public key, pinned here")
+    name: str = Field(default="", max_length=200)
+
+
+class MemberPublic(BaseModel):
+    """A member of a federation as the keyserver holds it."""
+
+    federation_id: FederationId
+    site_id: SiteId
+    name: str
+    public_key: str
+    status: MemberStatus
+    proposed_at: datetime
+    admitted_at: datetime | None = None
+    revoked_at: datetime | None = None
+    endorsed_by: list[SiteId] = Field(default_factory=list)
+
+
+class SignedRequest(BaseModel):
+    """Proof that a site holding its pinned signing key asked for this, here, now, once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site_id: SiteId
+    timestamp: int = Field(ge=0, le=2**40)
+    nonce: Nonce
+    signature: str = Field(max_length=128)
+
+
+class KeyReleaseRequest(SignedRequest):
+    """A member site's signed request for the secret context of ``key_id``."""
+
+
+class EndorsementCreate(SignedRequest):
+    """An active member's signature over a proposed member's pinned public key (``site_id`` is the endorser)."""
 
 
 class JobCreate(BaseModel):
@@ -141,7 +193,7 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    key_id: str
+    key_id: KeyId
     model: ModelSpec
     rounds: int = Field(default=5, ge=1, le=10_000)
     min_sites: int = Field(default=2, ge=1, description="fewest uploads a round may publish with")
@@ -180,7 +232,8 @@ class JobPublic(JobCreate):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str
+    id: JobId
+    federation_id: FederationId
     status: JobStatus
     current_round: int
     created_at: datetime
@@ -191,7 +244,7 @@ class JobPublic(JobCreate):
 class SubmissionPublic(BaseModel):
     """One accepted upload, as operators see it (never its ciphertext)."""
 
-    site_id: str
+    site_id: SiteId
     num_samples: int
     num_bytes: int
     sha256: str
@@ -219,14 +272,14 @@ class EvaluationPublic(EvaluationCreate):
 
     model_config = ConfigDict(extra="ignore")
 
-    site_id: str
+    site_id: SiteId
     received_at: datetime
 
 
 class RoundPublic(BaseModel):
     """One attempt at one round."""
 
-    job_id: str
+    job_id: JobId
     number: int
     attempt: int
     state: RoundState
@@ -258,7 +311,7 @@ class AuditEventPublic(BaseModel):
 class RoundVerification(BaseModel):
     """Whether a round's stored running sum and counters match its stored submissions."""
 
-    job_id: str
+    job_id: JobId
     number: int
     submissions: int
     counters_match: bool
@@ -268,10 +321,79 @@ class RoundVerification(BaseModel):
 class UpdateAccepted(BaseModel):
     """The aggregator's answer to an accepted upload."""
 
-    job_id: str
+    job_id: JobId
     round: int
     attempt: int
     round_state: RoundState
     num_submissions: int
     sha256: str
     replayed: bool = Field(default=False, description="true when this exact upload had already been accepted")
+
+
+class AccountCreate(BaseModel):
+    """An admin's request for a new named account."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: AccountName
+    role: str = Field(description="admin or viewer (and service, at the keyserver)")
+
+
+class AccountPublic(BaseModel):
+    """A named account."""
+
+    name: AccountName
+    role: str
+    created_at: datetime
+    created_by: str
+    disabled_at: datetime | None = None
+
+
+class TokenCreate(BaseModel):
+    """A request for a new API token for an account."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(default="", max_length=200, description="what the token is for (shown in listings)")
+    expires_in_days: int = Field(default=90, ge=1, le=366)
+
+
+class TokenPublic(BaseModel):
+    """An API token's metadata (the token itself is shown once, at issue)."""
+
+    id: TokenId
+    account: AccountName
+    label: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class TokenIssued(BaseModel):
+    """A new token, shown this once; only its SHA-256 is stored."""
+
+    token: str
+    info: TokenPublic
+
+
+class WhoAmI(BaseModel):
+    """The caller as the service sees it."""
+
+    name: str
+    role: str
+    site_id: SiteId | None = None
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable machine-readable code and a message for people."""
+
+    code: str
+    message: str
+    detail: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail

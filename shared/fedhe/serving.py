@@ -1,4 +1,4 @@
-"""Running a service process: logging set-up and the HTTP server."""
+"""Running a service process: logging set-up and the HTTP(S) server."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ def configure_logging(level: str) -> None:
 
 
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
-    """Serve ``app`` where ``settings`` say until the process is told to stop."""
+    """Serve ``app`` over TLS (plain HTTP only with ``insecure_http``) until told to stop."""
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    tls = settings.server_tls()
+    options = tls.uvicorn_options() if tls is not None else {}
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(), **options)

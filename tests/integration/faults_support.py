@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhe.api_client import AggregatorClient, KeyserverClient
+from fedhe.api_client import AggregatorClient
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, encode_envelope
 from fedhe.local_cluster import (
@@ -20,10 +20,12 @@ from fedhe.local_cluster import (
     provision_site,
     start_aggregator,
     start_keyserver,
+    url,
 )
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import FederationCreate, JobCreate
-from tests.conftest import PostgresDatabases
+from fedhe.tls import ClientTLS
+from tests.conftest import GENEROUS_LIMITS, PostgresDatabases
 from tests.integration.helpers import site_codec
 
 WEIGHT_SCALE = 10_000
@@ -53,16 +55,21 @@ class FaultCluster:
             log_dir=self.workdir / "logs",
             name=name or f"aggregator-{port}",
             extra_env={
+                **GENEROUS_LIMITS,
                 "FEDHE_AGGREGATOR_REDIS_URL": self.redis_url,
                 "FEDHE_AGGREGATOR_DEADLINE_CHECK_INTERVAL_S": "0.5",
             },
         )
         self.replicas.append((port, process))
-        return f"http://127.0.0.1:{port}"
+        return url(port)
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port, _ in self.replicas]
+        return [url(port) for port, _ in self.replicas]
+
+    def admin(self, replica_url: str | None = None) -> AggregatorClient:
+        """An aggregator client holding the admin's token (first replica unless told otherwise)."""
+        return self.secrets.aggregator_admin(replica_url or self.urls[0])
 
     def stop(self) -> None:
         for _, process in self.replicas:
@@ -76,13 +83,11 @@ def start_fault_cluster(postgres: PostgresDatabases, workdir: Path, redis_url: s
     keyserver = start_keyserver(
         port=ks_port,
         database_url=postgres.create("fedhe_fault_ks"),
-        aggregator_url=f"http://127.0.0.1:{ag_port}",
         secrets=secrets,
         log_dir=workdir / "logs",
+        extra_env=GENEROUS_LIMITS,
     )
-    cluster = FaultCluster(
-        workdir, secrets, f"http://127.0.0.1:{ks_port}", postgres.create("fedhe_fault_ag"), redis_url, keyserver
-    )
+    cluster = FaultCluster(workdir, secrets, url(ks_port), postgres.create("fedhe_fault_ag"), redis_url, keyserver)
     cluster.add_replica(ag_port, name="aggregator")
     return cluster
 
@@ -94,6 +99,7 @@ class UploadingSite:
     site: ProvisionedSite
     codec: UpdateCodec
     key_id: str
+    tls: ClientTLS
 
     def body(self, weights: NDArray[np.float64], num_samples: int) -> bytes:
         chunks = self.codec.encrypt_update(scale_for_upload(weights, num_samples, WEIGHT_SCALE))
@@ -107,33 +113,47 @@ class UploadingSite:
             )
         )
 
-    def post(self, url: str, job_id: str, number: int, body: bytes) -> httpx.Response:
+    def post(self, base_url: str, job_id: str, number: int, body: bytes) -> httpx.Response:
         return httpx.post(
-            f"{url}/v1/jobs/{job_id}/rounds/{number}/updates",
+            f"{base_url}/v1/jobs/{job_id}/rounds/{number}/updates",
             content=body,
             timeout=60,
             headers={"Authorization": f"Bearer {self.site.credential}"},
+            verify=self.tls.ssl_context(),
         )
 
-    def global_model(self, url: str, job_id: str, number: int) -> NDArray[np.float64]:
-        with AggregatorClient(url, self.site.credential) as client:
+    def global_model(self, base_url: str, job_id: str, number: int) -> NDArray[np.float64]:
+        with AggregatorClient(base_url, self.site.credential, tls=self.tls) as client:
             return decode_global_model(client.model(job_id, number), lambda env: self.codec)
 
 
 def federation_with_job(cluster: FaultCluster, num_sites: int, **job: object) -> tuple[str, list[UploadingSite]]:
     """A federation, ``num_sites`` approved sites holding its secret context, and a job on it."""
-    operator_token = cluster.secrets.operator_token
-    with KeyserverClient(cluster.keyserver_url, operator_token) as keyserver:
-        key_id = keyserver.create_federation(FederationCreate(name="faults")).key_id
+    with cluster.secrets.keyserver_admin(cluster.keyserver_url) as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="faults"))
     spec = JobCreate.model_validate(
-        {"name": "faults", "key_id": key_id, "model": MODEL.model_dump(), "max_samples_per_round": WEIGHT_SCALE, **job}
+        {
+            "name": "faults",
+            "key_id": federation.key_id,
+            "model": MODEL.model_dump(),
+            "max_samples_per_round": WEIGHT_SCALE,
+            **job,
+        }
     )
-    with AggregatorClient(cluster.urls[0], operator_token) as operator:
+    with cluster.admin() as operator:
         job_id = operator.create_job(spec).id
     sites = []
     for index in range(num_sites):
-        site = provision_site(cluster.urls[0], operator_token, cluster.workdir / "sites" / job_id, f"s{index}")
-        sites.append(UploadingSite(site, site_codec(cluster.keyserver_url, site, key_id), key_id))
+        site = provision_site(
+            aggregator_url=cluster.urls[0],
+            keyserver_url=cluster.keyserver_url,
+            secrets=cluster.secrets,
+            directory=cluster.workdir / "sites" / job_id,
+            name=f"s{index}",
+            federation_id=federation.id,
+        )
+        codec = site_codec(cluster.keyserver_url, cluster.secrets, site, federation.key_id)
+        sites.append(UploadingSite(site, codec, federation.key_id, cluster.secrets.tls))
     return job_id, sites
 
 
@@ -143,9 +163,9 @@ def weighted_average(updates: list[tuple[NDArray[np.float64], int]]) -> NDArray[
 
 
 def assert_published_average(
-    site: UploadingSite, url: str, job_id: str, number: int, updates: list[tuple[NDArray[np.float64], int]]
+    site: UploadingSite, base_url: str, job_id: str, number: int, updates: list[tuple[NDArray[np.float64], int]]
 ) -> None:
     """Round ``number``'s published aggregate, decrypted by ``site``, is the weighted average of
     exactly ``updates``, within the stated FedAvg tolerance."""
-    published = site.global_model(url, job_id, number + 1)
+    published = site.global_model(base_url, job_id, number + 1)
     assert np.max(np.abs(published - weighted_average(updates))) <= FEDAVG_TOLERANCE

@@ -11,20 +11,36 @@ from typing import Any
 from sqlalchemy import Connection, create_engine, text
 
 from fedhe.api_client import KeyserverClient
-from fedhe.auth import private_key_from_pem, sign_key_release
+from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
 from fedhe.he import DEFAULT_FORMAT_ID, UpdateCodec, codec_for, load_secret_context
-from fedhe.local_cluster import ProvisionedSite
+from fedhe.local_cluster import ClusterSecrets, ProvisionedSite
 from fedhe.schemas import KeyReleaseRequest
 
 
-def site_codec(keyserver_url: str, site: ProvisionedSite, key_id: str) -> UpdateCodec:
-    """A codec with the secret context, released to ``site`` as the agent would get it."""
+def key_release_request(
+    keyserver_url: str, site: ProvisionedSite, key_id: str, **overrides: object
+) -> KeyReleaseRequest:
+    """A signed key-release request as the agent makes it (fields in ``overrides`` replace the signed ones)."""
     key = private_key_from_pem(Path(site.signing_key_file).read_bytes())
-    timestamp, signature = sign_key_release(key, site.site_id, key_id)
-    with KeyserverClient(keyserver_url) as client:
-        secret = client.secret_context(
-            key_id, KeyReleaseRequest(site_id=site.site_id, timestamp=timestamp, signature=signature)
-        )
+    timestamp, nonce, signature = sign_request(key, KEY_RELEASE_PURPOSE, keyserver_url, [key_id])
+    fields: dict[str, object] = {
+        "site_id": site.site_id,
+        "timestamp": timestamp,
+        "nonce": nonce,
+        "signature": signature,
+    }
+    return KeyReleaseRequest.model_validate(fields | overrides)
+
+
+def release_secret(keyserver_url: str, secrets: ClusterSecrets, request: KeyReleaseRequest, key_id: str) -> bytes:
+    """POST a key-release request as a site does (no bearer token)."""
+    with KeyserverClient(keyserver_url, tls=secrets.tls) as client:
+        return client.secret_context(key_id, request)
+
+
+def site_codec(keyserver_url: str, secrets: ClusterSecrets, site: ProvisionedSite, key_id: str) -> UpdateCodec:
+    """A codec with the secret context, released to ``site`` as the agent would get it."""
+    secret = release_secret(keyserver_url, secrets, key_release_request(keyserver_url, site, key_id), key_id)
     return codec_for(DEFAULT_FORMAT_ID, load_secret_context(secret))
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from fedhe.global_model import scale_for_upload
 from fedhe.he import DEFAULT_FORMAT_ID, Envelope, UpdateCodec, encode_envelope
-from fedhe.local_cluster import ProvisionedSite, provision_site
+from fedhe.local_cluster import ProvisionedSite, admit_member, provision_site
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import FederationCreate, JobCreate
 from tests.conftest import Cluster
@@ -35,6 +35,7 @@ class Scene:
     first: ProvisionedSite
     second: ProvisionedSite
     revoked: ProvisionedSite
+    outsider: ProvisionedSite
 
     def envelope(
         self,
@@ -61,24 +62,31 @@ class Scene:
         )
 
     def upload(
-        self, body: bytes, *, site: ProvisionedSite | None = None, token: str | None = None, round_number: int = 0
+        self,
+        body: bytes,
+        *,
+        site: ProvisionedSite | None = None,
+        token: str | None = None,
+        round_number: int = 0,
+        job_id: str | None = None,
     ) -> httpx.Response:
         credential = token if token is not None else (site or self.second).credential
         headers = {"Content-Type": "application/octet-stream"}
         if credential:
             headers["Authorization"] = f"Bearer {credential}"
         return httpx.post(
-            f"{self.cluster.aggregator_url}/v1/jobs/{self.job_id}/rounds/{round_number}/updates",
+            f"{self.cluster.aggregator_url}/v1/jobs/{job_id or self.job_id}/rounds/{round_number}/updates",
             content=body,
             headers=headers,
             timeout=60,
+            verify=self.cluster.secrets.tls.ssl_context(),
         )
 
 
 @pytest.fixture(scope="module")
 def scene(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Scene:
     workdir = tmp_path_factory.mktemp("bad-uploads")
-    with cluster.operator_keyserver() as keyserver:
+    with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="bad-uploads"))
         other = keyserver.create_federation(FederationCreate(name="another-federation"))
     request = JobCreate(
@@ -90,22 +98,32 @@ def scene(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Scene:
         round_deadline_s=3600,
         max_samples_per_round=1000,
     )
-    with cluster.operator_aggregator() as operator:
+    with cluster.aggregator_admin() as operator:
         job = operator.create_job(request)
         sites = [
-            provision_site(cluster.aggregator_url, cluster.secrets.operator_token, workdir, f"s{i}") for i in range(3)
+            provision_site(
+                aggregator_url=cluster.aggregator_url,
+                keyserver_url=cluster.keyserver_url,
+                secrets=cluster.secrets,
+                directory=workdir,
+                name=f"s{i}",
+                federation_id=federation.id if i < 3 else None,
+            )
+            for i in range(4)
         ]
         operator.revoke_site(sites[2].site_id)
+    admit_member(cluster.keyserver_url, cluster.secrets, other.id, sites[0], "s0")
     scene = Scene(
         cluster,
         job.id,
         federation.key_id,
-        site_codec(cluster.keyserver_url, sites[0], federation.key_id),
-        site_codec(cluster.keyserver_url, sites[0], other.key_id),
+        site_codec(cluster.keyserver_url, cluster.secrets, sites[0], federation.key_id),
+        site_codec(cluster.keyserver_url, cluster.secrets, sites[0], other.key_id),
         other.key_id,
         sites[0],
         sites[1],
         sites[2],
+        sites[3],
     )
     first = scene.upload(scene.envelope(), site=scene.first)
     assert first.status_code == 201, first.text
@@ -148,16 +166,9 @@ BAD_UPLOADS: list[tuple[str, Callable[[Scene], httpx.Response], int, str]] = [
     ("metric-not-a-number", lambda s: s.upload(s.envelope(metrics={"loss": "low"})), 400, "invalid_metrics"),
     ("duplicate", lambda s: s.upload(s.envelope(), site=s.first), 409, "duplicate_update"),
     ("oversized-body", lambda s: s.upload(b"\0" * (4 * 1024 * 1024 + 1)), 413, "payload_too_large"),
-    (
-        "unknown-job",
-        lambda s: httpx.post(
-            f"{s.cluster.aggregator_url}/v1/jobs/job-nope/rounds/0/updates",
-            content=s.envelope(),
-            headers={"Authorization": f"Bearer {s.second.credential}"},
-        ),
-        404,
-        "not_found",
-    ),
+    ("unknown-job", lambda s: s.upload(s.envelope(), job_id="job-0000000000000000"), 404, "not_found"),
+    ("malformed-job-id", lambda s: s.upload(s.envelope(), job_id="job-..metrics"), 400, "invalid_request"),
+    ("approved-non-member", lambda s: s.upload(s.envelope(), site=s.outsider), 404, "not_found"),
 ]
 
 

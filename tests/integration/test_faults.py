@@ -17,7 +17,6 @@ import psycopg
 import pytest
 import redis
 
-from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.local_cluster import RedisServer, provision_site, start_agent
 from fedhe.modelspec import ModelSpec
@@ -73,7 +72,7 @@ def test_sigkill_of_the_aggregator_mid_round(cluster: FaultCluster) -> None:
     assert final.json()["round_state"] == "published"
     assert final.json()["num_submissions"] == 3
     assert_published_average(sites[0], restarted, job_id, 0, updates)
-    with AggregatorClient(restarted, cluster.secrets.operator_token) as operator:
+    with cluster.admin(restarted) as operator:
         verification = operator.verify_round(job_id, 0)
     assert (verification.submissions, verification.counters_match, verification.sum_matches) == (3, True, True)
 
@@ -134,9 +133,11 @@ def test_site_connection_cut_mid_upload_then_retry(cluster: FaultCluster) -> Non
     assert_published_average(sites[0], url, job_id, 0, updates)
 
 
-def _wait_for_round(url: str, token: str, job_id: str, number: int, state: str, timeout_s: float = 30) -> None:
+def _wait_for_round(
+    cluster: FaultCluster, url: str, job_id: str, number: int, state: str, timeout_s: float = 30
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with AggregatorClient(url, token) as operator:
+    with cluster.admin(url) as operator:
         while time.monotonic() < deadline:
             rounds = [r for r in operator.rounds(job_id) if r.number == number]
             if any(r.state.value == state for r in rounds):
@@ -151,7 +152,7 @@ def test_straggler_deadline_publishes_with_min_sites(cluster: FaultCluster) -> N
     url = cluster.urls[0]
     for site, update in zip(sites[:2], updates, strict=True):
         assert site.post(url, job_id, 0, site.body(*update)).status_code == 201
-    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "published")
+    _wait_for_round(cluster, url, job_id, 0, "published")
     late = sites[2].post(url, job_id, 0, sites[2].body(*_updates(1, seed=9)[0]))
     assert late.status_code == 409
     assert late.json()["error"]["code"] == "wrong_round"
@@ -162,15 +163,15 @@ def test_round_below_min_sites_at_deadline_fails_and_is_retried(cluster: FaultCl
     job_id, sites = federation_with_job(cluster, 2, min_sites=2, rounds=1, round_deadline_s=2, max_round_attempts=2)
     url = cluster.urls[0]
     assert sites[0].post(url, job_id, 0, sites[0].body(*_updates(1, seed=6)[0])).status_code == 201
-    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "failed")
-    with AggregatorClient(url, cluster.secrets.operator_token) as operator:
+    _wait_for_round(cluster, url, job_id, 0, "failed")
+    with cluster.admin(url) as operator:
         attempts = [(r.attempt, r.state.value) for r in operator.rounds(job_id)]
         assert attempts[0] == (1, "failed")
         assert attempts[1][0] == 2
         assert operator.job(job_id).status.value == "running"
-    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "failed", timeout_s=30)
+    _wait_for_round(cluster, url, job_id, 0, "failed", timeout_s=30)
     deadline = time.monotonic() + 30
-    with AggregatorClient(url, cluster.secrets.operator_token) as operator:
+    with cluster.admin(url) as operator:
         while operator.job(job_id).status.value == "running" and time.monotonic() < deadline:
             time.sleep(0.3)
         assert operator.job(job_id).status.value == "failed"
@@ -180,8 +181,8 @@ def test_round_below_min_sites_at_deadline_fails_and_is_retried(cluster: FaultCl
 def test_stop_policy_fails_the_job_at_the_first_failed_round(cluster: FaultCluster) -> None:
     job_id, _ = federation_with_job(cluster, 1, min_sites=1, rounds=3, round_deadline_s=1, on_round_failure="stop")
     url = cluster.urls[0]
-    _wait_for_round(url, cluster.secrets.operator_token, job_id, 0, "failed")
-    with AggregatorClient(url, cluster.secrets.operator_token) as operator:
+    _wait_for_round(cluster, url, job_id, 0, "failed")
+    with cluster.admin(url) as operator:
         assert operator.job(job_id).status.value == "failed"
         assert len(operator.rounds(job_id)) == 1
 
@@ -191,11 +192,12 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
 
     pool, _ = split(load_bundled("breast_cancer"), 0.2, seed=5)
     parts = partition_dirichlet(pool.y, 2, alpha=5.0, seed=5, min_size=64)
-    url, operator_token = cluster.urls[0], cluster.secrets.operator_token
+    url = cluster.urls[0]
 
-    with KeyserverClient(cluster.keyserver_url, operator_token) as keyserver:
-        key_id = keyserver.create_federation(FederationCreate(name="crash")).key_id
-    with AggregatorClient(url, operator_token) as operator:
+    with cluster.secrets.keyserver_admin(cluster.keyserver_url) as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="crash"))
+    key_id = federation.key_id
+    with cluster.admin(url) as operator:
         job = operator.create_job(
             JobCreate(
                 name="crash",
@@ -209,7 +211,14 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
         )
     agents = []
     for index, rows in enumerate(parts):
-        site = provision_site(url, operator_token, cluster.workdir / "agents", f"a{index}")
+        site = provision_site(
+            aggregator_url=url,
+            keyserver_url=cluster.keyserver_url,
+            secrets=cluster.secrets,
+            directory=cluster.workdir / "agents",
+            name=f"a{index}",
+            federation_id=federation.id,
+        )
         data = cluster.workdir / "agents" / f"a{index}" / "data.csv"
         save_csv(pool.subset(rows), data)
         agents.append(
@@ -218,6 +227,7 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
                 name=f"agent{index}",
                 aggregator_url=url,
                 keyserver_url=cluster.keyserver_url,
+                secrets=cluster.secrets,
                 data_path=data,
                 state_dir=data.parent / "state",
                 job_id=job.id,
@@ -225,7 +235,7 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
             )
         )
     try:
-        _wait_for_round(url, operator_token, job.id, 0, "published", timeout_s=120)
+        _wait_for_round(cluster, url, job.id, 0, "published", timeout_s=120)
         port, process = cluster.replicas.pop()
         process.kill()
         time.sleep(3)
@@ -236,7 +246,7 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
     finally:
         for agent in agents:
             agent.stop()
-    with AggregatorClient(restarted, operator_token) as operator:
+    with cluster.admin(restarted) as operator:
         assert operator.job(job.id).status.value == "completed"
         rounds = operator.rounds(job.id)
         assert [(r.number, r.state.value, r.num_submissions) for r in rounds] == [(n, "published", 2) for n in range(3)]
@@ -258,6 +268,6 @@ def test_deadline_fires_after_the_lease_holding_replica_dies(cluster: FaultClust
     _, process = cluster.replicas.pop(index)
     process.kill()
     survivor = cluster.urls[0]
-    _wait_for_round(survivor, cluster.secrets.operator_token, job_id, 0, "published", timeout_s=30)
-    with AggregatorClient(survivor, cluster.secrets.operator_token) as operator:
+    _wait_for_round(cluster, survivor, job_id, 0, "published", timeout_s=30)
+    with cluster.admin(survivor) as operator:
         assert operator.round(job_id, 0).num_submissions == 2

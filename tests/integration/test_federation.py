@@ -33,7 +33,7 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     workdir = tmp_path_factory.mktemp("federation")
     pool, _ = split(load_bundled("breast_cancer"), 0.2, seed=3)
     parts = partition_dirichlet(pool.y, 3, alpha=1.0, seed=3, min_size=64)
-    with cluster.operator_keyserver() as keyserver:
+    with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="it-federation"))
     spec = ModelSpec(
         input_dim=30,
@@ -54,12 +54,19 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
         dp=DPSettings(num_microbatches=16),
         max_samples_per_round=10_000,
     )
-    with cluster.operator_aggregator() as operator:
+    with cluster.aggregator_admin() as operator:
         job = operator.create_job(request)
     sites, agents = [], []
     for index, rows in enumerate(parts):
         name = f"it-site{index}"
-        site = provision_site(cluster.aggregator_url, cluster.secrets.operator_token, workdir, name)
+        site = provision_site(
+            aggregator_url=cluster.aggregator_url,
+            keyserver_url=cluster.keyserver_url,
+            secrets=cluster.secrets,
+            directory=workdir,
+            name=name,
+            federation_id=federation.id,
+        )
         save_csv(pool.subset(rows), workdir / name / "data.csv")
         sites.append(site)
         agents.append(
@@ -68,6 +75,7 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
                 name=name,
                 aggregator_url=cluster.aggregator_url,
                 keyserver_url=cluster.keyserver_url,
+                secrets=cluster.secrets,
                 data_path=workdir / name / "data.csv",
                 state_dir=workdir / name / "state",
                 job_id=job.id,
@@ -88,7 +96,7 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
 
 def test_job_completes_with_every_round_published_by_all_sites(cluster: Cluster, finished_federation) -> None:
     job = finished_federation["job"]
-    with cluster.operator_aggregator() as operator:
+    with cluster.aggregator_admin() as operator:
         assert operator.job(job.id).status == JobStatus.COMPLETED
         rounds = operator.rounds(job.id)
     assert [(r.number, r.state, r.num_submissions) for r in rounds] == [
@@ -103,8 +111,8 @@ def test_job_completes_with_every_round_published_by_all_sites(cluster: Cluster,
 
 def test_published_aggregate_equals_plaintext_weighted_fedavg(cluster: Cluster, finished_federation) -> None:
     job, site = finished_federation["job"], finished_federation["sites"][0]
-    codec = site_codec(cluster.keyserver_url, site, finished_federation["key_id"])
-    with AggregatorClient(cluster.aggregator_url, site.credential) as client:
+    codec = site_codec(cluster.keyserver_url, cluster.secrets, site, finished_federation["key_id"])
+    with AggregatorClient(cluster.aggregator_url, site.credential, tls=cluster.secrets.tls) as client:
         for number in range(ROUNDS):
             published = decode_global_model(client.model(job.id, number + 1), lambda env: codec)
             uploads = stored_submissions(cluster.aggregator_database_url, job.id, number)
@@ -123,6 +131,15 @@ def test_epsilon_accumulates_across_rounds_in_each_site_ledger(finished_federati
         ledger = json.loads((site_dir / "state" / "privacy-ledger.json").read_text())
         assert [entry["round"] for entry in ledger] == list(range(ROUNDS))
         assert (site_dir / "state" / f"{finished_federation['job'].id}-final.keras").exists()
+
+
+def test_site_files_are_private(finished_federation) -> None:
+    for site_dir in sorted(finished_federation["workdir"].glob("it-site*")):
+        state = site_dir / "state"
+        assert state.stat().st_mode & 0o777 == 0o700
+        files = [path for path in state.iterdir() if path.is_file()]
+        assert files, "the agent wrote no state"
+        assert {path.name: path.stat().st_mode & 0o777 for path in files} == {path.name: 0o600 for path in files}
 
 
 def test_every_accepted_update_and_publication_is_audited(cluster: Cluster, finished_federation) -> None:

@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 
-from fedhe.api_client import AggregatorClient
 from fedhe.local_cluster import RedisServer
 from tests.conftest import PostgresDatabases
 from tests.integration.faults_support import (
@@ -57,7 +56,7 @@ def test_random_replicas_and_racing_duplicates_count_each_update_once(replicas: 
         assert all(r.status_code in (200, 201) for r in responses), [r.text for r in responses if r.status_code >= 300]
         assert sum(r.status_code == 201 for r in responses) == SITES
         assert_published_average(sites[0], replicas.urls[1], job_id, number, updates)
-    with AggregatorClient(replicas.urls[0], replicas.secrets.operator_token) as operator:
+    with replicas.admin() as operator:
         assert [r.num_submissions for r in operator.rounds(job_id)] == [SITES, SITES]
         assert operator.job(job_id).status.value == "completed"
 
@@ -68,9 +67,14 @@ def test_events_from_either_replica_reach_a_subscriber_of_the_other(replicas: Fa
     subscribed = threading.Event()
 
     def listen() -> None:
-        headers = {"Authorization": f"Bearer {replicas.secrets.operator_token}"}
+        headers = {"Authorization": f"Bearer {replicas.secrets.aggregator_admin_token}"}
         with httpx.stream(
-            "GET", f"{replicas.urls[1]}/v1/events", params={"job_id": job_id}, headers=headers, timeout=30
+            "GET",
+            f"{replicas.urls[1]}/v1/events",
+            params={"job_id": job_id},
+            headers=headers,
+            timeout=30,
+            verify=replicas.secrets.tls.ssl_context(),
         ) as response:
             for line in response.iter_lines():
                 subscribed.set()
@@ -97,16 +101,19 @@ def test_a_refused_upload_does_not_burn_its_idempotency_key(replicas: FaultClust
     url, key = replicas.urls[0], {"Idempotency-Key": "round-0-attempt-1"}
     headers = {"Authorization": f"Bearer {site.site.credential}", **key}
     endpoint = f"{url}/v1/jobs/{job_id}/rounds/0/updates"
-    refused = httpx.post(endpoint, content=b"not an envelope", headers=headers, timeout=30)
+    verify = replicas.secrets.tls.ssl_context()
+    refused = httpx.post(endpoint, content=b"not an envelope", headers=headers, timeout=30, verify=verify)
     assert refused.status_code == 400
     body = site.body(np.ones(MODEL.num_parameters()), 10)
-    accepted = httpx.post(endpoint, content=body, headers=headers, timeout=30)
+    accepted = httpx.post(endpoint, content=body, headers=headers, timeout=30, verify=verify)
     assert accepted.status_code == 201, accepted.text
-    reused = httpx.post(endpoint, content=site.body(np.zeros(MODEL.num_parameters()), 10), headers=headers, timeout=30)
+    reused = httpx.post(
+        endpoint, content=site.body(np.zeros(MODEL.num_parameters()), 10), headers=headers, timeout=30, verify=verify
+    )
     assert reused.status_code == 409
     assert reused.json()["error"]["code"] == "idempotency_key_reused"
 
 
 def test_events_need_the_operator_credential(replicas: FaultCluster, tmp_path: Path) -> None:
-    response = httpx.get(f"{replicas.urls[0]}/v1/events", timeout=5)
+    response = httpx.get(f"{replicas.urls[0]}/v1/events", timeout=5, verify=replicas.secrets.tls.ssl_context())
     assert response.status_code == 401

@@ -1,4 +1,8 @@
-"""Site registration, operator decisions, and who may receive which context."""
+"""Sites, membership and key release on the real services (TLS, Postgres).
+
+The keyserver alone decides who may hold a federation's secret key: its own membership table
+with pinned public keys. The aggregator approves sites to talk to it; approval gives no key.
+"""
 
 from __future__ import annotations
 
@@ -10,105 +14,171 @@ import pytest
 from sqlalchemy import text
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
-from fedhe.auth import generate_signing_key, private_key_from_pem, private_key_to_pem, public_key_b64, sign_key_release
-from fedhe.errors import Conflict, PermissionDenied, Unauthenticated
+from fedhe.auth import (
+    ENDORSE_PURPOSE,
+    KEY_RELEASE_PURPOSE,
+    generate_signing_key,
+    private_key_from_pem,
+    private_key_to_pem,
+    public_key_b64,
+    sign_request,
+)
+from fedhe.errors import Conflict, NotFound, PermissionDenied, Unauthenticated
+from fedhe.files import write_private
 from fedhe.he import load_evaluation_context, load_secret_context
-from fedhe.local_cluster import provision_site, write_secret
+from fedhe.local_cluster import ProvisionedSite, admit_member, provision_site
 from fedhe.modelspec import ModelSpec
-from fedhe.schemas import FederationCreate, JobCreate, KeyReleaseRequest, SiteCreate, SiteStatus
+from fedhe.schemas import (
+    EndorsementCreate,
+    FederationCreate,
+    JobCreate,
+    MemberCreate,
+    MemberStatus,
+    SiteCreate,
+    SiteStatus,
+)
 from tests.conftest import Cluster
-from tests.integration.helpers import database_connection, site_codec
+from tests.integration.helpers import database_connection, key_release_request, release_secret, site_codec
 
 
 @pytest.fixture(scope="module")
-def key_id(cluster: Cluster) -> str:
-    with cluster.operator_keyserver() as keyserver:
-        return keyserver.create_federation(FederationCreate(name="keys")).key_id
+def federation(cluster: Cluster):
+    with cluster.keyserver_admin() as keyserver:
+        return keyserver.create_federation(FederationCreate(name="keys"))
 
 
-def _register(cluster: Cluster, tmp_path: Path, name: str):
-    key = generate_signing_key()
-    write_secret(tmp_path / f"{name}.pem", private_key_to_pem(key).decode())
-    with AggregatorClient(cluster.aggregator_url) as anonymous:
-        site = anonymous.register_site(
-            SiteCreate(name=name, organisation="org", contact="a@b.example", public_key=public_key_b64(key))
-        )
-    return site, key
+def _site(cluster: Cluster, tmp_path: Path, name: str, federation_id: str | None) -> ProvisionedSite:
+    return provision_site(
+        aggregator_url=cluster.aggregator_url,
+        keyserver_url=cluster.keyserver_url,
+        secrets=cluster.secrets,
+        directory=tmp_path,
+        name=name,
+        federation_id=federation_id,
+    )
 
 
-def _release(cluster: Cluster, site_id: str, key, key_id: str, timestamp: int | None = None) -> bytes:
-    ts, sig = sign_key_release(key, site_id, key_id, timestamp)
-    with KeyserverClient(cluster.keyserver_url) as client:
-        return client.secret_context(key_id, KeyReleaseRequest(site_id=site_id, timestamp=ts, signature=sig))
+def _release(cluster: Cluster, site: ProvisionedSite, key_id: str, **overrides: object) -> bytes:
+    request = key_release_request(cluster.keyserver_url, site, key_id, **overrides)
+    return release_secret(cluster.keyserver_url, cluster.secrets, request, key_id)
 
 
-def test_pending_site_gets_403_then_approved_site_gets_the_secret_context(
-    cluster: Cluster, key_id: str, tmp_path: Path
+def test_approval_at_the_aggregator_gives_no_key_membership_at_the_keyserver_does(
+    cluster: Cluster, federation, tmp_path: Path
 ) -> None:
-    site, key = _register(cluster, tmp_path, "pending-then-approved")
-    assert site.status == SiteStatus.PENDING
+    site = _site(cluster, tmp_path, "approved-only", federation_id=None)
     with pytest.raises(PermissionDenied) as refused:
-        _release(cluster, site.id, key, key_id)
-    assert refused.value.code == "site_not_approved"
-    with cluster.operator_aggregator() as operator:
-        approved = operator.approve_site(site.id)
-    assert approved.credential.startswith("fhs_")
-    context = load_secret_context(_release(cluster, site.id, key, key_id))
-    assert context.has_secret_key()
-    with AggregatorClient(cluster.aggregator_url, approved.credential) as as_site:
-        assert isinstance(as_site.jobs(), list)
+        _release(cluster, site, federation.key_id)
+    assert refused.value.code == "not_a_member"
+    admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, "approved-only")
+    assert load_secret_context(_release(cluster, site, federation.key_id)).has_secret_key()
 
 
-def test_revoked_site_loses_jobs_and_keys_at_once(cluster: Cluster, key_id: str, tmp_path: Path) -> None:
-    site = provision_site(cluster.aggregator_url, cluster.secrets.operator_token, tmp_path, "to-revoke")
-    site_codec(cluster.keyserver_url, site, key_id)
-    with cluster.operator_aggregator() as operator:
+def test_a_pending_site_is_refused_everywhere(cluster: Cluster, federation, tmp_path: Path) -> None:
+    key = generate_signing_key()
+    with AggregatorClient(cluster.aggregator_url, tls=cluster.secrets.tls) as anonymous:
+        site = anonymous.register_site(
+            SiteCreate(name="pending", organisation="org", contact="a@b.example", public_key=public_key_b64(key))
+        )
+    assert site.status == SiteStatus.PENDING
+    key_file = write_private(tmp_path / "key.pem", private_key_to_pem(key))
+    pending = ProvisionedSite(site.id, public_key_b64(key), tmp_path / "no-credential", key_file)
+    with pytest.raises(PermissionDenied) as refused:
+        _release(cluster, pending, federation.key_id)
+    assert refused.value.code == "not_a_member"
+
+
+def test_revoked_membership_loses_keys_and_revoked_site_loses_jobs(
+    cluster: Cluster, federation, tmp_path: Path
+) -> None:
+    site = _site(cluster, tmp_path, "to-revoke", federation.id)
+    site_codec(cluster.keyserver_url, cluster.secrets, site, federation.key_id)
+    with cluster.keyserver_admin() as keyserver:
+        assert keyserver.revoke_member(federation.id, site.site_id).status == MemberStatus.REVOKED
+    with pytest.raises(PermissionDenied):
+        _release(cluster, site, federation.key_id)
+    with cluster.aggregator_admin() as operator:
         assert operator.revoke_site(site.site_id).status == SiteStatus.REVOKED
         with pytest.raises(Conflict):
             operator.approve_site(site.site_id)
-    with AggregatorClient(cluster.aggregator_url, site.credential) as as_site, pytest.raises(PermissionDenied):
+    with (
+        AggregatorClient(cluster.aggregator_url, site.credential, tls=cluster.secrets.tls) as as_site,
+        pytest.raises(PermissionDenied),
+    ):
         as_site.jobs()
-    with pytest.raises(PermissionDenied):
-        site_codec(cluster.keyserver_url, site, key_id)
 
 
 def test_rejected_site_cannot_be_approved_later(cluster: Cluster, tmp_path: Path) -> None:
-    site, _ = _register(cluster, tmp_path, "rejected")
-    with cluster.operator_aggregator() as operator:
+    with AggregatorClient(cluster.aggregator_url, tls=cluster.secrets.tls) as anonymous:
+        site = anonymous.register_site(
+            SiteCreate(
+                name="rejected",
+                organisation="o",
+                contact="a@b.example",
+                public_key=public_key_b64(generate_signing_key()),
+            )
+        )
+    with cluster.aggregator_admin() as operator:
         assert operator.reject_site(site.id).status == SiteStatus.REJECTED
         with pytest.raises(Conflict) as conflict:
             operator.approve_site(site.id)
     assert conflict.value.code == "invalid_site_status"
 
 
-def test_key_release_needs_a_fresh_signature_by_the_registered_key(
-    cluster: Cluster, key_id: str, tmp_path: Path
+def test_key_release_is_fresh_signed_single_use_and_for_this_keyserver(
+    cluster: Cluster, federation, tmp_path: Path
 ) -> None:
-    site = provision_site(cluster.aggregator_url, cluster.secrets.operator_token, tmp_path, "signer")
-    with pytest.raises(Unauthenticated, match="older or newer"):
-        _release(
-            cluster,
-            site.site_id,
-            private_key_from_pem(site.signing_key_file.read_bytes()),
-            key_id,
-            int(time.time()) - 3600,
+    site = _site(cluster, tmp_path, "signer", federation.id)
+    key = private_key_from_pem(site.signing_key_file.read_bytes())
+    ts, nonce, sig = sign_request(
+        key, KEY_RELEASE_PURPOSE, cluster.keyserver_url, [federation.key_id], timestamp=int(time.time()) - 3600
+    )
+    with pytest.raises(Unauthenticated) as stale:
+        _release(cluster, site, federation.key_id, timestamp=ts, nonce=nonce, signature=sig)
+    assert stale.value.code == "request_expired"
+    forged = key_release_request(cluster.keyserver_url, site, federation.key_id)
+    other_key = generate_signing_key()
+    ts, nonce, sig = sign_request(other_key, KEY_RELEASE_PURPOSE, cluster.keyserver_url, [federation.key_id])
+    with pytest.raises(Unauthenticated) as bad:
+        _release(cluster, site, federation.key_id, timestamp=ts, nonce=nonce, signature=sig)
+    assert bad.value.code == "bad_signature"
+    elsewhere = key_release_request("https://another-keyserver.example", site, federation.key_id)
+    with pytest.raises(Unauthenticated) as wrong_audience:
+        release_secret(cluster.keyserver_url, cluster.secrets, elsewhere, federation.key_id)
+    assert wrong_audience.value.code == "bad_signature"
+    assert release_secret(cluster.keyserver_url, cluster.secrets, forged, federation.key_id)
+    with pytest.raises(Unauthenticated) as replayed:
+        release_secret(cluster.keyserver_url, cluster.secrets, forged, federation.key_id)
+    assert replayed.value.code == "replayed_request"
+
+
+def test_malformed_site_ids_are_refused_before_any_use_and_audited(cluster: Cluster, federation) -> None:
+    verify = cluster.secrets.tls.ssl_context()
+    for site_id in ["../../../metrics", "site-" + "0" * 15 + "%", "site-\n", "x" * 500]:
+        response = httpx.post(
+            f"{cluster.keyserver_url}/v1/contexts/{federation.key_id}/secret",
+            json={"site_id": site_id, "timestamp": int(time.time()), "nonce": "0" * 32, "signature": "AA=="},
+            verify=verify,
         )
-    with pytest.raises(Unauthenticated, match="does not verify"):
-        _release(cluster, site.site_id, generate_signing_key(), key_id)
-    with pytest.raises(PermissionDenied) as unknown:
-        _release(cluster, "site-unknown", generate_signing_key(), key_id)
-    assert unknown.value.code == "site_not_approved"
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "invalid_request"
+    with cluster.keyserver_admin() as keyserver:
+        refused = [e for e in keyserver.audit_events(50) if e.actor == "site:<invalid>"]
+    assert len(refused) >= 4
+    assert all(e.detail == {"granted": False, "reason": "invalid_request"} for e in refused)
 
 
-def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -> None:
-    token = cluster.secrets.service_token_file.read_text()
-    with KeyserverClient(cluster.keyserver_url, token) as as_aggregator:
-        context = load_evaluation_context(as_aggregator.evaluation_context(key_id))
+def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, federation) -> None:
+    token = cluster.secrets.aggregator_service_token_file.read_text()
+    with KeyserverClient(cluster.keyserver_url, token, tls=cluster.secrets.tls) as as_aggregator:
+        context = load_evaluation_context(as_aggregator.evaluation_context(federation.key_id))
     assert not context.has_secret_key()
     assert not context.is_private()
-    with cluster.operator_aggregator() as operator:
+    with cluster.aggregator_admin() as operator:
         operator.create_job(
-            JobCreate(name="keyless", key_id=key_id, model=ModelSpec(input_dim=2, num_classes=2), min_sites=1)
+            JobCreate(
+                name="keyless", key_id=federation.key_id, model=ModelSpec(input_dim=2, num_classes=2), min_sites=1
+            )
         )
     with database_connection(cluster.aggregator_database_url) as conn:
         stored = [bytes(row[0]) for row in conn.execute(text("SELECT context FROM evaluation_contexts"))]
@@ -117,50 +187,16 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, key_id: str) -
         assert not load_evaluation_context(data).has_secret_key()
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "credential", "status"),
-    [
-        ("GET", "/v1/sites", None, 401),
-        ("GET", "/v1/sites", "site", 403),
-        ("POST", "/v1/jobs", "site", 403),
-        ("GET", "/v1/internal/sites/site-x", "operator", 403),
-        ("GET", "/v1/jobs", "Bearer-less", 401),
-    ],
-)
-def test_roles_are_enforced(
-    cluster: Cluster, tmp_path: Path, method: str, path: str, credential: str | None, status: int
-) -> None:
-    headers = {}
-    if credential == "site":
-        headers["Authorization"] = (
-            "Bearer "
-            + provision_site(cluster.aggregator_url, cluster.secrets.operator_token, tmp_path, "role").credential
-        )
-    elif credential == "operator":
-        headers["Authorization"] = "Bearer " + cluster.secrets.operator_token
-    elif credential == "Bearer-less":
-        headers["Authorization"] = "token"
-    response = httpx.request(method, cluster.aggregator_url + path, headers=headers, json={})
-    assert response.status_code == status
-    assert response.json()["error"]["code"] in ("unauthenticated", "permission_denied")
-
-
-def test_evaluation_context_needs_the_service_credential(cluster: Cluster, key_id: str) -> None:
-    response = httpx.get(
-        f"{cluster.keyserver_url}/v1/contexts/{key_id}/evaluation",
-        headers={"Authorization": f"Bearer {cluster.secrets.operator_token}"},
-    )
-    assert response.status_code == 401
-
-
 def test_registration_with_a_bad_public_key_is_a_400_naming_it(cluster: Cluster) -> None:
+    verify = cluster.secrets.tls.ssl_context()
     response = httpx.post(
         f"{cluster.aggregator_url}/v1/sites",
         json={"name": "x", "organisation": "o", "contact": "c@d.e", "public_key": "not-a-key"},
+        verify=verify,
     )
     assert response.status_code == 400
     assert "public_key" in response.json()["error"]["message"]
-    missing = httpx.post(f"{cluster.aggregator_url}/v1/sites", json={"name": "x"})
+    missing = httpx.post(f"{cluster.aggregator_url}/v1/sites", json={"name": "x"}, verify=verify)
     assert missing.status_code == 400
     assert {p["location"] for p in missing.json()["error"]["detail"]["problems"]} >= {
         "body.organisation",
@@ -169,37 +205,111 @@ def test_registration_with_a_bad_public_key_is_a_400_naming_it(cluster: Cluster)
 
 
 def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> None:
-    with cluster.operator_keyserver() as keyserver:
-        federation = keyserver.create_federation(FederationCreate(name="rotating"))
-        rotated = keyserver.rotate_key(federation.id)
-    assert rotated.key_id != federation.key_id
-    site = provision_site(cluster.aggregator_url, cluster.secrets.operator_token, tmp_path, "rotation")
+    with cluster.keyserver_admin() as keyserver:
+        rotating = keyserver.create_federation(FederationCreate(name="rotating"))
+        rotated = keyserver.rotate_key(rotating.id)
+    assert rotated.key_id != rotating.key_id
+    site = _site(cluster, tmp_path, "rotation", rotating.id)
     with pytest.raises(Conflict) as stale:
-        site_codec(cluster.keyserver_url, site, federation.key_id)
+        site_codec(cluster.keyserver_url, cluster.secrets, site, rotating.key_id)
     assert stale.value.code == "stale_key_id"
-    site_codec(cluster.keyserver_url, site, rotated.key_id)
-    with cluster.operator_aggregator() as operator, pytest.raises(Conflict) as retired:
+    site_codec(cluster.keyserver_url, cluster.secrets, site, rotated.key_id)
+    with cluster.aggregator_admin() as operator, pytest.raises(Conflict) as retired:
         operator.create_job(
-            JobCreate(name="old-key", key_id=federation.key_id, model=ModelSpec(input_dim=2, num_classes=2))
+            JobCreate(name="old-key", key_id=rotating.key_id, model=ModelSpec(input_dim=2, num_classes=2))
         )
     assert retired.value.code == "stale_key_id"
 
 
-def test_every_key_release_granted_or_refused_is_audited(cluster: Cluster, key_id: str, tmp_path: Path) -> None:
-    site, key = _register(cluster, tmp_path, "audited")
+def test_every_key_release_granted_or_refused_is_audited_under_the_site(
+    cluster: Cluster, federation, tmp_path: Path
+) -> None:
+    site = _site(cluster, tmp_path, "audited", federation_id=None)
     with pytest.raises(PermissionDenied):
-        _release(cluster, site.id, key, key_id)
-    with cluster.operator_aggregator() as operator:
-        operator.approve_site(site.id)
-    _release(cluster, site.id, key, key_id)
-    with cluster.operator_keyserver() as keyserver:
-        events = [e for e in keyserver.audit_events(200) if e.actor == f"site:{site.id}"]
+        _release(cluster, site, federation.key_id)
+    admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, "audited")
+    _release(cluster, site, federation.key_id)
+    with cluster.keyserver_admin() as keyserver:
+        events = [e for e in keyserver.audit_events(200) if e.actor == f"site:{site.site_id}"]
+        admits = [e for e in keyserver.audit_events(200) if e.subject == f"{federation.id}/{site.site_id}"]
     assert [(e.action, e.subject, e.detail.get("granted")) for e in reversed(events)] == [
-        ("context.release_secret", key_id, False),
-        ("context.release_secret", key_id, True),
+        ("context.release_secret", federation.key_id, False),
+        ("context.release_secret", federation.key_id, True),
     ]
-    assert events[1].detail["reason"] == "site_not_approved"
-    with cluster.operator_aggregator() as operator:
-        actions = {(e.action, e.subject) for e in operator.audit_events(500)}
-    assert ("site.register", site.id) in actions
-    assert ("site.approved", site.id) in actions
+    assert events[1].detail["reason"] == "not_a_member"
+    assert [(e.action, e.actor) for e in admits] == [("member.admit", "account:bootstrap-admin")]
+    with cluster.aggregator_admin() as operator:
+        actions = {(e.action, e.subject, e.actor) for e in operator.audit_events(500)}
+    assert ("site.register", site.site_id, f"site:{site.site_id}") in actions
+    assert ("site.approved", site.site_id, "account:bootstrap-admin") in actions
+
+
+def _endorse(cluster: Cluster, endorser: ProvisionedSite, federation_id: str, candidate: ProvisionedSite):
+    key = private_key_from_pem(endorser.signing_key_file.read_bytes())
+    ts, nonce, sig = sign_request(
+        key, ENDORSE_PURPOSE, cluster.keyserver_url, [federation_id, candidate.site_id, candidate.public_key]
+    )
+    with KeyserverClient(cluster.keyserver_url, tls=cluster.secrets.tls) as client:
+        return client.endorse_member(
+            federation_id,
+            candidate.site_id,
+            EndorsementCreate(site_id=endorser.site_id, timestamp=ts, nonce=nonce, signature=sig),
+        )
+
+
+def test_with_an_endorsement_rule_k_members_must_sign_a_new_members_key(cluster: Cluster, tmp_path: Path) -> None:
+    with cluster.keyserver_admin() as keyserver:
+        strict = keyserver.create_federation(FederationCreate(name="two-of-n", endorsements_required=2))
+    founders = [_site(cluster, tmp_path, f"founder{i}", strict.id) for i in range(2)]
+    candidate = _site(cluster, tmp_path, "candidate", federation_id=None)
+    outsider = _site(cluster, tmp_path, "outsider", federation_id=None)
+    with cluster.keyserver_admin() as keyserver:
+        assert keyserver.federation(strict.id).bootstrap_complete
+        proposed = keyserver.add_member(
+            strict.id, MemberCreate(site_id=candidate.site_id, public_key=candidate.public_key)
+        )
+    assert proposed.status == MemberStatus.PROPOSED
+    with pytest.raises(PermissionDenied):
+        _release(cluster, candidate, strict.key_id)
+    with pytest.raises(PermissionDenied) as not_member:
+        _endorse(cluster, outsider, strict.id, candidate)
+    assert not_member.value.code == "not_a_member"
+    assert _endorse(cluster, founders[0], strict.id, candidate).status == MemberStatus.PROPOSED
+    with pytest.raises(Conflict) as twice:
+        _endorse(cluster, founders[0], strict.id, candidate)
+    assert twice.value.code == "duplicate_endorsement"
+    admitted = _endorse(cluster, founders[1], strict.id, candidate)
+    assert admitted.status == MemberStatus.ACTIVE
+    assert sorted(admitted.endorsed_by) == sorted(f.site_id for f in founders)
+    assert load_secret_context(_release(cluster, candidate, strict.key_id)).has_secret_key()
+    with cluster.keyserver_admin() as keyserver:
+        keyserver.revoke_member(strict.id, founders[0].site_id)
+        keyserver.revoke_member(strict.id, founders[1].site_id)
+        late = keyserver.add_member(strict.id, MemberCreate(site_id=outsider.site_id, public_key=outsider.public_key))
+    assert late.status == MemberStatus.PROPOSED, "revoking members must not reopen admission by the admin alone"
+
+
+def test_sites_see_only_their_federations_jobs(cluster: Cluster, tmp_path: Path) -> None:
+    with cluster.keyserver_admin() as keyserver:
+        fed_a = keyserver.create_federation(FederationCreate(name="fed-a"))
+        fed_b = keyserver.create_federation(FederationCreate(name="fed-b"))
+    member_a = _site(cluster, tmp_path, "member-a", fed_a.id)
+    spec = {"model": ModelSpec(input_dim=2, num_classes=2), "min_sites": 1}
+    with cluster.aggregator_admin() as operator:
+        job_a = operator.create_job(JobCreate(name="job-a", key_id=fed_a.key_id, **spec))
+        job_b = operator.create_job(JobCreate(name="job-b", key_id=fed_b.key_id, **spec))
+    with AggregatorClient(cluster.aggregator_url, member_a.credential, tls=cluster.secrets.tls) as as_a:
+        visible = {job.id for job in as_a.jobs()}
+        assert job_a.id in visible
+        assert job_b.id not in visible
+        assert as_a.job(job_a.id).federation_id == fed_a.id
+        for call in (
+            lambda: as_a.job(job_b.id),
+            lambda: as_a.rounds(job_b.id),
+            lambda: as_a.round(job_b.id, 0),
+            lambda: as_a.model(job_b.id, 0),
+        ):
+            with pytest.raises(NotFound):
+                call()
+    with pytest.raises(PermissionDenied):
+        _release(cluster, member_a, fed_b.key_id)

@@ -8,14 +8,17 @@ import os
 import pytest
 
 from fedhe.auth import (
+    ENDORSE_PURPOSE,
+    KEY_RELEASE_PURPOSE,
     bearer_token,
     generate_signing_key,
     hash_token,
+    new_nonce,
     new_token,
     public_key_b64,
-    sign_key_release,
+    sign_request,
     tokens_match,
-    verify_key_release,
+    verify_request,
 )
 from fedhe.errors import FedheError, InvalidRequest, Unauthenticated
 from keyserver.sealing import SecretSealer
@@ -38,17 +41,55 @@ def test_malformed_authorization_is_unauthenticated(header: str | None) -> None:
         bearer_token(header)
 
 
-def test_key_release_signature_verifies_only_for_its_site_key_and_time() -> None:
+AUDIENCE = "https://keys.example.org"
+
+
+def test_signed_request_verifies_only_for_its_key_fields_audience_nonce_and_time() -> None:
     key = generate_signing_key()
     public = public_key_b64(key)
-    ts, sig = sign_key_release(key, "site-1", "key-1", timestamp=1_000_000)
-    verify_key_release(public, "site-1", "key-1", ts, sig, max_skew_s=60, now=1_000_030)
-    with pytest.raises(Unauthenticated, match="older or newer"):
-        verify_key_release(public, "site-1", "key-1", ts, sig, max_skew_s=60, now=1_000_100)
-    with pytest.raises(Unauthenticated, match="does not verify"):
-        verify_key_release(public, "site-1", "key-2", ts, sig, max_skew_s=60, now=ts)
-    with pytest.raises(Unauthenticated, match="does not verify"):
-        verify_key_release(public_key_b64(generate_signing_key()), "site-1", "key-1", ts, sig, max_skew_s=60, now=ts)
+    ts, nonce, sig = sign_request(key, KEY_RELEASE_PURPOSE, AUDIENCE, ["key-1"], timestamp=1_000_000)
+    assert len(nonce) == 32
+
+    def check(**changed: object) -> None:
+        fields: dict[str, object] = {
+            "public_key": public,
+            "purpose": KEY_RELEASE_PURPOSE,
+            "audience": AUDIENCE,
+            "fields": ["key-1"],
+            "timestamp": ts,
+            "nonce": nonce,
+            "signature": sig,
+            "max_skew_s": 60,
+            "now": 1_000_030,
+        } | changed
+        verify_request(**fields)  # type: ignore[arg-type]
+
+    check()
+    with pytest.raises(Unauthenticated) as late:
+        check(now=1_000_100)
+    assert late.value.code == "request_expired"
+    for changed in (
+        {"fields": ["key-2"]},
+        {"audience": "https://other.example.org"},
+        {"purpose": ENDORSE_PURPOSE},
+        {"nonce": "0" * 32},
+        {"public_key": public_key_b64(generate_signing_key())},
+        {"signature": "not base64!"},
+    ):
+        with pytest.raises(Unauthenticated) as refused:
+            check(**changed)
+        assert refused.value.code == "bad_signature", changed
+
+
+def test_nonces_are_fresh_128_bit_values() -> None:
+    nonces = {new_nonce() for _ in range(1000)}
+    assert len(nonces) == 1000
+    assert all(len(n) == 32 and int(n, 16) >= 0 for n in nonces)
+
+
+def test_line_breaks_cannot_smuggle_fields_into_a_signed_message() -> None:
+    with pytest.raises(InvalidRequest):
+        sign_request(generate_signing_key(), KEY_RELEASE_PURPOSE, AUDIENCE, ["key-1\nsite-2"])
 
 
 def test_sealed_context_is_bound_to_key_id_and_kek() -> None:

@@ -14,18 +14,27 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
 from aggregator import migrations
+from aggregator.access import JobAccess
 from aggregator.contexts import EvaluationContexts, EvaluationContextSource
 from aggregator.coordination import Coordination, CoordinationUnavailable, coordination_for
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
+from aggregator.membership import FederationMembers, MembershipSource
 from aggregator.metrics import Metrics
-from aggregator.routes import audit, events, internal, jobs, sites
+from aggregator.repository import AggregatorRepository
+from aggregator.routes import REGISTRATIONS, UPLOAD_PATH, audit, events, jobs, sites
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
+from aggregator.tables import AccountRow, ApiTokenRow
+from fedhe.accounts import AccountService, Role
+from fedhe.accounts_api import router as accounts_router
 from fedhe.api_client import KeyserverClient
 from fedhe.db import SessionFactory, make_engine
+from fedhe.http_auth import Authenticator
 from fedhe.http_errors import add_health_routes, install_error_handlers
+from fedhe.http_limits import RequestLimits, base_limits
 from fedhe.migrations import upgrade
+from fedhe.ratelimit import Limit, RateLimiter, counters_for
 
 logger = logging.getLogger(__name__)
 
@@ -72,46 +81,73 @@ class DeadlineWatcher:
 
 
 def create_app(
-    settings: AggregatorSettings | None = None, context_source: EvaluationContextSource | None = None
+    settings: AggregatorSettings | None = None,
+    context_source: EvaluationContextSource | None = None,
+    membership_source: MembershipSource | None = None,
 ) -> FastAPI:
     """Build the aggregator application (secrets are resolved here, so a bad config fails at start)."""
     settings = settings or AggregatorSettings()
-    service_token = settings.service_secret()
     if settings.migrate_on_start:
         upgrade(settings.database_url, "aggregator", migrations)
     engine = make_engine(settings.database_url)
     sessions = SessionFactory(engine)
-    source = context_source or KeyserverClient(settings.keyserver_url, service_token.get_secret_value(), timeout=30)
-    contexts = EvaluationContexts(sessions, source)
+    keyserver = KeyserverClient(
+        settings.keyserver_url,
+        settings.keyserver_secret().get_secret_value(),
+        tls=settings.client_tls(),
+        timeout=30,
+    )
+    contexts = EvaluationContexts(sessions, context_source or keyserver)
     metrics = Metrics()
     coordination = coordination_for(settings.redis_url)
     coordinator = JobCoordinator(sessions, contexts, metrics, coordination)
     watcher = DeadlineWatcher(coordinator, coordination, settings.deadline_check_interval_s)
+    registry = SiteRegistry(sessions)
+    members = FederationMembers(membership_source or keyserver, settings.membership_cache_s)
+    accounts = AccountService(
+        sessions, AccountRow, ApiTokenRow, frozenset({Role.ADMIN, Role.VIEWER}), AggregatorRepository
+    )
+    bootstrap = settings.bootstrap_admin_secret()
+    if bootstrap is not None:
+        accounts.ensure_bootstrap(settings.bootstrap_admin, Role.ADMIN, bootstrap.get_secret_value())
+    limiter = RateLimiter(
+        {**base_limits(settings), REGISTRATIONS: Limit(settings.registrations_per_address, 3600)},
+        counters_for(settings.redis_url, "fedhe:aggregator:rate"),
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         watcher.start()
         yield
         watcher.stop()
+        keyserver.close()
 
     app = FastAPI(title="fedhe aggregator", version="0.1.0", lifespan=lifespan)
-    app.state.sites = SiteRegistry(sessions)
+    app.state.sites = registry
     app.state.jobs = coordinator
     app.state.intake = UpdateIntake(coordinator, contexts, coordination)
+    app.state.access = JobAccess(sessions, registry, members)
     app.state.coordination = coordination
     app.state.sessions = sessions
     app.state.contexts = contexts
-    app.state.operator_token = settings.operator_secret()
-    app.state.service_token = service_token
+    app.state.limiter = limiter
+    app.state.authenticator = Authenticator(accounts, limiter, sites=registry.authenticate)
     app.state.max_upload_bytes = settings.max_upload_bytes
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        limiter=limiter,
+        streamed_paths=UPLOAD_PATH,
+    )
     install_error_handlers(app)
-    for router in (sites, internal, jobs, events, audit):
+    for router in (sites, jobs, events, audit, accounts_router):
         app.include_router(router)
 
     add_health_routes(app, engine)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["health"])
     def prometheus_metrics() -> str:
+        """Counters in Prometheus text format (no secrets, no per-site data)."""
         return metrics.render()
 
     return app

@@ -13,6 +13,7 @@ from aggregator.repository import AggregatorRepository
 from aggregator.tables import EvaluationContextRow
 from fedhe.db import SessionFactory
 from fedhe.he import UpdateCodec, codec_for, load_evaluation_context
+from fedhe.schemas import ContextInfo
 
 
 class EvaluationContextSource(Protocol):
@@ -20,6 +21,10 @@ class EvaluationContextSource(Protocol):
 
     def evaluation_context(self, key_id: str) -> bytes:
         """The serialised keyless context of ``key_id``."""
+        ...
+
+    def context_info(self, key_id: str) -> ContextInfo:
+        """Public facts about ``key_id``, including its federation."""
         ...
 
 
@@ -32,14 +37,18 @@ class EvaluationContexts:
         self._codecs: dict[tuple[str, str], UpdateCodec] = {}
         self._lock = threading.Lock()
 
-    def ensure(self, repo: AggregatorRepository, key_id: str) -> None:
-        """Make sure ``key_id``'s context is stored (fetching it from the keyserver if needed)."""
-        if repo.evaluation_context(key_id) is not None:
-            return
+    def ensure(self, repo: AggregatorRepository, key_id: str) -> EvaluationContextRow:
+        """``key_id``'s stored context (fetched from the keyserver with its federation if needed)."""
+        row = repo.evaluation_context(key_id)
+        if row is not None:
+            return row
+        info = self._source.context_info(key_id)
         data = self._source.evaluation_context(key_id)
         load_evaluation_context(data)
-        repo.add(EvaluationContextRow(key_id=key_id, context=data))
+        row = EvaluationContextRow(key_id=key_id, federation_id=info.federation_id, context=data)
+        repo.add(row)
         repo.flush()
+        return row
 
     def codec(self, key_id: str, format_id: str) -> UpdateCodec:
         """A codec bound to ``key_id``'s keyless context."""
@@ -49,10 +58,7 @@ class EvaluationContexts:
                 return cached
             with self._sessions.transaction() as session:
                 repo = AggregatorRepository(session)
-                self.ensure(repo, key_id)
-                row = repo.evaluation_context(key_id)
-                assert row is not None
-                data = row.context
+                data = self.ensure(repo, key_id).context
             codec = codec_for(format_id, load_evaluation_context(data))
             self._codecs[(key_id, format_id)] = codec
             return codec

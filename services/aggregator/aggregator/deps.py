@@ -1,66 +1,23 @@
-"""Request dependencies: the services in ``app.state`` and who is calling."""
+"""Request dependencies: the services in ``app.state`` and who is calling.
+
+Roles: ``admin`` (sites, jobs, accounts), ``viewer`` (reads everything an operator sees), and
+approved sites (their own federations' jobs, models, uploads and evaluations).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 
+from aggregator.access import JobAccess
 from aggregator.coordination import Coordination
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
-from aggregator.sites import SiteRegistry
-from fedhe.auth import bearer_token, tokens_match
-from fedhe.errors import PermissionDenied, Unauthenticated
-
-
-@dataclass(frozen=True)
-class Caller:
-    """An authenticated caller: the operator, the keyserver, or an approved site."""
-
-    role: str
-    site_id: str | None = None
-
-    @property
-    def actor(self) -> str:
-        """How the audit log names this caller."""
-        return f"site:{self.site_id}" if self.site_id else self.role
-
-
-def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
-    token = bearer_token(authorization)
-    state = request.app.state
-    if tokens_match(token, state.operator_token.get_secret_value()):
-        return Caller(role="operator")
-    if tokens_match(token, state.service_token.get_secret_value()):
-        return Caller(role="service")
-    registry: SiteRegistry = state.sites
-    return Caller(role="site", site_id=registry.authenticate(token))
-
-
-def _operator(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if caller.role != "operator":
-        raise PermissionDenied("this needs the operator credential")
-    return caller
-
-
-def _service(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if caller.role != "service":
-        raise PermissionDenied("this needs the service credential")
-    return caller
-
-
-def _site(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if caller.role != "site":
-        raise PermissionDenied("this needs an approved site's credential")
-    return caller
-
-
-def _participant(caller: Annotated[Caller, Depends(_caller)]) -> Caller:
-    if caller.role not in ("operator", "site"):
-        raise Unauthenticated("this needs the operator's or an approved site's credential")
-    return caller
+from aggregator.sites import SITE_ROLE, SiteRegistry
+from fedhe.accounts import Principal, Role
+from fedhe.http_auth import allow
+from fedhe.identifiers import JobIdPath
 
 
 def _sites(request: Request) -> SiteRegistry:
@@ -78,13 +35,9 @@ def _intake(request: Request) -> UpdateIntake:
     return intake
 
 
-OperatorDep = Annotated[Caller, Depends(_operator)]
-ServiceDep = Annotated[Caller, Depends(_service)]
-SiteDep = Annotated[Caller, Depends(_site)]
-ParticipantDep = Annotated[Caller, Depends(_participant)]
-SitesDep = Annotated[SiteRegistry, Depends(_sites)]
-JobsDep = Annotated[JobCoordinator, Depends(_jobs)]
-IntakeDep = Annotated[UpdateIntake, Depends(_intake)]
+def _access(request: Request) -> JobAccess:
+    access: JobAccess = request.app.state.access
+    return access
 
 
 def _coordination(request: Request) -> Coordination:
@@ -92,4 +45,32 @@ def _coordination(request: Request) -> Coordination:
     return coordination
 
 
+def _visible_job_participant(
+    job_id: JobIdPath,
+    caller: Annotated[Principal, allow(Role.ADMIN, Role.VIEWER, SITE_ROLE)],
+    access: Annotated[JobAccess, Depends(_access)],
+) -> Principal:
+    access.require(caller, job_id)
+    return caller
+
+
+def _visible_job_site(
+    job_id: JobIdPath, caller: Annotated[Principal, allow(SITE_ROLE)], access: Annotated[JobAccess, Depends(_access)]
+) -> Principal:
+    access.require(caller, job_id)
+    return caller
+
+
+AdminDep = Annotated[Principal, allow(Role.ADMIN)]
+# Job routes check visibility in a dependency, before the body is read or validated: to a site,
+# a job outside its federations is a 404 whatever it sent.
+JobParticipantDep = Annotated[Principal, Depends(_visible_job_participant)]
+JobSiteDep = Annotated[Principal, Depends(_visible_job_site)]
+OperatorDep = Annotated[Principal, allow(Role.ADMIN, Role.VIEWER)]
+SiteDep = Annotated[Principal, allow(SITE_ROLE)]
+ParticipantDep = Annotated[Principal, allow(Role.ADMIN, Role.VIEWER, SITE_ROLE)]
+SitesDep = Annotated[SiteRegistry, Depends(_sites)]
+JobsDep = Annotated[JobCoordinator, Depends(_jobs)]
+IntakeDep = Annotated[UpdateIntake, Depends(_intake)]
+AccessDep = Annotated[JobAccess, Depends(_access)]
 CoordinationDep = Annotated[Coordination, Depends(_coordination)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from fedhe.errors import Conflict, InvalidRequest, NotFound
 from fedhe.global_model import encode_aggregate, encode_initial_model
 from fedhe.he.codec import supported_formats
 from fedhe.he.envelope import decode_envelope
+from fedhe.identifiers import new_id
 from fedhe.modelspec import flatten_weights
 from fedhe.schemas import (
     EvaluationCreate,
@@ -114,7 +114,7 @@ class JobCoordinator:
                 detail={"supported": supported_formats()},
             )
         row = JobRow(
-            id="job-" + uuid.uuid4().hex[:16],
+            id=new_id("job"),
             name=request.name,
             key_id=request.key_id,
             spec=request.model_dump(mode="json"),
@@ -124,7 +124,7 @@ class JobCoordinator:
         )
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
-            self._contexts.ensure(repo, request.key_id)
+            row.federation_id = self._contexts.ensure(repo, request.key_id).federation_id
             repo.add(row)
             repo.flush()
             change = JobChange(repo, row)

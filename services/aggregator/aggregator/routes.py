@@ -7,24 +7,29 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from aggregator.coordination import CoordinationUnavailable
 from aggregator.deps import (
+    AccessDep,
+    AdminDep,
     CoordinationDep,
     IntakeDep,
+    JobParticipantDep,
     JobsDep,
+    JobSiteDep,
     OperatorDep,
     ParticipantDep,
-    ServiceDep,
-    SiteDep,
     SitesDep,
 )
 from aggregator.recovery import verify_round
 from aggregator.repository import AggregatorRepository
 from fedhe.errors import PayloadTooLarge
+from fedhe.http_limits import client_address
+from fedhe.identifiers import JOB_ID, JobIdPath, RoundNumberPath, SiteIdPath
+from fedhe.openapi import CONFLICT, ERRORS, binary_request, binary_response
 from fedhe.schemas import (
     AuditEventPublic,
     EvaluationCreate,
@@ -34,21 +39,25 @@ from fedhe.schemas import (
     RoundVerification,
     SiteApproved,
     SiteCreate,
-    SiteIdentity,
     SitePublic,
     UpdateAccepted,
 )
 
 _OCTETS = "application/octet-stream"
+REGISTRATIONS = "registrations-per-address"
+UPLOAD_PATH = r"/v1/jobs/[^/]+/rounds/[^/]+/updates"
 
-sites = APIRouter(prefix="/v1/sites", tags=["sites"])
-internal = APIRouter(prefix="/v1/internal", tags=["internal"])
-jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+sites = APIRouter(prefix="/v1/sites", tags=["sites"], responses=ERRORS)
+jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 
-@sites.post("", status_code=201, response_model=SitePublic)
+def _registration_budget(request: Request) -> None:
+    request.app.state.limiter.hit(REGISTRATIONS, client_address(request))
+
+
+@sites.post("", status_code=201, response_model=SitePublic, dependencies=[Depends(_registration_budget)])
 def register_site(body: SiteCreate, registry: SitesDep) -> SitePublic:
-    """A site admin registers a site; it stays pending until an operator approves it."""
+    """A site admin registers a site (no credential); it stays pending until an admin approves it."""
     return registry.register(body)
 
 
@@ -59,85 +68,94 @@ def list_sites(registry: SitesDep, _: OperatorDep) -> list[SitePublic]:
 
 
 @sites.get("/{site_id}", response_model=SitePublic)
-def get_site(site_id: str, registry: SitesDep, _: OperatorDep) -> SitePublic:
+def get_site(site_id: SiteIdPath, registry: SitesDep, _: OperatorDep) -> SitePublic:
     """One site."""
     return registry.site(site_id)
 
 
-@sites.post("/{site_id}/approve", response_model=SiteApproved)
-def approve_site(site_id: str, registry: SitesDep, caller: OperatorDep) -> SiteApproved:
-    """Approve a pending site; the answer carries its credential, shown only this once."""
+@sites.post("/{site_id}/approve", response_model=SiteApproved, responses=CONFLICT)
+def approve_site(site_id: SiteIdPath, registry: SitesDep, caller: AdminDep) -> SiteApproved:
+    """Approve a pending site; the answer carries its credential, shown only this once.
+
+    Approval lets a site talk to the aggregator; which federations it belongs to (and so which
+    jobs it sees and which keys it may get) is decided by the keyserver's membership alone.
+    """
     return registry.approve(site_id, actor=caller.actor)
 
 
-@sites.post("/{site_id}/reject", response_model=SitePublic)
-def reject_site(site_id: str, registry: SitesDep, caller: OperatorDep) -> SitePublic:
+@sites.post("/{site_id}/reject", response_model=SitePublic, responses=CONFLICT)
+def reject_site(site_id: SiteIdPath, registry: SitesDep, caller: AdminDep) -> SitePublic:
     """Reject a pending site."""
     return registry.reject(site_id, actor=caller.actor)
 
 
-@sites.post("/{site_id}/revoke", response_model=SitePublic)
-def revoke_site(site_id: str, registry: SitesDep, caller: OperatorDep) -> SitePublic:
-    """Revoke an approved site."""
+@sites.post("/{site_id}/revoke", response_model=SitePublic, responses=CONFLICT)
+def revoke_site(site_id: SiteIdPath, registry: SitesDep, caller: AdminDep) -> SitePublic:
+    """Revoke an approved site: its credential stops working at once."""
     return registry.revoke(site_id, actor=caller.actor)
 
 
-@internal.get("/sites/{site_id}", response_model=SiteIdentity)
-def site_identity(site_id: str, registry: SitesDep, _: ServiceDep) -> SiteIdentity:
-    """For the keyserver: a site's status and public key."""
-    return registry.identity(site_id)
-
-
-@jobs.post("", status_code=201, response_model=JobPublic)
-def create_job(body: JobCreate, coordinator: JobsDep, caller: OperatorDep) -> JobPublic:
+@jobs.post("", status_code=201, response_model=JobPublic, responses=CONFLICT)
+def create_job(body: JobCreate, coordinator: JobsDep, caller: AdminDep) -> JobPublic:
     """Create a job on a federation's key; round 0 opens at once."""
     return coordinator.create_job(body, actor=caller.actor)
 
 
 @jobs.get("", response_model=list[JobPublic])
-def list_jobs(coordinator: JobsDep, _: ParticipantDep) -> list[JobPublic]:
-    """All jobs."""
-    return coordinator.jobs()
+def list_jobs(coordinator: JobsDep, access: AccessDep, caller: ParticipantDep) -> list[JobPublic]:
+    """All jobs (operators), or the jobs of the federations a site is a member of."""
+    return [job for job in coordinator.jobs() if access.may_see(caller, job.federation_id)]
 
 
 @jobs.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, coordinator: JobsDep, _: ParticipantDep) -> JobPublic:
+def get_job(job_id: JobIdPath, coordinator: JobsDep, _: JobParticipantDep) -> JobPublic:
     """One job and its progress."""
     return coordinator.job(job_id)
 
 
-@jobs.post("/{job_id}/stop", response_model=JobPublic)
-def stop_job(job_id: str, coordinator: JobsDep, caller: OperatorDep) -> JobPublic:
+@jobs.post("/{job_id}/stop", response_model=JobPublic, responses=CONFLICT)
+def stop_job(job_id: JobIdPath, coordinator: JobsDep, caller: AdminDep) -> JobPublic:
     """Stop a running job."""
     return coordinator.stop_job(job_id, actor=caller.actor)
 
 
 @jobs.get("/{job_id}/rounds", response_model=list[RoundPublic])
-def list_rounds(job_id: str, coordinator: JobsDep, caller: ParticipantDep) -> list[RoundPublic]:
+def list_rounds(job_id: JobIdPath, coordinator: JobsDep, caller: JobParticipantDep) -> list[RoundPublic]:
     """Every attempt of every round; per-site details only for operators."""
-    return coordinator.rounds(job_id, operator=caller.role == "operator", caller_site=caller.site_id)
+    return coordinator.rounds(job_id, operator=caller.site_id is None, caller_site=caller.site_id)
 
 
 @jobs.get("/{job_id}/rounds/{number}", response_model=RoundPublic)
-def get_round(job_id: str, number: int, coordinator: JobsDep, caller: ParticipantDep) -> RoundPublic:
+def get_round(
+    job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, caller: JobParticipantDep
+) -> RoundPublic:
     """The latest attempt of one round."""
-    return coordinator.round(job_id, number, operator=caller.role == "operator", caller_site=caller.site_id)
+    return coordinator.round(job_id, number, operator=caller.site_id is None, caller_site=caller.site_id)
 
 
 @jobs.get("/{job_id}/rounds/{number}/verify", response_model=RoundVerification)
-def verify_round_sum(job_id: str, number: int, request: Request, _: OperatorDep) -> RoundVerification:
+def verify_round_sum(job_id: JobIdPath, number: RoundNumberPath, request: Request, _: OperatorDep) -> RoundVerification:
     """Rebuild the round's encrypted sum from its stored submissions and compare (operators)."""
     return verify_round(request.app.state.sessions, request.app.state.contexts, job_id, number)
 
 
-@jobs.get("/{job_id}/rounds/{number}/model")
-def get_model(job_id: str, number: int, coordinator: JobsDep, _: SiteDep) -> Response:
+@jobs.get(
+    "/{job_id}/rounds/{number}/model",
+    response_class=Response,
+    responses=binary_response("the global model envelope (initial weights, or the previous round's encrypted sum)")
+    | CONFLICT,
+)
+def get_model(job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, _: JobSiteDep) -> Response:
     """Round ``number``'s global model envelope (encrypted after round 0)."""
     return Response(coordinator.model(job_id, number), media_type=_OCTETS)
 
 
-@jobs.get("/{job_id}/final-model")
-def get_final_model(job_id: str, coordinator: JobsDep, _: SiteDep) -> Response:
+@jobs.get(
+    "/{job_id}/final-model",
+    response_class=Response,
+    responses=binary_response("the envelope of the job's final encrypted aggregate") | CONFLICT,
+)
+def get_final_model(job_id: JobIdPath, coordinator: JobsDep, _: JobSiteDep) -> Response:
     """The encrypted aggregate of the last round of a completed job."""
     return Response(coordinator.final_model(job_id), media_type=_OCTETS)
 
@@ -156,14 +174,20 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-@jobs.post("/{job_id}/rounds/{number}/updates", status_code=201, response_model=UpdateAccepted)
+@jobs.post(
+    "/{job_id}/rounds/{number}/updates",
+    status_code=201,
+    response_model=UpdateAccepted,
+    responses={**CONFLICT, 200: {"model": UpdateAccepted, "description": "this exact body was accepted before"}},
+    openapi_extra=binary_request("a fedhe envelope: magic, JSON header, ciphertext chunks"),
+)
 async def upload_update(
-    job_id: str,
-    number: int,
+    job_id: JobIdPath,
+    number: RoundNumberPath,
     request: Request,
     response: Response,
     intake: IntakeDep,
-    caller: SiteDep,
+    caller: JobSiteDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> UpdateAccepted:
     """Upload an encrypted update (a fedhe envelope) for round ``number``.
@@ -185,9 +209,13 @@ async def upload_update(
     return accepted
 
 
-@jobs.post("/{job_id}/rounds/{number}/evaluations", status_code=201)
+@jobs.post("/{job_id}/rounds/{number}/evaluations", status_code=201, responses=CONFLICT)
 def post_evaluation(
-    job_id: str, number: int, body: EvaluationCreate, coordinator: JobsDep, caller: SiteDep
+    job_id: JobIdPath,
+    number: RoundNumberPath,
+    body: EvaluationCreate,
+    coordinator: JobsDep,
+    caller: JobSiteDep,
 ) -> dict[str, str]:
     """A site reports how round ``number``'s published model scores on its validation split."""
     assert caller.site_id is not None
@@ -195,15 +223,19 @@ def post_evaluation(
     return {"status": "recorded"}
 
 
-events = APIRouter(prefix="/v1/events", tags=["events"])
+events = APIRouter(prefix="/v1/events", tags=["events"], responses=ERRORS)
 
 
-@events.get("")
+@events.get(
+    "",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "SSE"}},
+)
 async def stream_events(
     request: Request,
     coordination: CoordinationDep,
     _: OperatorDep,
-    job_id: str | None = None,
+    job_id: Annotated[str | None, Query(pattern=JOB_ID)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Live round events as Server-Sent Events; reconnect with ``Last-Event-ID`` to resume."""
@@ -238,7 +270,7 @@ async def stream_events(
     return StreamingResponse(generate(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
-audit = APIRouter(prefix="/v1/audit", tags=["audit"])
+audit = APIRouter(prefix="/v1/audit", tags=["audit"], responses=ERRORS)
 
 
 @audit.get("", response_model=list[AuditEventPublic])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from fedhe.settings import ServiceSettings
+from fedhe.settings import ServiceSettings, resolve_secret
 
 
 class AggregatorSettings(ServiceSettings):
@@ -14,7 +17,14 @@ class AggregatorSettings(ServiceSettings):
 
     port: int = 8080
     database_url: str = "sqlite:///./fedhe-aggregator.db"
-    redis_url: str | None = None
-    keyserver_url: str = "http://127.0.0.1:8090"
+    keyserver_url: str = "https://127.0.0.1:8090"
+    keyserver_token: SecretStr | None = None
+    keyserver_token_file: Path | None = None
+    membership_cache_s: float = Field(default=10.0, ge=0, le=300)
     max_upload_bytes: int = 256 * 1024 * 1024
+    registrations_per_address: int = Field(default=20, ge=1, description="site registrations per hour per address")
     deadline_check_interval_s: float = 1.0
+
+    def keyserver_secret(self) -> SecretStr:
+        """The aggregator's service credential at the keyserver (its ``aggregator`` service account)."""
+        return resolve_secret(self.keyserver_token, self.keyserver_token_file, "keyserver_token")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
+import hmac
 
 from aggregator.repository import AggregatorRepository
 from aggregator.tables import SiteRow
-from aggregator.views import site_identity, site_public
+from aggregator.views import site_public
+from fedhe.accounts import Principal
 from fedhe.auth import SITE_CREDENTIAL_PREFIX, hash_token, new_token, parse_public_key
 from fedhe.db import SessionFactory, utcnow
 from fedhe.errors import Conflict, PermissionDenied, Unauthenticated
-from fedhe.schemas import SiteApproved, SiteCreate, SiteIdentity, SitePublic, SiteStatus
+from fedhe.identifiers import new_id
+from fedhe.schemas import SiteApproved, SiteCreate, SitePublic, SiteStatus
+
+SITE_ROLE = "site"
 
 
 class SiteRegistry:
@@ -23,7 +27,7 @@ class SiteRegistry:
         """Record a registration; the site stays pending until an operator decides."""
         parse_public_key(request.public_key)
         row = SiteRow(
-            id="site-" + uuid.uuid4().hex[:16],
+            id=new_id("site"),
             name=request.name,
             organisation=request.organisation,
             contact=request.contact,
@@ -81,17 +85,18 @@ class SiteRegistry:
         with self._sessions.transaction() as session:
             return site_public(AggregatorRepository(session).site(site_id))
 
-    def identity(self, site_id: str) -> SiteIdentity:
-        """Status and public key, for the keyserver's key-release check."""
+    def public_key(self, site_id: str) -> str:
+        """The Ed25519 public key a site registered (to compare with the keyserver's pinned key)."""
         with self._sessions.transaction() as session:
-            return site_identity(AggregatorRepository(session).site(site_id))
+            return AggregatorRepository(session).site(site_id).public_key
 
-    def authenticate(self, credential: str) -> str:
-        """The id of the approved site holding ``credential``; 401 if unknown, 403 if not approved."""
+    def authenticate(self, credential: str) -> Principal:
+        """The approved site holding ``credential``; 401 if unknown, 403 if not approved."""
+        digest = hash_token(credential)
         with self._sessions.transaction() as session:
-            row = AggregatorRepository(session).site_by_credential(hash_token(credential))
-        if row is None:
+            row = AggregatorRepository(session).site_by_credential(digest)
+        if row is None or not hmac.compare_digest(row.credential_sha256 or "", digest):
             raise Unauthenticated("credential is not valid")
         if row.status != SiteStatus.APPROVED.value:
             raise PermissionDenied(f"site {row.id} is {row.status}", code="site_not_approved")
-        return row.id
+        return Principal(role=SITE_ROLE, name=row.id, site_id=row.id)

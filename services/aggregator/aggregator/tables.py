@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from fedhe.accounts import AccountColumns, ApiTokenColumns
 from fedhe.db import AuditEventColumns, UTCDateTime, new_metadata, utcnow
 
 
@@ -37,6 +38,7 @@ class EvaluationContextRow(AggregatorBase):
     __tablename__ = "evaluation_contexts"
 
     key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    federation_id: Mapped[str] = mapped_column(String(64))
     context: Mapped[bytes] = mapped_column(LargeBinary)
     fetched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -47,6 +49,7 @@ class JobRow(AggregatorBase):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     key_id: Mapped[str] = mapped_column(ForeignKey("evaluation_contexts.key_id"))
+    federation_id: Mapped[str] = mapped_column(String(64), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), index=True)
     current_round: Mapped[int] = mapped_column(Integer, default=0)
@@ -101,6 +104,14 @@ class EvaluationRow(AggregatorBase):
     num_examples: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AccountRow(AccountColumns, AggregatorBase):
+    """Operators of the coordinator (admin, viewer); the keyserver has its own, separate accounts."""
+
+
+class ApiTokenRow(ApiTokenColumns, AggregatorBase):
+    """API tokens of aggregator accounts (SHA-256 only)."""
 
 
 class AuditRow(AuditEventColumns, AggregatorBase):

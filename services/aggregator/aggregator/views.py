@@ -10,7 +10,6 @@ from fedhe.schemas import (
     JobStatus,
     RoundPublic,
     RoundState,
-    SiteIdentity,
     SitePublic,
     SiteStatus,
     SubmissionPublic,
@@ -31,17 +30,13 @@ def site_public(row: SiteRow) -> SitePublic:
     )
 
 
-def site_identity(row: SiteRow) -> SiteIdentity:
-    """A site as the keyserver needs it."""
-    return SiteIdentity(id=row.id, status=SiteStatus(row.status), public_key=row.public_key)
-
-
 def job_public(row: JobRow) -> JobPublic:
     """A job with its progress."""
     return JobPublic.model_validate(
         {
             **row.spec,
             "id": row.id,
+            "federation_id": row.federation_id,
             "status": JobStatus(row.status),
             "current_round": row.current_round,
             "created_at": row.created_at,

@@ -7,6 +7,7 @@ privacy ledger on disk carries the budget across restarts.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import secrets
@@ -22,7 +23,7 @@ from client_agent.ledger import LedgerEntry, PrivacyLedger
 from client_agent.policy import SitePolicy, load_policy
 from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
-from fedhe.auth import private_key_from_pem, sign_key_release
+from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
 from fedhe.datasets import load_dataset, split
 from fedhe.errors import (
     BudgetExhausted,
@@ -32,6 +33,7 @@ from fedhe.errors import (
     PermissionDenied,
     UpstreamUnavailable,
 )
+from fedhe.files import PRIVATE_FILE, private_dir, write_private
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context
 from fedhe.privacy import TrainingPass
@@ -62,13 +64,20 @@ class SiteAgent:
         keyserver: KeyserverClient | None = None,
     ):
         self.settings = settings
+        tls = settings.client_tls()
         self._aggregator = aggregator or AggregatorClient(
-            settings.aggregator_url, settings.credential_secret().get_secret_value(), timeout=settings.request_timeout_s
+            settings.aggregator_url,
+            settings.credential_secret().get_secret_value(),
+            tls=tls,
+            timeout=settings.request_timeout_s,
         )
-        self._keyserver = keyserver or KeyserverClient(settings.keyserver_url, timeout=settings.request_timeout_s)
+        self._keyserver = keyserver or KeyserverClient(
+            settings.keyserver_url, tls=tls, timeout=settings.request_timeout_s
+        )
         self._signing_key = private_key_from_pem(settings.signing_key_file.read_bytes())
         self._policy: SitePolicy = load_policy(settings.policy_file)
-        self._ledger = PrivacyLedger(settings.state_dir / "privacy-ledger.json")
+        self._state_dir = private_dir(settings.state_dir).resolve()
+        self._ledger = PrivacyLedger(self._state_file("privacy-ledger.json"))
         data = load_dataset(settings.data_path, settings.label_column)
         self.train_data, self.validation_data = split(data, settings.validation_fraction, seed=0)
         self._codecs: dict[str, UpdateCodec] = {}
@@ -76,9 +85,12 @@ class SiteAgent:
 
     def _codec(self, key_id: str, format_id: str) -> UpdateCodec:
         if key_id not in self._codecs:
-            timestamp, signature = sign_key_release(self._signing_key, self.settings.site_id, key_id)
+            timestamp, nonce, signature = sign_request(
+                self._signing_key, KEY_RELEASE_PURPOSE, self.settings.keyserver_audience(), [key_id]
+            )
             secret = self._keyserver.secret_context(
-                key_id, KeyReleaseRequest(site_id=self.settings.site_id, timestamp=timestamp, signature=signature)
+                key_id,
+                KeyReleaseRequest(site_id=self.settings.site_id, timestamp=timestamp, nonce=nonce, signature=signature),
             )
             workers = self.settings.encrypt_workers or os.cpu_count() or 1
             self._codecs[key_id] = codec_for(format_id, load_secret_context(secret), workers=workers)
@@ -197,8 +209,15 @@ class SiteAgent:
             len(self.validation_data),
         )
 
+    def _state_file(self, name: str) -> Path:
+        """A file directly inside the state directory; a name that would leave it is refused."""
+        path = (self._state_dir / name).resolve()
+        if path.parent != self._state_dir:
+            raise InvalidRequest(f"refusing to write {name!r} outside the state directory", code="unsafe_path")
+        return path
+
     def _pending_path(self, job: JobPublic, attempt: int) -> Path:
-        return self.settings.state_dir / f"pending-{job.id}-r{job.current_round}-a{attempt}.fedhe"
+        return self._state_file(f"pending-{job.id}-r{job.current_round}-a{attempt}.fedhe")
 
     def _train_and_upload(
         self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
@@ -215,9 +234,7 @@ class SiteAgent:
             logger.info("job %s round %d: re-sending the saved update", job.id, job.current_round)
         else:
             body = self._train_and_encrypt(job, attempt, weights, codec, outcome)
-            tmp = pending.with_suffix(".tmp")
-            tmp.write_bytes(body)
-            os.replace(tmp, pending)
+            write_private(pending, body)
         try:
             accepted = self._aggregator.upload_update(
                 job.id, job.current_round, body, idempotency_key=f"{job.id}:{job.current_round}:{attempt}"
@@ -322,7 +339,10 @@ class SiteAgent:
                 self._evaluate(job, last, weights, evaluated)
             except FedheError as exc:
                 outcome.notes.append(f"final evaluation not recorded: {exc.message}")
-        outcome.exported_model = export_model(job.model, weights, self.settings.state_dir / f"{job.id}-final.keras")
-        np.save(self.settings.state_dir / f"{job.id}-final-weights.npy", weights)
+        outcome.exported_model = export_model(job.model, weights, self._state_file(f"{job.id}-final.keras"))
+        os.chmod(outcome.exported_model, PRIVATE_FILE)
+        buffer = io.BytesIO()
+        np.save(buffer, weights)
+        write_private(self._state_file(f"{job.id}-final-weights.npy"), buffer.getvalue())
         logger.info("job %s completed; final model saved to %s", job.id, outcome.exported_model)
         return outcome

@@ -10,12 +10,12 @@ data, across rounds and jobs), so a restart never forgets budget already spent.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from fedhe.files import write_private_text
 from fedhe.privacy import TrainingPass, epsilon_spent
 
 
@@ -53,7 +53,4 @@ class PrivacyLedger:
         """Append a pass; the file is replaced atomically so a crash never truncates it."""
         with self._lock:
             entries = [*self.entries(), entry]
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._path.with_suffix(".tmp")
-            tmp.write_text(json.dumps([e.model_dump() for e in entries], indent=1), encoding="utf-8")
-            os.replace(tmp, self._path)
+            write_private_text(self._path, json.dumps([e.model_dump() for e in entries], indent=1))

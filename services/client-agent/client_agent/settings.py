@@ -8,6 +8,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedhe.settings import resolve_secret
+from fedhe.tls import ClientTLS
 
 
 class AgentSettings(BaseSettings):
@@ -15,8 +16,12 @@ class AgentSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDHE_AGENT_", extra="ignore")
 
-    aggregator_url: str = "http://127.0.0.1:8080"
-    keyserver_url: str = "http://127.0.0.1:8090"
+    aggregator_url: str = "https://127.0.0.1:8080"
+    keyserver_url: str = "https://127.0.0.1:8090"
+    tls_ca_file: Path | None = None
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
+    insecure_http: bool = False
     site_id: str
     credential: SecretStr | None = None
     credential_file: Path | None = None
@@ -33,6 +38,19 @@ class AgentSettings(BaseSettings):
     request_timeout_s: float = 60.0
     encrypt_workers: int = 0  # processes encrypting large updates; 0 means one per CPU core
     log_level: str = "INFO"
+
+    def client_tls(self) -> ClientTLS:
+        """How the agent verifies the services (and, for mutual TLS, the certificate it presents)."""
+        return ClientTLS(
+            ca_file=self.tls_ca_file,
+            cert_file=self.tls_client_cert_file,
+            key_file=self.tls_client_key_file,
+            insecure_http=self.insecure_http,
+        )
+
+    def keyserver_audience(self) -> str:
+        """The audience the agent's signed requests name: the keyserver URL it was given."""
+        return self.keyserver_url.rstrip("/")
 
     def credential_secret(self) -> SecretStr:
         """The site's API credential issued at approval."""

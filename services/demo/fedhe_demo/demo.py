@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.datasets import Dataset, load_bundled, partition_dirichlet, save_csv, split
 from fedhe.he import DEFAULT_FORMAT_ID
 from fedhe.local_cluster import (
@@ -33,6 +32,7 @@ from fedhe.local_cluster import (
     start_agent,
     start_aggregator,
     start_keyserver,
+    url,
 )
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
@@ -178,17 +178,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     logs = workdir / "logs"
     secrets = ClusterSecrets.generate(workdir / "secrets")
     ks_port, ag_port = free_port(), free_port()
-    ks_url, ag_url = f"http://127.0.0.1:{ks_port}", f"http://127.0.0.1:{ag_port}"
+    ks_url, ag_url = url(ks_port), url(ag_port)
     processes: list[ManagedProcess] = []
     try:
         print(f"starting keyserver ({ks_url}) and aggregator ({ag_url}); workdir {workdir}", flush=True)
         processes.append(
             start_keyserver(
-                port=ks_port,
-                database_url=f"sqlite:///{workdir}/keyserver.db",
-                aggregator_url=ag_url,
-                secrets=secrets,
-                log_dir=logs,
+                port=ks_port, database_url=f"sqlite:///{workdir}/keyserver.db", secrets=secrets, log_dir=logs
             )
         )
         processes.append(
@@ -209,16 +205,22 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             seed=options.seed,
             min_size=4 * _PRESETS[options.dataset]["batch_size"],
         )
-        operator = secrets.operator_token
-        with KeyserverClient(ks_url, operator) as keyserver:
+        with secrets.keyserver_admin(ks_url) as keyserver:
             federation = keyserver.create_federation(FederationCreate(name=f"demo-{options.dataset}"))
         request = _job_request(options, federation.key_id, pool)
-        with AggregatorClient(ag_url, operator) as aggregator:
+        with secrets.aggregator_admin(ag_url) as aggregator:
             job = aggregator.create_job(request)
             site_names: dict[str, str] = {}
             for index, rows in enumerate(parts):
                 name = f"site{index + 1}"
-                site = provision_site(ag_url, operator, workdir / "sites", name)
+                site = provision_site(
+                    aggregator_url=ag_url,
+                    keyserver_url=ks_url,
+                    secrets=secrets,
+                    directory=workdir / "sites",
+                    name=name,
+                    federation_id=federation.id,
+                )
                 site_names[site.site_id] = name
                 csv_path = workdir / "sites" / name / "data.csv"
                 save_csv(pool.subset(rows), csv_path)
@@ -230,6 +232,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                         name=name,
                         aggregator_url=ag_url,
                         keyserver_url=ks_url,
+                        secrets=secrets,
                         data_path=csv_path,
                         state_dir=workdir / "sites" / name / "state",
                         job_id=job.id,

@@ -1,25 +1,52 @@
-"""The keyserver's FastAPI application: thin routes over ``KeyService``."""
+"""The keyserver's FastAPI application: thin routes over ``KeyService``.
+
+Roles: ``admin`` (federations, members, accounts), ``viewer`` (reads), ``service`` (the
+aggregator: keyless contexts and membership reads). Sites hold no keyserver token: they sign
+each request with their pinned Ed25519 key.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
-from pydantic import SecretStr
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
-from fedhe.api_client import AggregatorClient
-from fedhe.auth import bearer_token, tokens_match
+from fedhe.accounts import AccountService, Principal, Role
+from fedhe.accounts_api import router as accounts_router
 from fedhe.db import SessionFactory, make_engine
-from fedhe.errors import Unauthenticated
+from fedhe.http_auth import Authenticator, allow
 from fedhe.http_errors import add_health_routes, install_error_handlers
+from fedhe.http_limits import RequestLimits, base_limits, client_address
+from fedhe.identifiers import FederationIdPath, KeyIdPath, SiteIdPath
 from fedhe.migrations import upgrade
-from fedhe.schemas import AuditEventPublic, ContextInfo, FederationCreate, FederationPublic, KeyReleaseRequest
+from fedhe.openapi import CONFLICT, ERRORS, binary_response
+from fedhe.ratelimit import Limit, RateLimiter, counters_for
+from fedhe.schemas import (
+    AuditEventPublic,
+    ContextInfo,
+    EndorsementCreate,
+    FederationCreate,
+    FederationPublic,
+    KeyReleaseRequest,
+    MemberCreate,
+    MemberPublic,
+)
 from keyserver import migrations
+from keyserver.nonces import nonce_store_for
+from keyserver.repository import KeyserverRepository
 from keyserver.sealing import SecretSealer
-from keyserver.service import KeyService, SiteDirectory
+from keyserver.service import KeyService
 from keyserver.settings import KeyserverSettings
+from keyserver.tables import AccountRow, ApiTokenRow
 
 _OCTETS = "application/octet-stream"
+SIGNED_PER_ADDRESS = "signed-requests-per-address"
+SIGNED_PER_SITE = "signed-requests-per-site"
 
 
 def _service(request: Request) -> KeyService:
@@ -27,66 +54,159 @@ def _service(request: Request) -> KeyService:
     return service
 
 
-def _require(expected: SecretStr, authorization: str | None, role: str) -> str:
-    if not tokens_match(bearer_token(authorization), expected.get_secret_value()):
-        raise Unauthenticated(f"credential is not a valid {role} credential")
-    return role
-
-
-def _operator(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    return _require(request.app.state.operator_token, authorization, "operator")
-
-
-def _aggregator(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    return _require(request.app.state.service_token, authorization, "aggregator")
+def _signed_request_budget(request: Request) -> None:
+    limiter: RateLimiter = request.app.state.limiter
+    limiter.hit(SIGNED_PER_ADDRESS, client_address(request))
 
 
 KeyServiceDep = Annotated[KeyService, Depends(_service)]
-OperatorDep = Annotated[str, Depends(_operator)]
-AggregatorDep = Annotated[str, Depends(_aggregator)]
+Admin = Annotated[Principal, allow(Role.ADMIN)]
+Reader = Annotated[Principal, allow(Role.ADMIN, Role.VIEWER)]
+MemberReader = Annotated[Principal, allow(Role.ADMIN, Role.VIEWER, Role.SERVICE)]
+Aggregator = Annotated[Principal, allow(Role.SERVICE)]
+SignedBudget = Depends(_signed_request_budget)
 
-router = APIRouter(prefix="/v1")
+
+class _AuditedKeyRelease(APIRoute):
+    """The key-release route: a request refused before it reaches ``KeyService`` is audited too."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def audited(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError:
+                try:
+                    body = json.loads(await request.body())
+                except ValueError:
+                    body = None
+                site_id = body.get("site_id") if isinstance(body, dict) else None
+                await run_in_threadpool(
+                    request.app.state.key_service.audit_refused_release,
+                    request.path_params.get("key_id"),
+                    site_id,
+                    "invalid_request",
+                )
+                raise
+
+        return audited
+
+
+router = APIRouter(prefix="/v1", responses=ERRORS)
+release = APIRouter(prefix="/v1", responses=ERRORS, route_class=_AuditedKeyRelease)
 
 
 @router.post("/federations", status_code=201, response_model=FederationPublic, tags=["federations"])
-def create_federation(body: FederationCreate, service: KeyServiceDep, actor: OperatorDep) -> FederationPublic:
-    """Create a federation and its CKKS context."""
-    return service.create_federation(body, actor=actor)
+def create_federation(body: FederationCreate, service: KeyServiceDep, caller: Admin) -> FederationPublic:
+    """Create a federation, its HE context and its admission rule (keyserver admin)."""
+    return service.create_federation(body, actor=caller.actor)
 
 
 @router.get("/federations", response_model=list[FederationPublic], tags=["federations"])
-def list_federations(service: KeyServiceDep, _: OperatorDep) -> list[FederationPublic]:
+def list_federations(service: KeyServiceDep, _: Reader) -> list[FederationPublic]:
     """All federations."""
     return service.federations()
 
 
 @router.get("/federations/{federation_id}", response_model=FederationPublic, tags=["federations"])
-def get_federation(federation_id: str, service: KeyServiceDep, _: OperatorDep) -> FederationPublic:
+def get_federation(federation_id: FederationIdPath, service: KeyServiceDep, _: Reader) -> FederationPublic:
     """One federation with its contexts."""
     return service.federation(federation_id)
 
 
-@router.post("/federations/{federation_id}/rotate", response_model=FederationPublic, tags=["federations"])
-def rotate_key(federation_id: str, service: KeyServiceDep, actor: OperatorDep) -> FederationPublic:
-    """Retire the current key and create a new one."""
-    return service.rotate_key(federation_id, actor=actor)
+@router.post(
+    "/federations/{federation_id}/rotate", response_model=FederationPublic, tags=["federations"], responses=CONFLICT
+)
+def rotate_key(federation_id: FederationIdPath, service: KeyServiceDep, caller: Admin) -> FederationPublic:
+    """Retire the current key and create a new one (keyserver admin)."""
+    return service.rotate_key(federation_id, actor=caller.actor)
+
+
+@router.get("/federations/{federation_id}/members", response_model=list[MemberPublic], tags=["members"])
+def list_members(federation_id: FederationIdPath, service: KeyServiceDep, _: MemberReader) -> list[MemberPublic]:
+    """A federation's members with their pinned keys (admins, viewers, and the aggregator to bind sites)."""
+    return service.members(federation_id)
+
+
+@router.post(
+    "/federations/{federation_id}/members",
+    status_code=201,
+    response_model=MemberPublic,
+    tags=["members"],
+    responses=CONFLICT,
+)
+def add_member(
+    federation_id: FederationIdPath, body: MemberCreate, service: KeyServiceDep, caller: Admin
+) -> MemberPublic:
+    """Propose a site as a member, pinning its public key (keyserver admin).
+
+    Admitted at once while the federation has fewer than ``endorsements_required`` members;
+    after that it stays ``proposed`` until that many active members endorse it.
+    """
+    return service.add_member(federation_id, body, actor=caller.actor)
+
+
+@router.post(
+    "/federations/{federation_id}/members/{site_id}/revoke",
+    response_model=MemberPublic,
+    tags=["members"],
+    responses=CONFLICT,
+)
+def revoke_member(
+    federation_id: FederationIdPath, site_id: SiteIdPath, service: KeyServiceDep, caller: Admin
+) -> MemberPublic:
+    """Revoke a membership: no key of this federation is released to the site any more (keyserver admin)."""
+    return service.revoke_member(federation_id, site_id, actor=caller.actor)
+
+
+@router.post(
+    "/federations/{federation_id}/members/{site_id}/endorsements",
+    status_code=201,
+    response_model=MemberPublic,
+    tags=["members"],
+    responses=CONFLICT,
+    dependencies=[SignedBudget],
+)
+def endorse_member(
+    federation_id: FederationIdPath,
+    site_id: SiteIdPath,
+    body: EndorsementCreate,
+    service: KeyServiceDep,
+    request: Request,
+) -> MemberPublic:
+    """An active member endorses a proposed member's pinned key, signing it (no bearer token)."""
+    request.app.state.limiter.hit(SIGNED_PER_SITE, body.site_id)
+    return service.endorse(federation_id, site_id, body)
 
 
 @router.get("/contexts/{key_id}", response_model=ContextInfo, tags=["contexts"])
-def context_info(key_id: str, service: KeyServiceDep) -> ContextInfo:
-    """Public parameters of a context (no key material)."""
+def context_info(key_id: KeyIdPath, service: KeyServiceDep, _: MemberReader) -> ContextInfo:
+    """Public parameters of a context and its federation (no key material)."""
     return service.context_info(key_id)
 
 
-@router.get("/contexts/{key_id}/evaluation", tags=["contexts"])
-def evaluation_context(key_id: str, service: KeyServiceDep, actor: AggregatorDep) -> Response:
-    """The keyless evaluation context, for the aggregator only."""
-    return Response(service.evaluation_context(key_id, actor=actor), media_type=_OCTETS)
+@router.get(
+    "/contexts/{key_id}/evaluation",
+    tags=["contexts"],
+    response_class=Response,
+    responses=binary_response("the keyless evaluation context (no key of any kind)") | CONFLICT,
+)
+def evaluation_context(key_id: KeyIdPath, service: KeyServiceDep, caller: Aggregator) -> Response:
+    """The keyless evaluation context, for the aggregator's service identity only."""
+    return Response(service.evaluation_context(key_id, actor=caller.actor), media_type=_OCTETS)
 
 
-@router.post("/contexts/{key_id}/secret", tags=["contexts"])
-def secret_context(key_id: str, body: KeyReleaseRequest, service: KeyServiceDep) -> Response:
-    """The secret context, for an approved site presenting a fresh signature."""
+@release.post(
+    "/contexts/{key_id}/secret",
+    tags=["contexts"],
+    response_class=Response,
+    responses=binary_response("the federation's secret context") | CONFLICT,
+    dependencies=[SignedBudget],
+)
+def secret_context(key_id: KeyIdPath, body: KeyReleaseRequest, service: KeyServiceDep, request: Request) -> Response:
+    """The secret context, for an active member presenting a fresh, single-use signature for this keyserver."""
+    request.app.state.limiter.hit(SIGNED_PER_SITE, body.site_id)
     return Response(
         service.release_secret_context(key_id, body), media_type=_OCTETS, headers={"Cache-Control": "no-store"}
     )
@@ -94,28 +214,50 @@ def secret_context(key_id: str, body: KeyReleaseRequest, service: KeyServiceDep)
 
 @router.get("/audit", response_model=list[AuditEventPublic], tags=["audit"])
 def list_audit_events(
-    service: KeyServiceDep, _: OperatorDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    service: KeyServiceDep, _: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[AuditEventPublic]:
     """The newest audit events, newest first."""
     return service.audit_events(limit)
 
 
-def create_app(settings: KeyserverSettings | None = None, sites: SiteDirectory | None = None) -> FastAPI:
+def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
     """Build the keyserver application (secrets are resolved here, so a bad config fails at start)."""
     settings = settings or KeyserverSettings()
     sealer = SecretSealer(settings.kek_secret().get_secret_value())
-    service_token = settings.service_secret()
     if settings.migrate_on_start:
         upgrade(settings.database_url, "keyserver", migrations)
     engine = make_engine(settings.database_url)
-    directory = sites or AggregatorClient(settings.aggregator_url, service_token.get_secret_value(), timeout=10)
+    sessions = SessionFactory(engine)
+    accounts = AccountService(
+        sessions, AccountRow, ApiTokenRow, frozenset({Role.ADMIN, Role.VIEWER, Role.SERVICE}), KeyserverRepository
+    )
+    bootstrap = settings.bootstrap_admin_secret()
+    if bootstrap is not None:
+        accounts.ensure_bootstrap(settings.bootstrap_admin, Role.ADMIN, bootstrap.get_secret_value())
+    aggregator = settings.aggregator_secret()
+    if aggregator is not None:
+        accounts.ensure_bootstrap("aggregator", Role.SERVICE, aggregator.get_secret_value())
+    limiter = RateLimiter(
+        {
+            **base_limits(settings),
+            SIGNED_PER_ADDRESS: Limit(settings.key_releases_per_site * 4, 60),
+            SIGNED_PER_SITE: Limit(settings.key_releases_per_site, 60),
+        },
+        counters_for(settings.redis_url, "fedhe:keyserver:rate"),
+    )
     app = FastAPI(title="fedhe keyserver", version="0.1.0")
-    app.state.key_service = KeyService(SessionFactory(engine), sealer, directory, settings.key_release_max_skew_s)
-    app.state.operator_token = settings.operator_secret()
-    app.state.service_token = service_token
+    app.state.key_service = KeyService(
+        sessions,
+        sealer,
+        nonce_store_for(settings.redis_url, sessions),
+        audience=settings.audience(),
+        max_skew_s=settings.key_release_max_skew_s,
+    )
+    app.state.authenticator = Authenticator(accounts, limiter)
+    app.state.limiter = limiter
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, limiter=limiter)
     install_error_handlers(app)
-    app.include_router(router)
-
+    for router_ in (router, release, accounts_router):
+        app.include_router(router_)
     add_health_routes(app, engine)
-
     return app

@@ -1,34 +1,34 @@
-"""Keyserver domain logic: federations, key rotation and role-checked key release."""
+"""Keyserver domain logic: federations, membership, key rotation and key release.
+
+The keyserver decides alone who may hold a federation's secret key. Its own membership table
+pins each member's Ed25519 public key; it changes only by the keyserver's admin accounts, or,
+for a federation with an endorsement rule, by the signatures of k existing members. Nothing the
+aggregator says (its site registry, its operators' credentials) can add a member.
+"""
 
 from __future__ import annotations
 
-import uuid
-from typing import Protocol
-
-from fedhe.auth import verify_key_release
+from fedhe.auth import ENDORSE_PURPOSE, KEY_RELEASE_PURPOSE, parse_public_key, verify_request
 from fedhe.db import SessionFactory, utcnow
-from fedhe.errors import Conflict, NotFound, PermissionDenied
+from fedhe.errors import Conflict, FedheError, NotFound, PermissionDenied, Unauthenticated
 from fedhe.he.context import CkksParameters, create_key_material
+from fedhe.identifiers import KEY_ID, SITE_ID, loggable, new_id
 from fedhe.schemas import (
     AuditEventPublic,
     ContextInfo,
+    EndorsementCreate,
     FederationCreate,
     FederationPublic,
     KeyReleaseRequest,
-    SiteIdentity,
-    SiteStatus,
+    MemberCreate,
+    MemberPublic,
+    MemberStatus,
+    SignedRequest,
 )
+from keyserver.nonces import NonceStore
 from keyserver.repository import KeyserverRepository
 from keyserver.sealing import SecretSealer
-from keyserver.tables import ContextRow, FederationRow
-
-
-class SiteDirectory(Protocol):
-    """Where the keyserver learns a site's status and public key (the aggregator's registry)."""
-
-    def site_identity(self, site_id: str) -> SiteIdentity:
-        """The site's registry entry; raises ``NotFound`` for an unknown site."""
-        ...
+from keyserver.tables import ContextRow, EndorsementRow, FederationRow, MemberRow
 
 
 def _context_info(row: ContextRow) -> ContextInfo:
@@ -41,17 +41,40 @@ def _context_info(row: ContextRow) -> ContextInfo:
     )
 
 
-class KeyService:
-    """Creates contexts, keeps their secrets sealed, and hands each role only its part."""
+def _member_public(repo: KeyserverRepository, row: MemberRow) -> MemberPublic:
+    return MemberPublic(
+        federation_id=row.federation_id,
+        site_id=row.site_id,
+        name=row.name,
+        public_key=row.public_key,
+        status=MemberStatus(row.status),
+        proposed_at=row.proposed_at,
+        admitted_at=row.admitted_at,
+        revoked_at=row.revoked_at,
+        endorsed_by=[e.endorser_site_id for e in repo.endorsements(row.federation_id, row.site_id, row.public_key)],
+    )
 
-    def __init__(self, sessions: SessionFactory, sealer: SecretSealer, sites: SiteDirectory, max_skew_s: int):
+
+class KeyService:
+    """Creates contexts, keeps their secrets sealed, keeps the membership, and releases keys to members."""
+
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        sealer: SecretSealer,
+        nonces: NonceStore,
+        *,
+        audience: str,
+        max_skew_s: int,
+    ):
         self._sessions = sessions
         self._sealer = sealer
-        self._sites = sites
+        self._nonces = nonces
+        self.audience = audience
         self._max_skew_s = max_skew_s
 
     def _new_context(self, federation_id: str, parameters: CkksParameters) -> ContextRow:
-        key_id = "key-" + uuid.uuid4().hex
+        key_id = new_id("key")
         material = create_key_material(parameters)
         return ContextRow(
             key_id=key_id,
@@ -68,19 +91,30 @@ class KeyService:
             name=federation.name,
             key_id=federation.current_key_id,
             created_at=federation.created_at,
+            endorsements_required=federation.endorsements_required,
+            bootstrap_complete=federation.bootstrap_complete,
             contexts=[_context_info(row) for row in repo.contexts_of(federation.id)],
         )
 
     def create_federation(self, request: FederationCreate, *, actor: str) -> FederationPublic:
-        """Create a federation with a fresh CKKS context."""
-        federation_id = "fed-" + uuid.uuid4().hex[:16]
+        """Create a federation with a fresh HE context and its admission rule."""
+        federation_id = new_id("fed")
         context = self._new_context(federation_id, request.parameters)
         with self._sessions.transaction() as session:
             repo = KeyserverRepository(session)
-            federation = FederationRow(id=federation_id, name=request.name, current_key_id=context.key_id)
+            federation = FederationRow(
+                id=federation_id,
+                name=request.name,
+                current_key_id=context.key_id,
+                endorsements_required=request.endorsements_required,
+                bootstrap_complete=False,
+            )
             repo.add_federation(federation, context)
             repo.audit(
-                actor=actor, action="federation.create", subject=federation_id, detail={"key_id": context.key_id}
+                actor=actor,
+                action="federation.create",
+                subject=federation_id,
+                detail={"key_id": context.key_id, "endorsements_required": request.endorsements_required},
             )
             session.flush()
             return self._public(repo, federation)
@@ -132,46 +166,174 @@ class KeyService:
             return row.evaluation_context
 
     def audit_events(self, limit: int) -> list[AuditEventPublic]:
-        """The newest audit events (federations, rotations, every key release granted or refused)."""
+        """The newest audit events (federations, members, rotations, every key release granted or refused)."""
         with self._sessions.transaction() as session:
             return [AuditEventPublic.model_validate(row) for row in KeyserverRepository(session).audit_events(limit)]
 
-    def release_secret_context(self, key_id: str, request: KeyReleaseRequest) -> bytes:
-        """The secret context, for an approved site that signed a fresh request for it.
+    # ---- membership -------------------------------------------------------------------------
 
-        Every attempt, granted or refused, is audited.
+    @staticmethod
+    def _admit(repo: KeyserverRepository, federation: FederationRow, member: MemberRow) -> None:
+        member.status = MemberStatus.ACTIVE.value
+        member.admitted_at = utcnow()
+        repo.session.flush()
+        if (
+            federation.endorsements_required > 0
+            and not federation.bootstrap_complete
+            and repo.count_active_members(federation.id) >= federation.endorsements_required
+        ):
+            federation.bootstrap_complete = True
+
+    def add_member(self, federation_id: str, request: MemberCreate, *, actor: str) -> MemberPublic:
+        """Propose a site as a member, pinning its public key; admitted at once unless endorsements are due.
+
+        Endorsements are due once the federation has had ``endorsements_required`` active members
+        (before that, the founding members are admitted by the keyserver admin alone).
         """
-        actor = f"site:{request.site_id}"
-        try:
-            try:
-                identity = self._sites.site_identity(request.site_id)
-            except NotFound as exc:
-                # Same answer as for a pending site, so the endpoint does not reveal which ids exist.
-                raise PermissionDenied("site is not approved", code="site_not_approved") from exc
-            if identity.status != SiteStatus.APPROVED:
-                raise PermissionDenied(f"site is {identity.status.value}, not approved", code="site_not_approved")
-            verify_key_release(
-                identity.public_key,
-                request.site_id,
-                key_id,
-                request.timestamp,
-                request.signature,
-                max_skew_s=self._max_skew_s,
+        parse_public_key(request.public_key)
+        with self._sessions.transaction() as session:
+            repo = KeyserverRepository(session)
+            federation = repo.federation(federation_id, for_update=True)
+            if repo.member(federation_id, request.site_id) is not None:
+                raise Conflict(f"{request.site_id} already has a membership in {federation_id}", code="member_exists")
+            member = MemberRow(
+                federation_id=federation_id,
+                site_id=request.site_id,
+                name=request.name,
+                public_key=request.public_key,
+                status=MemberStatus.PROPOSED.value,
+                proposed_by=actor,
+                proposed_at=utcnow(),
             )
+            repo.add(member)
+            admitted = federation.endorsements_required == 0 or not federation.bootstrap_complete
+            if admitted:
+                self._admit(repo, federation, member)
+            repo.audit(
+                actor=actor,
+                action="member.admit" if admitted else "member.propose",
+                subject=f"{federation_id}/{request.site_id}",
+                detail={"public_key": request.public_key, "policy": "admin" if admitted else "endorsements"},
+            )
+            return _member_public(repo, member)
+
+    def endorse(self, federation_id: str, candidate: str, request: EndorsementCreate) -> MemberPublic:
+        """Record an active member's signature over a proposed member's pinned key; admit at k."""
+        actor = f"site:{request.site_id}"
+        with self._sessions.transaction() as session:
+            repo = KeyserverRepository(session)
+            federation = repo.federation(federation_id, for_update=True)
+            endorser = repo.member(federation_id, request.site_id)
+            if endorser is None or endorser.status != MemberStatus.ACTIVE.value:
+                raise PermissionDenied("only an active member may endorse", code="not_a_member")
+            member = repo.member(federation_id, candidate)
+            # The signature covers the key the endorser was shown; verify it before saying anything
+            # about the candidate, so only a member learns who is proposed.
+            pinned = member.public_key if member is not None else ""
+            self._verify(endorser.public_key, ENDORSE_PURPOSE, [federation_id, candidate, pinned], request)
+            if member is None or member.status != MemberStatus.PROPOSED.value:
+                raise Conflict(f"{candidate} is not a proposed member of {federation_id}", code="not_proposed")
+            if repo.endorsement(federation_id, candidate, request.site_id, member.public_key) is not None:
+                raise Conflict(f"{request.site_id} already endorsed {candidate}", code="duplicate_endorsement")
+            repo.add(
+                EndorsementRow(
+                    federation_id=federation_id,
+                    site_id=candidate,
+                    endorser_site_id=request.site_id,
+                    public_key=member.public_key,
+                    signature=request.signature,
+                )
+            )
+            repo.session.flush()
+            count = len(repo.endorsements(federation_id, candidate, member.public_key))
+            repo.audit(
+                actor=actor,
+                action="member.endorse",
+                subject=f"{federation_id}/{candidate}",
+                detail={"endorsements": count, "required": federation.endorsements_required},
+            )
+            if count >= federation.endorsements_required:
+                self._admit(repo, federation, member)
+                repo.audit(
+                    actor=actor,
+                    action="member.admit",
+                    subject=f"{federation_id}/{candidate}",
+                    detail={"public_key": member.public_key, "policy": "endorsements", "endorsements": count},
+                )
+            return _member_public(repo, member)
+
+    def revoke_member(self, federation_id: str, site_id: str, *, actor: str) -> MemberPublic:
+        """Revoke a membership: the site gets no key of this federation from now on."""
+        with self._sessions.transaction() as session:
+            repo = KeyserverRepository(session)
+            member = repo.member(federation_id, site_id)
+            if member is None:
+                raise NotFound(f"{site_id} is not a member of {federation_id}")
+            if member.status == MemberStatus.REVOKED.value:
+                raise Conflict(f"{site_id} is already revoked", code="member_revoked")
+            member.status = MemberStatus.REVOKED.value
+            member.revoked_at = utcnow()
+            repo.audit(actor=actor, action="member.revoke", subject=f"{federation_id}/{site_id}")
+            return _member_public(repo, member)
+
+    def members(self, federation_id: str) -> list[MemberPublic]:
+        """A federation's members in every state."""
+        with self._sessions.transaction() as session:
+            repo = KeyserverRepository(session)
+            repo.federation(federation_id)
+            return [_member_public(repo, row) for row in repo.members(federation_id)]
+
+    # ---- key release ------------------------------------------------------------------------
+
+    def _verify(self, public_key: str, purpose: str, fields: list[str], request: SignedRequest) -> None:
+        verify_request(
+            public_key,
+            purpose,
+            self.audience,
+            fields,
+            timestamp=request.timestamp,
+            nonce=request.nonce,
+            signature=request.signature,
+            max_skew_s=self._max_skew_s,
+        )
+        if not self._nonces.claim(request.nonce, 2 * self._max_skew_s):
+            raise Unauthenticated("this signed request was already used", code="replayed_request")
+
+    def release_secret_context(self, key_id: str, request: KeyReleaseRequest) -> bytes:
+        """The secret context, for an active member that signed a fresh, single-use request for it.
+
+        Every attempt that reaches here, granted or refused, is audited.
+        """
+        try:
             with self._sessions.transaction() as session:
                 repo = KeyserverRepository(session)
-                row = repo.context(key_id)
+                row = repo.find_context(key_id)
+                member = repo.member(row.federation_id, request.site_id) if row is not None else None
+                if row is None or member is None or member.status != MemberStatus.ACTIVE.value:
+                    # One answer for an unknown key, a non-member and a revoked member: the route
+                    # does not reveal which keys exist or who belongs to which federation.
+                    raise PermissionDenied("site is not an active member of this key's federation", code="not_a_member")
+                self._verify(member.public_key, KEY_RELEASE_PURPOSE, [key_id], request)
                 if row.retired_at is not None:
                     raise Conflict(f"key {key_id} was retired; fetch the federation's current key", code="stale_key_id")
                 secret = self._sealer.unseal(key_id, row.sealed_secret_context)
-                repo.audit(actor=actor, action="context.release_secret", subject=key_id, detail={"granted": True})
-                return secret
-        except Exception as exc:
-            with self._sessions.transaction() as session:
-                KeyserverRepository(session).audit(
-                    actor=actor,
+                repo.audit(
+                    actor=f"site:{request.site_id}",
                     action="context.release_secret",
                     subject=key_id,
-                    detail={"granted": False, "reason": getattr(exc, "code", type(exc).__name__)},
+                    detail={"granted": True, "federation_id": row.federation_id},
                 )
+                return secret
+        except FedheError as exc:
+            self.audit_refused_release(key_id, request.site_id, exc.code)
             raise
+
+    def audit_refused_release(self, key_id: object, site_id: object, reason: str) -> None:
+        """Audit a refused key release; identifiers that do not match their pattern are not echoed."""
+        with self._sessions.transaction() as session:
+            KeyserverRepository(session).audit(
+                actor=f"site:{loggable(SITE_ID, site_id)}",
+                action="context.release_secret",
+                subject=loggable(KEY_ID, key_id),
+                detail={"granted": False, "reason": reason},
+            )

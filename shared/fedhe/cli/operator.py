@@ -1,46 +1,40 @@
-"""Commands that only talk to the services over REST: sites, federations, jobs.
+"""Commands that only talk to the services over REST: sites, federations, members, jobs, accounts.
 
-Operator commands read the operator credential from ``FEDHE_OPERATOR_TOKEN`` (or the file
-named by ``FEDHE_OPERATOR_TOKEN_FILE``); it is never accepted as a flag, so it stays out of
-shell history and process listings.
+Credentials and TLS come from ``FEDHE_*`` variables (``fedhe.cli.settings``), never from flags.
+Listing commands print a table, or JSON with ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from fedhe.api_client import AggregatorClient, KeyserverClient, ServiceClient
 from fedhe.cli.output import Column, emit_listing, print_json
+from fedhe.cli.settings import CliSettings
 from fedhe.errors import InvalidRequest
+from fedhe.files import write_private
 from fedhe.schemas import RoundPublic
 
-
-def operator_token() -> str:
-    """The operator credential from the environment (never a flag)."""
-    token = os.environ.get("FEDHE_OPERATOR_TOKEN")
-    path = os.environ.get("FEDHE_OPERATOR_TOKEN_FILE")
-    if not token and path:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    if not token:
-        raise InvalidRequest("set FEDHE_OPERATOR_TOKEN or FEDHE_OPERATOR_TOKEN_FILE for operator commands")
-    return token
+DEFAULT_AGGREGATOR = "https://127.0.0.1:8080"
+DEFAULT_KEYSERVER = "https://127.0.0.1:8090"
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
     """Refuse a command missing one of ``names``, naming the flags to add."""
     missing = [name for name in names if getattr(args, name, None) in (None, "")]
     if missing:
-        flags = ", ".join(name if name.endswith("_id") else "--" + name.replace("_", "-") for name in missing)
-        raise InvalidRequest(f"{args.command} {args.action} needs {flags}")
+        flags = ", ".join(
+            name.upper() if name in args.positionals else "--" + name.replace("_", "-") for name in missing
+        )
+        raise InvalidRequest(f"fedhe {args.command} {args.action} needs {flags}")
 
 
 def round_accuracy(round_: RoundPublic) -> float | None:
     """The sample-weighted accuracy of a round's published model across the sites that evaluated it."""
-    examples = sum(e.num_examples for e in round_.evaluations if "accuracy" in e.metrics)
-    if not examples:
-        return None
-    return sum(e.metrics["accuracy"] * e.num_examples for e in round_.evaluations if "accuracy" in e.metrics) / examples
+    scored = [e for e in round_.evaluations if "accuracy" in e.metrics]
+    examples = sum(e.num_examples for e in scored)
+    return sum(e.metrics["accuracy"] * e.num_examples for e in scored) / examples if examples else None
 
 
 def round_seconds(round_: RoundPublic) -> float | None:
@@ -53,11 +47,27 @@ SITE_COLUMNS = [
     Column("name", lambda s: s.name),
     Column("organisation", lambda s: s.organisation),
     Column("status", lambda s: s.status),
+    Column("public key", lambda s: s.public_key),
     Column("registered", lambda s: s.created_at),
+]
+FEDERATION_COLUMNS = [
+    Column("id", lambda f: f.id),
+    Column("name", lambda f: f.name),
+    Column("key", lambda f: f.key_id),
+    Column("endorsements", lambda f: f.endorsements_required),
+    Column("created", lambda f: f.created_at),
+]
+MEMBER_COLUMNS = [
+    Column("site", lambda m: m.site_id),
+    Column("name", lambda m: m.name),
+    Column("status", lambda m: m.status),
+    Column("endorsed by", lambda m: ", ".join(m.endorsed_by) or None),
+    Column("admitted", lambda m: m.admitted_at),
 ]
 JOB_COLUMNS = [
     Column("id", lambda j: j.id),
     Column("name", lambda j: j.name),
+    Column("federation", lambda j: j.federation_id),
     Column("status", lambda j: j.status),
     Column("round", lambda j: f"{j.current_round}/{j.rounds}"),
     Column("parameters", lambda j: j.num_parameters),
@@ -73,64 +83,126 @@ ROUND_COLUMNS = [
     Column("bytes up", lambda r: sum(s.num_bytes for s in r.submissions)),
     Column("seconds", round_seconds),
 ]
+ACCOUNT_COLUMNS = [
+    Column("name", lambda a: a.name),
+    Column("role", lambda a: a.role),
+    Column("created by", lambda a: a.created_by),
+    Column("created", lambda a: a.created_at),
+    Column("disabled", lambda a: a.disabled_at),
+]
+TOKEN_COLUMNS = [
+    Column("id", lambda t: t.id),
+    Column("label", lambda t: t.label),
+    Column("created", lambda t: t.created_at),
+    Column("expires", lambda t: t.expires_at),
+    Column("revoked", lambda t: t.revoked_at),
+    Column("last used", lambda t: t.last_used_at),
+]
+AUDIT_COLUMNS = [
+    Column("at", lambda e: e.at),
+    Column("actor", lambda e: e.actor),
+    Column("action", lambda e: e.action),
+    Column("subject", lambda e: e.subject),
+    Column("detail", lambda e: e.detail or None),
+]
+
+
+def aggregator(args: argparse.Namespace, *, anonymous: bool = False) -> AggregatorClient:
+    """An aggregator client with the caller's aggregator token (none for anonymous calls)."""
+    settings = CliSettings()
+    token = None if anonymous else settings.token("aggregator")
+    return AggregatorClient(args.aggregator, token, tls=settings.tls())
+
+
+def keyserver(args: argparse.Namespace, *, anonymous: bool = False) -> KeyserverClient:
+    """A keyserver client with the caller's keyserver token (none for signed site requests)."""
+    settings = CliSettings()
+    token = None if anonymous else settings.token("keyserver")
+    return KeyserverClient(args.keyserver, token, tls=settings.tls())
 
 
 def _site(args: argparse.Namespace) -> None:
-    from fedhe.api_client import AggregatorClient
-
     if args.action == "register":
-        from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
-        from fedhe.schemas import SiteCreate
+        _register_site(args)
+    elif args.action == "endorse":
+        _endorse(args)
+    else:
+        with aggregator(args) as client:
+            if args.action == "list":
+                emit_listing(args.json, "sites", SITE_COLUMNS, client.sites())
+            else:
+                require(args, "site_id")
+                print_json(getattr(client, f"{args.action}_site")(args.site_id))
 
-        require(args, "name", "organisation", "contact")
-        key_path = Path(args.key_out)
-        if key_path.exists():
-            raise InvalidRequest(f"{key_path} exists; refusing to overwrite a signing key")
-        key = generate_signing_key()
-        request = SiteCreate(
-            name=args.name, organisation=args.organisation, contact=args.contact, public_key=public_key_b64(key)
-        )
-        with AggregatorClient(args.aggregator) as client:
-            site = client.register_site(request)
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(private_key_to_pem(key))
-        print_json(site)
-        return
-    with AggregatorClient(args.aggregator, operator_token()) as client:
-        if args.action == "list":
-            emit_listing(args.json, "sites", SITE_COLUMNS, client.sites())
-        else:
-            require(args, "site_id")
-            print_json(getattr(client, f"{args.action}_site")(args.site_id))
+
+def _register_site(args: argparse.Namespace) -> None:
+    from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
+    from fedhe.schemas import SiteCreate
+
+    require(args, "name", "organisation", "contact")
+    key_path = Path(args.key_out)
+    if key_path.exists():
+        raise InvalidRequest(f"{key_path} exists; refusing to overwrite a signing key")
+    key = generate_signing_key()
+    request = SiteCreate(
+        name=args.name, organisation=args.organisation, contact=args.contact, public_key=public_key_b64(key)
+    )
+    with aggregator(args, anonymous=True) as client:
+        site = client.register_site(request)
+    write_private(key_path, private_key_to_pem(key))
+    print_json(site)
+
+
+def _endorse(args: argparse.Namespace) -> None:
+    from fedhe.auth import ENDORSE_PURPOSE, private_key_from_pem, sign_request
+    from fedhe.schemas import EndorsementCreate
+
+    require(args, "federation", "candidate", "candidate_public_key", "endorser", "signing_key")
+    key = private_key_from_pem(Path(args.signing_key).read_bytes())
+    timestamp, nonce, signature = sign_request(
+        key, ENDORSE_PURPOSE, args.keyserver.rstrip("/"), [args.federation, args.candidate, args.candidate_public_key]
+    )
+    request = EndorsementCreate(site_id=args.endorser, timestamp=timestamp, nonce=nonce, signature=signature)
+    with keyserver(args, anonymous=True) as client:
+        print_json(client.endorse_member(args.federation, args.candidate, request))
 
 
 def _federation(args: argparse.Namespace) -> None:
-    from fedhe.api_client import KeyserverClient
-    from fedhe.schemas import FederationCreate
+    from fedhe.schemas import FederationCreate, MemberCreate
 
-    with KeyserverClient(args.keyserver, operator_token()) as client:
+    with keyserver(args) as client:
         if args.action == "create":
             require(args, "name")
-            print_json(client.create_federation(FederationCreate(name=args.name)))
-            return
-        require(args, "federation_id")
-        if args.action == "rotate":
-            print_json(client.rotate_key(args.federation_id))
+            request = FederationCreate(name=args.name, endorsements_required=args.endorsements_required)
+            print_json(client.create_federation(request))
+        elif args.action == "list":
+            emit_listing(args.json, "federations", FEDERATION_COLUMNS, client.federations())
         else:
-            print_json(client.federation(args.federation_id))
+            require(args, "federation_id")
+            if args.action == "rotate":
+                print_json(client.rotate_key(args.federation_id))
+            elif args.action == "members":
+                emit_listing(
+                    args.json, f"members of {args.federation_id}", MEMBER_COLUMNS, client.members(args.federation_id)
+                )
+            elif args.action == "add-member":
+                require(args, "site_id", "public_key")
+                member = MemberCreate(site_id=args.site_id, public_key=args.public_key, name=args.name or "")
+                print_json(client.add_member(args.federation_id, member))
+            elif args.action == "revoke-member":
+                require(args, "site_id")
+                print_json(client.revoke_member(args.federation_id, args.site_id))
+            else:
+                print_json(client.federation(args.federation_id))
 
 
 def _job(args: argparse.Namespace) -> None:
-    from fedhe.api_client import AggregatorClient
     from fedhe.schemas import JobCreate
 
-    with AggregatorClient(args.aggregator, operator_token()) as client:
+    with aggregator(args) as client:
         if args.action == "create":
             require(args, "spec")
-            spec = JobCreate.model_validate_json(Path(args.spec).read_text(encoding="utf-8"))
-            print_json(client.create_job(spec))
+            print_json(client.create_job(JobCreate.model_validate_json(Path(args.spec).read_text(encoding="utf-8"))))
         elif args.action == "list":
             emit_listing(args.json, "jobs", JOB_COLUMNS, client.jobs())
         else:
@@ -143,30 +215,135 @@ def _job(args: argparse.Namespace) -> None:
                 print_json(client.stop_job(args.job_id))
 
 
+def _service_client(args: argparse.Namespace) -> ServiceClient:
+    return aggregator(args) if args.service == "aggregator" else keyserver(args)
+
+
+def _account(args: argparse.Namespace) -> None:
+    from fedhe.schemas import AccountCreate, TokenCreate
+
+    with _service_client(args) as client:
+        if args.action == "list":
+            emit_listing(args.json, f"{args.service} accounts", ACCOUNT_COLUMNS, client.accounts())
+        elif args.action == "whoami":
+            print_json(client.whoami())
+        elif args.action == "create":
+            require(args, "name", "role")
+            account = client.create_account(AccountCreate(name=args.name, role=args.role))
+            issued = client.issue_token(account.name, TokenCreate(label=args.label, expires_in_days=args.days))
+            _deliver_token(args, issued.token)
+            print_json({"account": account.model_dump(mode="json"), "token": issued.info.model_dump(mode="json")})
+        else:
+            require(args, "name")
+            print_json(client.disable_account(args.name))
+
+
+def _token(args: argparse.Namespace) -> None:
+    from fedhe.schemas import TokenCreate
+
+    with _service_client(args) as client:
+        if args.action == "revoke":
+            require(args, "token_id")
+            print_json(client.revoke_token(args.token_id))
+            return
+        require(args, "name")
+        if args.action == "list":
+            emit_listing(args.json, f"tokens of {args.name}", TOKEN_COLUMNS, client.tokens(args.name))
+        else:
+            issued = client.issue_token(args.name, TokenCreate(label=args.label, expires_in_days=args.days))
+            _deliver_token(args, issued.token)
+            print_json(issued.info)
+
+
+def _deliver_token(args: argparse.Namespace, token: str) -> None:
+    """Write a new token to ``--token-out`` (0600), or print it once if no file was named."""
+    if args.token_out:
+        write_private(Path(args.token_out), token.encode())
+        print(f"token written to {args.token_out} (mode 0600); it is not shown again")
+    else:
+        print(f"token (shown once, store it now): {token}")
+
+
+def _audit(args: argparse.Namespace) -> None:
+    with _service_client(args) as client:
+        emit_listing(args.json, f"{args.service} audit log", AUDIT_COLUMNS, client.audit_events(args.limit))
+
+
+def _urls(parser: argparse.ArgumentParser, *services: str) -> None:
+    if "aggregator" in services:
+        parser.add_argument("--aggregator", default=DEFAULT_AGGREGATOR, help="aggregator base URL")
+    if "keyserver" in services:
+        parser.add_argument("--keyserver", default=DEFAULT_KEYSERVER, help="keyserver base URL")
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _new_token_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label", default="", help="what the token is for")
+    parser.add_argument("--days", type=int, default=90, help="days until the token expires (1-366)")
+    parser.add_argument("--token-out", help="write the new token to this file (0600) instead of printing it")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the REST commands: ``site``, ``federation``, ``job``."""
-    site = sub.add_parser("site", help="register a site (site admin) or decide on one (operator)")
-    site.add_argument("action", choices=["register", "list", "approve", "reject", "revoke"])
+    """Add the REST commands: site, federation, job, account, token, audit."""
+    site = sub.add_parser("site", help="register or endorse a site (site admin); decide on one (aggregator admin)")
+    site.add_argument("action", choices=["register", "list", "approve", "reject", "revoke", "endorse"])
     site.add_argument("site_id", nargs="?")
-    site.add_argument("--aggregator", default="http://127.0.0.1:8080")
+    _urls(site, "aggregator", "keyserver")
     site.add_argument("--name")
     site.add_argument("--organisation")
     site.add_argument("--contact")
-    site.add_argument("--key-out", default="site-signing-key.pem")
-    site.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    site.set_defaults(func=_site)
+    site.add_argument("--key-out", default="site-signing-key.pem", help="register: where to write the signing key")
+    site.add_argument("--federation", help="endorse: the federation")
+    site.add_argument("--candidate", help="endorse: the proposed member's site id")
+    site.add_argument("--candidate-public-key", help="endorse: its public key, as its admin gave it to you")
+    site.add_argument("--endorser", help="endorse: your own site id (an active member)")
+    site.add_argument("--signing-key", help="endorse: your site's signing key (PEM)")
+    _json_flag(site)
+    site.set_defaults(func=_site, positionals=("site_id",))
 
-    federation = sub.add_parser("federation", help="create, inspect or rotate a federation's key (operator)")
-    federation.add_argument("action", choices=["create", "show", "rotate"])
+    federation = sub.add_parser("federation", help="federations and their members (keyserver admin)")
+    federation.add_argument(
+        "action", choices=["create", "list", "show", "rotate", "members", "add-member", "revoke-member"]
+    )
     federation.add_argument("federation_id", nargs="?")
-    federation.add_argument("--keyserver", default="http://127.0.0.1:8090")
+    _urls(federation, "keyserver")
     federation.add_argument("--name")
-    federation.set_defaults(func=_federation)
+    federation.add_argument("--endorsements-required", type=int, default=0, help="create: k (0: admin admits alone)")
+    federation.add_argument("--site-id", help="add-member / revoke-member: the site")
+    federation.add_argument("--public-key", help="add-member: the site's Ed25519 public key, confirmed with its admin")
+    _json_flag(federation)
+    federation.set_defaults(func=_federation, positionals=("federation_id",))
 
-    job = sub.add_parser("job", help="create and follow jobs (operator)")
+    job = sub.add_parser("job", help="create and follow jobs (aggregator admin or viewer)")
     job.add_argument("action", choices=["create", "list", "status", "rounds", "stop"])
     job.add_argument("job_id", nargs="?")
-    job.add_argument("--aggregator", default="http://127.0.0.1:8080")
+    _urls(job, "aggregator")
     job.add_argument("--spec", help="job definition (JSON) for create")
-    job.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    job.set_defaults(func=_job)
+    _json_flag(job)
+    job.set_defaults(func=_job, positionals=("job_id",))
+
+    for name, handler, actions in (
+        ("account", _account, ["create", "list", "disable", "whoami"]),
+        ("token", _token, ["issue", "list", "revoke"]),
+        ("audit", _audit, None),
+    ):
+        parser = sub.add_parser(name, help=f"{name}s of one service (its admins)" if actions else "the audit log")
+        if actions:
+            parser.add_argument("action", choices=actions)
+        parser.add_argument("--service", choices=["aggregator", "keyserver"], required=True)
+        _urls(parser, "aggregator", "keyserver")
+        if name == "account":
+            parser.add_argument("name", nargs="?")
+            parser.add_argument("--role", choices=["admin", "viewer", "service"])
+            _new_token_flags(parser)
+        elif name == "token":
+            parser.add_argument("name", nargs="?", help="the account (issue, list)")
+            parser.add_argument("--token-id", help="revoke: the token's id")
+            _new_token_flags(parser)
+        else:
+            parser.add_argument("--limit", type=int, default=50)
+        _json_flag(parser)
+        parser.set_defaults(func=handler, positionals=("name",))

@@ -1,0 +1,37 @@
+"""Which jobs a caller may see: operators see all; a site sees its federations' jobs only.
+
+To a site, a job of a federation it is not a member of does not exist (404), whatever route it
+comes through: job, rounds, models, uploads, evaluations.
+"""
+
+from __future__ import annotations
+
+from aggregator.membership import FederationMembers
+from aggregator.repository import AggregatorRepository
+from aggregator.sites import SITE_ROLE, SiteRegistry
+from fedhe.accounts import Principal
+from fedhe.db import SessionFactory
+from fedhe.errors import NotFound
+
+
+class JobAccess:
+    """Decides whether a caller may see a job, from the keyserver's membership of its federation."""
+
+    def __init__(self, sessions: SessionFactory, sites: SiteRegistry, members: FederationMembers):
+        self._sessions = sessions
+        self._sites = sites
+        self._members = members
+
+    def may_see(self, caller: Principal, federation_id: str) -> bool:
+        """Whether ``caller`` may see jobs of ``federation_id``."""
+        if caller.role != SITE_ROLE:
+            return True
+        assert caller.site_id is not None
+        return self._members.is_member(federation_id, caller.site_id, self._sites.public_key(caller.site_id))
+
+    def require(self, caller: Principal, job_id: str) -> None:
+        """``NotFound`` unless ``caller`` may see job ``job_id`` (checked before any work on it)."""
+        with self._sessions.transaction() as session:
+            federation_id = AggregatorRepository(session).job(job_id).federation_id
+        if not self.may_see(caller, federation_id):
+            raise NotFound(f"no job {job_id!r}")

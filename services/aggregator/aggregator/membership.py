@@ -1,0 +1,49 @@
+"""Which sites belong to which federation: the keyserver decides, the aggregator follows.
+
+A site sees, uploads to and is evaluated in only the jobs of federations whose keyserver
+membership lists it as active with the same public key the aggregator registered for it. The
+aggregator caches the keyserver's answer briefly; it never adds a member itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+from fedhe.schemas import MemberPublic, MemberStatus
+
+
+class MembershipSource(Protocol):
+    """Where memberships come from (the keyserver, with the aggregator's service identity)."""
+
+    def members(self, federation_id: str) -> list[MemberPublic]:
+        """A federation's members."""
+        ...
+
+
+class FederationMembers:
+    """Active members and their pinned keys per federation, cached for ``ttl_s`` seconds."""
+
+    def __init__(self, source: MembershipSource, ttl_s: float):
+        self._source = source
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def _active(self, federation_id: str) -> dict[str, str]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(federation_id)
+        if cached is not None and now - cached[0] < self._ttl_s:
+            return cached[1]
+        active = {
+            m.site_id: m.public_key for m in self._source.members(federation_id) if m.status == MemberStatus.ACTIVE
+        }
+        with self._lock:
+            self._cache[federation_id] = (now, active)
+        return active
+
+    def is_member(self, federation_id: str, site_id: str, public_key: str) -> bool:
+        """Whether the keyserver lists ``site_id`` as an active member with ``public_key``."""
+        return self._active(federation_id).get(site_id) == public_key
