@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedhe.errors import FedheError, InvalidRequest, UpstreamUnavailable
 from fedhe.http_limits import error_response
+from fedhe.openapi import ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,12 @@ def add_health_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
+        """The process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses={503: ERRORS[503], 429: ERRORS[429]})
     def readyz() -> dict[str, str]:
+        """The process answers and its database does too."""
         with engine.connect():
             pass
         return {"status": "ready"}
