@@ -28,6 +28,7 @@ import psycopg
 from bench.reporting import machine_description, write_markdown_table
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import private_key_from_pem, sign_key_release
+from fedhe.environment import current as current_environment
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import DEFAULT_FORMAT_ID, Envelope, codec_for, encode_envelope, load_secret_context
 from fedhe.local_cluster import (
@@ -141,7 +142,7 @@ def run(sites: int, rounds: int, params: int, workdir: Path) -> dict[str, Any]:
                         key_id=key_id,
                         num_values=size,
                         chunks=codec.encrypt_update(scale_for_upload(w, n, WEIGHT_SCALE)),
-                        meta={"num_samples": n, "metrics": {}},
+                        meta={"num_samples": n, "metrics": {}, "environment": current_environment().model_dump()},
                     )
                 )
                 for w, n in updates

@@ -14,15 +14,18 @@ from pydantic import BaseModel, ValidationError
 
 from fedhe.errors import InvalidRequest, UpstreamUnavailable, error_from_body
 from fedhe.identifiers import ACCOUNT_NAME, FEDERATION_ID, JOB_ID, KEY_ID, SITE_ID, TOKEN_ID, checked
+from fedhe.logs import REQUEST_ID_HEADER, current_request_id, new_request_id
 from fedhe.schemas import (
     AccountCreate,
     AccountPublic,
     AuditEventPublic,
     ContextInfo,
+    DeclineCreate,
     EndorsementCreate,
     EvaluationCreate,
     FederationCreate,
     FederationPublic,
+    HeartbeatCreate,
     JobCreate,
     JobPublic,
     KeyReleaseRequest,
@@ -55,6 +58,11 @@ _ID_PATTERNS = {
 }
 
 
+def _carry_request_id(request: httpx.Request) -> None:
+    """Send the id of the request being served (or of the agent's current round) on to the next service."""
+    request.headers[REQUEST_ID_HEADER] = current_request_id() or new_request_id()
+
+
 class ServiceClient:
     """A base URL, a bearer token, TLS and error mapping around ``httpx.Client``.
 
@@ -76,7 +84,12 @@ class ServiceClient:
         tls.check_url(base_url)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
-            base_url=base_url, headers=headers, timeout=timeout, transport=transport, verify=tls.ssl_context()
+            base_url=base_url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
+            verify=tls.ssl_context(),
+            event_hooks={"request": [_carry_request_id]},
         )
 
     def close(self) -> None:
@@ -344,6 +357,18 @@ class AggregatorClient(ServiceClient):
             headers=headers,
         )
         return self.parse(UpdateAccepted, response)
+
+    def heartbeat(self, report: HeartbeatCreate) -> None:
+        """Site: report the agent's state, versions and privacy spending."""
+        self.request("POST", "/v1/sites/me/heartbeat", json=report.model_dump(mode="json"))
+
+    def decline_round(self, job_id: str, number: int, decline: DeclineCreate) -> None:
+        """Site: say it will not upload to round ``number``, and why."""
+        self.request(
+            "POST",
+            self._url("/v1/jobs/{job_id}/rounds/{number}/declines", job_id=job_id, number=number),
+            json=decline.model_dump(mode="json"),
+        )
 
     def post_evaluation(self, job_id: str, number: int, evaluation: EvaluationCreate) -> None:
         """Site: report how round ``number``'s published model scores on local validation data."""

@@ -76,6 +76,65 @@ class SiteCreate(BaseModel):
     public_key: str = Field(description="base64 of the site's 32-byte Ed25519 public signing key")
 
 
+class AgentState(StrEnum):
+    """What a site's agent is doing, as it reports in its heartbeat."""
+
+    IDLE = "idle"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    WAITING = "waiting"
+    DECLINED = "declined"
+    FINISHED = "finished"
+
+
+class Environment(BaseModel):
+    """The versions that must match across a federation (mismatched TensorFlow silently changes training)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    python: str = Field(max_length=32)
+    tensorflow: str = Field(max_length=32)
+    tensorflow_privacy: str = Field(max_length=32)
+    tenseal: str = Field(max_length=32)
+    fedhe: str = Field(max_length=32)
+
+
+class PrivacyReport(BaseModel):
+    """A site's privacy spending against its own budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon: float = Field(ge=0, le=1e6)
+    delta: float = Field(gt=0, lt=1)
+    max_epsilon: float | None = Field(default=None, gt=0, le=1e6)
+
+
+class HeartbeatCreate(BaseModel):
+    """An agent's periodic report: alive, what it is doing, with which versions, how much ε it spent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: AgentState
+    job_id: JobId | None = None
+    round: int | None = Field(default=None, ge=0, le=100_000)
+    message: str = Field(default="", max_length=500)
+    environment: Environment
+    privacy: PrivacyReport | None = None
+
+
+class SiteStatusReport(BaseModel):
+    """The last heartbeat of a site's agent, and whether it is recent enough to call the site online."""
+
+    state: AgentState
+    online: bool
+    last_seen_at: datetime
+    job_id: JobId | None = None
+    round: int | None = None
+    message: str = ""
+    environment: Environment
+    privacy: PrivacyReport | None = None
+
+
 class SitePublic(BaseModel):
     """A site as operators see it."""
 
@@ -87,6 +146,7 @@ class SitePublic(BaseModel):
     status: SiteStatus
     created_at: datetime
     decided_at: datetime | None = None
+    agent: SiteStatusReport | None = Field(default=None, description="the agent's last heartbeat, if any")
 
 
 class SiteApproved(BaseModel):
@@ -234,6 +294,7 @@ class JobPublic(JobCreate):
 
     id: JobId
     federation_id: FederationId
+    environment: Environment = Field(description="the versions every site must run (the aggregator's own at creation)")
     status: JobStatus
     current_round: int
     created_at: datetime
@@ -276,6 +337,35 @@ class EvaluationPublic(EvaluationCreate):
     received_at: datetime
 
 
+class DeclineReason(StrEnum):
+    """Why a site will not upload to a round."""
+
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    REFUSED = "refused"
+    DATA_PROBLEM = "data_problem"
+    ENVIRONMENT_MISMATCH = "environment_mismatch"
+    STALE_KEY = "stale_key"
+    OTHER = "other"
+
+
+class DeclineCreate(BaseModel):
+    """A site tells the operator it will not upload to this round, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: DeclineReason
+    message: str = Field(default="", max_length=500)
+
+
+class DeclinePublic(DeclineCreate):
+    """A recorded decline."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    site_id: SiteId
+    at: datetime
+
+
 class RoundPublic(BaseModel):
     """One attempt at one round."""
 
@@ -292,6 +382,7 @@ class RoundPublic(BaseModel):
     total_samples: int
     submissions: list[SubmissionPublic] = Field(default_factory=list)
     evaluations: list[EvaluationPublic] = Field(default_factory=list)
+    declines: list[DeclinePublic] = Field(default_factory=list)
     submitted_by_caller: bool | None = None
 
 

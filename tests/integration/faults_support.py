@@ -10,6 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.api_client import AggregatorClient
+from fedhe.environment import current as current_environment
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, encode_envelope
 from fedhe.local_cluster import (
@@ -109,7 +110,7 @@ class UploadingSite:
                 key_id=self.key_id,
                 num_values=weights.size,
                 chunks=chunks,
-                meta={"num_samples": num_samples, "metrics": {}},
+                meta={"num_samples": num_samples, "metrics": {}, "environment": current_environment().model_dump()},
             )
         )
 

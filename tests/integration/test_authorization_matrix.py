@@ -104,6 +104,8 @@ AGGREGATOR_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/jobs/{job_id}/final-model"): aggregator_rule("member", scoped=True),
     ("POST", "/v1/jobs/{job_id}/rounds/{number}/updates"): aggregator_rule("member", scoped=True),
     ("POST", "/v1/jobs/{job_id}/rounds/{number}/evaluations"): aggregator_rule("member", scoped=True),
+    ("POST", "/v1/jobs/{job_id}/rounds/{number}/declines"): aggregator_rule("member", scoped=True),
+    ("POST", "/v1/sites/me/heartbeat"): aggregator_rule("member", "non_member"),
     ("GET", "/v1/events"): aggregator_rule(*OPERATORS),
     ("GET", "/v1/audit"): aggregator_rule(*OPERATORS),
     ("GET", "/v1/whoami"): aggregator_rule(*OPERATORS, "member", "non_member"),

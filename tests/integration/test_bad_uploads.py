@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from fedhe.environment import current as current_environment
 from fedhe.global_model import scale_for_upload
 from fedhe.he import DEFAULT_FORMAT_ID, Envelope, UpdateCodec, encode_envelope
 from fedhe.local_cluster import ProvisionedSite, admit_member, provision_site
@@ -47,6 +48,7 @@ class Scene:
         chunks: list[bytes] | None = None,
         num_samples: object = 50,
         metrics: object = None,
+        environment: object = None,
     ) -> bytes:
         codec = codec or self.codec
         if chunks is None:
@@ -57,7 +59,11 @@ class Scene:
                 key_id=key_id or self.key_id,
                 num_values=num_values,
                 chunks=chunks,
-                meta={"num_samples": num_samples, "metrics": {"loss": 0.5} if metrics is None else metrics},
+                meta={
+                    "num_samples": num_samples,
+                    "metrics": {"loss": 0.5} if metrics is None else metrics,
+                    "environment": current_environment().model_dump() if environment is None else environment,
+                },
             )
         )
 
@@ -165,6 +171,13 @@ BAD_UPLOADS: list[tuple[str, Callable[[Scene], httpx.Response], int, str]] = [
     ("non-finite-metric", lambda s: s.upload(s.envelope(metrics={"loss": float("nan")})), 400, "invalid_metrics"),
     ("metric-not-a-number", lambda s: s.upload(s.envelope(metrics={"loss": "low"})), 400, "invalid_metrics"),
     ("duplicate", lambda s: s.upload(s.envelope(), site=s.first), 409, "duplicate_update"),
+    (
+        "other-tensorflow",
+        lambda s: s.upload(s.envelope(environment=current_environment().model_dump() | {"tensorflow": "2.16.0"})),
+        400,
+        "environment_mismatch",
+    ),
+    ("no-environment", lambda s: s.upload(s.envelope(environment={})), 400, "environment_mismatch"),
     ("oversized-body", lambda s: s.upload(b"\0" * (4 * 1024 * 1024 + 1)), 413, "payload_too_large"),
     ("unknown-job", lambda s: s.upload(s.envelope(), job_id="job-0000000000000000"), 404, "not_found"),
     ("malformed-job-id", lambda s: s.upload(s.envelope(), job_id="job-..metrics"), 400, "invalid_request"),

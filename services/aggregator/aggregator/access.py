@@ -12,6 +12,7 @@ from aggregator.sites import SITE_ROLE, SiteRegistry
 from fedhe.accounts import Principal
 from fedhe.db import SessionFactory
 from fedhe.errors import NotFound
+from fedhe.schemas import SiteStatus
 
 
 class JobAccess:
@@ -28,6 +29,15 @@ class JobAccess:
             return True
         assert caller.site_id is not None
         return self._members.is_member(federation_id, caller.site_id, self._sites.public_key(caller.site_id))
+
+    def expected_sites(self, job_id: str) -> int:
+        """How many sites can answer a round of ``job_id``: active members approved here with their pinned key."""
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            federation_id = repo.job(job_id).federation_id
+            approved = {row.id: row.public_key for row in repo.sites() if row.status == SiteStatus.APPROVED.value}
+        members = self._members.active(federation_id)
+        return sum(1 for site_id, key in members.items() if approved.get(site_id) == key)
 
     def require(self, caller: Principal, job_id: str) -> None:
         """``NotFound`` unless ``caller`` may see job ``job_id`` (checked before any work on it)."""

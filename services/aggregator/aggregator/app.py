@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from aggregator import migrations
 from aggregator.access import JobAccess
@@ -33,7 +34,9 @@ from fedhe.db import SessionFactory, make_engine
 from fedhe.http_auth import Authenticator
 from fedhe.http_errors import add_health_routes, install_error_handlers
 from fedhe.http_limits import RequestLimits, base_limits
+from fedhe.logs import RequestLogging
 from fedhe.migrations import upgrade
+from fedhe.openapi import ERRORS
 from fedhe.ratelimit import Limit, RateLimiter, counters_for
 
 logger = logging.getLogger(__name__)
@@ -102,7 +105,7 @@ def create_app(
     coordination = coordination_for(settings.redis_url)
     coordinator = JobCoordinator(sessions, contexts, metrics, coordination)
     watcher = DeadlineWatcher(coordinator, coordination, settings.deadline_check_interval_s)
-    registry = SiteRegistry(sessions)
+    registry = SiteRegistry(sessions, coordinator.publish_events)
     members = FederationMembers(membership_source or keyserver, settings.membership_cache_s)
     accounts = AccountService(
         sessions, AccountRow, ApiTokenRow, frozenset({Role.ADMIN, Role.VIEWER}), AggregatorRepository
@@ -133,6 +136,7 @@ def create_app(
     app.state.limiter = limiter
     app.state.authenticator = Authenticator(accounts, limiter, sites=registry.authenticate)
     app.state.max_upload_bytes = settings.max_upload_bytes
+    app.state.metrics = metrics
     app.add_middleware(
         RequestLimits,
         max_body_bytes=settings.max_body_bytes,
@@ -140,14 +144,18 @@ def create_app(
         streamed_paths=UPLOAD_PATH,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestLogging, observe=metrics.request)
     for router in (sites, jobs, events, audit, accounts_router):
         app.include_router(router)
 
     add_health_routes(app, engine)
 
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["health"])
-    def prometheus_metrics() -> str:
-        """Counters in Prometheus text format (no secrets, no per-site data)."""
-        return metrics.render()
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["health"], responses={429: ERRORS[429]})
+    def prometheus_metrics() -> Response:
+        """Metrics in Prometheus text format (no secrets, no per-site data); see docs/operator-guide.md."""
+        with sessions.transaction() as session:
+            counts = AggregatorRepository(session).counts()
+        body = metrics.render(counts.sites, counts.sites_online, counts.jobs)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

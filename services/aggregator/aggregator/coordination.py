@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import redis
 
 Event = dict[str, Any]
+MAX_BLOCK_S = 10.0
 
 _RENEW_OR_ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
@@ -132,6 +133,11 @@ class RedisCoordination:
 
     def __init__(self, url: str, stream: str = "fedhe:events", max_events: int = 100_000):
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        # A blocking XREAD waits up to MAX_BLOCK_S for an event; its socket must outwait it, or
+        # every quiet wait would time out and look like an outage.
+        self._reader = redis.Redis.from_url(
+            url, socket_timeout=MAX_BLOCK_S + 5, socket_connect_timeout=2, health_check_interval=10
+        )
         self._stream = stream
         self._max_events = max_events
         self._lease_script = self._redis.register_script(_RENEW_OR_ACQUIRE)
@@ -165,9 +171,8 @@ class RedisCoordination:
         return bytes(event_id).decode()
 
     def read_events(self, after: str, timeout_s: float, limit: int = 100) -> list[tuple[str, Event]]:
-        response = self._call(
-            self._redis.xread, {self._stream: after}, count=limit, block=max(1, int(timeout_s * 1000))
-        )
+        block_ms = max(1, int(min(timeout_s, MAX_BLOCK_S) * 1000))
+        response = self._call(self._reader.xread, {self._stream: after}, count=limit, block=block_ms)
         events: list[tuple[str, Event]] = []
         for _stream, entries in response or []:
             for event_id, fields in entries:

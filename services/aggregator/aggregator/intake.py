@@ -9,14 +9,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 
+from pydantic import ValidationError
+
 from aggregator.contexts import EvaluationContexts
 from aggregator.coordination import Coordination, CoordinationUnavailable
 from aggregator.jobs import JobChange, JobCoordinator, job_spec, rules_for
 from aggregator.rounds import RoundStateMachine
 from aggregator.tables import SubmissionRow
+from fedhe.environment import differences
 from fedhe.errors import Conflict, FedheError, InvalidUpdate
 from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
-from fedhe.schemas import JobCreate, JobStatus, RoundState, UpdateAccepted, check_metrics
+from fedhe.schemas import Environment, JobCreate, RoundState, UpdateAccepted, check_metrics
+
+
+def check_environment(meta: dict[str, object], expected: Environment) -> None:
+    """Refuse an update made with other versions than the job's, naming each difference."""
+    try:
+        actual = Environment.model_validate(meta.get("environment"))
+    except ValidationError as exc:
+        raise InvalidUpdate(
+            "the update does not say which versions made it (meta.environment)", code="environment_mismatch"
+        ) from exc
+    mismatched = differences(expected, actual)
+    if mismatched:
+        raise InvalidUpdate(
+            "this site runs other versions than the job: " + "; ".join(mismatched),
+            code="environment_mismatch",
+            detail={"differences": mismatched},
+        )
 
 
 def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_parameters: int) -> int:
@@ -68,7 +88,14 @@ class UpdateIntake:
         self._coordination = coordination
 
     def accept(
-        self, *, site_id: str, job_id: str, round_number: int, body: bytes, idempotency_key: str | None = None
+        self,
+        *,
+        site_id: str,
+        job_id: str,
+        round_number: int,
+        body: bytes,
+        idempotency_key: str | None = None,
+        expected_sites: int = 0,
     ) -> UpdateAccepted:
         """Accept one upload or raise the error naming what is wrong (state left unchanged).
 
@@ -77,7 +104,12 @@ class UpdateIntake:
         """
         try:
             return self._accept(
-                site_id=site_id, job_id=job_id, round_number=round_number, body=body, idempotency_key=idempotency_key
+                site_id=site_id,
+                job_id=job_id,
+                round_number=round_number,
+                body=body,
+                idempotency_key=idempotency_key,
+                expected_sites=expected_sites,
             )
         except FedheError as exc:
             self._jobs.metrics.reject(exc.code)
@@ -101,7 +133,14 @@ class UpdateIntake:
             self._coordination.remember_idempotency_key(key, digest, IDEMPOTENCY_TTL_S)
 
     def _accept(
-        self, *, site_id: str, job_id: str, round_number: int, body: bytes, idempotency_key: str | None
+        self,
+        *,
+        site_id: str,
+        job_id: str,
+        round_number: int,
+        body: bytes,
+        idempotency_key: str | None,
+        expected_sites: int,
     ) -> UpdateAccepted:
         envelope = decode_envelope(body)
         digest = hashlib.sha256(body).hexdigest()
@@ -113,21 +152,13 @@ class UpdateIntake:
             replay = self._replayed(change, site_id, round_number, digest)
             if replay is not None:
                 return replay
-            if job.status != JobStatus.RUNNING.value:
-                raise Conflict(f"job is {job.status}; it takes no uploads", code="job_not_running")
-            if round_number != job.current_round:
-                raise Conflict(
-                    f"round {round_number} is not the open round; the job is at round {job.current_round}",
-                    code="wrong_round",
-                    detail={"current_round": job.current_round},
-                )
-            row = repo.current_round(job.id, round_number)
-            if row is None or not RoundStateMachine.accepts_uploads(RoundState(row.state)):
-                state = row.state if row is not None else "missing"
-                raise Conflict(f"round {round_number} is {state}; it takes no uploads", code="round_closed")
+            row = self._jobs.accepting_round(change, round_number)
             if repo.submission(row.id, site_id) is not None:
                 raise Conflict(f"site already uploaded to round {round_number}", code="duplicate_update")
+            if repo.decline(row.id, site_id) is not None:
+                raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
             num_samples = check_envelope(envelope, spec=spec, key_id=job.key_id, num_parameters=job.num_parameters)
+            check_environment(envelope.meta, Environment.model_validate(job.environment))
             codec = self._contexts.codec(job.key_id, spec.format_id)
             initial = decode_envelope(row.running_sum).chunks if row.running_sum is not None else None
             accumulator = codec.accumulator(job.num_parameters, initial)
@@ -159,8 +190,10 @@ class UpdateIntake:
             next_state = rules_for(spec).after_upload(row.num_submissions)
             if next_state == RoundState.CLOSED:
                 self._jobs.finish_round(change, row, RoundState.CLOSED)
-            elif row.state == RoundState.OPEN.value:
-                row.state = RoundStateMachine.transition(RoundState.OPEN, RoundState.COLLECTING).value
+            else:
+                if row.state == RoundState.OPEN.value:
+                    row.state = RoundStateMachine.transition(RoundState.OPEN, RoundState.COLLECTING).value
+                self._jobs.close_if_everyone_answered(change, row, expected_sites)
             result = UpdateAccepted(
                 job_id=job.id,
                 round=round_number,

@@ -15,9 +15,10 @@ from aggregator.coordination import Coordination, CoordinationUnavailable, Event
 from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
 from aggregator.rounds import RoundStateMachine
-from aggregator.tables import EvaluationRow, JobRow, RoundRow
+from aggregator.tables import DeclineRow, EvaluationRow, JobRow, RoundRow
 from aggregator.views import job_public, round_public
 from fedhe.db import SessionFactory, utcnow
+from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict, InvalidRequest, NotFound
 from fedhe.global_model import encode_aggregate, encode_initial_model
 from fedhe.he.codec import supported_formats
@@ -25,6 +26,7 @@ from fedhe.he.envelope import decode_envelope
 from fedhe.identifiers import new_id
 from fedhe.modelspec import flatten_weights
 from fedhe.schemas import (
+    DeclineCreate,
     EvaluationCreate,
     JobCreate,
     JobPublic,
@@ -99,7 +101,7 @@ class JobCoordinator:
     def publish_events(self, events: list[Event]) -> None:
         """Send committed changes to the live stream (best effort: the database is the record)."""
         for event in events:
-            self.metrics.observe(event["kind"])
+            self.metrics.observe(event)
             try:
                 self._coordination.publish(event)
             except CoordinationUnavailable as exc:
@@ -121,6 +123,7 @@ class JobCoordinator:
             status=JobStatus.RUNNING.value,
             current_round=0,
             num_parameters=request.model.num_parameters(),
+            environment=current_environment().model_dump(),
         )
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
@@ -170,7 +173,7 @@ class JobCoordinator:
             row.published_at = now
             detail |= {"sites": row.num_submissions, "total_samples": row.total_samples}
             repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
-            change.emit("round.published", **detail)
+            change.emit("round.published", duration_s=(now - row.opened_at).total_seconds(), **detail)
             if row.number + 1 < spec.rounds:
                 self._open_round(change, number=row.number + 1, attempt=1)
             else:
@@ -218,6 +221,63 @@ class JobCoordinator:
                 self.finish_round(change, row, target, reason, fence=fence)
                 finished += 1
         return finished
+
+    def close_if_everyone_answered(self, change: JobChange, row: RoundRow, expected_sites: int) -> None:
+        """Finish a round as soon as every member site has uploaded or declined, not at its deadline.
+
+        It publishes if at least ``min_sites`` uploaded, and fails (then retries or stops, as the
+        job says) if not: waiting for the deadline could not change the outcome.
+        """
+        if expected_sites <= 0 or not RoundStateMachine.accepts_uploads(RoundState(row.state)):
+            return
+        declined = len(change.repo.declines(row.id))
+        if row.num_submissions + declined < expected_sites:
+            return
+        spec = job_spec(change.job)
+        target = rules_for(spec).at_deadline(row.num_submissions)
+        reason = None
+        if target == RoundState.FAILED:
+            reason = (
+                f"every member answered: {row.num_submissions} uploaded, {declined} declined, "
+                f"fewer than min_sites={spec.min_sites}"
+            )
+        self.finish_round(change, row, target, reason)
+
+    def record_decline(
+        self, job_id: str, number: int, site_id: str, decline: DeclineCreate, *, expected_sites: int
+    ) -> None:
+        """Record that a site will not upload to round ``number`` (once), and finish the round if all answered."""
+        with self.locked_job(job_id) as change:
+            repo, job = change.repo, change.job
+            row = self.accepting_round(change, number)
+            if repo.submission(row.id, site_id) is not None:
+                raise Conflict(f"site already uploaded to round {number}", code="duplicate_update")
+            if repo.decline(row.id, site_id) is not None:
+                raise Conflict(f"site already declined round {number}", code="duplicate_decline")
+            repo.add(DeclineRow(round_id=row.id, site_id=site_id, reason=decline.reason.value, message=decline.message))
+            repo.flush()
+            detail = {"round": number, "attempt": row.attempt, "reason": decline.reason.value}
+            repo.audit(actor=f"site:{site_id}", action="update.decline", subject=job.id, detail=detail)
+            change.emit("update.declined", site_id=site_id, message=decline.message, **detail)
+            self.close_if_everyone_answered(change, row, expected_sites)
+
+    @staticmethod
+    def accepting_round(change: JobChange, number: int) -> RoundRow:
+        """The job's open round ``number``, or the ``Conflict`` that says why there is none."""
+        job = change.job
+        if job.status != JobStatus.RUNNING.value:
+            raise Conflict(f"job is {job.status}; it takes no uploads", code="job_not_running")
+        if number != job.current_round:
+            raise Conflict(
+                f"round {number} is not the open round; the job is at round {job.current_round}",
+                code="wrong_round",
+                detail={"current_round": job.current_round},
+            )
+        row = change.repo.current_round(job.id, number)
+        if row is None or not RoundStateMachine.accepts_uploads(RoundState(row.state)):
+            state = row.state if row is not None else "missing"
+            raise Conflict(f"round {number} is {state}; it takes no uploads", code="round_closed")
+        return row
 
     def stop_job(self, job_id: str, *, actor: str) -> JobPublic:
         """Stop a running job; its open round fails."""

@@ -44,6 +44,10 @@ class FederationMembers:
             self._cache[federation_id] = (now, active)
         return active
 
+    def active(self, federation_id: str) -> dict[str, str]:
+        """Active members of ``federation_id`` and their pinned public keys."""
+        return dict(self._active(federation_id))
+
     def is_member(self, federation_id: str, site_id: str, public_key: str) -> bool:
         """Whether the keyserver lists ``site_id`` as an active member with ``public_key``."""
         return self._active(federation_id).get(site_id) == public_key

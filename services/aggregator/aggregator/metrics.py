@@ -1,61 +1,94 @@
-"""Process-local counters exposed in Prometheus text format at ``/metrics``."""
+"""The aggregator's Prometheus metrics (``/metrics``): counters of this process, gauges from the database.
+
+Counters count what this replica did (Prometheus sums replicas); gauges are read from Postgres at
+scrape time, so every replica reports the same state. No metric carries a site's data, a
+credential or an identifier beyond a route template, an error code or a decline reason.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
-from dataclasses import dataclass, field
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from aggregator.coordination import Event
+
+ROUND_SECONDS_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+HTTP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-@dataclass
 class Metrics:
-    """Counters of one aggregator process (Prometheus sums them across replicas)."""
+    """Every metric of one aggregator process, in its own registry."""
 
-    updates_accepted: int = 0
-    update_bytes_accepted: int = 0
-    rounds_published: int = 0
-    rounds_failed: int = 0
-    updates_rejected: Counter[str] = field(default_factory=Counter)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.updates_accepted = Counter("fedhe_updates_accepted", "Encrypted updates accepted.", registry=r)
+        self.update_bytes = Counter("fedhe_update_bytes_accepted", "Bytes of accepted encrypted updates.", registry=r)
+        self.updates_rejected = Counter(
+            "fedhe_updates_rejected", "Uploads refused, by error code.", ["code"], registry=r
+        )
+        self.updates_declined = Counter(
+            "fedhe_updates_declined", "Rounds a site declined to upload to, by reason.", ["reason"], registry=r
+        )
+        self.rounds_published = Counter("fedhe_rounds_published", "Rounds published by this process.", registry=r)
+        self.rounds_failed = Counter("fedhe_rounds_failed", "Rounds failed by this process.", registry=r)
+        self.round_seconds = Histogram(
+            "fedhe_round_duration_seconds",
+            "Time from a round's opening to its publication.",
+            buckets=ROUND_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.heartbeats = Counter("fedhe_heartbeats", "Agent heartbeats received.", registry=r)
+        self.http_requests = Counter(
+            "fedhe_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "fedhe_http_request_duration_seconds",
+            "HTTP request duration by route template.",
+            ["route"],
+            buckets=HTTP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.sites = Gauge("fedhe_sites", "Registered sites by status.", ["status"], registry=r)
+        self.sites_online = Gauge(
+            "fedhe_sites_online", "Sites whose agent sent a heartbeat within a minute.", registry=r
+        )
+        self.jobs = Gauge("fedhe_jobs", "Jobs by status.", ["status"], registry=r)
 
     def reject(self, code: str) -> None:
         """Count a refused upload by its error code."""
-        with self._lock:
-            self.updates_rejected[code] += 1
+        self.updates_rejected.labels(code=code).inc()
 
     def accept(self, num_bytes: int) -> None:
         """Count an accepted upload."""
-        with self._lock:
-            self.updates_accepted += 1
-            self.update_bytes_accepted += num_bytes
+        self.updates_accepted.inc()
+        self.update_bytes.inc(num_bytes)
 
-    def observe(self, event_kind: str) -> None:
+    def observe(self, event: Event) -> None:
         """Count a committed round event."""
-        with self._lock:
-            if event_kind == "round.published":
-                self.rounds_published += 1
-            elif event_kind == "round.failed":
-                self.rounds_failed += 1
+        kind = event["kind"]
+        if kind == "round.published":
+            self.rounds_published.inc()
+            if isinstance(event.get("duration_s"), int | float):
+                self.round_seconds.observe(event["duration_s"])
+        elif kind == "round.failed":
+            self.rounds_failed.inc()
+        elif kind == "update.declined":
+            self.updates_declined.labels(reason=str(event.get("reason"))).inc()
 
-    def render(self) -> str:
-        """The counters in Prometheus text exposition format."""
-        lines = [
-            "# HELP fedhe_updates_accepted_total Encrypted updates accepted.",
-            "# TYPE fedhe_updates_accepted_total counter",
-            f"fedhe_updates_accepted_total {self.updates_accepted}",
-            "# HELP fedhe_update_bytes_accepted_total Bytes of accepted encrypted updates.",
-            "# TYPE fedhe_update_bytes_accepted_total counter",
-            f"fedhe_update_bytes_accepted_total {self.update_bytes_accepted}",
-            "# HELP fedhe_rounds_published_total Rounds published by this process.",
-            "# TYPE fedhe_rounds_published_total counter",
-            f"fedhe_rounds_published_total {self.rounds_published}",
-            "# HELP fedhe_rounds_failed_total Rounds failed by this process.",
-            "# TYPE fedhe_rounds_failed_total counter",
-            f"fedhe_rounds_failed_total {self.rounds_failed}",
-            "# HELP fedhe_updates_rejected_total Uploads refused, by error code.",
-            "# TYPE fedhe_updates_rejected_total counter",
-        ]
-        lines += [
-            f'fedhe_updates_rejected_total{{code="{code}"}} {n}' for code, n in sorted(self.updates_rejected.items())
-        ]
-        return "\n".join(lines) + "\n"
+    def request(self, route: str | None, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request (``route`` is the template, never the raw path)."""
+        template = route or "<unmatched>"
+        self.http_requests.labels(route=template, method=method, status=str(status)).inc()
+        self.http_seconds.labels(route=template).observe(seconds)
+
+    def render(self, sites: dict[str, int], online: int, jobs: dict[str, int]) -> bytes:
+        """The text exposition, with the gauges set from the database's current counts."""
+        for status, count in sites.items():
+            self.sites.labels(status=status).set(count)
+        self.sites_online.set(online)
+        for status, count in jobs.items():
+            self.jobs.labels(status=status).set(count)
+        return generate_latest(self.registry)

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from aggregator.tables import (
     AuditRow,
+    DeclineRow,
     EvaluationContextRow,
     EvaluationRow,
     JobRow,
     RoundRow,
     SiteRow,
+    SiteStatusRow,
     SubmissionRow,
 )
-from fedhe.db import AuditingRepository
+from fedhe.db import AuditingRepository, utcnow
 from fedhe.errors import NotFound
 from fedhe.schemas import RoundState
+
+ONLINE_WITHIN = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What the gauges report: sites by status, sites online, jobs by status."""
+
+    sites: dict[str, int]
+    sites_online: int
+    jobs: dict[str, int]
 
 
 class AggregatorRepository(AuditingRepository):
@@ -36,6 +51,13 @@ class AggregatorRepository(AuditingRepository):
     def flush(self) -> None:
         """Send staged changes (assigns generated ids) without committing."""
         self.session.flush()
+
+    def counts(self) -> Counts:
+        """Sites and jobs by status, and sites whose agent sent a heartbeat within ``ONLINE_WITHIN``."""
+        sites = dict(self.session.execute(select(SiteRow.status, func.count()).group_by(SiteRow.status)).all())
+        jobs = dict(self.session.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all())
+        online = self.session.scalar(select(func.count()).where(SiteStatusRow.last_seen_at >= utcnow() - ONLINE_WITHIN))
+        return Counts(sites=sites, sites_online=int(online or 0), jobs=jobs)
 
     def site(self, site_id: str) -> SiteRow:
         """The site, or ``NotFound``."""
@@ -99,6 +121,24 @@ class AggregatorRepository(AuditingRepository):
         """A round's accepted uploads, in arrival order."""
         query = select(SubmissionRow).where(SubmissionRow.round_id == round_id).order_by(SubmissionRow.id)
         return list(self.session.scalars(query))
+
+    def decline(self, round_id: int, site_id: str) -> DeclineRow | None:
+        """A site's decline of a round."""
+        query = select(DeclineRow).where(DeclineRow.round_id == round_id, DeclineRow.site_id == site_id)
+        return self.session.scalars(query).first()
+
+    def declines(self, round_id: int) -> list[DeclineRow]:
+        """A round's declines, in arrival order."""
+        query = select(DeclineRow).where(DeclineRow.round_id == round_id).order_by(DeclineRow.id)
+        return list(self.session.scalars(query))
+
+    def site_status(self, site_id: str) -> SiteStatusRow | None:
+        """The last heartbeat of a site."""
+        return self.session.get(SiteStatusRow, site_id)
+
+    def site_statuses(self) -> dict[str, SiteStatusRow]:
+        """The last heartbeat of every site that sent one."""
+        return {row.site_id: row for row in self.session.scalars(select(SiteStatusRow))}
 
     def evaluation(self, round_id: int, site_id: str) -> EvaluationRow | None:
         """A site's evaluation of a round's model."""

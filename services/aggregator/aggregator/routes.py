@@ -22,6 +22,7 @@ from aggregator.deps import (
     JobSiteDep,
     OperatorDep,
     ParticipantDep,
+    SiteDep,
     SitesDep,
 )
 from aggregator.recovery import verify_round
@@ -32,7 +33,9 @@ from fedhe.identifiers import JOB_ID, JobIdPath, RoundNumberPath, SiteIdPath
 from fedhe.openapi import CONFLICT, ERRORS, binary_request, binary_response
 from fedhe.schemas import (
     AuditEventPublic,
+    DeclineCreate,
     EvaluationCreate,
+    HeartbeatCreate,
     JobCreate,
     JobPublic,
     RoundPublic,
@@ -187,6 +190,7 @@ async def upload_update(
     request: Request,
     response: Response,
     intake: IntakeDep,
+    access: AccessDep,
     caller: JobSiteDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> UpdateAccepted:
@@ -203,6 +207,7 @@ async def upload_update(
         round_number=number,
         body=body,
         idempotency_key=idempotency_key,
+        expected_sites=await run_in_threadpool(access.expected_sites, job_id),
     )
     if accepted.replayed:
         response.status_code = 200
@@ -220,6 +225,30 @@ def post_evaluation(
     """A site reports how round ``number``'s published model scores on its validation split."""
     assert caller.site_id is not None
     coordinator.record_evaluation(job_id, number, caller.site_id, body)
+    return {"status": "recorded"}
+
+
+@jobs.post("/{job_id}/rounds/{number}/declines", status_code=201, responses=CONFLICT)
+def decline_round(
+    job_id: JobIdPath,
+    number: RoundNumberPath,
+    body: DeclineCreate,
+    coordinator: JobsDep,
+    access: AccessDep,
+    caller: JobSiteDep,
+) -> dict[str, str]:
+    """A site says it will not upload to round ``number`` and why; the round closes early once every member answered."""
+    assert caller.site_id is not None
+    coordinator.record_decline(job_id, number, caller.site_id, body, expected_sites=access.expected_sites(job_id))
+    return {"status": "recorded"}
+
+
+@sites.post("/me/heartbeat", status_code=201)
+def heartbeat(body: HeartbeatCreate, registry: SitesDep, request: Request, caller: SiteDep) -> dict[str, str]:
+    """An agent reports that it is alive, what it is doing, its versions and the ε it spent."""
+    assert caller.site_id is not None
+    registry.heartbeat(caller.site_id, body)
+    request.app.state.metrics.heartbeats.inc()
     return {"status": "recorded"}
 
 

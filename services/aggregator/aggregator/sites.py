@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
+from aggregator.coordination import Event
 from aggregator.repository import AggregatorRepository
-from aggregator.tables import SiteRow
+from aggregator.tables import SiteRow, SiteStatusRow
 from aggregator.views import site_public
 from fedhe.accounts import Principal
 from fedhe.auth import SITE_CREDENTIAL_PREFIX, hash_token, new_token, parse_public_key
 from fedhe.db import SessionFactory, utcnow
 from fedhe.errors import Conflict, PermissionDenied, Unauthenticated
 from fedhe.identifiers import new_id
-from fedhe.schemas import SiteApproved, SiteCreate, SitePublic, SiteStatus
+from fedhe.schemas import HeartbeatCreate, SiteApproved, SiteCreate, SitePublic, SiteStatus
 
 SITE_ROLE = "site"
 
@@ -20,8 +22,9 @@ SITE_ROLE = "site"
 class SiteRegistry:
     """Sites move pending → approved (credential issued) → revoked, or pending → rejected."""
 
-    def __init__(self, sessions: SessionFactory):
+    def __init__(self, sessions: SessionFactory, publish: Callable[[list[Event]], None]):
         self._sessions = sessions
+        self._publish = publish
 
     def register(self, request: SiteCreate) -> SitePublic:
         """Record a registration; the site stays pending until an operator decides."""
@@ -76,14 +79,47 @@ class SiteRegistry:
         return site_public(row)
 
     def sites(self) -> list[SitePublic]:
-        """All sites."""
+        """All sites, each with its agent's last heartbeat."""
         with self._sessions.transaction() as session:
-            return [site_public(row) for row in AggregatorRepository(session).sites()]
+            repo = AggregatorRepository(session)
+            statuses = repo.site_statuses()
+            return [site_public(row, statuses.get(row.id)) for row in repo.sites()]
 
     def site(self, site_id: str) -> SitePublic:
-        """One site."""
+        """One site, with its agent's last heartbeat."""
         with self._sessions.transaction() as session:
-            return site_public(AggregatorRepository(session).site(site_id))
+            repo = AggregatorRepository(session)
+            return site_public(repo.site(site_id), repo.site_status(site_id))
+
+    def heartbeat(self, site_id: str, report: HeartbeatCreate) -> None:
+        """Record an agent's heartbeat; a change of state is streamed to operators."""
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            row = repo.site_status(site_id)
+            changed = row is None or row.state != report.state.value or row.job_id != report.job_id
+            if row is None:
+                row = SiteStatusRow(site_id=site_id)
+                repo.add(row)
+            row.state, row.job_id, row.round, row.message = (
+                report.state.value,
+                report.job_id,
+                report.round,
+                report.message,
+            )
+            row.environment = report.environment.model_dump()
+            row.privacy = report.privacy.model_dump() if report.privacy is not None else {}
+            row.last_seen_at = utcnow()
+        if changed:
+            event: Event = {
+                "kind": "site.state",
+                "site_id": site_id,
+                "state": report.state.value,
+                "job_id": report.job_id,
+                "round": report.round,
+                "message": report.message,
+                "at": utcnow().isoformat(),
+            }
+            self._publish([event])
 
     def public_key(self, site_id: str) -> str:
         """The Ed25519 public key a site registered (to compare with the keyserver's pinned key)."""

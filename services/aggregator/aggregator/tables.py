@@ -50,6 +50,7 @@ class JobRow(AggregatorBase):
     name: Mapped[str] = mapped_column(String(200))
     key_id: Mapped[str] = mapped_column(ForeignKey("evaluation_contexts.key_id"))
     federation_id: Mapped[str] = mapped_column(String(64), index=True)
+    environment: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), index=True)
     current_round: Mapped[int] = mapped_column(Integer, default=0)
@@ -104,6 +105,35 @@ class EvaluationRow(AggregatorBase):
     num_examples: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DeclineRow(AggregatorBase):
+    """A site's notice that it will not upload to a round, and why."""
+
+    __tablename__ = "declines"
+    __table_args__ = (UniqueConstraint("round_id", "site_id", name="uq_declines_round_site"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"))
+    reason: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SiteStatusRow(AggregatorBase):
+    """What a site's agent last said about itself (heartbeat): state, versions, privacy spent."""
+
+    __tablename__ = "site_status"
+
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    environment: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    privacy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class AccountRow(AccountColumns, AggregatorBase):

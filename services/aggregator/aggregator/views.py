@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
-from aggregator.repository import AggregatorRepository
-from aggregator.tables import JobRow, RoundRow, SiteRow
+from aggregator.repository import ONLINE_WITHIN, AggregatorRepository
+from aggregator.tables import JobRow, RoundRow, SiteRow, SiteStatusRow
+from fedhe.db import utcnow
 from fedhe.schemas import (
+    AgentState,
+    DeclinePublic,
+    DeclineReason,
+    Environment,
     EvaluationPublic,
     JobPublic,
     JobStatus,
+    PrivacyReport,
     RoundPublic,
     RoundState,
     SitePublic,
     SiteStatus,
+    SiteStatusReport,
     SubmissionPublic,
 )
 
 
-def site_public(row: SiteRow) -> SitePublic:
-    """A site as operators see it."""
+def site_status(row: SiteStatusRow) -> SiteStatusReport:
+    """A site's last heartbeat; online if it came within ``ONLINE_WITHIN``."""
+    return SiteStatusReport(
+        state=AgentState(row.state),
+        online=utcnow() - row.last_seen_at <= ONLINE_WITHIN,
+        last_seen_at=row.last_seen_at,
+        job_id=row.job_id,
+        round=row.round,
+        message=row.message,
+        environment=Environment.model_validate(row.environment),
+        privacy=PrivacyReport.model_validate(row.privacy) if row.privacy else None,
+    )
+
+
+def site_public(row: SiteRow, status: SiteStatusRow | None = None) -> SitePublic:
+    """A site as operators see it, with its agent's last heartbeat."""
     return SitePublic(
         id=row.id,
         name=row.name,
@@ -27,6 +48,7 @@ def site_public(row: SiteRow) -> SitePublic:
         status=SiteStatus(row.status),
         created_at=row.created_at,
         decided_at=row.decided_at,
+        agent=site_status(status) if status is not None else None,
     )
 
 
@@ -37,6 +59,7 @@ def job_public(row: JobRow) -> JobPublic:
             **row.spec,
             "id": row.id,
             "federation_id": row.federation_id,
+            "environment": row.environment,
             "status": JobStatus(row.status),
             "current_round": row.current_round,
             "created_at": row.created_at,
@@ -83,5 +106,11 @@ def round_public(
             for e in repo.evaluations(row.id)
             if include_submissions or e.site_id == caller_site
         ],
+        declines=[
+            DeclinePublic(site_id=d.site_id, reason=DeclineReason(d.reason), message=d.message, at=d.at)
+            for d in repo.declines(row.id)
+        ]
+        if include_submissions
+        else [],
         submitted_by_caller=None if caller_site is None else any(s.site_id == caller_site for s in submissions),
     )

@@ -2,7 +2,10 @@
 
 It never needs an operator: network failures are retried with exponential backoff, a
 restart resumes from the aggregator's view of the round (``submitted_by_caller``), and the
-privacy ledger on disk carries the budget across restarts.
+privacy ledger on disk carries the budget across restarts. It tells the operator what it does:
+a heartbeat with its state and versions, and a decline with the reason whenever it will not
+upload to a round (budget spent, data unusable, versions that differ, refused), so a round
+need not wait for its deadline. It logs once per round step, not once per poll.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from client_agent.heartbeat import Heartbeat
 from client_agent.ledger import LedgerEntry, PrivacyLedger
+from client_agent.outcomes import DECLINE_REASONS, JobOutcome, OutcomeStatus
 from client_agent.policy import SitePolicy, load_policy
 from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
 from fedhe.datasets import load_dataset, split
+from fedhe.environment import current as current_environment
+from fedhe.environment import differences
 from fedhe.errors import (
     BudgetExhausted,
     Conflict,
@@ -36,22 +42,20 @@ from fedhe.errors import (
 from fedhe.files import PRIVATE_FILE, private_dir, write_private
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context
+from fedhe.logs import request_id
 from fedhe.privacy import TrainingPass
-from fedhe.schemas import EvaluationCreate, JobPublic, JobStatus, KeyReleaseRequest, RoundState
+from fedhe.schemas import (
+    AgentState,
+    DeclineCreate,
+    EvaluationCreate,
+    JobPublic,
+    JobStatus,
+    KeyReleaseRequest,
+    PrivacyReport,
+    RoundState,
+)
 
 logger = logging.getLogger("fedhe.agent")
-
-
-@dataclass
-class JobOutcome:
-    """How the agent's part in a job ended."""
-
-    job_id: str
-    status: str
-    rounds_trained: int = 0
-    epsilon: float = 0.0
-    exported_model: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class SiteAgent:
@@ -78,8 +82,15 @@ class SiteAgent:
         self._policy: SitePolicy = load_policy(settings.policy_file)
         self._state_dir = private_dir(settings.state_dir).resolve()
         self._ledger = PrivacyLedger(self._state_file("privacy-ledger.json"))
-        data = load_dataset(settings.data_path, settings.label_column)
-        self.train_data, self.validation_data = split(data, settings.validation_fraction, seed=0)
+        self._environment = current_environment()
+        self._heartbeat = Heartbeat(self._aggregator, self._environment, settings.heartbeat_interval_s)
+        self._data_problem: str | None = None
+        try:
+            data = load_dataset(settings.data_path, settings.label_column)
+            self.train_data, self.validation_data = split(data, settings.validation_fraction, seed=0)
+        except InvalidRequest as exc:
+            # Told to the operator (a decline for each round it would join) instead of a traceback.
+            self._data_problem = exc.message
         self._codecs: dict[str, UpdateCodec] = {}
         self._backoff = settings.poll_interval_s
 
@@ -106,9 +117,11 @@ class SiteAgent:
 
     def run(self) -> list[JobOutcome]:
         """Follow running jobs (only ``job_id`` if set); with ``once``, return after one job."""
+        self._heartbeat.start()
         try:
             return self._follow_jobs()
         finally:
+            self._heartbeat.stop()
             for codec in self._codecs.values():
                 codec.close()
 
@@ -131,12 +144,14 @@ class SiteAgent:
                 finished[job.id] = self.participate(job)
                 if self.settings.once:
                     return list(finished.values())
+            self._heartbeat.report(AgentState.IDLE)
             self._wait(failed=False)
 
     def participate(self, job: JobPublic) -> JobOutcome:
-        """Take part in ``job`` until it ends (or this site's budget does)."""
-        outcome = JobOutcome(job_id=job.id, status=job.status.value)
+        """Take part in ``job`` until it ends, or until this site cannot (and then say why)."""
+        outcome = JobOutcome(job_id=job.id, status=OutcomeStatus.COMPLETED)
         evaluated: set[int] = set()
+        logger.info("job %s: taking part (%d rounds, model of %d parameters)", job.id, job.rounds, job.num_parameters)
         while True:
             try:
                 job = self._aggregator.job(job.id)
@@ -144,33 +159,59 @@ class SiteAgent:
                     return self._finish(job, outcome, evaluated)
                 current = self._aggregator.round(job.id, job.current_round)
                 if current.submitted_by_caller or current.state not in (RoundState.OPEN, RoundState.COLLECTING):
+                    self._heartbeat.report(AgentState.WAITING, job_id=job.id, round_number=job.current_round)
                     self._wait(failed=False)
                     continue
-                codec = self._codec(job.key_id, job.format_id)
-                weights = self._global_weights(job, job.current_round, codec, evaluated)
-                self._train_and_upload(job, current.attempt, weights, codec, outcome)
+                with request_id(f"{job.id}-r{job.current_round}-a{current.attempt}"):
+                    self._check_can_train(job)
+                    codec = self._codec(job.key_id, job.format_id)
+                    weights = self._global_weights(job, job.current_round, codec, evaluated)
+                    self._train_and_upload(job, current.attempt, weights, codec, outcome)
             except BudgetExhausted as exc:
-                logger.warning("job %s: %s; this site stops training for it", job.id, exc.message)
-                outcome.status = "budget_exhausted"
-                outcome.notes.append(exc.message)
-                return outcome
+                return self._stop_taking_part(job, outcome, OutcomeStatus.BUDGET_EXHAUSTED, exc)
             except (InvalidRequest, PermissionDenied) as exc:
-                # Retrying cannot fix these (a refused update, a site this job does not fit).
-                logger.error("job %s: %s (%s); this site stops taking part", job.id, exc.message, exc.code)
-                outcome.status = "refused"
-                outcome.notes.append(f"{exc.code}: {exc.message}")
-                return outcome
+                # Retrying cannot fix these (a refused update, a site or data this job does not fit).
+                status = {
+                    "data_problem": OutcomeStatus.DATA_PROBLEM,
+                    "too_many_samples": OutcomeStatus.DATA_PROBLEM,
+                    "environment_mismatch": OutcomeStatus.ENVIRONMENT_MISMATCH,
+                }.get(exc.code, OutcomeStatus.REFUSED)
+                return self._stop_taking_part(job, outcome, status, exc)
             except Conflict as exc:
                 if exc.code == "stale_key_id":
-                    logger.error("job %s: its key was retired (%s); this site stops taking part", job.id, exc.message)
-                    outcome.status = "stale_key"
-                    outcome.notes.append(exc.message)
-                    return outcome
-                logger.info("job %s: %s; following the job's new state", job.id, exc.message)
+                    return self._stop_taking_part(job, outcome, OutcomeStatus.STALE_KEY, exc)
+                logger.debug("job %s: %s; following the job's new state", job.id, exc.message)
                 self._wait(failed=False)
             except UpstreamUnavailable as exc:
                 logger.warning("job %s: %s; retrying", job.id, exc.message)
                 self._wait(failed=True)
+
+    def _check_can_train(self, job: JobPublic) -> None:
+        """Refuse, before any privacy budget is spent, a round this site cannot do properly."""
+        if self._data_problem is not None:
+            raise InvalidRequest(self._data_problem, code="data_problem")
+        mismatched = differences(job.environment, self._environment)
+        if mismatched:
+            raise InvalidRequest(
+                "this site runs other versions than the job: " + "; ".join(mismatched), code="environment_mismatch"
+            )
+
+    def _stop_taking_part(
+        self, job: JobPublic, outcome: JobOutcome, status: OutcomeStatus, exc: FedheError
+    ) -> JobOutcome:
+        """Record why this site stops, tell the operator (decline and heartbeat), and return the outcome."""
+        logger.error("job %s: %s (%s); this site stops taking part", job.id, exc.message, exc.code)
+        outcome.status = status
+        outcome.notes.append(f"{exc.code}: {exc.message}")
+        self._heartbeat.report(AgentState.DECLINED, job_id=job.id, round_number=job.current_round, message=exc.message)
+        if job.status == JobStatus.RUNNING and status in DECLINE_REASONS:
+            try:
+                self._aggregator.decline_round(
+                    job.id, job.current_round, DeclineCreate(reason=DECLINE_REASONS[status], message=exc.message[:500])
+                )
+            except FedheError as declined:
+                logger.warning("job %s: the decline was not recorded (%s)", job.id, declined.code)
+        return outcome
 
     def _global_weights(self, job: JobPublic, number: int, codec: UpdateCodec, evaluated: set[int]) -> NDArray[Any]:
         weights = self._decode(job, self._aggregator.model(job.id, number), codec)
@@ -233,8 +274,10 @@ class SiteAgent:
             body = pending.read_bytes()
             logger.info("job %s round %d: re-sending the saved update", job.id, job.current_round)
         else:
+            self._heartbeat.report(AgentState.TRAINING, job_id=job.id, round_number=job.current_round)
             body = self._train_and_encrypt(job, attempt, weights, codec, outcome)
             write_private(pending, body)
+        self._heartbeat.report(AgentState.UPLOADING, job_id=job.id, round_number=job.current_round)
         try:
             accepted = self._aggregator.upload_update(
                 job.id, job.current_round, body, idempotency_key=f"{job.id}:{job.current_round}:{attempt}"
@@ -292,6 +335,12 @@ class SiteAgent:
         )
         epsilon = self._ledger.epsilon(dp.delta)
         outcome.epsilon = epsilon
+        self._heartbeat.report(
+            AgentState.UPLOADING,
+            job_id=job.id,
+            round_number=job.current_round,
+            privacy=PrivacyReport(epsilon=epsilon, delta=dp.delta, max_epsilon=self._policy.max_epsilon),
+        )
         local = evaluate(job.model, result.weights, self.validation_data)
         started = time.perf_counter()
         chunks = codec.encrypt_update(scale_for_upload(result.weights, result.num_samples, job.max_samples_per_round))
@@ -320,12 +369,18 @@ class SiteAgent:
                 key_id=job.key_id,
                 num_values=job.num_parameters,
                 chunks=chunks,
-                meta={"num_samples": result.num_samples, "metrics": metrics},
+                meta={
+                    "num_samples": result.num_samples,
+                    "metrics": metrics,
+                    "environment": self._environment.model_dump(),
+                },
             )
         )
 
     def _finish(self, job: JobPublic, outcome: JobOutcome, evaluated: set[int]) -> JobOutcome:
-        outcome.status = job.status.value
+        outcome.status = OutcomeStatus(job.status.value)
+        self._heartbeat.report(AgentState.FINISHED, job_id=job.id)
+        logger.info("job %s ended %s", job.id, job.status.value)
         outcome.epsilon = self._ledger.epsilon(self._policy.tighten(job.dp).delta)
         if job.status != JobStatus.COMPLETED:
             return outcome

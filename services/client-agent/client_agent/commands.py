@@ -7,11 +7,12 @@ import signal
 import sys
 from pathlib import Path
 
+from client_agent.outcomes import exit_code
 from fedhe.cli.output import print_json
-from fedhe.serving import configure_logging
+from fedhe.logs import configure_logging
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
     from client_agent.agent import SiteAgent
     from client_agent.settings import AgentSettings
 
@@ -29,14 +30,13 @@ def _run(args: argparse.Namespace) -> None:
         "once": args.once or None,
     }
     settings = AgentSettings(**{k: v for k, v in fields.items() if v is not None})
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, f"agent:{settings.site_id}")
     # As PID 1 in a container SIGTERM is ignored by default; exit promptly (the ledger and the
     # pending upload are written atomically, so stopping anywhere is safe).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     outcomes = SiteAgent(settings).run()
-    print_json(
-        [{**o.__dict__, "exported_model": str(o.exported_model) if o.exported_model else None} for o in outcomes]
-    )
+    print_json([{**o.__dict__, "exported_model": o.exported_model and str(o.exported_model)} for o in outcomes])
+    return exit_code(outcomes)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,5 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent.add_argument("--policy", type=Path, help="site privacy policy (JSON)")
     agent.add_argument("--state-dir", type=Path)
     agent.add_argument("--job", help="follow only this job")
-    agent.add_argument("--once", action="store_true", help="exit after one job ends")
+    agent.add_argument(
+        "--once",
+        action="store_true",
+        help="exit after one job ends; the exit code says how (client_agent/outcomes.py, docs/site-admin-guide.md)",
+    )
     agent.set_defaults(func=_run)

@@ -34,6 +34,7 @@ class AgentSettings(BaseSettings):
     job_id: str | None = None
     once: bool = False
     poll_interval_s: float = 0.5
+    heartbeat_interval_s: float = 15.0
     max_backoff_s: float = 30.0
     request_timeout_s: float = 60.0
     encrypt_workers: int = 0  # processes encrypting large updates; 0 means one per CPU core

@@ -6,14 +6,14 @@ import argparse
 import os
 from pathlib import Path
 
-from fedhe.serving import configure_logging
+from fedhe.logs import configure_logging
 
 
 def _run(args: argparse.Namespace) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides the table
     from fedhe_demo.demo import DemoOptions, run_demo
 
-    configure_logging("WARNING")
+    configure_logging("WARNING", "demo", json_lines=False)
     run_demo(
         DemoOptions(
             dataset=args.dataset,

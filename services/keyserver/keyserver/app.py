@@ -23,6 +23,7 @@ from fedhe.http_auth import Authenticator, allow
 from fedhe.http_errors import add_health_routes, install_error_handlers
 from fedhe.http_limits import RequestLimits, base_limits, client_address
 from fedhe.identifiers import FederationIdPath, KeyIdPath, SiteIdPath
+from fedhe.logs import RequestLogging
 from fedhe.migrations import upgrade
 from fedhe.openapi import CONFLICT, ERRORS, binary_response
 from fedhe.ratelimit import Limit, RateLimiter, counters_for
@@ -257,6 +258,7 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
     app.state.limiter = limiter
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, limiter=limiter)
     install_error_handlers(app)
+    app.add_middleware(RequestLogging)
     for router_ in (router, release, accounts_router):
         app.include_router(router_)
     add_health_routes(app, engine)

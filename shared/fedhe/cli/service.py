@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI
 
+from fedhe.logs import configure_logging
 from fedhe.migrations import upgrade
-from fedhe.serving import configure_logging, serve
+from fedhe.serving import serve
 from fedhe.settings import ServiceSettings
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -33,7 +34,7 @@ def add_service_command(
             if getattr(args, field) is not None
         }
         settings = settings_class(**given)
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, name)
         if args.action == "migrate":
             upgrade(settings.database_url, name, scripts, args.revision)
             print(f"{name} database is at revision {args.revision}")

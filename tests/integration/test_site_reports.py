@@ -1,0 +1,199 @@
+"""Sites tell the operator what they do: heartbeats, declines with reasons, early round closing, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhe.api_client import AggregatorClient
+from fedhe.datasets import load_bundled, save_csv, split
+from fedhe.environment import current as current_environment
+from fedhe.errors import Conflict
+from fedhe.local_cluster import ProvisionedSite, provision_site, start_agent
+from fedhe.modelspec import ModelSpec
+from fedhe.schemas import (
+    AgentState,
+    DeclineCreate,
+    DeclineReason,
+    FederationCreate,
+    HeartbeatCreate,
+    JobCreate,
+    PrivacyReport,
+    RoundState,
+)
+from tests.conftest import Cluster
+from tests.integration.faults_support import MODEL, WEIGHT_SCALE, UploadingSite
+from tests.integration.helpers import site_codec
+
+
+def _federation_job(cluster: Cluster, tmp_path: Path, sites: int, **job: object) -> tuple[str, list[UploadingSite]]:
+    with cluster.keyserver_admin() as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="reports"))
+    spec = {
+        "name": "reports",
+        "key_id": federation.key_id,
+        "model": MODEL.model_dump(),
+        "max_samples_per_round": WEIGHT_SCALE,
+    }
+    with cluster.aggregator_admin() as operator:
+        job_id = operator.create_job(JobCreate.model_validate(spec | job)).id
+    uploading = []
+    for index in range(sites):
+        site = provision_site(
+            aggregator_url=cluster.aggregator_url,
+            keyserver_url=cluster.keyserver_url,
+            secrets=cluster.secrets,
+            directory=tmp_path,
+            name=f"r{index}",
+            federation_id=federation.id,
+        )
+        codec = site_codec(cluster.keyserver_url, cluster.secrets, site, federation.key_id)
+        uploading.append(UploadingSite(site, codec, federation.key_id, cluster.secrets.tls))
+    return job_id, uploading
+
+
+def _as_site(cluster: Cluster, site: ProvisionedSite) -> AggregatorClient:
+    return AggregatorClient(cluster.aggregator_url, site.credential, tls=cluster.secrets.tls)
+
+
+def _upload(cluster: Cluster, site: UploadingSite, job_id: str, seed: int) -> None:
+    weights = np.random.default_rng(seed).uniform(-1, 1, MODEL.num_parameters())
+    response = site.post(cluster.aggregator_url, job_id, 0, site.body(weights, 10))
+    assert response.status_code == 201, response.text
+
+
+def test_heartbeats_show_state_versions_and_privacy(cluster: Cluster, tmp_path: Path) -> None:
+    job_id, (site,) = _federation_job(cluster, tmp_path, 1, min_sites=1)
+    report = HeartbeatCreate(
+        state=AgentState.TRAINING,
+        job_id=job_id,
+        round=0,
+        environment=current_environment(),
+        privacy=PrivacyReport(epsilon=1.25, delta=1e-5, max_epsilon=3.0),
+    )
+    with _as_site(cluster, site.site) as as_site:
+        as_site.heartbeat(report)
+    with cluster.aggregator_admin() as operator:
+        listed = operator.site(site.site.site_id)
+    assert listed.agent is not None
+    assert (listed.agent.state, listed.agent.online, listed.agent.job_id) == (AgentState.TRAINING, True, job_id)
+    assert listed.agent.environment == current_environment()
+    assert listed.agent.privacy == PrivacyReport(epsilon=1.25, delta=1e-5, max_epsilon=3.0)
+
+
+def test_a_round_closes_as_soon_as_every_member_uploaded_or_declined(cluster: Cluster, tmp_path: Path) -> None:
+    job_id, sites = _federation_job(cluster, tmp_path, 3, min_sites=2, target_sites=3, round_deadline_s=3600)
+    _upload(cluster, sites[0], job_id, 1)
+    with _as_site(cluster, sites[1].site) as as_site:
+        as_site.decline_round(
+            job_id, 0, DeclineCreate(reason=DeclineReason.BUDGET_EXHAUSTED, message="ε would reach 3.4")
+        )
+        with pytest.raises(Conflict) as twice:
+            as_site.decline_round(job_id, 0, DeclineCreate(reason=DeclineReason.OTHER))
+        assert twice.value.code == "duplicate_decline"
+    refused = sites[1].post(cluster.aggregator_url, job_id, 0, sites[1].body(np.ones(MODEL.num_parameters()), 10))
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "round_declined"
+    with cluster.aggregator_admin() as operator:
+        assert operator.round(job_id, 0).state == RoundState.COLLECTING
+    _upload(cluster, sites[2], job_id, 2)
+    with cluster.aggregator_admin() as operator:
+        published = operator.round(job_id, 0)
+        events = operator.audit_events(200)
+    assert published.state == RoundState.PUBLISHED, "the round waited for its deadline although everyone had answered"
+    assert published.num_submissions == 2
+    assert [(d.site_id, d.reason, d.message) for d in published.declines] == [
+        (sites[1].site.site_id, DeclineReason.BUDGET_EXHAUSTED, "ε would reach 3.4")
+    ]
+    assert any(e.action == "update.decline" and e.actor == f"site:{sites[1].site.site_id}" for e in events)
+
+
+def test_a_round_fails_at_once_when_too_few_can_upload(cluster: Cluster, tmp_path: Path) -> None:
+    job_id, sites = _federation_job(cluster, tmp_path, 2, min_sites=2, round_deadline_s=3600, on_round_failure="stop")
+    _upload(cluster, sites[0], job_id, 3)
+    with _as_site(cluster, sites[1].site) as as_site:
+        as_site.decline_round(job_id, 0, DeclineCreate(reason=DeclineReason.DATA_PROBLEM, message="no label column"))
+    with cluster.aggregator_admin() as operator:
+        failed = operator.round(job_id, 0)
+        assert operator.job(job_id).status.value == "failed"
+    assert failed.state == RoundState.FAILED
+    assert failed.failure_reason == "every member answered: 1 uploaded, 1 declined, fewer than min_sites=2"
+
+
+def _agent_job(cluster: Cluster, tmp_path: Path, num_sites: int) -> tuple[str, list[ProvisionedSite]]:
+    with cluster.keyserver_admin() as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="exit-codes"))
+    request = JobCreate(
+        name="exit-codes",
+        key_id=federation.key_id,
+        model=ModelSpec(input_dim=30, num_classes=2),
+        rounds=2,
+        min_sites=num_sites,
+        round_deadline_s=3600,
+        batch_size=16,
+        max_samples_per_round=10_000,
+        on_round_failure="stop",
+    )
+    with cluster.aggregator_admin() as operator:
+        job_id = operator.create_job(request).id
+    sites = [
+        provision_site(
+            aggregator_url=cluster.aggregator_url,
+            keyserver_url=cluster.keyserver_url,
+            secrets=cluster.secrets,
+            directory=tmp_path,
+            name=f"exit{index}",
+            federation_id=federation.id,
+        )
+        for index in range(num_sites)
+    ]
+    return job_id, sites
+
+
+def test_agent_once_exits_non_zero_and_says_why_when_it_cannot_take_part(cluster: Cluster, tmp_path: Path) -> None:
+    job_id, (spent, broken) = _agent_job(cluster, tmp_path, 2)
+    pool, _ = split(load_bundled("breast_cancer"), 0.5, seed=1)
+    save_csv(pool, tmp_path / "good.csv")
+    (tmp_path / "broken.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    (tmp_path / "policy.json").write_text(json.dumps({"max_epsilon": 0.05}), encoding="utf-8")
+    agents = [
+        start_agent(
+            site=site,
+            name=name,
+            aggregator_url=cluster.aggregator_url,
+            keyserver_url=cluster.keyserver_url,
+            secrets=cluster.secrets,
+            data_path=data,
+            state_dir=tmp_path / name / "state",
+            job_id=job_id,
+            log_dir=tmp_path / "logs",
+            extra_env=env,
+        )
+        for site, name, data, env in (
+            (spent, "spent", tmp_path / "good.csv", {"FEDHE_AGENT_POLICY_FILE": str(tmp_path / "policy.json")}),
+            (broken, "broken", tmp_path / "broken.csv", {}),
+        )
+    ]
+    try:
+        codes = [agent.process.wait(timeout=240) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert codes == [10, 12], [agent.tail() for agent in agents]
+    with cluster.aggregator_admin() as operator:
+        round_ = operator.round(job_id, 0)
+        sites = {site.id: site for site in operator.sites()}
+    assert {(d.site_id, d.reason) for d in round_.declines} == {
+        (spent.site_id, DeclineReason.BUDGET_EXHAUSTED),
+        (broken.site_id, DeclineReason.DATA_PROBLEM),
+    }
+    assert round_.state == RoundState.FAILED
+    assert round_.failure_reason == "every member answered: 0 uploaded, 2 declined, fewer than min_sites=2"
+    spent_agent = sites[spent.site_id].agent
+    assert spent_agent is not None
+    assert spent_agent.state == AgentState.DECLINED
+    assert "limit 0.05" in spent_agent.message
+    assert not (tmp_path / "spent" / "state" / "privacy-ledger.json").exists(), "budget spent on a declined round"
