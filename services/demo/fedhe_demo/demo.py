@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.live import Live
 
+from fedhe.cli.watch import follow, render
 from fedhe.datasets import Dataset, load_bundled, partition_dirichlet, save_csv, split
 from fedhe.he import DEFAULT_FORMAT_ID
 from fedhe.local_cluster import (
@@ -36,7 +39,7 @@ from fedhe.local_cluster import (
 )
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
-from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundPublic, RoundState
+from fedhe.schemas import FederationCreate, JobCreate, JobPublic, JobStatus, RoundPublic, RoundState
 
 
 @dataclass(frozen=True)
@@ -241,27 +244,21 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 )
             agents = processes[2:]
             deadline = time.monotonic() + options.timeout_s
-            reported = -1
-            while time.monotonic() < deadline:
-                current = aggregator.job(job.id)
-                published = [r for r in aggregator.rounds(job.id) if r.state == RoundState.PUBLISHED]
-                for r in published:
-                    if r.number > reported:
-                        print(
-                            f"round {r.number} published ({r.num_submissions} sites, {r.total_samples} samples)",
-                            flush=True,
-                        )
-                        reported = r.number
-                if current.status != JobStatus.RUNNING and all(a.process.poll() is not None for a in agents):
-                    break
+
+            def show(current: JobPublic, rounds: list[RoundPublic], names: dict[str, str]) -> None:
+                live.update(render(current, rounds, names))
                 for agent in agents:
                     if agent.process.poll() not in (None, 0):
                         raise RuntimeError(f"{agent.name} failed:\n{agent.tail()}")
-                time.sleep(1)
-            else:
-                raise RuntimeError("demo timed out; see the logs in " + str(logs))
-            if current.status != JobStatus.COMPLETED:
-                raise RuntimeError(f"job ended {current.status.value}; see {logs}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("demo timed out; see the logs in " + str(logs))
+
+            with Live(console=Console(), refresh_per_second=4) as live:
+                final = follow(aggregator, job.id, show)
+            for agent in agents:
+                agent.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            if final.status != JobStatus.COMPLETED:
+                raise RuntimeError(f"job ended {final.status.value}; see {logs}")
             rounds = [r for r in aggregator.rounds(job.id) if r.state == RoundState.PUBLISHED]
         first_site = next(iter(site_names.values()))
         final_weights = np.load(workdir / "sites" / first_site / "state" / f"{job.id}-final-weights.npy")

@@ -196,9 +196,14 @@ def _federation(args: argparse.Namespace) -> None:
                 print_json(client.federation(args.federation_id))
 
 
-def _job(args: argparse.Namespace) -> None:
+def _job(args: argparse.Namespace) -> int | None:
     from fedhe.schemas import JobCreate
 
+    if args.action == "watch":
+        from fedhe.cli.watch import watch
+
+        require(args, "job_id")
+        return watch(args)
     with aggregator(args) as client:
         if args.action == "create":
             require(args, "spec")
@@ -213,6 +218,7 @@ def _job(args: argparse.Namespace) -> None:
                 emit_listing(args.json, f"rounds of {args.job_id}", ROUND_COLUMNS, client.rounds(args.job_id))
             else:
                 print_json(client.stop_job(args.job_id))
+    return None
 
 
 def _service_client(args: argparse.Namespace) -> ServiceClient:
@@ -318,10 +324,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     federation.set_defaults(func=_federation, positionals=("federation_id",))
 
     job = sub.add_parser("job", help="create and follow jobs (aggregator admin or viewer)")
-    job.add_argument("action", choices=["create", "list", "status", "rounds", "stop"])
+    job.add_argument("action", choices=["create", "list", "status", "rounds", "watch", "stop"])
     job.add_argument("job_id", nargs="?")
     _urls(job, "aggregator")
     job.add_argument("--spec", help="job definition (JSON) for create")
+    job.add_argument("--interval", type=float, default=1.0, help="watch: seconds between refreshes")
     _json_flag(job)
     job.set_defaults(func=_job, positionals=("job_id",))
 
