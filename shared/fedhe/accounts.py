@@ -269,6 +269,16 @@ class AccountService:
             )
             return TokenIssued(token=token, info=token_public(row))
 
+    def issue_session(self, caller: Principal, hours: int) -> TokenIssued:
+        """A short-lived token for the caller's own account (the dashboard keeps this, not the API token)."""
+        token = new_token(TOKEN_PREFIX)
+        expires_at = utcnow() + timedelta(hours=hours)
+        with self._sessions.transaction() as session:
+            repo, audit = self._repos(session)
+            row = repo.add_token(caller.name, token, "dashboard session", expires_at)
+            audit.audit(actor=caller.actor, action="session.start", subject=row.id, detail={"hours": hours})
+            return TokenIssued(token=token, info=token_public(row))
+
     def tokens(self, account: str) -> list[TokenPublic]:
         """An account's tokens (metadata only)."""
         with self._sessions.transaction() as session:

@@ -37,7 +37,10 @@ def _admin_or_owner(
     return caller
 
 
+SESSION_HOURS = 8
+
 Accounts = Annotated[AccountService, Depends(_accounts)]
+Person = Annotated[Principal, allow(Role.ADMIN, Role.VIEWER)]
 Admin = Annotated[Principal, allow(Role.ADMIN)]
 AdminOrSelf = Annotated[Principal, Depends(_admin_or_self)]
 AdminOrOwner = Annotated[Principal, Depends(_admin_or_owner)]
@@ -50,6 +53,12 @@ router = APIRouter(prefix="/v1", tags=["accounts"], responses=ERRORS)
 def whoami(caller: Anyone) -> WhoAmI:
     """The authenticated caller: account name and role, or site id."""
     return WhoAmI(name=caller.name, role=caller.role, site_id=caller.site_id)
+
+
+@router.post("/sessions", status_code=201, response_model=TokenIssued)
+def start_session(accounts: Accounts, caller: Person) -> TokenIssued:
+    """Exchange the caller's token for one that expires in 8 hours (what the dashboard keeps in the browser)."""
+    return accounts.issue_session(caller, SESSION_HOURS)
 
 
 @router.get("/accounts", response_model=list[AccountPublic])

@@ -24,6 +24,7 @@ from fedhe.schemas import (
     EndorsementCreate,
     EvaluationCreate,
     FederationCreate,
+    FederationOverview,
     FederationPublic,
     HeartbeatCreate,
     JobCreate,
@@ -278,6 +279,10 @@ class AggregatorClient(ServiceClient):
     def register_site(self, request: SiteCreate) -> SitePublic:
         """Site admin: register (no credential needed)."""
         return self.parse(SitePublic, self.request("POST", "/v1/sites", json=request.model_dump()))
+
+    def federations(self) -> list[FederationOverview]:
+        """Admin or viewer: federations with jobs here, their members and jobs."""
+        return self.parse_list(FederationOverview, self.request("GET", "/v1/federations"))
 
     def sites(self) -> list[SitePublic]:
         """Admin or viewer: all sites."""

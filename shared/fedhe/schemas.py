@@ -196,6 +196,15 @@ class FederationPublic(BaseModel):
     contexts: list[ContextInfo]
 
 
+class FederationOverview(BaseModel):
+    """A federation as the coordinator's operators see it: its members (from the keyserver) and jobs."""
+
+    id: FederationId
+    name: str
+    members: list[SiteId]
+    jobs: list[JobId]
+
+
 class MemberStatus(StrEnum):
     """Lifecycle of a site's membership in a federation (held by the keyserver)."""
 

@@ -12,7 +12,7 @@ from aggregator.sites import SITE_ROLE, SiteRegistry
 from fedhe.accounts import Principal
 from fedhe.db import SessionFactory
 from fedhe.errors import NotFound
-from fedhe.schemas import SiteStatus
+from fedhe.schemas import FederationOverview, SiteStatus
 
 
 class JobAccess:
@@ -38,6 +38,24 @@ class JobAccess:
             approved = {row.id: row.public_key for row in repo.sites() if row.status == SiteStatus.APPROVED.value}
         members = self._members.active(federation_id)
         return sum(1 for site_id, key in members.items() if approved.get(site_id) == key)
+
+    def federations(self) -> list[FederationOverview]:
+        """Every federation the coordinator has jobs for, with its active members and jobs."""
+        with self._sessions.transaction() as session:
+            jobs = AggregatorRepository(session).jobs()
+        by_federation: dict[str, list[str]] = {}
+        for job in jobs:
+            if job.federation_id:
+                by_federation.setdefault(job.federation_id, []).append(job.id)
+        return [
+            FederationOverview(
+                id=federation_id,
+                name=self._members.name(federation_id),
+                members=sorted(self._members.active(federation_id)),
+                jobs=job_ids,
+            )
+            for federation_id, job_ids in sorted(by_federation.items())
+        ]
 
     def require(self, caller: Principal, job_id: str) -> None:
         """``NotFound`` unless ``caller`` may see job ``job_id`` (checked before any work on it)."""

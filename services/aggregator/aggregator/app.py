@@ -18,12 +18,13 @@ from aggregator import migrations
 from aggregator.access import JobAccess
 from aggregator.contexts import EvaluationContexts, EvaluationContextSource
 from aggregator.coordination import Coordination, CoordinationUnavailable, coordination_for
+from aggregator.dashboard import router as dashboard
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
 from aggregator.membership import FederationMembers, MembershipSource
 from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
-from aggregator.routes import REGISTRATIONS, UPLOAD_PATH, audit, events, jobs, sites
+from aggregator.routes import REGISTRATIONS, UPLOAD_PATH, audit, events, federations, jobs, sites
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
 from aggregator.tables import AccountRow, ApiTokenRow
@@ -145,7 +146,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(RequestLogging, observe=metrics.request)
-    for router in (sites, jobs, events, audit, accounts_router):
+    for router in (sites, federations, jobs, events, audit, accounts_router, dashboard):
         app.include_router(router)
 
     add_health_routes(app, engine)

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Protocol
 
-from fedhe.schemas import MemberPublic, MemberStatus
+from fedhe.schemas import FederationPublic, MemberPublic, MemberStatus
 
 
 class MembershipSource(Protocol):
@@ -19,6 +19,10 @@ class MembershipSource(Protocol):
 
     def members(self, federation_id: str) -> list[MemberPublic]:
         """A federation's members."""
+        ...
+
+    def federation(self, federation_id: str) -> FederationPublic:
+        """A federation's name and keys."""
         ...
 
 
@@ -29,6 +33,7 @@ class FederationMembers:
         self._source = source
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._names: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def _active(self, federation_id: str) -> dict[str, str]:
@@ -47,6 +52,16 @@ class FederationMembers:
     def active(self, federation_id: str) -> dict[str, str]:
         """Active members of ``federation_id`` and their pinned public keys."""
         return dict(self._active(federation_id))
+
+    def name(self, federation_id: str) -> str:
+        """A federation's name (names do not change, so it is fetched once)."""
+        with self._lock:
+            known = self._names.get(federation_id)
+        if known is None:
+            known = self._source.federation(federation_id).name
+            with self._lock:
+                self._names[federation_id] = known
+        return known
 
     def is_member(self, federation_id: str, site_id: str, public_key: str) -> bool:
         """Whether the keyserver lists ``site_id`` as an active member with ``public_key``."""

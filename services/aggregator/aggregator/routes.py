@@ -35,6 +35,7 @@ from fedhe.schemas import (
     AuditEventPublic,
     DeclineCreate,
     EvaluationCreate,
+    FederationOverview,
     HeartbeatCreate,
     JobCreate,
     JobPublic,
@@ -96,6 +97,15 @@ def reject_site(site_id: SiteIdPath, registry: SitesDep, caller: AdminDep) -> Si
 def revoke_site(site_id: SiteIdPath, registry: SitesDep, caller: AdminDep) -> SitePublic:
     """Revoke an approved site: its credential stops working at once."""
     return registry.revoke(site_id, actor=caller.actor)
+
+
+federations = APIRouter(prefix="/v1/federations", tags=["federations"], responses=ERRORS)
+
+
+@federations.get("", response_model=list[FederationOverview])
+def list_federations(access: AccessDep, _: OperatorDep) -> list[FederationOverview]:
+    """Federations with jobs here, their active members (as the keyserver lists them) and their jobs."""
+    return access.federations()
 
 
 @jobs.post("", status_code=201, response_model=JobPublic, responses=CONFLICT)

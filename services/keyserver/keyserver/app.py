@@ -111,8 +111,8 @@ def list_federations(service: KeyServiceDep, _: Reader) -> list[FederationPublic
 
 
 @router.get("/federations/{federation_id}", response_model=FederationPublic, tags=["federations"])
-def get_federation(federation_id: FederationIdPath, service: KeyServiceDep, _: Reader) -> FederationPublic:
-    """One federation with its contexts."""
+def get_federation(federation_id: FederationIdPath, service: KeyServiceDep, _: MemberReader) -> FederationPublic:
+    """One federation with its contexts (admins, viewers, and the aggregator for its operators' overview)."""
     return service.federation(federation_id)
 
 
