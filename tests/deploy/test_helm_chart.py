@@ -445,6 +445,8 @@ def test_schema_is_draft07_and_closed(chart: helm.Chart) -> None:
         ("aggregator.service.externalTrafficPolicy", "Nearest"),
         ("aggregator.keyserverUrl", "ftp://keys.example.org"),
         ("tls.certManager.privateKey.algorithm", "DSA"),
+        ("tls.certManager.privateKey", {"algorithm": "RSA", "size": 256}),
+        ("tls.certManager.privateKey", {"algorithm": "ECDSA", "size": 2048}),
     ],
 )
 def test_schema_refuses_old_and_bad_values(chart: helm.Chart, key: str, value: Any) -> None:
