@@ -44,8 +44,17 @@ class DevCA:
         return cert, key
 
     def issue(self, directory: Path, name: str, *, hosts: list[str] | None = None, client: bool = False) -> Issued:
-        """Issue a server certificate for ``hosts`` or a client certificate named ``name``."""
+        """Issue a server certificate for ``hosts`` or a client certificate named ``name``.
+
+        A service's certificate allows client authentication too: under mutual TLS the
+        aggregator presents it to the keyserver.
+        """
         ca_cert, ca_key = self._load()
+        usages = (
+            [ExtendedKeyUsageOID.CLIENT_AUTH]
+            if client
+            else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        )
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
         builder = (
@@ -57,10 +66,7 @@ class DevCA:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=VALID_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
         if hosts:
             names: list[x509.GeneralName] = []

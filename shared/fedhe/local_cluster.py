@@ -179,8 +179,12 @@ def start_keyserver(
     log_dir: Path,
     name: str = "keyserver",
     extra_env: dict[str, str] | None = None,
+    health_tls: ClientTLS | None = None,
 ) -> ManagedProcess:
-    """Start a keyserver on 127.0.0.1:``port`` over TLS and wait until it is healthy."""
+    """Start a keyserver on 127.0.0.1:``port`` over TLS and wait until it is healthy.
+
+    ``health_tls`` is how the health check connects (a client certificate, under mutual TLS).
+    """
     env = {
         "FEDHE_KEYSERVER_DATABASE_URL": database_url,
         "FEDHE_KEYSERVER_KEK_FILE": str(secrets.kek_file),
@@ -191,7 +195,7 @@ def start_keyserver(
         **(extra_env or {}),
     }
     process = ManagedProcess(name, ["keyserver", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
-    process.wait_healthy(url(port), secrets.tls)
+    process.wait_healthy(url(port), health_tls or secrets.tls)
     return process
 
 

@@ -149,8 +149,8 @@ def test_entrypoint_cmd_port_and_healthcheck(role: str) -> None:
         assert healthchecks == ["NONE"]
     else:
         assert final.args_of("EXPOSE") == [str(port)]
-        assert "/healthz" in healthchecks[0]
-        assert str(port) in healthchecks[0]
+        # `fedhe <role> check` asks the role's own /healthz over TLS on its configured port.
+        assert healthchecks[0].endswith(f'CMD ["fedhe", "{command}", "check"]')
 
 
 # ---- .dockerignore ----------------------------------------------------------------------------
