@@ -8,18 +8,13 @@ TenSEAL's usual [60,40,40] public-key setting: ~81). A summed ciphertext is no l
 (32 bytes per slot); that is what the aggregator stores and publishes.
 
 SEAL's Python bindings only serialise to and from files, so bytes pass through a private
-temporary file (on tmpfs where there is one). Only ciphertexts go there, never a key.
+scratch file (``seal_io``). Only ciphertexts go there, never a key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
-import os
-import tempfile
-import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -31,54 +26,7 @@ from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
 from fedhe.he.codec import DEFAULT_FORMAT_ID, Accumulator, UpdateCodec
-
-# Scratch files hold ciphertexts only; tmpfs keeps them off disk. mkstemp makes them 0600.
-_SHM = "/dev/shm"  # noqa: S108
-_TMP_ROOT = _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else None
-
-
-class _ScratchFiles(threading.local):
-    """One private scratch file per thread, reused for every chunk (creating one per chunk
-    cost about a third of the encryption time)."""
-
-    path: str | None = None
-
-    def get(self) -> str:
-        if self.path is None or not os.path.exists(self.path):
-            fd, self.path = tempfile.mkstemp(prefix="fedhe-ct-", dir=_TMP_ROOT)
-            os.close(fd)
-            weakref.finalize(self, _remove, self.path)
-        return self.path
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-_SCRATCH = _ScratchFiles()
-
-
-class _SealIO:
-    """Byte-level (de)serialisation of SEAL objects through the thread's scratch file."""
-
-    def __init__(self, seal_context: seal.SEALContext):
-        self._context = seal_context
-
-    @staticmethod
-    def save(obj: Any) -> bytes:
-        path = _SCRATCH.get()
-        obj.save(path)
-        with open(path, "rb") as fh:
-            return fh.read()
-
-    def load(self, data: bytes) -> seal.Ciphertext:
-        path = _SCRATCH.get()
-        with open(path, "wb") as fh:
-            fh.write(data)
-        ciphertext = seal.Ciphertext(self._context)
-        ciphertext.load(self._context, path)
-        return ciphertext
+from fedhe.he.seal_io import SealIO
 
 
 class _SeededAccumulator(Accumulator):
@@ -146,7 +94,7 @@ class SeededCkksCodec(UpdateCodec):
         self._encoder = seal.CKKSEncoder(self._seal_context)
         self.slot_count: int = self._encoder.slot_count()
         self.evaluator = seal.Evaluator(self._seal_context)
-        self.io = _SealIO(self._seal_context)
+        self.io = SealIO(self._seal_context)
         self._has_secret = context.has_secret_key()
 
     def num_chunks(self, num_values: int) -> int:
