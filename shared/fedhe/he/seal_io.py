@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tempfile
 import threading
 import weakref
@@ -41,6 +42,8 @@ def _remove(path: str) -> None:
 
 
 _SCRATCH = _ScratchFiles()
+SEAL_MAGIC = 0xA15E
+SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compression, reserved, size
 
 
 class SealIO:
@@ -57,10 +60,26 @@ class SealIO:
         with open(path, "rb") as fh:
             return fh.read()
 
-    def _stage(self, data: bytes) -> str:
+    @staticmethod
+    def _stage(data: bytes) -> str:
+        """Write ``data`` at the start of the scratch file for SEAL to load.
+
+        The file is not truncated (on tmpfs that costs more than the write), so bytes of an
+        earlier object may follow. SEAL reads exactly the size its header declares, so that
+        size must be the length of ``data``: a short object must never be completed by stale
+        bytes.
+        """
+        if len(data) < SEAL_HEADER.size:
+            raise ValueError("too short for a SEAL object")
+        magic, *_, declared = SEAL_HEADER.unpack_from(data)
+        if magic != SEAL_MAGIC or declared != len(data):
+            raise ValueError("SEAL header does not declare the length of the data")
         path = _SCRATCH.get()
-        with open(path, "wb") as fh:
-            fh.write(data)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
         return path
 
     def load(self, data: bytes) -> seal.Ciphertext:
@@ -68,6 +87,13 @@ class SealIO:
         ciphertext = seal.Ciphertext(self._context)
         ciphertext.load(self._context, self._stage(data))
         return ciphertext
+
+    @staticmethod
+    def load_parameters(data: bytes) -> seal.EncryptionParameters:
+        """Encryption parameters from SEAL's serialisation, as ``tenseal.sealapi`` objects."""
+        parameters = seal.EncryptionParameters(seal.SCHEME_TYPE.NONE)
+        parameters.load(SealIO._stage(data))
+        return parameters
 
     def load_plaintext(self, data: bytes) -> seal.Plaintext:
         """A plaintext from SEAL's serialisation; SEAL checks every coefficient is below t."""
