@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import tenseal as ts
 import tenseal.sealapi as seal
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
@@ -204,48 +205,48 @@ def test_malformed_settings_are_refused(settings: dict[str, float]) -> None:
         PackingSettings.model_validate(settings)
 
 
-def _wrong_level(site: PackedBfvCodec, good: bytes) -> bytes:
-    context = site.io._context
+def _wrong_level(site: PackedBfvCodec, good: bytes, secret: ts.Context) -> bytes:
+    context = secret.seal_context().data
     ciphertext = seal.Ciphertext(context)
-    encryptor = seal.Encryptor(context, site._secret_key())
-    encryptor.encrypt_zero_symmetric(context.key_parms_id(), ciphertext)
+    seal.Encryptor(context, secret.secret_key().data).encrypt_zero_symmetric(context.key_parms_id(), ciphertext)
     return site.io.save(ciphertext)
 
 
-def _ntt_form(site: PackedBfvCodec, good: bytes) -> bytes:
+def _ntt_form(site: PackedBfvCodec, good: bytes, secret: ts.Context) -> bytes:
     ciphertext = site.load_chunk(0, good)
     site.evaluator.transform_to_ntt_inplace(ciphertext)
     return site.serialise(ciphertext)
 
 
-def _three_components(site: PackedBfvCodec, good: bytes) -> bytes:
+def _three_components(site: PackedBfvCodec, good: bytes, secret: ts.Context) -> bytes:
     ciphertext = site.load_chunk(0, good)
     site.evaluator.square_inplace(ciphertext)
     return site.serialise(ciphertext)
 
 
-def _transparent(site: PackedBfvCodec, good: bytes) -> bytes:
+def _transparent(site: PackedBfvCodec, good: bytes, secret: ts.Context) -> bytes:
+    # A loaded chunk serialises unseeded: the last half of its packed words is c1, set to 0.
     full = site.serialise(site.load_chunk(0, good))
-    words_end = len(full)  # non-seeded compact chunk: the second half of the words is c1
-    half = 15 * 8192 // 2
-    return full[: words_end - half] + bytes(half)
+    c1_bytes = 15 * 8192 // 2
+    return full[:-c1_bytes] + bytes(c1_bytes)
 
 
-def _word_over_q(site: PackedBfvCodec, good: bytes) -> bytes:
+def _word_over_q(site: PackedBfvCodec, good: bytes, secret: ts.Context) -> bytes:
+    # Bytes 100-114 are the third and fourth packed words (words start at 85): 2^60 - 1 > q.
     return good[:100] + b"\xff" * 15 + good[115:]
 
 
-def _seal_native_truncated(site: PackedBfvCodec, good: bytes) -> bytes:
+def _seal_native_truncated(site: PackedBfvCodec, good: bytes, secret: ts.Context) -> bytes:
     return site.io.save(site.load_chunk(0, good))[:-1000]
 
 
-def _unknown_parms_id(site: PackedBfvCodec, good: bytes) -> bytes:
-    return good[:4] + bytes(32) + good[36:]
+def _unknown_parms_id(site: PackedBfvCodec, good: bytes, secret: ts.Context) -> bytes:
+    return good[:4] + bytes(32) + good[36:]  # parms_id follows the 4-byte compact magic
 
 
 MANGLERS = {
-    "garbage": lambda site, good: b"garbage" * 100,
-    "compact-truncated": lambda site, good: good[: len(good) // 2],
+    "garbage": lambda site, good, secret: b"garbage" * 100,
+    "compact-truncated": lambda site, good, secret: good[: len(good) // 2],
     "seal-native-truncated": _seal_native_truncated,
     "word-over-q": _word_over_q,
     "unknown-parms-id": _unknown_parms_id,
@@ -258,14 +259,14 @@ MANGLERS = {
 
 @pytest.mark.parametrize("mangle", MANGLERS.values(), ids=MANGLERS.keys())
 def test_bad_chunks_are_refused_and_leave_the_sum_unchanged(
-    site: PackedBfvCodec, aggregator: PackedBfvCodec, mangle
+    bfv_material: KeyMaterial, site: PackedBfvCodec, aggregator: PackedBfvCodec, mangle
 ) -> None:
     size = 2 * CHUNK
     accumulator = aggregator.accumulator(size)
     accumulator.add(site.encrypt_update(np.full(size, 0.25)))
     before = accumulator.to_chunks()
     update = site.encrypt_update(np.full(size, 0.125))
-    bad = mangle(site, update[1])
+    bad = mangle(site, update[1], load_secret_context(bfv_material.secret_context))
     with pytest.raises(InvalidUpdate) as raised:
         aggregator.check_chunk(1, bad)
     assert raised.value.code == "invalid_ciphertext"
