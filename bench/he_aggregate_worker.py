@@ -2,20 +2,28 @@
 the time and the peak resident memory above its own baseline (so imports do not count).
 
 Updates are read from their files chunk by chunk (a lazy sequence), so the process holds the
-running sum plus one chunk, as a streaming aggregator would.
+running sum plus one chunk, as a streaming aggregator would. The packed codec is summed chunk
+index by chunk index (``sum_chunk``), so only one summed chunk exists at a time; with
+``--procs N`` the chunk indices are split into N contiguous ranges, one process each, and the
+reported memory is the sum of every process's peak above its own baseline.
+
+Besides wall time, each process reports its CPU time: on a shared machine other jobs stretch
+the wall time, while the busiest process's CPU time is what an idle machine would take.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import shutil
 import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
-from bench.he_codecs import summer_for
+from bench.he_codecs import packed_aggregator, summer_for
 from fedhe.he.envelope import MAGIC
 
 
@@ -24,6 +32,12 @@ def _rss_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _reset_peak() -> int:
+    """Reset the peak-RSS mark (Linux) and return the current RSS, the baseline."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_kib("VmRSS")
 
 
 class EnvelopeFile(Sequence[bytes]):
@@ -58,18 +72,10 @@ class EnvelopeFile(Sequence[bytes]):
         self._fh.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--kind", required=True)
-    parser.add_argument("--dir", type=Path, required=True)
-    parser.add_argument("--sites", type=int, required=True)
-    parser.add_argument("--num-values", type=int, required=True)
-    args = parser.parse_args()
-    updates = sorted(args.dir.glob("update-*.fedhe"))
+def _sum_by_update(args: argparse.Namespace, updates: list[Path]) -> dict[str, Any]:
     summer = summer_for(args.kind, (args.dir / "aggregator-context.bin").read_bytes(), args.num_values)
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (Linux)
-    baseline = _rss_kib("VmRSS")
-    started = time.perf_counter()
+    baseline = _reset_peak()
+    started, cpu = time.perf_counter(), time.process_time()
     for site in range(args.sites):
         update = EnvelopeFile(updates[site % len(updates)])
         summer.add(update)
@@ -77,9 +83,89 @@ def main() -> None:
     with (args.dir / "sum.fedhe").open("wb") as out:
         for chunk in summer.result():
             out.write(struct.pack(">Q", len(chunk)) + chunk)
-    seconds = time.perf_counter() - started
-    peak = _rss_kib("VmHWM")
-    print(json.dumps({"seconds": seconds, "peak_kib_above_baseline": max(0, peak - baseline)}))
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu,
+        "peak_kib_above_baseline": max(0, _rss_kib("VmHWM") - baseline),
+    }
+
+
+def _sum_index_range(
+    directory: Path, updates: list[Path], sites: int, start: int, stop: int, part: Path, ready: Any = None
+) -> dict[str, float]:
+    """Sum chunk indices [start, stop) of ``sites`` updates into ``part`` (length-prefixed).
+
+    ``ready`` (a barrier shared with the other processes) holds every process back until all
+    have started up, so the timed window is the summation alone, as in a warm worker pool.
+    """
+    codec = packed_aggregator(
+        (directory / "aggregator-context.bin").read_bytes(), (directory / "packing-settings.json").read_text()
+    )
+    files = [EnvelopeFile(path) for path in updates]
+    baseline = _reset_peak()
+    if ready is not None:
+        ready.wait()
+    started, cpu = time.time(), time.process_time()
+    with part.open("wb") as out:
+        for index in range(start, stop):
+            summed = codec.sum_chunk(index, (files[site % len(files)][index] for site in range(sites)))
+            out.write(struct.pack(">Q", len(summed)) + summed)
+    finished = time.time()
+    for update in files:
+        update.close()
+    return {
+        "started": started,
+        "finished": finished,
+        "cpu_seconds": time.process_time() - cpu,
+        "peak_kib": max(0, _rss_kib("VmHWM") - baseline),
+    }
+
+
+def _range_in_child(queue: Any, ready: Any, *task: Any) -> None:
+    queue.put(_sum_index_range(*task, ready=ready))
+
+
+def _sum_by_chunk_index(args: argparse.Namespace, updates: list[Path]) -> dict[str, Any]:
+    num_chunks = len(EnvelopeFile(updates[0]))
+    bounds = [num_chunks * part // args.procs for part in range(args.procs + 1)]
+    parts = [args.dir / f"sum-part-{part}.bin" for part in range(args.procs)]
+    tasks = [(args.dir, updates, args.sites, bounds[part], bounds[part + 1], parts[part]) for part in range(args.procs)]
+    if args.procs == 1:
+        results = [_sum_index_range(*tasks[0])]
+    else:
+        spawn = multiprocessing.get_context("spawn")
+        queue, ready = spawn.Queue(), spawn.Barrier(args.procs)
+        children = [spawn.Process(target=_range_in_child, args=(queue, ready, *task)) for task in tasks]
+        for child in children:
+            child.start()
+        results = [queue.get() for _ in children]
+        for child in children:
+            child.join()
+    started, cpu = time.time(), time.process_time()
+    with (args.dir / "sum.fedhe").open("wb") as out:
+        for part in parts:
+            with part.open("rb") as source:
+                shutil.copyfileobj(source, out)
+            part.unlink()
+    concatenated, concatenated_cpu = time.time() - started, time.process_time() - cpu
+    return {
+        "seconds": max(r["finished"] for r in results) - min(r["started"] for r in results) + concatenated,
+        "cpu_seconds": max(r["cpu_seconds"] for r in results) + concatenated_cpu,
+        "peak_kib_above_baseline": sum(r["peak_kib"] for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--sites", type=int, required=True)
+    parser.add_argument("--num-values", type=int, required=True)
+    parser.add_argument("--procs", type=int, default=1, help="processes summing chunk-index ranges (packed only)")
+    args = parser.parse_args()
+    updates = sorted(args.dir.glob("update-*.fedhe"))
+    result = _sum_by_chunk_index(args, updates) if args.kind == "packed" else _sum_by_update(args, updates)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ def machine_description() -> str:
 
 
 def _format(value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         if value == 0:
             return "0"

@@ -164,7 +164,8 @@ def test_mutated_ciphertext_chunks_never_escape_the_accumulator(key_material: Ke
 def test_a_compressed_serialisation_is_refused_before_seal_parses_it(key_material: KeyMaterial) -> None:
     import zstandard
 
-    from fedhe.he.seal_io import COMPR_ZSTD, HEADER
+    from fedhe.he.seal_io import COMPR_ZSTD
+    from fedhe.he.seal_io import SEAL_HEADER as HEADER
 
     site = codec_for(DEFAULT_FORMAT_ID, load_secret_context(key_material.secret_context))
     aggregator = codec_for(DEFAULT_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
@@ -175,3 +176,30 @@ def test_a_compressed_serialisation_is_refused_before_seal_parses_it(key_materia
     with pytest.raises(InvalidUpdate) as refused:
         aggregator.accumulator(4).add([compressed])
     assert refused.value.code == "invalid_ciphertext"
+
+
+def test_mutated_packed_chunks_never_escape_the_aggregator() -> None:
+    from fedhe.he import PACKED_FORMAT_ID, BfvParameters, PackedBfvCodec, PackingSettings, create_key_material
+
+    settings = PackingSettings(clip_range=0.5, bits=16, max_sites=128)
+    material = create_key_material(BfvParameters())
+    site = PackedBfvCodec(load_secret_context(material.secret_context), settings)
+    aggregator = codec_for(PACKED_FORMAT_ID, load_evaluation_context(material.evaluation_context), options=settings)
+    assert isinstance(aggregator, PackedBfvCodec)
+    good = site.encrypt_update(np.linspace(-0.5, 0.5, 100))
+    accumulator = aggregator.accumulator(100, good)
+    rng = random.Random(6)
+
+    def add_mutated(chunk: bytes) -> str:
+        before = accumulator.to_chunks()
+        try:
+            aggregator.check_chunk(0, chunk)
+            accumulator.add([chunk])
+        except InvalidUpdate as exc:
+            assert accumulator.to_chunks() == before, "a refused chunk changed the running sum"
+            return exc.code
+        return "added"
+
+    outcomes = _run((_mutate(good[0], rng) for _ in range(CHUNK_CASES)), add_mutated)
+    assert sum(outcomes.values()) == CHUNK_CASES
+    assert outcomes["invalid_ciphertext"] > CHUNK_CASES // 2

@@ -2,32 +2,48 @@
 
 Only this package touches TenSEAL. Services use the recipe layer:
 ``create_key_material`` / ``load_secret_context`` / ``load_evaluation_context``, then
-``codec_for(format_id, context)`` and its ``encrypt_update``, ``accumulator`` and
-``decrypt_aggregate``.
+``codec_for(format_id, context, workers, options)`` and its ``encrypt_update``, ``accumulator``
+and ``decrypt_aggregate``. The packed BFV format also takes the job's ``PackingSettings``
+(validated up front by ``check_packing``) and reports clipping with ``quantisation_report``.
 """
 
+from fedhe.he.bfv_packed import PACKED_FORMAT_ID, PackedBfvCodec
 from fedhe.he.codec import DEFAULT_FORMAT_ID, Accumulator, UpdateCodec, codec_for, supported_formats
 from fedhe.he.context import (
+    BfvParameters,
     CkksParameters,
+    HeParameters,
     KeyMaterial,
     create_key_material,
     load_evaluation_context,
     load_secret_context,
+    parameters_from,
 )
 from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
+from fedhe.he.packing import PackingLayout, PackingSettings, check_packing
+from fedhe.he.quantise import quantisation_report
 
 __all__ = [
     "DEFAULT_FORMAT_ID",
+    "PACKED_FORMAT_ID",
     "Accumulator",
+    "BfvParameters",
     "CkksParameters",
     "Envelope",
+    "HeParameters",
     "KeyMaterial",
+    "PackedBfvCodec",
+    "PackingLayout",
+    "PackingSettings",
     "UpdateCodec",
+    "check_packing",
     "codec_for",
     "create_key_material",
     "decode_envelope",
     "encode_envelope",
     "load_evaluation_context",
     "load_secret_context",
+    "parameters_from",
+    "quantisation_report",
     "supported_formats",
 ]

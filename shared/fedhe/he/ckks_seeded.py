@@ -25,8 +25,8 @@ import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-from fedhe.he import seal_io
 from fedhe.he.codec import DEFAULT_FORMAT_ID, Accumulator, UpdateCodec
+from fedhe.he.seal_io import SealIO
 
 
 class _SeededAccumulator(Accumulator):
@@ -60,7 +60,7 @@ class _SeededAccumulator(Accumulator):
     def iter_chunks(self) -> Iterator[bytes]:
         if self._sum is None:
             raise InvalidRequest("the running sum is empty")
-        return (seal_io.save(ct) for ct in self._sum)
+        return (self._codec.io.save(ct) for ct in self._sum)
 
 
 _WORKER: dict[str, SeededCkksCodec] = {}
@@ -94,6 +94,7 @@ class SeededCkksCodec(UpdateCodec):
         self._encoder = seal.CKKSEncoder(self._seal_context)
         self.slot_count: int = self._encoder.slot_count()
         self.evaluator = seal.Evaluator(self._seal_context)
+        self.io = SealIO(self._seal_context)
         self._has_secret = context.has_secret_key()
 
     def num_chunks(self, num_values: int) -> int:
@@ -119,7 +120,7 @@ class SeededCkksCodec(UpdateCodec):
             self._encoder.encode(
                 flat[start : start + self.slot_count].tolist(), self._last_parms_id, self._scale, plain
             )
-            chunks.append(seal_io.save(encryptor.encrypt_symmetric(plain)))
+            chunks.append(self.io.save(encryptor.encrypt_symmetric(plain)))
         return chunks
 
     @staticmethod
@@ -134,7 +135,14 @@ class SeededCkksCodec(UpdateCodec):
 
     def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
         """Deserialise one chunk and check it has this format's level, scale and size."""
-        ciphertext = seal_io.load_ciphertext(self._seal_context, data, index)
+        try:
+            ciphertext = self.io.load(data)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidUpdate(
+                f"chunk {index} is not a valid ciphertext for this context",
+                code="invalid_ciphertext",
+                detail={"chunk": index},
+            ) from exc
         if (
             ciphertext.size() != 2
             or list(ciphertext.parms_id()) != list(self._last_parms_id)

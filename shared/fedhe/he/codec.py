@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tenseal as ts
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from fedhe.he.packing import PackingSettings
 
 
 class Accumulator(abc.ABC):
@@ -35,7 +38,7 @@ class Accumulator(abc.ABC):
 
 
 class UpdateCodec(abc.ABC):
-    """Encrypts, sums and decrypts model updates for one CKKS context."""
+    """Encrypts, sums and decrypts model updates for one HE context."""
 
     format_id: str
 
@@ -69,15 +72,34 @@ def supported_formats() -> list[str]:
     return [DEFAULT_FORMAT_ID, PLAINTEXT_FORMAT_ID] if plaintext_allowed() else [DEFAULT_FORMAT_ID]
 
 
-def codec_for(format_id: str, context: ts.Context, workers: int = 1) -> UpdateCodec:
-    """The codec for ``format_id`` bound to ``context``; ``workers`` processes encrypt large updates."""
+def codec_for(
+    format_id: str, context: ts.Context, workers: int = 1, options: PackingSettings | None = None
+) -> UpdateCodec:
+    """The codec for ``format_id`` bound to ``context``; ``workers`` processes encrypt large updates.
+
+    ``options`` are the job's packing settings, required by ``bfv-packed-v1`` (sites and the
+    aggregator must pass the same ones: they fix how many values a chunk holds).
+    """
+    from fedhe.he.bfv_packed import PACKED_FORMAT_ID, PackedBfvCodec
     from fedhe.he.ckks_seeded import SeededCkksCodec
+    from fedhe.he.context import scheme_of
     from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, PlaintextCodec
 
-    if format_id == SeededCkksCodec.format_id:
-        return SeededCkksCodec(context, workers)
     if format_id == PLAINTEXT_FORMAT_ID:
         return PlaintextCodec()
-    raise InvalidRequest(
-        f"unknown update format {format_id!r}", code="unsupported_format", detail={"supported": supported_formats()}
-    )
+    expected = {SeededCkksCodec.format_id: "CKKS", PACKED_FORMAT_ID: "BFV"}.get(format_id)
+    if expected is None:
+        raise InvalidRequest(
+            f"unknown update format {format_id!r}",
+            code="unsupported_format",
+            detail={"supported": supported_formats()},
+        )
+    if scheme_of(context) != expected:
+        raise InvalidRequest(f"format {format_id!r} needs a {expected} context", code="scheme_mismatch")
+    if format_id == PACKED_FORMAT_ID:
+        if options is None:
+            raise InvalidRequest(
+                f"format {format_id!r} needs the job's packing settings", code="missing_packing_settings"
+            )
+        return PackedBfvCodec(context, options, workers)
+    return SeededCkksCodec(context, workers)
