@@ -9,7 +9,7 @@ aggregators can refuse what they do not understand instead of misreading it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import tenseal as ts
@@ -53,6 +53,18 @@ class UpdateCodec(abc.ABC):
     @abc.abstractmethod
     def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
         """A running sum for updates of ``num_values`` values, optionally resumed from chunks."""
+
+    @abc.abstractmethod
+    def check_chunk(self, index: int, data: bytes) -> None:
+        """Raise ``InvalidUpdate`` unless ``data`` is a valid ``index``-th chunk (checked as it streams in)."""
+
+    @abc.abstractmethod
+    def sum_chunk(self, index: int, chunks: Iterable[bytes]) -> bytes:
+        """The sum of the ``index``-th chunks of several updates, read one at a time.
+
+        A round is summed chunk index by chunk index, in the memory of one chunk. The first bad
+        chunk raises ``InvalidUpdate`` (detail: ``chunk`` and ``update``, its position).
+        """
 
     def close(self) -> None:  # noqa: B027 (optional hook; most codecs hold nothing to release)
         """Release worker processes or other resources the codec holds."""

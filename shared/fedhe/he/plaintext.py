@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,20 @@ class PlaintextCodec(UpdateCodec):
 
     def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
         return _PlainAccumulator(self, num_values, initial)
+
+    def check_chunk(self, index: int, data: bytes) -> None:
+        if not data or len(data) % 8 or len(data) > 8 * _VALUES_PER_CHUNK:
+            raise InvalidUpdate(f"plaintext chunk {index} has the wrong size", code="invalid_ciphertext")
+
+    def sum_chunk(self, index: int, chunks: Iterable[bytes]) -> bytes:
+        total: NDArray[Any] | None = None
+        for data in chunks:
+            self.check_chunk(index, data)
+            values = np.frombuffer(data, dtype="<f8")
+            total = values.copy() if total is None else total + values
+        if total is None:
+            raise InvalidRequest("no chunks to sum")
+        return total.astype("<f8").tobytes()
 
     def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
         return self.decode(chunks, num_values)

@@ -1,0 +1,191 @@
+"""What every SEAL-backed codec shares: chunk checks, sums, exact rollback, parallel encryption.
+
+A concrete codec says how to encrypt a block of values (``_encrypt_block``), how to load and
+check one chunk (``load_chunk``), how to serialise a ciphertext (``serialise``) and how many
+values a chunk holds; this base does the rest the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import multiprocessing
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as seal
+from numpy.typing import NDArray
+
+from fedhe.errors import InvalidRequest, InvalidUpdate
+from fedhe.he.codec import Accumulator, UpdateCodec
+
+
+class SealAccumulator(Accumulator):
+    """Adds updates chunk by chunk, so memory holds the sum plus one chunk, never a whole update.
+
+    A bad chunk found part-way is rolled back by subtracting the chunks already added: addition
+    is exact modular arithmetic on the coefficients, so the sum returns bit for bit.
+    """
+
+    def __init__(self, codec: SealCodec, num_values: int, initial: Sequence[bytes] | None):
+        self._codec = codec
+        self._num_chunks = codec.num_chunks(num_values)
+        self._sum: list[seal.Ciphertext] | None = None
+        if initial is not None:
+            self._sum = codec.parse(initial, self._num_chunks)
+
+    def add(self, chunks: Sequence[bytes]) -> None:
+        self._codec.check_count(chunks, self._num_chunks)
+        if self._sum is None:
+            self._sum = self._codec.parse(chunks, self._num_chunks)
+            return
+        evaluator = self._codec.evaluator
+        for index, data in enumerate(chunks):
+            try:
+                term = self._codec.load_chunk(index, data)
+            except InvalidUpdate:
+                for done in range(index):
+                    evaluator.sub_inplace(self._sum[done], self._codec.load_chunk(done, chunks[done]))
+                raise
+            evaluator.add_inplace(self._sum[index], term)
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        if self._sum is None:
+            raise InvalidRequest("the running sum is empty")
+        return (self._codec.serialise(ciphertext) for ciphertext in self._sum)
+
+
+_WORKER: dict[str, UpdateCodec] = {}
+
+
+def _start_worker(format_id: str, secret_context: bytes, options: str | None) -> None:
+    from fedhe.he.codec import codec_for
+    from fedhe.he.packing import PackingSettings
+
+    settings = PackingSettings.model_validate_json(options) if options is not None else None
+    _WORKER["codec"] = codec_for(format_id, ts.context_from(secret_context), options=settings)
+
+
+def _encrypt_in_worker(values: NDArray[Any]) -> list[bytes]:
+    return _WORKER["codec"].encrypt_update(values)
+
+
+class SealCodec(UpdateCodec):
+    """A codec whose chunks are SEAL ciphertexts of one context.
+
+    With ``workers > 1`` large updates are encrypted by a pool of processes (TenSEAL holds the
+    GIL, so threads would not help); each worker gets the secret context once, through a pipe,
+    at start, and keeps it in memory only.
+    """
+
+    evaluator: seal.Evaluator
+
+    def __init__(self, context: ts.Context, workers: int, options: str | None = None):
+        self._tenseal_context = context
+        self._seal_context: seal.SEALContext = context.seal_context().data
+        self._has_secret = context.has_secret_key()
+        self._workers = max(1, workers)
+        self._worker_options = options
+        self._pool: ProcessPoolExecutor | None = None
+        self.evaluator = seal.Evaluator(self._seal_context)
+
+    @property
+    @abc.abstractmethod
+    def values_per_chunk(self) -> int:
+        """How many values one chunk (one ciphertext) holds."""
+
+    @abc.abstractmethod
+    def _encrypt_block(self, flat: NDArray[np.float64]) -> list[bytes]:
+        """Encrypt finite values in this process."""
+
+    @abc.abstractmethod
+    def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
+        """Deserialise chunk ``index`` and check it is a ciphertext of this format; ``InvalidUpdate`` if not."""
+
+    @abc.abstractmethod
+    def serialise(self, ciphertext: seal.Ciphertext) -> bytes:
+        """The wire form of a (summed) ciphertext."""
+
+    def _parallel_allowed(self) -> bool:
+        """Whether this codec may hand encryption to worker processes."""
+        return True
+
+    def num_chunks(self, num_values: int) -> int:
+        if num_values <= 0:
+            raise InvalidRequest("an update must have at least one value")
+        return math.ceil(num_values / self.values_per_chunk)
+
+    def _secret_key(self) -> seal.SecretKey:
+        if not self._has_secret:
+            raise InvalidRequest("this context has no secret key: it cannot encrypt or decrypt")
+        return self._tenseal_context.secret_key().data
+
+    def encrypt_update(self, values: NDArray[Any]) -> list[bytes]:
+        flat = np.asarray(values, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(flat)):
+            raise InvalidRequest("an update must contain only finite values")
+        if self._parallel_allowed() and self._workers > 1 and flat.size >= 2 * self._workers * self.values_per_chunk:
+            return self._encrypt_parallel(flat)
+        return self._encrypt_block(flat)
+
+    def _encrypt_parallel(self, flat: NDArray[Any]) -> list[bytes]:
+        if self._pool is None:
+            secret = self._tenseal_context.serialize(
+                save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+            )
+            self._pool = ProcessPoolExecutor(
+                self._workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self.format_id, secret, self._worker_options),
+            )
+        per_chunk = self.values_per_chunk
+        step = math.ceil(math.ceil(flat.size / per_chunk) / (4 * self._workers)) * per_chunk
+        slices = [flat[start : start + step] for start in range(0, flat.size, step)]
+        return [chunk for part in self._pool.map(_encrypt_in_worker, slices) for chunk in part]
+
+    def close(self) -> None:
+        """Stop the encryption worker processes, if any were started."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    @staticmethod
+    def check_count(chunks: Sequence[bytes], expected_chunks: int) -> None:
+        """Raise ``InvalidUpdate`` unless there are exactly ``expected_chunks`` chunks."""
+        if len(chunks) != expected_chunks:
+            raise InvalidUpdate(
+                f"expected {expected_chunks} ciphertext chunks, got {len(chunks)}",
+                code="wrong_chunk_count",
+                detail={"expected": expected_chunks, "received": len(chunks)},
+            )
+
+    def parse(self, chunks: Sequence[bytes], expected_chunks: int) -> list[seal.Ciphertext]:
+        """Deserialise and check every chunk; raise ``InvalidUpdate`` on the first bad one."""
+        self.check_count(chunks, expected_chunks)
+        return [self.load_chunk(index, data) for index, data in enumerate(chunks)]
+
+    def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
+        return SealAccumulator(self, num_values, initial)
+
+    def check_chunk(self, index: int, data: bytes) -> None:
+        self.load_chunk(index, data)
+
+    def sum_chunk(self, index: int, chunks: Iterable[bytes]) -> bytes:
+        total: seal.Ciphertext | None = None
+        for position, data in enumerate(chunks):
+            try:
+                term = self.load_chunk(index, data)
+            except InvalidUpdate as exc:
+                exc.detail["update"] = position
+                raise
+            if total is None:
+                total = term
+            else:
+                self.evaluator.add_inplace(total, term)
+        if total is None:
+            raise InvalidRequest("no chunks to sum")
+        return self.serialise(total)
