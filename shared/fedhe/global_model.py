@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest
 from fedhe.he.codec import UpdateCodec
-from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
+from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope, encode_header
 
 INITIAL_FORMAT_ID = "initial-float64-v1"
 
@@ -35,9 +35,9 @@ def encode_initial_model(weights: NDArray[Any], key_id: str, job_id: str) -> byt
     )
 
 
-def encode_aggregate(
-    chunks: list[bytes],
+def aggregate_header(
     *,
+    chunk_sizes: list[int],
     format_id: str,
     key_id: str,
     num_values: int,
@@ -46,11 +46,9 @@ def encode_aggregate(
     total_samples: int,
     weight_scale: int,
 ) -> bytes:
-    """The envelope of a published encrypted aggregate."""
+    """The start of a published aggregate's envelope; its summed chunks follow as they are."""
     meta = {"job_id": job_id, "round": round_number, "total_samples": total_samples, "weight_scale": weight_scale}
-    return encode_envelope(
-        Envelope(format_id=format_id, key_id=key_id, num_values=num_values, chunks=chunks, meta=meta)
-    )
+    return encode_header(format_id=format_id, key_id=key_id, num_values=num_values, chunk_sizes=chunk_sizes, meta=meta)
 
 
 def scale_for_upload(weights: NDArray[Any], num_samples: int, weight_scale: int) -> NDArray[Any]:

@@ -25,7 +25,7 @@ TOKEN_ID = r"^tok-[0-9a-f]{16}$"  # noqa: S105 (a pattern for token ids, not a s
 ACCOUNT_NAME = r"^[a-z][a-z0-9-]{0,62}$"
 NONCE = r"^[0-9a-f]{32,64}$"
 
-_RANDOM_HEX = {"site": 16, "fed": 16, "key": 32, "job": 16, "tok": 16}
+_RANDOM_HEX = {"site": 16, "fed": 16, "key": 32, "job": 16, "tok": 16, "upl": 24}
 
 SiteId = Annotated[str, StringConstraints(pattern=SITE_ID)]
 FederationId = Annotated[str, StringConstraints(pattern=FEDERATION_ID)]

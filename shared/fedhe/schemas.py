@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedhe.he.bfv_packed import PACKED_FORMAT_ID
 from fedhe.he.codec import DEFAULT_FORMAT_ID
 from fedhe.he.context import CkksParameters
+from fedhe.he.packing import PackingSettings, check_packing
 from fedhe.identifiers import AccountName, FederationId, JobId, KeyId, Nonce, SiteId, TokenId
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
@@ -283,6 +285,13 @@ class JobCreate(BaseModel):
         ),
     )
     format_id: str = DEFAULT_FORMAT_ID
+    packing: PackingSettings | None = Field(
+        default=None,
+        description=(
+            "quantisation range, bits and the most sites a round may sum, for the packed codec "
+            "(bfv-packed-v1); the aggregator refuses settings that could overflow"
+        ),
+    )
     on_round_failure: Literal["retry", "stop"] = "retry"
     max_round_attempts: int = Field(default=3, ge=1, le=100)
     seed: int = Field(default=0, ge=0)
@@ -293,6 +302,12 @@ class JobCreate(BaseModel):
             raise ValueError("target_sites must be at least min_sites")
         if self.batch_size % self.dp.num_microbatches != 0:
             raise ValueError("batch_size must be a multiple of dp.num_microbatches")
+        if (self.format_id == PACKED_FORMAT_ID) != (self.packing is not None):
+            raise ValueError(f"packing settings are needed with, and only with, format {PACKED_FORMAT_ID}")
+        if self.packing is not None:
+            check_packing(self.packing)
+            if self.packing.max_sites < (self.target_sites or self.min_sites):
+                raise ValueError("packing.max_sites must be at least the round's target number of sites")
         return self
 
 

@@ -60,34 +60,52 @@ def round_snapshot(database_url: str, job_id: str, number: int) -> dict[str, Any
     with database_connection(database_url) as conn:
         row = conn.execute(
             text(
-                "SELECT id, state, attempt, num_submissions, total_samples, running_sum FROM rounds "
+                "SELECT id, state, attempt, num_submissions, total_samples FROM rounds "
                 "WHERE job_id = :job AND number = :n ORDER BY attempt DESC LIMIT 1"
             ),
             {"job": job_id, "n": number},
         ).one()
         submissions = conn.execute(
-            text("SELECT site_id, sha256 FROM submissions WHERE round_id = :r ORDER BY id"), {"r": row.id}
+            text("SELECT site_id, sha256, upload_id FROM submissions WHERE round_id = :r ORDER BY id"), {"r": row.id}
+        ).all()
+        counted = conn.execute(
+            text(
+                "SELECT c.upload_id, c.index, c.data FROM upload_chunks c "
+                "JOIN submissions s ON s.upload_id = c.upload_id WHERE s.round_id = :r ORDER BY c.upload_id, c.index"
+            ),
+            {"r": row.id},
+        ).all()
+        aggregate = conn.execute(
+            text("SELECT data FROM aggregate_chunks WHERE round_id = :r ORDER BY index"), {"r": row.id}
         ).all()
         job = conn.execute(text("SELECT status, current_round FROM jobs WHERE id = :job"), {"job": job_id}).one()
+    counted_digest = hashlib.sha256(b"".join(bytes(c.upload_id, "ascii") + bytes(c.data) for c in counted))
     return {
         "state": row.state,
         "attempt": row.attempt,
         "num_submissions": row.num_submissions,
         "total_samples": row.total_samples,
-        "running_sum_sha256": hashlib.sha256(row.running_sum or b"").hexdigest(),
+        "counted_chunks_sha256": counted_digest.hexdigest(),
+        "aggregate_sha256": hashlib.sha256(b"".join(bytes(a.data) for a in aggregate)).hexdigest(),
         "submissions": [tuple(s) for s in submissions],
         "job": tuple(job),
     }
 
 
-def stored_submissions(database_url: str, job_id: str, number: int) -> list[tuple[int, bytes]]:
-    """(n_k, envelope bytes) of every accepted upload of a round's published attempt."""
+def stored_submissions(database_url: str, job_id: str, number: int) -> list[tuple[int, list[bytes]]]:
+    """(n_k, ciphertext chunks) of every accepted upload of a round's published attempt."""
     with database_connection(database_url) as conn:
         rows = conn.execute(
             text(
-                "SELECT s.num_samples, s.envelope FROM submissions s JOIN rounds r ON r.id = s.round_id "
+                "SELECT s.num_samples, s.upload_id FROM submissions s JOIN rounds r ON r.id = s.round_id "
                 "WHERE r.job_id = :job AND r.number = :n AND r.state = 'published' ORDER BY s.id"
             ),
             {"job": job_id, "n": number},
         ).all()
-    return [(int(n), bytes(env)) for n, env in rows]
+        result = []
+        for num_samples, upload_id in rows:
+            chunks = conn.execute(
+                text("SELECT data FROM upload_chunks WHERE upload_id = :u ORDER BY index"), {"u": upload_id}
+            ).all()
+            result.append((int(num_samples), [bytes(c.data) for c in chunks]))
+    return result

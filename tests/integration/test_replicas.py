@@ -92,7 +92,7 @@ def test_events_from_either_replica_reach_a_subscriber_of_the_other(replicas: Fa
         assert site.post(replicas.urls[0], job_id, 0, body).status_code == 201
     listener.join(timeout=20)
     kinds = [e["kind"] for e in seen]
-    assert kinds == ["update.accepted", "update.accepted", "round.published", "job.completed"]
+    assert kinds == ["update.accepted", "update.accepted", "round.closed", "round.published", "job.completed"]
     assert {e["site_id"] for e in seen if e["kind"] == "update.accepted"} == {s.site.site_id for s in sites}
 
 

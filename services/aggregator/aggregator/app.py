@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,17 +14,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from aggregator import migrations
 from aggregator.access import JobAccess
 from aggregator.contexts import EvaluationContexts, EvaluationContextSource
-from aggregator.coordination import Coordination, CoordinationUnavailable, coordination_for
+from aggregator.coordination import coordination_for
 from aggregator.dashboard import router as dashboard
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
 from aggregator.membership import FederationMembers, MembershipSource
 from aggregator.metrics import Metrics
+from aggregator.publisher import RoundPublisher
 from aggregator.repository import AggregatorRepository
 from aggregator.routes import REGISTRATIONS, UPLOAD_PATH, audit, events, federations, jobs, sites
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
 from aggregator.tables import AccountRow, ApiTokenRow
+from aggregator.watcher import RoundWatcher
 from fedhe.accounts import AccountService, Role
 from fedhe.accounts_api import router as accounts_router
 from fedhe.api_client import KeyserverClient
@@ -41,47 +40,6 @@ from fedhe.openapi import ERRORS
 from fedhe.ratelimit import Limit, RateLimiter, counters_for
 
 logger = logging.getLogger(__name__)
-
-
-class DeadlineWatcher:
-    """Finishes overdue rounds in the background, on the replica that holds the deadline lease.
-
-    Deadlines live in the database, so whichever replica holds the lease sees every one of
-    them; if the holder dies its lease expires and another replica takes over within
-    ``lease_ttl``. If Redis is unreachable every replica sweeps (the job row lock keeps that
-    safe) rather than letting deadlines slip.
-    """
-
-    def __init__(self, jobs: JobCoordinator, coordination: Coordination, interval_s: float):
-        self._jobs = jobs
-        self._coordination = coordination
-        self._interval_s = interval_s
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._lease_ttl_s = max(5.0, 5 * interval_s)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fedhe-deadlines", daemon=True)
-
-    def start(self) -> None:
-        """Start watching."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop and wait for the thread."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                fence = self._coordination.hold_lease("deadline-watcher", self._holder, self._lease_ttl_s)
-                if fence is None:
-                    continue
-            except CoordinationUnavailable:
-                fence = None
-            try:
-                self._jobs.expire_overdue_rounds(fence=fence)
-            except Exception:  # a transient database error must not kill the watcher
-                logger.exception("deadline check failed; retrying")
 
 
 def create_app(
@@ -105,7 +63,10 @@ def create_app(
     metrics = Metrics()
     coordination = coordination_for(settings.redis_url)
     coordinator = JobCoordinator(sessions, contexts, metrics, coordination)
-    watcher = DeadlineWatcher(coordinator, coordination, settings.deadline_check_interval_s)
+    publisher = RoundPublisher(sessions, contexts, coordinator, settings.sum_workers or os.cpu_count() or 1)
+    watcher = RoundWatcher(
+        coordinator, publisher, coordination, settings.deadline_check_interval_s, settings.orphan_upload_after_s
+    )
     registry = SiteRegistry(sessions, coordinator.publish_events)
     members = FederationMembers(membership_source or keyserver, settings.membership_cache_s)
     accounts = AccountService(
@@ -124,12 +85,14 @@ def create_app(
         watcher.start()
         yield
         watcher.stop()
+        publisher.close()
         keyserver.close()
 
     app = FastAPI(title="fedhe aggregator", version="0.1.0", lifespan=lifespan)
     app.state.sites = registry
     app.state.jobs = coordinator
-    app.state.intake = UpdateIntake(coordinator, contexts, coordination)
+    app.state.intake = UpdateIntake(coordinator, contexts, coordination, publisher)
+    app.state.publisher = publisher
     app.state.access = JobAccess(sessions, registry, members)
     app.state.coordination = coordination
     app.state.sessions = sessions

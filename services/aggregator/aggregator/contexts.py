@@ -12,7 +12,7 @@ from typing import Protocol
 from aggregator.repository import AggregatorRepository
 from aggregator.tables import EvaluationContextRow
 from fedhe.db import SessionFactory
-from fedhe.he import UpdateCodec, codec_for, load_evaluation_context
+from fedhe.he import PackingSettings, UpdateCodec, codec_for, load_evaluation_context
 from fedhe.schemas import ContextInfo
 
 
@@ -34,7 +34,7 @@ class EvaluationContexts:
     def __init__(self, sessions: SessionFactory, source: EvaluationContextSource):
         self._sessions = sessions
         self._source = source
-        self._codecs: dict[tuple[str, str], UpdateCodec] = {}
+        self._codecs: dict[tuple[str, str, str], UpdateCodec] = {}
         self._lock = threading.Lock()
 
     def ensure(self, repo: AggregatorRepository, key_id: str) -> EvaluationContextRow:
@@ -50,15 +50,18 @@ class EvaluationContexts:
         repo.flush()
         return row
 
-    def codec(self, key_id: str, format_id: str) -> UpdateCodec:
-        """A codec bound to ``key_id``'s keyless context."""
+    def context_bytes(self, key_id: str) -> bytes:
+        """``key_id``'s serialised keyless context (for worker processes that sum chunks)."""
+        with self._sessions.transaction() as session:
+            return self.ensure(AggregatorRepository(session), key_id).context
+
+    def codec(self, key_id: str, format_id: str, options: PackingSettings | None = None) -> UpdateCodec:
+        """A codec bound to ``key_id``'s keyless context (and the job's packing settings, if any)."""
+        cache_key = (key_id, format_id, options.model_dump_json() if options is not None else "")
         with self._lock:
-            cached = self._codecs.get((key_id, format_id))
+            cached = self._codecs.get(cache_key)
             if cached is not None:
                 return cached
-            with self._sessions.transaction() as session:
-                repo = AggregatorRepository(session)
-                data = self.ensure(repo, key_id).context
-            codec = codec_for(format_id, load_evaluation_context(data))
-            self._codecs[(key_id, format_id)] = codec
+            codec = codec_for(format_id, load_evaluation_context(self.context_bytes(key_id)), options=options)
+            self._codecs[cache_key] = codec
             return codec

@@ -1,25 +1,42 @@
-"""Accepting encrypted updates: every check first, then one transaction that adds the update.
+"""Accepting encrypted updates as they stream in, without ever touching the round's sum.
 
-A refused upload changes nothing: the checks either run before the transaction or inside it
-before any row is written, and any error rolls the transaction back.
+An upload is read chunk by chunk: the envelope header is checked against the job first, then
+each ciphertext chunk is checked by the codec and stored as it arrives, so neither the body nor
+the sum is ever held whole. Only then, in one short transaction under the job's lock, does a
+submission row make the stored upload count (ADR 0007). Uploads to one job therefore proceed
+concurrently; the lock covers a few row updates, not ciphertext work. The round's encrypted sum
+is computed once, when the round closes (``aggregator.publisher``).
+
+A refused upload changes nothing that counts: its stored chunks are deleted, and an upload cut
+off mid-stream (a lost connection, a killed replica) is left unreferenced and swept later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from aggregator.contexts import EvaluationContexts
 from aggregator.coordination import Coordination, CoordinationUnavailable
 from aggregator.jobs import JobChange, JobCoordinator, job_spec, rules_for
+from aggregator.publisher import RoundPublisher
+from aggregator.repository import AggregatorRepository
 from aggregator.rounds import RoundStateMachine
-from aggregator.tables import SubmissionRow
+from aggregator.tables import SubmissionRow, UploadRow
 from fedhe.environment import differences
-from fedhe.errors import Conflict, FedheError, InvalidUpdate
-from fedhe.he.envelope import Envelope, decode_envelope, encode_envelope
+from fedhe.errors import Conflict, FedheError, InvalidUpdate, PayloadTooLarge
+from fedhe.he.codec import UpdateCodec
+from fedhe.he.envelope import PREFIX_BYTES, EnvelopeHeader, header_length, parse_header
+from fedhe.identifiers import new_id
 from fedhe.schemas import Environment, JobCreate, RoundState, UpdateAccepted, check_metrics
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+_INSERT_BATCH = 16
 
 
 def check_environment(meta: dict[str, object], expected: Environment) -> None:
@@ -39,27 +56,27 @@ def check_environment(meta: dict[str, object], expected: Environment) -> None:
         )
 
 
-def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_parameters: int) -> int:
+def check_header(header: EnvelopeHeader, *, spec: JobCreate, key_id: str, num_parameters: int) -> int:
     """Check an update's header against its job; returns the sample count n_k."""
-    if envelope.key_id != key_id:
+    if header.key_id != key_id:
         raise Conflict(
-            f"update is encrypted under key {envelope.key_id!r}; this job uses {key_id!r}",
+            f"update is encrypted under key {header.key_id!r}; this job uses {key_id!r}",
             code="stale_key_id",
             detail={"expected": key_id},
         )
-    if envelope.format_id != spec.format_id:
+    if header.format_id != spec.format_id:
         raise InvalidUpdate(
-            f"update format {envelope.format_id!r} is not this job's {spec.format_id!r}",
+            f"update format {header.format_id!r} is not this job's {spec.format_id!r}",
             code="unsupported_format",
             detail={"expected": spec.format_id},
         )
-    if envelope.num_values != num_parameters:
+    if header.num_values != num_parameters:
         raise InvalidUpdate(
-            f"update has {envelope.num_values} values; the model has {num_parameters}",
+            f"update has {header.num_values} values; the model has {num_parameters}",
             code="wrong_num_values",
             detail={"expected": num_parameters},
         )
-    num_samples = envelope.meta.get("num_samples")
+    num_samples = header.meta.get("num_samples")
     if (
         not isinstance(num_samples, int)
         or isinstance(num_samples, bool)
@@ -70,50 +87,296 @@ def check_envelope(envelope: Envelope, *, spec: JobCreate, key_id: str, num_para
             code="invalid_num_samples",
         )
     try:
-        check_metrics(envelope.meta.get("metrics", {}))
+        check_metrics(header.meta.get("metrics", {}))
     except ValueError as exc:
         raise InvalidUpdate(str(exc), code="invalid_metrics") from exc
     return num_samples
 
 
-IDEMPOTENCY_TTL_S = 24 * 3600
+class BodyReader:
+    """Exact reads from a streamed request body, hashing everything read and counting it."""
+
+    def __init__(self, stream: AsyncIterator[bytes], limit: int):
+        self._stream = stream
+        self._buffer = bytearray()
+        self.limit = limit
+        self.read_bytes = 0
+        self.digest = hashlib.sha256()
+
+    async def read_exactly(self, size: int, what: str) -> bytes:
+        """The next ``size`` bytes; ``InvalidUpdate`` if the body ends first."""
+        while len(self._buffer) < size:
+            try:
+                part = await anext(self._stream)
+            except StopAsyncIteration:
+                raise InvalidUpdate(f"the body ends inside {what}", code="truncated_update") from None
+            if self.read_bytes + len(self._buffer) + len(part) > self.limit:
+                raise PayloadTooLarge(f"body is over the {self.limit}-byte limit", detail={"limit": self.limit})
+            self._buffer += part
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self.read_bytes += size
+        self.digest.update(data)
+        return data
+
+    async def expect_end(self) -> None:
+        """``InvalidUpdate`` if anything follows the declared chunks."""
+        if self._buffer:
+            raise InvalidUpdate("the body carries bytes after its last declared chunk", code="truncated_update")
+        async for part in self._stream:
+            if part:
+                raise InvalidUpdate("the body carries bytes after its last declared chunk", code="truncated_update")
+
+
+@dataclass(frozen=True)
+class _Admission:
+    """What the header check found, for the streaming and the final commit."""
+
+    round_id: int
+    attempt: int
+    num_samples: int
+    codec: UpdateCodec
+    already_submitted: bool
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """An upload read to its end: its header, its stored chunks and its digest."""
+
+    header: EnvelopeHeader
+    admission: _Admission
+    upload_id: str | None
+    digest: str
+    num_bytes: int
 
 
 class UpdateIntake:
-    """Validates uploads and adds them into their round's running encrypted sum."""
+    """Streams uploads into storage and makes each count in one short locked transaction."""
 
-    def __init__(self, jobs: JobCoordinator, contexts: EvaluationContexts, coordination: Coordination):
+    def __init__(
+        self,
+        jobs: JobCoordinator,
+        contexts: EvaluationContexts,
+        coordination: Coordination,
+        publisher: RoundPublisher,
+    ):
         self._jobs = jobs
         self._contexts = contexts
         self._coordination = coordination
+        self._publisher = publisher
 
-    def accept(
+    async def accept(
         self,
         *,
         site_id: str,
         job_id: str,
         round_number: int,
-        body: bytes,
+        body: AsyncIterator[bytes],
+        max_bytes: int,
+        declared_bytes: int | None = None,
         idempotency_key: str | None = None,
         expected_sites: int = 0,
     ) -> UpdateAccepted:
-        """Accept one upload or raise the error naming what is wrong (state left unchanged).
+        """Accept one streamed upload or raise the error naming what is wrong (nothing counted).
 
         Sending the same bytes again (a retry after a lost response) is not a duplicate: it
         returns the original acceptance with ``replayed`` set, and counts nothing twice.
         """
         try:
-            return self._accept(
-                site_id=site_id,
-                job_id=job_id,
-                round_number=round_number,
-                body=body,
-                idempotency_key=idempotency_key,
-                expected_sites=expected_sites,
-            )
+            if declared_bytes is not None and declared_bytes > max_bytes:
+                raise PayloadTooLarge(
+                    f"body of {declared_bytes} bytes is over the {max_bytes}-byte limit", detail={"limit": max_bytes}
+                )
+            reader = BodyReader(body, max_bytes)
+            return await self._accept(site_id, job_id, round_number, reader, idempotency_key, expected_sites)
         except FedheError as exc:
             self._jobs.metrics.reject(exc.code)
             raise
+
+    async def _accept(
+        self,
+        site_id: str,
+        job_id: str,
+        round_number: int,
+        reader: BodyReader,
+        idempotency_key: str | None,
+        expected_sites: int,
+    ) -> UpdateAccepted:
+        prefix = await reader.read_exactly(PREFIX_BYTES, "the envelope's prefix")
+        raw_header = await reader.read_exactly(header_length(prefix), "the envelope's header")
+        header = parse_header(raw_header, reader.limit)
+        if PREFIX_BYTES + len(raw_header) + header.body_bytes > reader.limit:
+            limit = reader.limit
+            raise PayloadTooLarge(f"update declares more than the {limit}-byte limit", detail={"limit": limit})
+        admission = await run_in_threadpool(self._admit, site_id, job_id, round_number, header)
+        upload_id = None
+        if not admission.already_submitted:
+            upload_id = await run_in_threadpool(
+                self._start_upload, admission.round_id, site_id, len(header.chunk_sizes)
+            )
+        scoped_key = None if idempotency_key is None else f"{site_id}:{job_id}:{idempotency_key}"
+        try:
+            await self._stream_chunks(reader, header, admission.codec, upload_id)
+            await reader.expect_end()
+            digest = reader.digest.hexdigest()
+            await run_in_threadpool(self._check_idempotency_key, scoped_key, digest)
+            staged = _Staged(header, admission, upload_id, digest, reader.read_bytes)
+            accepted = await run_in_threadpool(self._commit, site_id, job_id, round_number, staged, expected_sites)
+        except BaseException:
+            if upload_id is not None:
+                await run_in_threadpool(self._drop_upload, upload_id)
+            raise
+        if accepted.replayed and upload_id is not None:
+            await run_in_threadpool(self._drop_upload, upload_id)
+        if not accepted.replayed:
+            self._remember_idempotency_key(scoped_key, digest)
+            self._jobs.metrics.accept(reader.read_bytes)
+        if accepted.round_state == RoundState.CLOSED:
+            # The upload that closed the round waits for its sum; a crash here leaves the round
+            # closed, and the deadline watcher publishes it.
+            await run_in_threadpool(self._publisher.publish, job_id, admission.round_id)
+            accepted = accepted.model_copy(
+                update={"round_state": await run_in_threadpool(self._round_state, admission.round_id)}
+            )
+        return accepted
+
+    def _round_state(self, round_id: int) -> RoundState:
+        with self._jobs.sessions.transaction() as session:
+            row = AggregatorRepository(session).round_by_id(round_id)
+            assert row is not None
+            return RoundState(row.state)
+
+    def _admit(self, site_id: str, job_id: str, round_number: int, header: EnvelopeHeader) -> _Admission:
+        """Everything that can be checked before a ciphertext byte is read (no lock, no write)."""
+        with self._jobs.sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            job = repo.job(job_id)
+            spec = job_spec(job)
+            already = self._earlier_submission(repo, job_id, round_number, site_id)
+            if already is not None:
+                # Keep reading: the same bytes again are a replay, other bytes a duplicate.
+                codec = self._contexts.codec(job.key_id, spec.format_id, spec.packing)
+                return _Admission(already.round_id, 0, already.num_samples, codec, already_submitted=True)
+            change = JobChange(repo, job)
+            row = self._jobs.accepting_round(change, round_number)
+            if repo.decline(row.id, site_id) is not None:
+                raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
+            if spec.packing is not None and row.num_submissions >= spec.packing.max_sites:
+                raise Conflict(
+                    f"round {round_number} already has the job's max_sites={spec.packing.max_sites} updates",
+                    code="round_full",
+                )
+            num_samples = check_header(header, spec=spec, key_id=job.key_id, num_parameters=job.num_parameters)
+            check_environment(header.meta, Environment.model_validate(job.environment))
+            codec = self._contexts.codec(job.key_id, spec.format_id, spec.packing)
+            expected = codec.num_chunks(job.num_parameters)
+            if len(header.chunk_sizes) != expected:
+                raise InvalidUpdate(
+                    f"expected {expected} ciphertext chunks, got {len(header.chunk_sizes)}",
+                    code="wrong_chunk_count",
+                    detail={"expected": expected, "received": len(header.chunk_sizes)},
+                )
+            return _Admission(row.id, row.attempt, num_samples, codec, already_submitted=False)
+
+    @staticmethod
+    def _earlier_submission(
+        repo: AggregatorRepository, job_id: str, round_number: int, site_id: str
+    ) -> SubmissionRow | None:
+        row = repo.current_round(job_id, round_number)
+        return None if row is None else repo.submission(row.id, site_id)
+
+    def _start_upload(self, round_id: int, site_id: str, num_chunks: int) -> str:
+        upload_id = new_id("upl")
+        with self._jobs.sessions.transaction() as session:
+            session.add(UploadRow(id=upload_id, round_id=round_id, site_id=site_id, num_chunks=num_chunks))
+        return upload_id
+
+    async def _stream_chunks(
+        self, reader: BodyReader, header: EnvelopeHeader, codec: UpdateCodec, upload_id: str | None
+    ) -> None:
+        """Read, check and (unless it is a possible replay) store every chunk as it arrives."""
+        batch: list[tuple[int, bytes]] = []
+        for index, size in enumerate(header.chunk_sizes):
+            data = await reader.read_exactly(size, f"chunk {index}")
+            if upload_id is None:
+                continue
+            await run_in_threadpool(codec.check_chunk, index, data)
+            batch.append((index, data))
+            if len(batch) >= _INSERT_BATCH:
+                await run_in_threadpool(self._store_chunks, upload_id, batch)
+                batch = []
+        if batch and upload_id is not None:
+            await run_in_threadpool(self._store_chunks, upload_id, batch)
+
+    def _store_chunks(self, upload_id: str, chunks: list[tuple[int, bytes]]) -> None:
+        with self._jobs.sessions.transaction() as session:
+            AggregatorRepository(session).add_upload_chunks(upload_id, chunks)
+
+    def _drop_upload(self, upload_id: str) -> None:
+        with contextlib.suppress(FedheError), self._jobs.sessions.transaction() as session:
+            AggregatorRepository(session).delete_upload(upload_id)
+
+    def _commit(
+        self, site_id: str, job_id: str, round_number: int, staged: _Staged, expected_sites: int
+    ) -> UpdateAccepted:
+        """Make the stored upload count, in one short transaction under the job's lock."""
+        header, admission, upload_id, digest = staged.header, staged.admission, staged.upload_id, staged.digest
+        with self._jobs.locked_job(job_id) as change:
+            repo, job = change.repo, change.job
+            replay = self._replayed(change, site_id, round_number, digest)
+            if replay is not None:
+                return replay
+            row = self._jobs.accepting_round(change, round_number)
+            if upload_id is None or repo.submission(row.id, site_id) is not None:
+                raise Conflict(f"site already uploaded to round {round_number}", code="duplicate_update")
+            if row.id != admission.round_id:
+                raise Conflict(f"round {round_number} was reopened while this update streamed in", code="round_closed")
+            if repo.decline(row.id, site_id) is not None:
+                raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
+            spec = job_spec(job)
+            if spec.packing is not None and row.num_submissions >= spec.packing.max_sites:
+                raise Conflict(f"round {round_number} already has max_sites updates", code="round_full")
+            row.num_submissions += 1
+            row.total_samples += admission.num_samples
+            repo.add(
+                SubmissionRow(
+                    round_id=row.id,
+                    site_id=site_id,
+                    upload_id=upload_id,
+                    num_samples=admission.num_samples,
+                    num_bytes=staged.num_bytes,
+                    sha256=digest,
+                    metrics=header.meta.get("metrics", {}),
+                )
+            )
+            detail = {
+                "round": round_number,
+                "attempt": row.attempt,
+                "sha256": digest,
+                "num_samples": admission.num_samples,
+            }
+            repo.audit(actor=f"site:{site_id}", action="update.accept", subject=job.id, detail=detail)
+            change.emit(
+                "update.accepted",
+                site_id=site_id,
+                num_submissions=row.num_submissions,
+                num_bytes=staged.num_bytes,
+                **detail,
+            )
+            if rules_for(spec).after_upload(row.num_submissions) == RoundState.CLOSED:
+                self._jobs.finish_round(change, row, RoundState.CLOSED)
+            else:
+                if row.state == RoundState.OPEN.value:
+                    row.state = RoundStateMachine.transition(RoundState.OPEN, RoundState.COLLECTING).value
+                self._jobs.close_if_everyone_answered(change, row, expected_sites)
+            return UpdateAccepted(
+                job_id=job.id,
+                round=round_number,
+                attempt=row.attempt,
+                round_state=RoundState(row.state),
+                num_submissions=row.num_submissions,
+                sha256=digest,
+            )
 
     def _check_idempotency_key(self, key: str | None, digest: str) -> None:
         if key is None:
@@ -131,80 +394,6 @@ class UpdateIntake:
         # If Redis is down only the early refusal of a reused key is lost; replays stay safe.
         with contextlib.suppress(CoordinationUnavailable):
             self._coordination.remember_idempotency_key(key, digest, IDEMPOTENCY_TTL_S)
-
-    def _accept(
-        self,
-        *,
-        site_id: str,
-        job_id: str,
-        round_number: int,
-        body: bytes,
-        idempotency_key: str | None,
-        expected_sites: int,
-    ) -> UpdateAccepted:
-        envelope = decode_envelope(body)
-        digest = hashlib.sha256(body).hexdigest()
-        scoped_key = None if idempotency_key is None else f"{site_id}:{job_id}:{idempotency_key}"
-        self._check_idempotency_key(scoped_key, digest)
-        with self._jobs.locked_job(job_id) as change:
-            repo, job = change.repo, change.job
-            spec = job_spec(job)
-            replay = self._replayed(change, site_id, round_number, digest)
-            if replay is not None:
-                return replay
-            row = self._jobs.accepting_round(change, round_number)
-            if repo.submission(row.id, site_id) is not None:
-                raise Conflict(f"site already uploaded to round {round_number}", code="duplicate_update")
-            if repo.decline(row.id, site_id) is not None:
-                raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
-            num_samples = check_envelope(envelope, spec=spec, key_id=job.key_id, num_parameters=job.num_parameters)
-            check_environment(envelope.meta, Environment.model_validate(job.environment))
-            codec = self._contexts.codec(job.key_id, spec.format_id)
-            initial = decode_envelope(row.running_sum).chunks if row.running_sum is not None else None
-            accumulator = codec.accumulator(job.num_parameters, initial)
-            accumulator.add(envelope.chunks)
-            row.running_sum = encode_envelope(
-                Envelope(
-                    format_id=spec.format_id,
-                    key_id=job.key_id,
-                    num_values=job.num_parameters,
-                    chunks=accumulator.to_chunks(),
-                )
-            )
-            row.num_submissions += 1
-            row.total_samples += num_samples
-            repo.add(
-                SubmissionRow(
-                    round_id=row.id,
-                    site_id=site_id,
-                    num_samples=num_samples,
-                    num_bytes=len(body),
-                    sha256=digest,
-                    envelope=body,
-                    metrics=envelope.meta.get("metrics", {}),
-                )
-            )
-            detail = {"round": round_number, "attempt": row.attempt, "sha256": digest, "num_samples": num_samples}
-            repo.audit(actor=f"site:{site_id}", action="update.accept", subject=job.id, detail=detail)
-            change.emit("update.accepted", site_id=site_id, num_submissions=row.num_submissions, **detail)
-            next_state = rules_for(spec).after_upload(row.num_submissions)
-            if next_state == RoundState.CLOSED:
-                self._jobs.finish_round(change, row, RoundState.CLOSED)
-            else:
-                if row.state == RoundState.OPEN.value:
-                    row.state = RoundStateMachine.transition(RoundState.OPEN, RoundState.COLLECTING).value
-                self._jobs.close_if_everyone_answered(change, row, expected_sites)
-            result = UpdateAccepted(
-                job_id=job.id,
-                round=round_number,
-                attempt=row.attempt,
-                round_state=RoundState(row.state),
-                num_submissions=row.num_submissions,
-                sha256=digest,
-            )
-        self._remember_idempotency_key(scoped_key, digest)
-        self._jobs.metrics.accept(len(body))
-        return result
 
     @staticmethod
     def _replayed(change: JobChange, site_id: str, round_number: int, digest: str) -> UpdateAccepted | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -20,9 +21,8 @@ from aggregator.views import job_public, round_public
 from fedhe.db import SessionFactory, utcnow
 from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict, InvalidRequest, NotFound
-from fedhe.global_model import encode_aggregate, encode_initial_model
+from fedhe.global_model import aggregate_header, encode_initial_model
 from fedhe.he.codec import supported_formats
-from fedhe.he.envelope import decode_envelope
 from fedhe.identifiers import new_id
 from fedhe.modelspec import flatten_weights
 from fedhe.schemas import (
@@ -82,6 +82,11 @@ class JobCoordinator:
         self._embedded_lock = threading.RLock() if sessions.is_sqlite else None
         self._job_locks: dict[str, threading.Lock] = {}
         self._job_locks_guard = threading.Lock()
+
+    @property
+    def sessions(self) -> SessionFactory:
+        """The database the coordinator works in."""
+        return self._sessions
 
     def _local_lock(self, job_id: str) -> threading.RLock | threading.Lock:
         if self._embedded_lock is not None:
@@ -157,7 +162,7 @@ class JobCoordinator:
     def finish_round(
         self, change: JobChange, row: RoundRow, target: RoundState, reason: str | None = None, fence: int | None = None
     ) -> None:
-        """Close a round as ``target`` (closed → published, or failed) and move the job on.
+        """Close a round as ``target``: closed (its sum is computed next, then it is published) or failed.
 
         ``fence`` is the deadline lease's fencing token when a deadline sweep closes the round;
         it is recorded in the audit log so an operator can tell which lease holder acted.
@@ -169,17 +174,10 @@ class JobCoordinator:
         row.closed_at = now
         detail: dict[str, Any] = {"round": row.number, "attempt": row.attempt, "fence": fence}
         if state == RoundState.CLOSED:
-            row.state = RoundStateMachine.transition(state, RoundState.PUBLISHED).value
-            row.published_at = now
+            row.state = state.value
             detail |= {"sites": row.num_submissions, "total_samples": row.total_samples}
-            repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
-            change.emit("round.published", duration_s=(now - row.opened_at).total_seconds(), **detail)
-            if row.number + 1 < spec.rounds:
-                self._open_round(change, number=row.number + 1, attempt=1)
-            else:
-                job.status = JobStatus.COMPLETED.value
-                job.finished_at = now
-                change.emit("job.completed")
+            repo.audit(actor="aggregator", action="round.close", subject=job.id, detail=detail)
+            change.emit("round.closed", **detail)
             return
         row.state = state.value
         row.failure_reason = reason
@@ -192,6 +190,33 @@ class JobCoordinator:
             job.status = JobStatus.FAILED.value
             job.finished_at = now
             change.emit("job.failed", reason=f"round {row.number} failed {row.attempt} time(s)")
+
+    def publish_round(self, job_id: str, round_id: int) -> bool:
+        """Publish a closed round whose sum is stored, and open the next round (or complete the job)."""
+        with self.locked_job(job_id) as change:
+            repo, job = change.repo, change.job
+            row = repo.round_by_id(round_id)
+            if row is None or row.state != RoundState.CLOSED.value:
+                return False
+            spec = job_spec(job)
+            now = utcnow()
+            row.state = RoundStateMachine.transition(RoundState.CLOSED, RoundState.PUBLISHED).value
+            row.published_at = now
+            detail = {
+                "round": row.number,
+                "attempt": row.attempt,
+                "sites": row.num_submissions,
+                "total_samples": row.total_samples,
+            }
+            repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
+            change.emit("round.published", duration_s=(now - row.opened_at).total_seconds(), **detail)
+            if job.status == JobStatus.RUNNING.value and row.number + 1 < spec.rounds:
+                self._open_round(change, number=row.number + 1, attempt=1)
+            elif job.status == JobStatus.RUNNING.value:
+                job.status = JobStatus.COMPLETED.value
+                job.finished_at = now
+                change.emit("job.completed")
+            return True
 
     def expire_overdue_rounds(self, now: datetime | None = None, fence: int | None = None) -> int:
         """Close or fail every round whose deadline has passed; returns how many it finished.
@@ -326,8 +351,12 @@ class JobCoordinator:
                 raise NotFound(f"job {job_id} has no round {number} yet")
             return round_public(repo, row, include_submissions=operator, caller_site=caller_site)
 
-    def model(self, job_id: str, number: int) -> bytes:
-        """Round ``number``'s global model: initial weights for 0, else round ``number - 1``'s aggregate."""
+    def model(self, job_id: str, number: int) -> Iterator[bytes]:
+        """Round ``number``'s global model, streamed: initial weights for 0, else round ``number - 1``'s sum.
+
+        Everything that can refuse the request is checked before the first byte is produced;
+        the sum then leaves chunk by chunk, never whole in memory.
+        """
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
             job = repo.job(job_id)
@@ -336,33 +365,36 @@ class JobCoordinator:
                 raise NotFound(f"job {job_id} has rounds 0..{spec.rounds - 1} (and the final model at {spec.rounds})")
             if number == 0:
                 weights = flatten_weights(spec.model.initial_weights(spec.seed))
-                return encode_initial_model(weights, job.key_id, job.id)
+                return iter([encode_initial_model(weights, job.key_id, job.id)])
             previous = repo.current_round(job_id, number - 1)
-            if previous is None or previous.state != RoundState.PUBLISHED.value or previous.running_sum is None:
+            if previous is None or previous.state != RoundState.PUBLISHED.value:
                 raise Conflict(f"round {number - 1} is not published yet", code="model_not_ready")
-            return self._aggregate_envelope(job, spec, previous)
+            sizes = repo.aggregate_chunk_sizes(previous.id)
+            prefix = aggregate_header(
+                chunk_sizes=sizes,
+                format_id=spec.format_id,
+                key_id=job.key_id,
+                num_values=job.num_parameters,
+                job_id=job.id,
+                round_number=previous.number,
+                total_samples=previous.total_samples,
+                weight_scale=spec.max_samples_per_round,
+            )
+            round_id = previous.id
+        return itertools.chain([prefix], self._aggregate_chunks(round_id, len(sizes)))
 
-    def final_model(self, job_id: str) -> bytes:
-        """The aggregate of the job's last round, once the job has completed."""
+    def _aggregate_chunks(self, round_id: int, count: int) -> Iterator[bytes]:
+        for index in range(count):
+            with self._sessions.transaction() as session:
+                yield AggregatorRepository(session).aggregate_chunk(round_id, index)
+
+    def final_model(self, job_id: str) -> Iterator[bytes]:
+        """The sum of the job's last round, once the job has completed."""
         with self._sessions.transaction() as session:
             job = AggregatorRepository(session).job(job_id)
             if job.status != JobStatus.COMPLETED.value:
                 raise Conflict(f"job is {job.status}; the final model exists once it completes", code="model_not_ready")
         return self.model(job_id, job_spec(job).rounds)
-
-    def _aggregate_envelope(self, job: JobRow, spec: JobCreate, row: RoundRow) -> bytes:
-        assert row.running_sum is not None
-        stored = decode_envelope(row.running_sum)
-        return encode_aggregate(
-            stored.chunks,
-            format_id=spec.format_id,
-            key_id=job.key_id,
-            num_values=job.num_parameters,
-            job_id=job.id,
-            round_number=row.number,
-            total_samples=row.total_samples,
-            weight_scale=spec.max_samples_per_round,
-        )
 
     def record_evaluation(self, job_id: str, number: int, site_id: str, evaluation: EvaluationCreate) -> None:
         """Store a site's evaluation of round ``number``'s published model (once per site)."""

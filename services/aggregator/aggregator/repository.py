@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from aggregator.tables import (
+    AggregateChunkRow,
     AuditRow,
     DeclineRow,
     EvaluationContextRow,
@@ -19,6 +20,8 @@ from aggregator.tables import (
     SiteRow,
     SiteStatusRow,
     SubmissionRow,
+    UploadChunkRow,
+    UploadRow,
 )
 from fedhe.db import AuditingRepository, utcnow
 from fedhe.errors import NotFound
@@ -139,6 +142,65 @@ class AggregatorRepository(AuditingRepository):
     def site_statuses(self) -> dict[str, SiteStatusRow]:
         """The last heartbeat of every site that sent one."""
         return {row.site_id: row for row in self.session.scalars(select(SiteStatusRow))}
+
+    def round_by_id(self, round_id: int) -> RoundRow | None:
+        """A round attempt by its row id."""
+        return self.session.get(RoundRow, round_id)
+
+    def rounds_in_state(self, state: RoundState, job_id: str | None = None) -> list[tuple[str, int]]:
+        """(job id, round id) of every round attempt in ``state`` (of ``job_id`` if given)."""
+        query = select(RoundRow.job_id, RoundRow.id).where(RoundRow.state == state.value).order_by(RoundRow.id)
+        if job_id is not None:
+            query = query.where(RoundRow.job_id == job_id)
+        return [(job, round_id) for job, round_id in self.session.execute(query).all()]
+
+    def add_upload_chunks(self, upload_id: str, chunks: list[tuple[int, bytes]]) -> None:
+        """Store chunks of an upload as they arrive."""
+        self.session.execute(
+            insert(UploadChunkRow), [{"upload_id": upload_id, "index": index, "data": data} for index, data in chunks]
+        )
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Remove an upload that will never count, with its chunks."""
+        self.session.execute(delete(UploadChunkRow).where(UploadChunkRow.upload_id == upload_id))
+        self.session.execute(delete(UploadRow).where(UploadRow.id == upload_id))
+
+    def orphan_uploads(self, older_than: datetime) -> list[str]:
+        """Uploads no submission refers to, started before ``older_than`` (cut off or refused)."""
+        referenced = select(SubmissionRow.upload_id)
+        query = select(UploadRow.id).where(UploadRow.created_at < older_than, UploadRow.id.not_in(referenced))
+        return list(self.session.scalars(query))
+
+    def upload_chunk_column(self, upload_ids: list[str], index: int) -> list[bytes]:
+        """The ``index``-th chunk of each upload, in the order of ``upload_ids``."""
+        query = select(UploadChunkRow.upload_id, UploadChunkRow.data).where(
+            UploadChunkRow.upload_id.in_(upload_ids), UploadChunkRow.index == index
+        )
+        found = {upload_id: bytes(data) for upload_id, data in self.session.execute(query).all()}
+        return [found[upload_id] for upload_id in upload_ids]
+
+    def put_aggregate_chunk(self, round_id: int, index: int, data: bytes) -> None:
+        """Store (or replace, when a sum is redone) one chunk of a round's sum."""
+        self.session.execute(
+            delete(AggregateChunkRow).where(AggregateChunkRow.round_id == round_id, AggregateChunkRow.index == index)
+        )
+        self.session.add(AggregateChunkRow(round_id=round_id, index=index, data=data))
+
+    def aggregate_chunk_sizes(self, round_id: int) -> list[int]:
+        """The sizes of a round's summed chunks, in order."""
+        query = (
+            select(func.length(AggregateChunkRow.data))
+            .where(AggregateChunkRow.round_id == round_id)
+            .order_by(AggregateChunkRow.index)
+        )
+        return [int(size) for size in self.session.scalars(query)]
+
+    def aggregate_chunk(self, round_id: int, index: int) -> bytes:
+        """One chunk of a round's sum."""
+        row = self.session.get(AggregateChunkRow, (round_id, index))
+        if row is None:
+            raise NotFound(f"chunk {index} of round {round_id} is not stored")
+        return bytes(row.data)
 
     def evaluation(self, round_id: int, site_id: str) -> EvaluationRow | None:
         """A site's evaluation of a round's model."""

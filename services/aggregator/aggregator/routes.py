@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from aggregator.coordination import CoordinationUnavailable
 from aggregator.deps import (
@@ -27,7 +27,6 @@ from aggregator.deps import (
 )
 from aggregator.recovery import verify_round
 from aggregator.repository import AggregatorRepository
-from fedhe.errors import PayloadTooLarge
 from fedhe.http_limits import client_address
 from fedhe.identifiers import JOB_ID, JobIdPath, RoundNumberPath, SiteIdPath
 from fedhe.openapi import CONFLICT, ERRORS, binary_request, binary_response
@@ -147,9 +146,13 @@ def get_round(
 
 
 @jobs.get("/{job_id}/rounds/{number}/verify", response_model=RoundVerification)
-def verify_round_sum(job_id: JobIdPath, number: RoundNumberPath, request: Request, _: OperatorDep) -> RoundVerification:
+async def verify_round_sum(
+    job_id: JobIdPath, number: RoundNumberPath, request: Request, _: OperatorDep
+) -> RoundVerification:
     """Rebuild the round's encrypted sum from its stored submissions and compare (operators)."""
-    return verify_round(request.app.state.sessions, request.app.state.contexts, job_id, number)
+    return await run_in_threadpool(
+        verify_round, request.app.state.sessions, request.app.state.publisher, job_id, number
+    )
 
 
 @jobs.get(
@@ -158,9 +161,9 @@ def verify_round_sum(job_id: JobIdPath, number: RoundNumberPath, request: Reques
     responses=binary_response("the global model envelope (initial weights, or the previous round's encrypted sum)")
     | CONFLICT,
 )
-def get_model(job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, _: JobSiteDep) -> Response:
-    """Round ``number``'s global model envelope (encrypted after round 0)."""
-    return Response(coordinator.model(job_id, number), media_type=_OCTETS)
+def get_model(job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, _: JobSiteDep) -> StreamingResponse:
+    """Round ``number``'s global model envelope (encrypted after round 0), streamed chunk by chunk."""
+    return StreamingResponse(iterate_in_threadpool(coordinator.model(job_id, number)), media_type=_OCTETS)
 
 
 @jobs.get(
@@ -168,23 +171,9 @@ def get_model(job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, 
     response_class=Response,
     responses=binary_response("the envelope of the job's final encrypted aggregate") | CONFLICT,
 )
-def get_final_model(job_id: JobIdPath, coordinator: JobsDep, _: JobSiteDep) -> Response:
-    """The encrypted aggregate of the last round of a completed job."""
-    return Response(coordinator.final_model(job_id), media_type=_OCTETS)
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit", detail={"limit": limit})
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit", detail={"limit": limit})
-        parts.append(part)
-    return b"".join(parts)
+def get_final_model(job_id: JobIdPath, coordinator: JobsDep, _: JobSiteDep) -> StreamingResponse:
+    """The encrypted aggregate of the last round of a completed job, streamed chunk by chunk."""
+    return StreamingResponse(iterate_in_threadpool(coordinator.final_model(job_id)), media_type=_OCTETS)
 
 
 @jobs.post(
@@ -208,14 +197,15 @@ async def upload_update(
 
     201 when accepted; 200 with ``replayed: true`` when this exact body was accepted before.
     """
-    body = await _read_limited(request, request.app.state.max_upload_bytes)
     assert caller.site_id is not None
-    accepted = await run_in_threadpool(
-        intake.accept,
+    declared = request.headers.get("content-length")
+    accepted = await intake.accept(
         site_id=caller.site_id,
         job_id=job_id,
         round_number=number,
-        body=body,
+        body=request.stream().__aiter__(),
+        max_bytes=request.app.state.max_upload_bytes,
+        declared_bytes=int(declared) if declared is not None and declared.isdigit() else None,
         idempotency_key=idempotency_key,
         expected_sites=await run_in_threadpool(access.expected_sites, job_id),
     )
@@ -245,11 +235,13 @@ def decline_round(
     body: DeclineCreate,
     coordinator: JobsDep,
     access: AccessDep,
+    request: Request,
     caller: JobSiteDep,
 ) -> dict[str, str]:
-    """A site says it will not upload to round ``number`` and why; the round closes early once every member answered."""
+    """A site says it will not upload to round ``number`` and why; the round closes once every member answered."""
     assert caller.site_id is not None
     coordinator.record_decline(job_id, number, caller.site_id, body, expected_sites=access.expected_sites(job_id))
+    request.app.state.publisher.publish_closed(job_id)
     return {"status": "recorded"}
 
 

@@ -24,6 +24,10 @@ class AggregatorSettings(ServiceSettings):
     max_upload_bytes: int = 256 * 1024 * 1024
     registrations_per_address: int = Field(default=20, ge=1, description="site registrations per hour per address")
     deadline_check_interval_s: float = 1.0
+    sum_workers: int = Field(default=0, ge=0, description="processes summing a closed round; 0: one per CPU core")
+    orphan_upload_after_s: float = Field(
+        default=1800, gt=0, description="an upload that never counted is removed after this many seconds"
+    )
 
     def keyserver_secret(self) -> SecretStr:
         """The aggregator's service credential at the keyserver (its ``aggregator`` service account)."""

@@ -75,11 +75,46 @@ class RoundRow(AggregatorBase):
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     num_submissions: Mapped[int] = mapped_column(Integer, default=0)
     total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
-    running_sum: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class UploadRow(AggregatorBase):
+    """An upload's ciphertext, stored chunk by chunk as it streams in.
+
+    It counts only once a submission refers to it (one short transaction under the job's lock);
+    an upload that never got that far is removed by the sweep.
+    """
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"))
+    num_chunks: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class UploadChunkRow(AggregatorBase):
+    """One ciphertext chunk of an upload."""
+
+    __tablename__ = "upload_chunks"
+
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AggregateChunkRow(AggregatorBase):
+    """One chunk of a round's published encrypted sum."""
+
+    __tablename__ = "aggregate_chunks"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class SubmissionRow(AggregatorBase):
-    """An accepted upload, kept whole so the running sum can be recomputed and audited."""
+    """An accepted upload: its plaintext header facts, and the upload that holds its chunks."""
 
     __tablename__ = "submissions"
     __table_args__ = (UniqueConstraint("round_id", "site_id", name="uq_submissions_round_site"),)
@@ -87,10 +122,10 @@ class SubmissionRow(AggregatorBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
     site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"))
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id"), unique=True)
     num_samples: Mapped[int] = mapped_column(BigInteger)
     num_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    envelope: Mapped[bytes] = mapped_column(LargeBinary)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

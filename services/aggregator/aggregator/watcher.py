@@ -1,0 +1,82 @@
+"""Background upkeep on the replica holding the lease: deadlines, closed rounds, stray uploads.
+
+Deadlines live in the database, so whichever replica holds the lease sees every one of them;
+if the holder dies its lease expires and another replica takes over within ``lease_ttl``. If
+Redis is unreachable every replica does the upkeep (the job row lock and the summing lock keep
+that safe) rather than letting deadlines slip. Each tick:
+
+1. finishes every round past its deadline (closes it, or fails it below ``min_sites``);
+2. sums and publishes every closed round not yet published (rounds closed by a replica that
+   died before publishing, and rounds the deadline just closed);
+3. removes uploads that never counted (cut off mid-stream, or refused) once they are old.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from datetime import timedelta
+
+from aggregator.coordination import Coordination, CoordinationUnavailable
+from aggregator.jobs import JobCoordinator
+from aggregator.publisher import RoundPublisher
+from aggregator.repository import AggregatorRepository
+from fedhe.db import utcnow
+
+logger = logging.getLogger(__name__)
+
+
+class RoundWatcher:
+    """Runs the upkeep every ``interval_s`` on whichever replica holds the lease."""
+
+    def __init__(
+        self,
+        jobs: JobCoordinator,
+        publisher: RoundPublisher,
+        coordination: Coordination,
+        interval_s: float,
+        orphan_after_s: float,
+    ):
+        self._jobs = jobs
+        self._publisher = publisher
+        self._coordination = coordination
+        self._interval_s = interval_s
+        self._orphan_after = timedelta(seconds=orphan_after_s)
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease_ttl_s = max(5.0, 5 * interval_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedhe-rounds", daemon=True)
+
+    def start(self) -> None:
+        """Start watching."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and wait for the thread."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                fence = self._coordination.hold_lease("deadline-watcher", self._holder, self._lease_ttl_s)
+                if fence is None:
+                    continue
+            except CoordinationUnavailable:
+                fence = None
+            try:
+                self.tick(fence)
+            except Exception:  # a transient database error must not kill the watcher
+                logger.exception("round upkeep failed; retrying")
+
+    def tick(self, fence: int | None = None) -> None:
+        """One round of upkeep (see the module docstring)."""
+        self._jobs.expire_overdue_rounds(fence=fence)
+        self._publisher.publish_closed()
+        with self._jobs.sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            for upload_id in repo.orphan_uploads(utcnow() - self._orphan_after):
+                repo.delete_upload(upload_id)
