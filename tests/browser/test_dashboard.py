@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,17 @@ from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
 from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.errors import PermissionDenied
 from fedhe.files import write_private_text
-from fedhe.local_cluster import ManagedProcess, ProvisionedSite, admit_member, start_agent
+from fedhe.local_cluster import (
+    ClusterSecrets,
+    ManagedProcess,
+    ProvisionedSite,
+    admit_member,
+    free_port,
+    start_agent,
+    start_aggregator,
+    start_keyserver,
+    url,
+)
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import (
@@ -46,7 +56,7 @@ from fedhe.schemas import (
     SiteStatus,
     TokenCreate,
 )
-from tests.conftest import Cluster
+from tests.conftest import GENEROUS_LIMITS, Cluster, PostgresDatabases
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
@@ -61,7 +71,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
+# The operator guide shows these; point FEDHE_SCREENSHOT_DIR elsewhere (a CI artifact) to keep docs/img as is.
+SCREENSHOTS = Path(os.environ.get("FEDHE_SCREENSHOT_DIR", Path(__file__).resolve().parents[2] / "docs" / "img"))
 VIEWPORT = {"width": 1400, "height": 900}
 ROUNDS = 5
 WAIT_MS = 5_000
@@ -91,7 +102,45 @@ LAKESIDE = SiteSpec(
 EASTGATE = SiteSpec("eastgate", "Eastgate Medical Centre", "Eastgate Primary Care", "admin@eastgate.example", 5.0)
 
 
-# ---- the browser ------------------------------------------------------------------------------
+# ---- the services and the browser ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A keyserver and an aggregator of this module's own (not the session's shared pair).
+
+    The dashboard shows everything an aggregator holds; sites and jobs left by other test
+    modules would crowd the screenshots and the counts this module checks.
+    """
+    workdir = tmp_path_factory.mktemp("dashboard-cluster")
+    secrets = ClusterSecrets.generate(workdir / "secrets")
+    ks_port, ag_port = free_port(), free_port()
+    ks_url, ag_url = url(ks_port), url(ag_port)
+    keyserver = start_keyserver(
+        port=ks_port,
+        database_url=postgres.create("fedhe_keyserver"),
+        secrets=secrets,
+        log_dir=workdir / "logs",
+        extra_env=GENEROUS_LIMITS,
+    )
+    aggregator_db = postgres.create("fedhe_aggregator")
+    try:
+        aggregator = start_aggregator(
+            port=ag_port,
+            database_url=aggregator_db,
+            keyserver_url=ks_url,
+            secrets=secrets,
+            log_dir=workdir / "logs",
+            extra_env=GENEROUS_LIMITS,
+        )
+    except BaseException:
+        keyserver.stop()
+        raise
+    try:
+        yield Cluster(ks_url, ag_url, aggregator_db, secrets, workdir, keyserver, aggregator)
+    finally:
+        aggregator.stop()
+        keyserver.stop()
 
 
 def spki_pin(cert_file: Path) -> str:
@@ -165,7 +214,9 @@ class Dashboard:
             " document.querySelector(last).getBoundingClientRect().bottom + scrollY]",
             [first, last],
         )
-        clip = {"x": 0, "y": max(0, top - 16), "width": VIEWPORT["width"], "height": bottom - top + 32}
+        y = max(0, top - 16)
+        clip = {"x": 0, "y": y, "width": VIEWPORT["width"], "height": bottom + 16 - y}
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(SCREENSHOTS / name), full_page=True, clip=clip)
 
     def assert_no_problems(self, *allowed: str) -> None:
@@ -320,12 +371,6 @@ def wait_for_answers(tab: Dashboard, expected: dict[str, str], timeout_ms: int =
     )
 
 
-def settle(wait: Callable[[], None]) -> None:
-    """Give the page a moment to reach a more telling state for a screenshot; not a check."""
-    with suppress(AssertionError):
-        wait()
-
-
 def weighted_accuracy(round_: RoundPublic) -> float:
     scored = [e for e in round_.evaluations if "accuracy" in e.metrics]
     return sum(e.metrics["accuracy"] * e.num_examples for e in scored) / sum(e.num_examples for e in scored)
@@ -396,7 +441,9 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             expect(declined).to_contain_text("privacy budget exhausted")
             expect(declined).to_contain_text("over the site's limit 0.5")
             expect(page.locator("#figure-bytes .figure-value")).not_to_have_text("0 B")
-            tab.screenshot("dashboard-round.png")
+            countdown = page.locator("#countdown").inner_text()
+            expect(page.locator("#countdown")).not_to_have_text(countdown, timeout=3_000)  # it ticks
+            tab.screenshot_section("dashboard-round.png", ".topbar", "#live-round")
 
             # Lakeside's admin installs the credential from the dialog; its upload completes round 0.
             give_credential(lakeside, credential)
@@ -416,8 +463,10 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             running = page.locator(f"#running-jobs [data-job-id={federation.job_id}]")
             expect(running).to_contain_text("breast-cancer-mlp", timeout=WAIT_MS)
             expect(page.locator("#federations")).to_contain_text("Northern breast-cancer network")
-            expect(page.locator("#stat-sites-pending")).to_contain_text("1 pending")
-            settle(lambda: expect(running).to_contain_text("Uploaded:", timeout=20_000))  # a busier picture
+            expect(page.locator("#stat-sites-pending")).to_contain_text("1 pending")  # Eastgate
+            expect(running.locator(f"[data-site-id={sites[HARBOUR.key].site_id}]")).to_have_attribute(
+                "data-answer", "waiting"
+            )
             tab.screenshot("dashboard-overview.png", full_page=True)
             page.click("#nav a[data-section=sites]")
             for spec in (ST_MARYS, NORTHFIELD, LAKESIDE):
@@ -482,6 +531,12 @@ def test_a_viewer_sees_no_action_buttons_and_the_server_refuses_them(
     pending = register(cluster, tmp_path, SiteSpec("westbrook", "Westbrook Hospital", "Westbrook", "a@b.example", 1.0))
     with dashboard(browser, cluster) as tab:
         page = tab.page
+        page.goto(f"{cluster.aggregator_url}/dashboard")
+        page.fill("#api-token", "fht_not-a-token")
+        page.click("#login-submit")
+        expect(page.locator("#login-error")).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator("#login-error")).not_to_be_empty()
+        assert page.evaluate("() => sessionStorage.length") == 0
         tab.log_in(viewer_token(cluster, "ward-viewer"))
         expect(page.locator("#who")).to_contain_text("ward-viewer")
         expect(page.locator("#who")).to_contain_text("viewer")
@@ -495,7 +550,7 @@ def test_a_viewer_sees_no_action_buttons_and_the_server_refuses_them(
         expect(page.locator("#approval-queue")).to_contain_text("only admins approve")
         expect(page.locator("button[data-action]")).to_have_count(0)
         session = tab.session()
-        tab.assert_no_problems()
+        tab.assert_no_problems("401")  # the wrong token
     with (
         AggregatorClient(cluster.aggregator_url, session["token"], tls=cluster.secrets.tls) as as_viewer,
         pytest.raises(PermissionDenied),

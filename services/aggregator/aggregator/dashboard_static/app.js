@@ -216,7 +216,13 @@ async function fetchData(wants) {
     );
   }
   if (wants.audit) extra.push(api.audit(wants.audit).then((events) => (data.audit = events)));
-  if (wants.rounds) extra.push(api.rounds(wants.rounds).then((rounds) => (data.rounds = rounds)));
+  if (wants.rounds) {
+    const rounds = api.rounds(wants.rounds).catch((exc) => {
+      if (exc.status === 400 || exc.status === 404) return []; // no such job: the view says so
+      throw exc;
+    });
+    extra.push(rounds.then((found) => (data.rounds = found)));
+  }
   await Promise.all(extra);
   return data;
 }

@@ -205,9 +205,21 @@ function panel(id, title, note) {
 
 export function createJobCharts() {
   const panels = {
-    scores: panel("scores", "Global model: accuracy and loss", "each site's evaluation, weighted by its validation rows"),
-    epsilon: panel("epsilon", "Privacy: ε per site against its budget", "solid: ε reported with each upload; dashed: the site's limit"),
-    cost: panel("cost", "Round duration and bytes received", "encrypted bytes uploaded; seconds from opening to publication"),
+    scores: panel(
+      "scores",
+      "Global model: accuracy and loss",
+      "each site's evaluation, weighted by its validation rows",
+    ),
+    epsilon: panel(
+      "epsilon",
+      "Privacy: ε per site against its budget",
+      "solid: ε reported with each upload; dashed: the site's limit",
+    ),
+    cost: panel(
+      "cost",
+      "Round duration and bytes received",
+      "encrypted bytes uploaded; seconds from opening to publication",
+    ),
   };
   const element = h("div", { class: "charts" }, Object.values(panels).map((p) => p.element));
   const drawn = new Map();

@@ -63,6 +63,11 @@ function cellOf(cell) {
   return h("td", null, cell);
 }
 
+/** " round 3" after an agent's state, or nothing when it reports no round. */
+export function roundNote(round) {
+  return round === null || round === undefined ? null : h("span", { class: "muted" }, ` round ${round}`);
+}
+
 /** A progress bar: value of max, with an optional marker (e.g. min_sites) and a label. */
 export function progress(value, max, { label, marker, kind } = {}) {
   const fraction = max > 0 ? Math.min(1, Math.max(0, value / max)) : 0;

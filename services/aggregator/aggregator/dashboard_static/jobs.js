@@ -14,11 +14,13 @@ import {
   liveText,
   progress,
   renderIfChanged,
+  roundNote,
   routeLink,
   table,
 } from "./dom.js";
 import {
   DECLINE_REASONS,
+  ENVIRONMENT_LABELS,
   acceptsUploads,
   byId,
   currentAttempt,
@@ -41,7 +43,12 @@ export function createJobsView() {
       table(
         ["Job", "Federation", "Status", "Progress", "Created", "Finished"],
         jobs.map((job) => [
-          h("span", null, routeLink(`jobs/${job.id}`, h("strong", null, job.name)), h("div", { class: "mono muted" }, job.id)),
+          h(
+            "span",
+            null,
+            routeLink(`jobs/${job.id}`, h("strong", null, job.name)),
+            h("div", { class: "mono muted" }, job.id),
+          ),
           federationsById.get(job.federation_id)?.name ?? job.federation_id,
           chip(job.status, job.status),
           progress(publishedRounds(job), job.rounds, { label: `${publishedRounds(job)} / ${job.rounds} rounds` }),
@@ -83,9 +90,8 @@ export function createJobView(ctx, jobId) {
     const rounds = data.rounds ?? [];
     const siteKey = data.sites.map((s) => [s.id, s.name, s.status, s.agent]);
     renderIfChanged(header, JSON.stringify([job, federation?.name]), () => jobHeader(job, federation));
-    renderIfChanged(live, JSON.stringify([job.status, job.current_round, currentAttempt(job, rounds), members, siteKey]), () =>
-      liveRound(job, rounds, members, sitesById),
-    );
+    const liveKey = JSON.stringify([job.status, job.current_round, currentAttempt(job, rounds), members, siteKey]);
+    renderIfChanged(live, liveKey, () => liveRound(job, rounds, members, sitesById));
     renderIfChanged(history, JSON.stringify([rounds, siteKey]), () => roundHistory(rounds, sitesById));
     charts.update(rounds, data.sites);
   }
@@ -99,14 +105,19 @@ function jobHeader(job, federation) {
   const facts = [
     ["Federation", federation ? `${federation.name} (${federation.members.length} members)` : job.federation_id],
     ["Rounds", `${publishedRounds(job)} of ${job.rounds} published`],
-    ["Sites per round", `min ${job.min_sites}, closes at ${job.target_sites ?? job.min_sites} uploads or when every member answered`],
+    [
+      "Sites per round",
+      `min ${job.min_sites}, closes at ${job.target_sites ?? job.min_sites} uploads or when every member answered`,
+    ],
     ["Round deadline", fmtSeconds(job.round_deadline_s)],
     ["Model", `MLP ${layers} · ${job.num_parameters.toLocaleString()} parameters`],
     ["Training", `${job.local_epochs} epoch(s) · batch ${job.batch_size} · learning rate ${job.learning_rate}`],
     ["DP-SGD", `noise ${job.dp.noise_multiplier} · clip ${job.dp.l2_norm_clip} · δ ${fmtProbability(job.dp.delta)}`],
     [
       "Environment",
-      `fedhe ${job.environment.fedhe} · Python ${job.environment.python} · TensorFlow ${job.environment.tensorflow} · TF Privacy ${job.environment.tensorflow_privacy} · TenSEAL ${job.environment.tenseal}`,
+      Object.entries(ENVIRONMENT_LABELS)
+        .map(([key, label]) => `${label} ${job.environment[key]}`)
+        .join(" · "),
     ],
     ["Created", fmtDateTime(job.created_at)],
     job.finished_at ? ["Finished", fmtDateTime(job.finished_at)] : null,
@@ -125,7 +136,8 @@ function liveRound(job, rounds, members, sitesById) {
   const answers = memberAnswers(round, members, sitesById);
   const count = (answer) => answers.filter((a) => a.answer === answer).length;
   const open = job.status === "running" && acceptsUploads(round);
-  const title = job.status === "running" ? `Live round ${round.number}` : `Job ${job.status}: last round ${round.number}`;
+  const title =
+    job.status === "running" ? `Live round ${round.number}` : `Job ${job.status}: last round ${round.number}`;
   return [
     h(
       "div",
@@ -177,7 +189,12 @@ function roundEnd(round) {
 }
 
 function figure(label, value, id) {
-  return h("div", { class: "figure", id: `figure-${id}` }, h("div", { class: "figure-value" }, value), h("div", { class: "figure-label" }, label));
+  return h(
+    "div",
+    { class: "figure", id: `figure-${id}` },
+    h("div", { class: "figure-value" }, value),
+    h("div", { class: "figure-label" }, label),
+  );
 }
 
 function answerRow({ siteId, site, answer, upload, decline }, round) {
@@ -209,7 +226,12 @@ function answerRow({ siteId, site, answer, upload, decline }, round) {
   return h(
     "tr",
     { dataset: { siteId, answer } },
-    h("td", null, h("strong", null, site?.name ?? siteId), site ? h("div", { class: "muted" }, site.organisation) : null),
+    h(
+      "td",
+      null,
+      h("strong", null, site?.name ?? siteId),
+      site ? h("div", { class: "muted" }, site.organisation) : null,
+    ),
     h("td", null, status),
     h("td", null, details),
     h(
@@ -219,7 +241,7 @@ function answerRow({ siteId, site, answer, upload, decline }, round) {
         ? [
             h("span", { class: ["dot", agent.online ? "dot-online" : "dot-offline"], "aria-hidden": "true" }),
             chip(agent.state, agent.state),
-            agent.round !== null && agent.round !== undefined ? h("span", { class: "muted" }, ` round ${agent.round}`) : null,
+            roundNote(agent.round),
             agent.message ? h("div", { class: "agent-message" }, agent.message) : null,
           ]
         : h("span", { class: "muted" }, "no heartbeat"),
@@ -237,7 +259,12 @@ function roundHistory(rounds, sitesById) {
         return h(
           "tr",
           { dataset: { round: round.number, attempt: round.attempt } },
-          h("td", null, String(round.number), round.attempt > 1 ? h("span", { class: "muted" }, ` attempt ${round.attempt}`) : null),
+          h(
+            "td",
+            null,
+            String(round.number),
+            round.attempt > 1 ? h("span", { class: "muted" }, ` attempt ${round.attempt}`) : null,
+          ),
           h(
             "td",
             null,

@@ -1,9 +1,17 @@
 // Overview: federations, sites by status and how many are online, running jobs and their rounds.
 
 import { chip, fmtBytes, fmtTime, h, liveText, progress, renderIfChanged, routeLink, table } from "./dom.js";
-import { acceptsUploads, byId, publishedRounds, roundBytes, siteName } from "./model.js";
+import { acceptsUploads, byId, memberAnswers, publishedRounds, roundBytes, siteName } from "./model.js";
 
 const STATUSES = ["approved", "pending", "rejected", "revoked"];
+const ANSWER_KINDS = { uploaded: "uploaded", declined: "declined", waiting: "waiting", unable: "neutral" };
+const ANSWER_MARKS = { uploaded: "✓", declined: "✕", waiting: "○", unable: "–" };
+const ANSWER_TITLES = {
+  uploaded: "uploaded to this round",
+  declined: "declined this round",
+  waiting: "has not answered yet",
+  unable: "member at the keyserver, not approved here",
+};
 
 export function createOverviewView() {
   const stats = h("section", { class: "stats", "aria-label": "Summary" });
@@ -34,9 +42,8 @@ export function createOverviewView() {
     const sitesById = byId(data.sites);
     const federationsById = byId(data.federations);
     const jobsById = byId(data.jobs);
-    renderIfChanged(stats, JSON.stringify([data.sites.map((s) => [s.status, s.agent?.online]), data.jobs.map((j) => j.status), data.federations.length]), () =>
-      renderStats(data),
-    );
+    const statsKey = [data.sites.map((s) => [s.status, s.agent?.online]), data.jobs.map((j) => j.status)];
+    renderIfChanged(stats, JSON.stringify([statsKey, data.federations.length]), () => renderStats(data));
     const runningJobs = data.jobs.filter((job) => job.status === "running");
     const current = runningJobs.map((job) => data.currentRounds?.get(job.id) ?? null);
     renderIfChanged(
@@ -47,7 +54,8 @@ export function createOverviewView() {
           ? runningJobs.map((job, index) => runningJob(job, current[index], federationsById, sitesById))
           : h("p", { class: "muted" }, "No job is running."),
     );
-    renderIfChanged(federations, JSON.stringify([data.federations, data.jobs.map((j) => [j.id, j.name, j.status])]), () =>
+    const federationsKey = JSON.stringify([data.federations, data.jobs.map((j) => [j.id, j.name, j.status])]);
+    renderIfChanged(federations, federationsKey, () =>
       table(
         ["Federation", "Members", "Jobs"],
         data.federations.map((federation) => [
@@ -98,7 +106,12 @@ function renderStats(data) {
   const jobs = { running: 0, completed: 0, failed: 0, stopped: 0 };
   for (const job of data.jobs) jobs[job.status] = (jobs[job.status] ?? 0) + 1;
   return [
-    stat("Sites online", `${online} of ${counts.approved}`, "approved sites whose agent reported in the last minute", "sites-online"),
+    stat(
+      "Sites online",
+      `${online} of ${counts.approved}`,
+      "approved sites whose agent reported in the last minute",
+      "sites-online",
+    ),
     stat(
       "Sites by status",
       STATUSES.map((status) =>
@@ -164,14 +177,21 @@ function runningJob(job, round, federationsById, sitesById) {
           h("span", null, ` · ${Math.max(0, expected - uploads - declined)} not answered`),
           h("span", null, ` · ${fmtBytes(roundBytes(round))} received`),
           acceptsUploads(round) ? h("span", null, " · ", liveText("countdown", round.deadline_at)) : null,
-          round.submissions.length
-            ? h(
-                "div",
-                { class: "muted" },
-                "Uploaded: ",
-                round.submissions.map((s) => siteName(sitesById, s.site_id)).join(", "),
-              )
-            : null,
+          h(
+            "div",
+            { class: "member-answers" },
+            memberAnswers(round, members, sitesById).map(({ siteId, site, answer }) =>
+              h(
+                "span",
+                {
+                  class: ["chip", `chip-${ANSWER_KINDS[answer]}`],
+                  title: ANSWER_TITLES[answer],
+                  dataset: { siteId, answer },
+                },
+                `${ANSWER_MARKS[answer]} ${site?.name ?? siteId}`,
+              ),
+            ),
+          ),
         )
       : null,
   );

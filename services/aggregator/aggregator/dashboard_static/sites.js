@@ -1,6 +1,17 @@
 // Sites: the approval queue (admins approve or reject) and every site with its agent's report.
 
-import { chip, fmtDateTime, fmtNumber, fmtProbability, h, liveText, progress, renderIfChanged, table } from "./dom.js";
+import {
+  chip,
+  fmtDateTime,
+  fmtNumber,
+  fmtProbability,
+  h,
+  liveText,
+  progress,
+  renderIfChanged,
+  roundNote,
+  table,
+} from "./dom.js";
 import { ENVIRONMENT_LABELS, byId, environmentDifferences, membershipsBySite, siteJob } from "./model.js";
 
 export function createSitesView(ctx) {
@@ -29,10 +40,17 @@ export function createSitesView(ctx) {
     const texts = {
       approve: {
         title: `Approve ${site.name}?`,
-        text: `${site.name} (${site.organisation}, contact ${site.contact}) will be able to talk to the aggregator. Its federations are decided at the keyserver.`,
+        text:
+          `${site.name} (${site.organisation}, contact ${site.contact}) will be able to talk to the aggregator. ` +
+          "Which federations it belongs to is decided at the keyserver.",
         action: "Approve",
       },
-      reject: { title: `Reject ${site.name}?`, text: "The registration is refused for good.", action: "Reject", danger: true },
+      reject: {
+        title: `Reject ${site.name}?`,
+        text: "The registration is refused for good.",
+        action: "Reject",
+        danger: true,
+      },
       revoke: {
         title: `Revoke ${site.name}?`,
         text: "Its credential stops working at once; it can no longer upload to any round.",
@@ -81,7 +99,7 @@ export function createSitesView(ctx) {
     const key = (value) => (force ? `${Math.random()}` : JSON.stringify([value, [...busy]]));
     renderIfChanged(queue, key(pending), () =>
       table(
-        ["Site", "Organisation", "Contact", "Registered", "Public key", ctx.isAdmin ? "Decision" : null].filter(Boolean),
+        ["Site", "Organisation", "Contact", "Registered", "Public key", ctx.isAdmin && "Decision"].filter(Boolean),
         pending.map((site) =>
           h(
             "tr",
@@ -136,9 +154,13 @@ function siteRow(site, federations, jobsById, button) {
       "td",
       null,
       h("span", { class: "site-status" }, chip(site.status, site.status)),
-      site.decided_at ? h("div", { class: "muted" }, fmtDateTime(site.decided_at)) : null,
+      site.decided_at ? h("div", { class: "muted" }, `since ${fmtDateTime(site.decided_at)}`) : null,
     ),
-    h("td", null, federations.length ? federations.map((f) => h("div", null, f.name)) : h("span", { class: "muted" }, "none")),
+    h(
+      "td",
+      null,
+      federations.length ? federations.map((f) => h("div", null, f.name)) : h("span", { class: "muted" }, "none"),
+    ),
     h("td", { class: "agent" }, agentCell(agent)),
     h("td", { class: "versions" }, versionsCell(agent, siteJob(site, jobsById))),
     h("td", { class: "privacy" }, privacyCell(agent)),
@@ -166,7 +188,7 @@ function agentCell(agent) {
       "div",
       null,
       chip(agent.state, agent.state),
-      agent.round !== null && agent.round !== undefined ? h("span", { class: "muted" }, ` round ${agent.round}`) : null,
+      roundNote(agent.round),
     ),
     agent.message ? h("div", { class: "agent-message" }, agent.message) : null,
   ];
@@ -182,7 +204,7 @@ function versionsCell(agent, job) {
       h("dt", null, label),
       h(
         "dd",
-        { class: differs.has(key) ? "mismatch" : null, title: differs.has(key) ? `the job requires ${job.environment[key]}` : null },
+        differs.has(key) ? { class: "mismatch", title: `the job requires ${job.environment[key]}` } : null,
         agent.environment[key],
         differs.has(key) ? ` (job: ${job.environment[key]})` : null,
       ),
@@ -194,7 +216,8 @@ function privacyCell(agent) {
   const privacy = agent?.privacy;
   if (!privacy) return h("span", { class: "muted" }, agent ? "not reported yet" : "—");
   const budget = privacy.max_epsilon;
-  const label = budget ? `ε ${fmtNumber(privacy.epsilon)} of ${fmtNumber(budget, 1)}` : `ε ${fmtNumber(privacy.epsilon)} (no budget set)`;
+  const spent = `ε ${fmtNumber(privacy.epsilon)}`;
+  const label = budget ? `${spent} of ${fmtNumber(budget, 1)}` : `${spent} (no budget set)`;
   const used = budget ? privacy.epsilon / budget : 0;
   return [
     budget
