@@ -105,6 +105,17 @@ EASTGATE = SiteSpec("eastgate", "Eastgate Medical Centre", "Eastgate Primary Car
 # ---- the services and the browser ---------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def require_chromium() -> None:
+    """Fail, before any service starts, when Chromium is missing: these tests are not optional."""
+    if not CHROMIUM.is_file():
+        pytest.fail(
+            f"Chromium is not installed at {CHROMIUM}: the dashboard tests need it "
+            "(apt-get install -y chromium, or set FEDHE_CHROMIUM to its path)",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="module")
 def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A keyserver and an aggregator of this module's own (not the session's shared pair).
@@ -157,12 +168,6 @@ def browser(cluster: Cluster) -> Iterator[Browser]:
     The services use a development CA that Chromium does not trust. Rather than ignoring every
     certificate error, the browser is told to accept exactly this run's loopback server key.
     """
-    if not CHROMIUM.is_file():
-        pytest.fail(
-            f"Chromium is not installed at {CHROMIUM}: the dashboard tests need it "
-            "(apt-get install -y chromium, or set FEDHE_CHROMIUM to its path)",
-            pytrace=False,
-        )
     pin = spki_pin(cluster.secrets.server_cert_file)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
