@@ -1,0 +1,122 @@
+// What the views derive from the API's answers (pure functions, no DOM).
+
+export const ENVIRONMENT_LABELS = {
+  fedhe: "fedhe",
+  python: "Python",
+  tensorflow: "TensorFlow",
+  tensorflow_privacy: "TF Privacy",
+  tenseal: "TenSEAL",
+};
+
+export function byId(items) {
+  return new Map(items.map((item) => [item.id, item]));
+}
+
+export function siteName(sitesById, siteId) {
+  return sitesById.get(siteId)?.name ?? siteId;
+}
+
+/** site id -> the federations (overviews) it is an active member of. */
+export function membershipsBySite(federations) {
+  const memberships = new Map();
+  for (const federation of federations) {
+    for (const siteId of federation.members) {
+      if (!memberships.has(siteId)) memberships.set(siteId, []);
+      memberships.get(siteId).push(federation);
+    }
+  }
+  return memberships;
+}
+
+/** The latest attempt of each round number, in round order. */
+export function latestAttempts(rounds) {
+  const latest = new Map();
+  for (const round of rounds) {
+    const seen = latest.get(round.number);
+    if (!seen || round.attempt > seen.attempt) latest.set(round.number, round);
+  }
+  return [...latest.values()].sort((a, b) => a.number - b.number);
+}
+
+/** The attempt a running job is collecting now (or the last one, once the job ended). */
+export function currentAttempt(job, rounds) {
+  const ofCurrent = rounds.filter((round) => round.number === job.current_round);
+  if (ofCurrent.length) return ofCurrent.reduce((a, b) => (b.attempt > a.attempt ? b : a));
+  return rounds.length ? rounds[rounds.length - 1] : null;
+}
+
+export function publishedRounds(job, rounds) {
+  if (rounds) return new Set(rounds.filter((r) => r.state === "published").map((r) => r.number)).size;
+  return job.status === "completed" ? job.rounds : job.current_round;
+}
+
+/** The global model's sample-weighted accuracy and loss across the sites that evaluated it. */
+export function globalScores(round) {
+  const scores = {};
+  for (const metric of ["accuracy", "loss"]) {
+    const scored = round.evaluations.filter((e) => typeof e.metrics[metric] === "number");
+    const examples = scored.reduce((sum, e) => sum + e.num_examples, 0);
+    scores[metric] = examples
+      ? scored.reduce((sum, e) => sum + e.metrics[metric] * e.num_examples, 0) / examples
+      : null;
+  }
+  return scores;
+}
+
+export function roundBytes(round) {
+  return round.submissions.reduce((sum, s) => sum + s.num_bytes, 0);
+}
+
+/** Seconds from opening to publication (or to closing, for a failed attempt). */
+export function roundSeconds(round) {
+  const end = round.published_at ?? round.closed_at;
+  return end ? (Date.parse(end) - Date.parse(round.opened_at)) / 1000 : null;
+}
+
+export function acceptsUploads(round) {
+  return round.state === "open" || round.state === "collecting";
+}
+
+/**
+ * Each member site's answer to a round: uploaded, declined, waiting (may still answer) or
+ * unable (a member at the keyserver that is not approved here, so it cannot upload).
+ * Sites that answered without being listed as members (membership changed) are kept too.
+ */
+export function memberAnswers(round, memberIds, sitesById) {
+  const uploads = new Map(round.submissions.map((s) => [s.site_id, s]));
+  const declines = new Map(round.declines.map((d) => [d.site_id, d]));
+  const ids = [...new Set([...memberIds, ...uploads.keys(), ...declines.keys()])];
+  const answers = ids.map((siteId) => {
+    const site = sitesById.get(siteId) ?? null;
+    let answer = "waiting";
+    if (uploads.has(siteId)) answer = "uploaded";
+    else if (declines.has(siteId)) answer = "declined";
+    else if (site?.status !== "approved") answer = "unable";
+    return { siteId, site, answer, upload: uploads.get(siteId), decline: declines.get(siteId) };
+  });
+  const order = { uploaded: 0, declined: 1, waiting: 2, unable: 3 };
+  return answers.sort(
+    (a, b) => order[a.answer] - order[b.answer] || (a.site?.name ?? a.siteId).localeCompare(b.site?.name ?? b.siteId),
+  );
+}
+
+/** The environment fields where a site's agent differs from what a job requires. */
+export function environmentDifferences(siteEnvironment, jobEnvironment) {
+  if (!siteEnvironment || !jobEnvironment) return [];
+  return Object.keys(ENVIRONMENT_LABELS).filter((key) => siteEnvironment[key] !== jobEnvironment[key]);
+}
+
+/** The running job a site currently reports working on, if any. */
+export function siteJob(site, jobsById) {
+  const jobId = site.agent?.job_id;
+  return jobId ? (jobsById.get(jobId) ?? null) : null;
+}
+
+export const DECLINE_REASONS = {
+  budget_exhausted: "privacy budget exhausted",
+  refused: "refused",
+  data_problem: "data problem",
+  environment_mismatch: "environment mismatch",
+  stale_key: "stale key",
+  other: "other",
+};

@@ -1,0 +1,610 @@
+"""The operators' dashboard in headless Chromium, during a live federation.
+
+Real keyserver and aggregator on loopback over TLS against Postgres, real agents training with
+DP-SGD and encrypting with TenSEAL: an admin logs in through the form, approves a pending site
+by clicking (and hands its one-time credential to the site's agent, which then takes part),
+watches a round advance in the live view without reloading, and the screenshots of that run go
+to ``docs/img/dashboard-*.png`` for the operator guide. A viewer sees no action buttons and the
+server refuses a viewer's decision anyway; names from registrations are rendered as text.
+
+Chromium is required, not optional: without it these tests fail (CI installs Debian's).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from fedhe.api_client import AggregatorClient
+from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
+from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
+from fedhe.errors import PermissionDenied
+from fedhe.files import write_private_text
+from fedhe.local_cluster import (
+    ClusterSecrets,
+    ManagedProcess,
+    ProvisionedSite,
+    admit_member,
+    free_port,
+    start_agent,
+    start_aggregator,
+    start_keyserver,
+    url,
+)
+from fedhe.modelspec import InputNormalisation, ModelSpec
+from fedhe.privacy import DPSettings
+from fedhe.schemas import (
+    AccountCreate,
+    FederationCreate,
+    JobCreate,
+    JobStatus,
+    RoundPublic,
+    SiteCreate,
+    SiteStatus,
+    TokenCreate,
+)
+from tests.conftest import GENEROUS_LIMITS, Cluster, PostgresDatabases
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path(os.environ.get("FEDHE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The operator guide shows these; point FEDHE_SCREENSHOT_DIR elsewhere (a CI artifact) to keep docs/img as is.
+SCREENSHOTS = Path(os.environ.get("FEDHE_SCREENSHOT_DIR", Path(__file__).resolve().parents[2] / "docs" / "img"))
+VIEWPORT = {"width": 1400, "height": 900}
+ROUNDS = 5
+WAIT_MS = 5_000
+ROUND_MS = 150_000  # generous: four TensorFlow agents share two cores
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A hospital in the scenario, with the privacy budget its admin set (its agent's policy)."""
+
+    key: str
+    name: str
+    organisation: str
+    contact: str
+    max_epsilon: float
+
+
+ST_MARYS = SiteSpec("st-marys", "St Mary's Hospital", "St Mary's NHS Foundation Trust", "fl-ops@stmarys.example", 9.0)
+NORTHFIELD = SiteSpec("northfield", "Northfield General", "Northfield Health Board", "it@northfield.example", 8.0)
+# Its budget is far too small for a round: its agent declines round 0 and stops.
+HARBOUR = SiteSpec("harbour", "Harbour Clinic", "Harbour Community Care", "ops@harbour.example", 0.5)
+# Registered but pending: the admin approves it in the browser, then its agent joins round 0.
+LAKESIDE = SiteSpec(
+    "lakeside", "Lakeside Children's Hospital", "Lakeside Children's Trust", "ml@lakeside.example", 10.0
+)
+# Registered and left pending, so the approval queue in the screenshots is not empty.
+EASTGATE = SiteSpec("eastgate", "Eastgate Medical Centre", "Eastgate Primary Care", "admin@eastgate.example", 5.0)
+
+
+# ---- the services and the browser ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_chromium() -> None:
+    """Fail, before any service starts, when Chromium is missing: these tests are not optional."""
+    if not CHROMIUM.is_file():
+        pytest.fail(
+            f"Chromium is not installed at {CHROMIUM}: the dashboard tests need it "
+            "(apt-get install -y chromium, or set FEDHE_CHROMIUM to its path)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A keyserver and an aggregator of this module's own (not the session's shared pair).
+
+    The dashboard shows everything an aggregator holds; sites and jobs left by other test
+    modules would crowd the screenshots and the counts this module checks.
+    """
+    workdir = tmp_path_factory.mktemp("dashboard-cluster")
+    secrets = ClusterSecrets.generate(workdir / "secrets")
+    ks_port, ag_port = free_port(), free_port()
+    ks_url, ag_url = url(ks_port), url(ag_port)
+    keyserver = start_keyserver(
+        port=ks_port,
+        database_url=postgres.create("fedhe_keyserver"),
+        secrets=secrets,
+        log_dir=workdir / "logs",
+        extra_env=GENEROUS_LIMITS,
+    )
+    aggregator_db = postgres.create("fedhe_aggregator")
+    try:
+        aggregator = start_aggregator(
+            port=ag_port,
+            database_url=aggregator_db,
+            keyserver_url=ks_url,
+            secrets=secrets,
+            log_dir=workdir / "logs",
+            extra_env=GENEROUS_LIMITS,
+        )
+    except BaseException:
+        keyserver.stop()
+        raise
+    try:
+        yield Cluster(ks_url, ag_url, aggregator_db, secrets, workdir, keyserver, aggregator)
+    finally:
+        aggregator.stop()
+        keyserver.stop()
+
+
+def spki_pin(cert_file: Path) -> str:
+    """base64 SHA-256 of a certificate's public key, as Chromium's SPKI allow-list takes it."""
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+@pytest.fixture(scope="module")
+def browser(cluster: Cluster) -> Iterator[Browser]:
+    """Headless Chromium that accepts the test cluster's own server key and no other bad certificate.
+
+    The services use a development CA that Chromium does not trust. Rather than ignoring every
+    certificate error, the browser is told to accept exactly this run's loopback server key.
+    """
+    pin = spki_pin(cluster.secrets.server_cert_file)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={pin}"]
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@dataclass
+class Dashboard:
+    """One operator's browser tab on the dashboard, recording everything the page complains about."""
+
+    page: Page
+    base_url: str
+    problems: list[str] = field(default_factory=list)
+
+    def log_in(self, api_token: str) -> None:
+        """Log in through the form, as an operator pasting their API token."""
+        self.page.goto(f"{self.base_url}/dashboard")
+        expect(self.page.locator("#login-form")).to_be_visible()
+        self.page.fill("#api-token", api_token)
+        self.page.click("#login-submit")
+        expect(self.page.locator("#account")).to_be_visible(timeout=WAIT_MS)
+        expect(self.page.locator("#api-token")).to_have_value("")
+
+    def open(self, route: str) -> None:
+        """Follow a navigation link or set the hash, as a click would (no reload)."""
+        self.page.evaluate("(route) => { location.hash = route; }", route)
+
+    def session(self) -> dict[str, str]:
+        """The session this tab keeps."""
+        stored: dict[str, str] = json.loads(self.page.evaluate("() => sessionStorage.getItem('fedhe.session')"))
+        return stored
+
+    def screenshot(self, name: str, *, full_page: bool = False) -> None:
+        """Save a screenshot for the docs, after the page has settled."""
+        self.page.wait_for_timeout(400)  # let bars and plotly transitions finish
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SCREENSHOTS / name), full_page=full_page)
+
+    def screenshot_section(self, name: str, first: str, last: str) -> None:
+        """Save the part of the page from element ``first`` down to element ``last``, full width."""
+        self.page.wait_for_timeout(400)
+        top, bottom = self.page.evaluate(
+            "([first, last]) => [document.querySelector(first).getBoundingClientRect().top + scrollY,"
+            " document.querySelector(last).getBoundingClientRect().bottom + scrollY]",
+            [first, last],
+        )
+        y = max(0, top - 16)
+        clip = {"x": 0, "y": y, "width": VIEWPORT["width"], "height": bottom + 16 - y}
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SCREENSHOTS / name), full_page=True, clip=clip)
+
+    def assert_no_problems(self, *allowed: str) -> None:
+        """No script error, CSP violation or failed request other than the ``allowed`` ones."""
+        unexpected = [p for p in self.problems if not any(text in p for text in allowed)]
+        assert not unexpected, unexpected
+
+
+@contextmanager
+def dashboard(browser: Browser, cluster: Cluster) -> Iterator[Dashboard]:
+    """A fresh browser context (its own sessionStorage) with one tab on the aggregator."""
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, locale="en-GB", timezone_id="UTC")
+    page = context.new_page()
+    tab = Dashboard(page, cluster.aggregator_url)
+    page.on("console", lambda message: tab.problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda exc: tab.problems.append(f"page error: {exc}"))
+    page.on("dialog", lambda dialog: (tab.problems.append(f"unexpected dialog: {dialog.message}"), dialog.dismiss()))
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+# ---- the federation ---------------------------------------------------------------------------
+
+
+def register(cluster: Cluster, directory: Path, spec: SiteSpec) -> ProvisionedSite:
+    """What a site admin does: make a signing key and register the site (it stays pending)."""
+    key = generate_signing_key()
+    key_file = write_private_text(directory / spec.key / "signing-key.pem", private_key_to_pem(key).decode())
+    request = SiteCreate(
+        name=spec.name, organisation=spec.organisation, contact=spec.contact, public_key=public_key_b64(key)
+    )
+    with AggregatorClient(cluster.aggregator_url, tls=cluster.secrets.tls) as anonymous:
+        site = anonymous.register_site(request)
+    return ProvisionedSite(
+        site_id=site.id,
+        public_key=site.public_key,
+        credential_file=directory / spec.key / "credential",
+        signing_key_file=key_file,
+    )
+
+
+def give_credential(site: ProvisionedSite, credential: str) -> None:
+    """The site admin stores the credential the aggregator admin handed over."""
+    write_private_text(site.credential_file, credential)
+
+
+@dataclass
+class Federation:
+    """The scenario: one federation, one job, four member hospitals (one pending approval)."""
+
+    cluster: Cluster
+    workdir: Path
+    job_id: str
+    federation_id: str
+    sites: dict[str, ProvisionedSite]
+    agents: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    def start_agent(self, key: str, spec: SiteSpec) -> None:
+        """Start the site's agent with its data and its privacy budget."""
+        policy = self.workdir / spec.key / "policy.json"
+        policy.write_text(json.dumps({"max_epsilon": spec.max_epsilon}), encoding="utf-8")
+        self.agents[key] = start_agent(
+            site=self.sites[key],
+            name=key,
+            aggregator_url=self.cluster.aggregator_url,
+            keyserver_url=self.cluster.keyserver_url,
+            secrets=self.cluster.secrets,
+            data_path=self.workdir / key / "data.csv",
+            state_dir=self.workdir / key / "state",
+            job_id=self.job_id,
+            log_dir=self.workdir / "logs",
+            extra_env={"FEDHE_AGENT_POLICY_FILE": str(policy), "FEDHE_AGENT_HEARTBEAT_INTERVAL_S": "5"},
+        )
+
+    def job_status(self) -> JobStatus:
+        with self.cluster.aggregator_admin() as admin:
+            return admin.job(self.job_id).status
+
+    def rounds(self) -> list[RoundPublic]:
+        with self.cluster.aggregator_admin() as admin:
+            return admin.rounds(self.job_id)
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+
+
+def set_up_federation(cluster: Cluster, workdir: Path) -> Federation:
+    """Federation and job at the services; three hospitals approved, Lakeside and Eastgate pending.
+
+    All four hospitals of the scenario are members at the keyserver (it pins their keys); the
+    aggregator expects an answer from a member only once it is approved here too.
+    """
+    pool, held_out = split(load_bundled("breast_cancer"), 0.2, seed=3)
+    parts = partition_dirichlet(pool.y, 3, alpha=5.0, seed=7, min_size=120)
+    with cluster.keyserver_admin() as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="Northern breast-cancer network"))
+    spec = ModelSpec(
+        input_dim=30,
+        hidden_units=[8],
+        num_classes=2,
+        normalisation=InputNormalisation(mean=pool.x.mean(0).tolist(), std=pool.x.std(0).tolist()),
+    )
+    job = JobCreate(
+        name="breast-cancer-mlp",
+        key_id=federation.key_id,
+        model=spec,
+        rounds=ROUNDS,
+        min_sites=2,
+        target_sites=3,
+        round_deadline_s=300,
+        batch_size=16,
+        learning_rate=0.2,
+        dp=DPSettings(num_microbatches=16),
+        max_samples_per_round=10_000,
+    )
+    with cluster.aggregator_admin() as admin:
+        job_id = admin.create_job(job).id
+    sites: dict[str, ProvisionedSite] = {}
+    data = {ST_MARYS.key: pool.subset(parts[0]), NORTHFIELD.key: pool.subset(parts[1])}
+    data |= {LAKESIDE.key: pool.subset(parts[2]), HARBOUR.key: held_out}
+    for site_spec in (ST_MARYS, NORTHFIELD, HARBOUR, LAKESIDE):
+        site = register(cluster, workdir, site_spec)
+        sites[site_spec.key] = site
+        save_csv(data[site_spec.key], workdir / site_spec.key / "data.csv")
+        if site_spec is not LAKESIDE:
+            with cluster.aggregator_admin() as admin:
+                give_credential(site, admin.approve_site(site.site_id).credential)
+        admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, site_spec.name)
+    sites[EASTGATE.key] = register(cluster, workdir, EASTGATE)
+    return Federation(cluster, workdir, job_id, federation.id, sites)
+
+
+# ---- what the page shows ----------------------------------------------------------------------
+
+LIVE_ANSWERS = """() => Object.fromEntries([...document.querySelectorAll('#live-round tr[data-answer]')]
+    .map((row) => [row.dataset.siteId, row.dataset.answer]))"""
+
+LIVE_ROUND = "() => Number(document.querySelector('#live-round-title')?.dataset.round ?? -1)"
+
+
+def wait_for_answers(tab: Dashboard, expected: dict[str, str], timeout_ms: int = ROUND_MS) -> None:
+    """Wait until the live view shows each site's expected answer to the current round."""
+    tab.page.wait_for_function(
+        f"(expected) => {{ const shown = ({LIVE_ANSWERS})(); "
+        "return Object.entries(expected).every(([site, answer]) => shown[site] === answer); }",
+        arg=expected,
+        timeout=timeout_ms,
+        polling=250,
+    )
+
+
+def weighted_accuracy(round_: RoundPublic) -> float:
+    scored = [e for e in round_.evaluations if "accuracy" in e.metrics]
+    return sum(e.metrics["accuracy"] * e.num_examples for e in scored) / sum(e.num_examples for e in scored)
+
+
+# ---- the tests --------------------------------------------------------------------------------
+
+
+def test_admin_approves_a_site_and_watches_the_federation_train(
+    cluster: Cluster, browser: Browser, tmp_path: Path
+) -> None:
+    federation = set_up_federation(cluster, tmp_path)
+    sites = federation.sites
+    lakeside = sites[LAKESIDE.key]
+    try:
+        with dashboard(browser, cluster) as tab:
+            page = tab.page
+            tab.log_in(cluster.secrets.aggregator_admin_token)
+            expect(page.locator("#who")).to_contain_text("admin")
+            stored = tab.session()
+            assert stored["token"] != cluster.secrets.aggregator_admin_token
+            assert cluster.secrets.aggregator_admin_token not in page.evaluate(
+                "() => JSON.stringify({...sessionStorage}) + JSON.stringify({...localStorage}) + document.cookie"
+            ), "the API token must not be kept in the browser"
+
+            # The approval queue lists Lakeside and Eastgate; approve Lakeside by clicking.
+            page.click("#nav a[data-section=sites]")
+            queued = page.locator(f"#approval-queue tr[data-site-id={lakeside.site_id}]")
+            expect(queued).to_contain_text(LAKESIDE.name, timeout=WAIT_MS)
+            expect(page.locator(f"#approval-queue tr[data-site-id={sites[EASTGATE.key].site_id}]")).to_be_visible()
+            queued.locator("button[data-action=approve]").click()
+            expect(page.locator("#confirm-dialog")).to_be_visible()
+            expect(page.locator("#confirm-title")).to_have_text(f"Approve {LAKESIDE.name}?")
+            page.click("#confirm-ok")
+            expect(page.locator("#credential-dialog")).to_be_visible(timeout=WAIT_MS)
+            credential = page.input_value("#credential-value")
+            assert credential.startswith("fhs_"), "the dialog shows the site credential"
+            page.click("#credential-done")
+            expect(page.locator("#credential-dialog")).to_be_hidden()
+            assert page.input_value("#credential-value") == "", "the credential must leave the page once shown"
+
+            # The UI and the server both say approved.
+            expect(queued).to_have_count(0, timeout=WAIT_MS)
+            row = page.locator(f"#all-sites tr[data-site-id={lakeside.site_id}]")
+            expect(row).to_have_attribute("data-status", "approved", timeout=WAIT_MS)
+            expect(row.locator(".site-status")).to_have_text("approved")
+            with cluster.aggregator_admin() as admin:
+                assert admin.site(lakeside.site_id).status == SiteStatus.APPROVED
+
+            # The three approved hospitals start; Harbour's budget is too small and it declines.
+            for spec in (ST_MARYS, NORTHFIELD, HARBOUR):
+                federation.start_agent(spec.key, spec)
+            page.click("#nav a[data-section=jobs]")
+            page.click(f"a[href='#jobs/{federation.job_id}']")
+            expect(page.locator("#live-round-title")).to_have_attribute("data-round", "0", timeout=WAIT_MS)
+            expect(page.locator("#countdown")).to_contain_text("left")
+            page.evaluate("() => { window.noReloadSince = Date.now(); }")
+            wait_for_answers(
+                tab,
+                {
+                    sites[ST_MARYS.key].site_id: "uploaded",
+                    sites[NORTHFIELD.key].site_id: "uploaded",
+                    sites[HARBOUR.key].site_id: "declined",
+                    lakeside.site_id: "waiting",
+                },
+            )
+            declined = page.locator(f"#live-round tr[data-site-id={sites[HARBOUR.key].site_id}]")
+            expect(declined).to_contain_text("privacy budget exhausted")
+            expect(declined).to_contain_text("over the site's limit 0.5")
+            expect(page.locator("#figure-bytes .figure-value")).not_to_have_text("0 B")
+            countdown = page.locator("#countdown").inner_text()
+            expect(page.locator("#countdown")).not_to_have_text(countdown, timeout=3_000)  # it ticks
+            tab.screenshot_section("dashboard-round.png", ".topbar", "#live-round")
+
+            # Lakeside's admin installs the credential from the dialog; its upload completes round 0.
+            give_credential(lakeside, credential)
+            federation.start_agent(LAKESIDE.key, LAKESIDE)
+            page.wait_for_function(f"() => ({LIVE_ROUND})() >= 1", timeout=ROUND_MS, polling=250)
+            assert page.evaluate("() => typeof window.noReloadSince") == "number", "the page reloaded"
+            published = federation.rounds()[0]
+            assert sorted(s.site_id for s in published.submissions) == sorted(
+                sites[k].site_id for k in (ST_MARYS.key, NORTHFIELD.key, LAKESIDE.key)
+            )
+            history = page.locator("#round-history tr[data-round='0']")
+            expect(history).to_contain_text("published", timeout=WAIT_MS)
+            expect(history).to_contain_text("Harbour Clinic (privacy budget exhausted)")
+
+            # The overview and the sites while the job runs.
+            page.click("#nav a[data-section=overview]")
+            running = page.locator(f"#running-jobs [data-job-id={federation.job_id}]")
+            expect(running).to_contain_text("breast-cancer-mlp", timeout=WAIT_MS)
+            expect(page.locator("#federations")).to_contain_text("Northern breast-cancer network")
+            expect(page.locator("#stat-sites-pending")).to_contain_text("1 pending")  # Eastgate
+            expect(running.locator(f"[data-site-id={sites[HARBOUR.key].site_id}]")).to_have_attribute(
+                "data-answer", "waiting"
+            )
+            tab.screenshot("dashboard-overview.png", full_page=True)
+            page.click("#nav a[data-section=sites]")
+            for spec in (ST_MARYS, NORTHFIELD, LAKESIDE):
+                expect(page.locator(f"#all-sites tr[data-site-id={sites[spec.key].site_id}] .privacy")).to_contain_text(
+                    f"of {spec.max_epsilon:.1f}", timeout=ROUND_MS
+                )
+            harbour_row = page.locator(f"#all-sites tr[data-site-id={sites[HARBOUR.key].site_id}]")
+            expect(harbour_row.locator(".agent")).to_contain_text("declined")
+            st_marys = page.locator(f"#all-sites tr[data-site-id={sites[ST_MARYS.key].site_id}]")
+            expect(st_marys.locator(".versions dt")).to_contain_text(
+                ["fedhe", "Python", "TensorFlow", "TF Privacy", "TenSEAL"]
+            )
+            expect(st_marys.locator(".versions .mismatch")).to_have_count(0)
+            expect(st_marys.locator(".agent")).to_contain_text("online")
+            tab.screenshot("dashboard-sites.png", full_page=True)
+
+            # Every round published; the job page charts them.
+            deadline = time.monotonic() + ROUND_MS / 1000
+            while federation.job_status() == JobStatus.RUNNING and time.monotonic() < deadline:
+                time.sleep(1)
+            assert federation.job_status() == JobStatus.COMPLETED, [a.tail() for a in federation.agents.values()]
+            for key in (ST_MARYS.key, NORTHFIELD.key, LAKESIDE.key):
+                assert federation.agents[key].process.wait(timeout=60) == 0, federation.agents[key].tail()
+            assert federation.agents[HARBOUR.key].process.wait(timeout=10) == 10, "exit code for a spent budget"
+            rounds = federation.rounds()
+            assert [r.state.value for r in rounds] == ["published"] * ROUNDS
+            page.click("#nav a[data-section=jobs]")
+            page.click(f"a[href='#jobs/{federation.job_id}']")
+            last = page.locator(f"#round-history tr[data-round='{ROUNDS - 1}']")
+            expect(last).to_contain_text(f"{weighted_accuracy(rounds[-1]) * 100:.1f} %", timeout=WAIT_MS * 3)
+            expect(page.locator("#live-round-title")).to_contain_text("Job completed")
+            for chart, traces in (("scores", 2), ("epsilon", 6), ("cost", 2)):
+                expect(page.locator(f"#chart-{chart}")).to_have_attribute("data-traces", str(traces))
+            tab.screenshot_section("dashboard-job.png", "#job-charts", "#round-history")
+            assert page.evaluate("() => typeof window.noReloadSince") == "number", "the page reloaded"
+
+            # Logging out forgets the session here and revokes it at the aggregator.
+            with page.expect_response(lambda response: response.url.endswith(f"/v1/tokens/{stored['id']}/revoke")):
+                page.click("#logout")
+            expect(page.locator("#login-form")).to_be_visible()
+            assert page.evaluate("() => sessionStorage.length") == 0
+            revoked = httpx.get(
+                f"{cluster.aggregator_url}/v1/whoami",
+                headers={"Authorization": f"Bearer {stored['token']}"},
+                verify=cluster.secrets.tls.ssl_context(),
+            )
+            assert revoked.status_code == 401
+            tab.assert_no_problems()
+    finally:
+        federation.stop()
+
+
+def viewer_token(cluster: Cluster, name: str) -> str:
+    with cluster.aggregator_admin() as admin:
+        admin.create_account(AccountCreate(name=name, role="viewer"))
+        return admin.issue_token(name, TokenCreate(label="dashboard test")).token
+
+
+def test_a_viewer_sees_no_action_buttons_and_the_server_refuses_them(
+    cluster: Cluster, browser: Browser, tmp_path: Path
+) -> None:
+    pending = register(cluster, tmp_path, SiteSpec("westbrook", "Westbrook Hospital", "Westbrook", "a@b.example", 1.0))
+    with dashboard(browser, cluster) as tab:
+        page = tab.page
+        page.goto(f"{cluster.aggregator_url}/dashboard")
+        page.fill("#api-token", "fht_not-a-token")
+        page.click("#login-submit")
+        expect(page.locator("#login-error")).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator("#login-error")).not_to_be_empty()
+        assert page.evaluate("() => sessionStorage.length") == 0
+        tab.log_in(viewer_token(cluster, "ward-viewer"))
+        expect(page.locator("#who")).to_contain_text("ward-viewer")
+        expect(page.locator("#who")).to_contain_text("viewer")
+        for section in ("overview", "sites", "jobs"):
+            page.click(f"#nav a[data-section={section}]")
+            expect(page.locator("#view")).to_have_attribute("data-section", section)
+            page.wait_for_timeout(300)
+            expect(page.locator("#view button")).to_have_count(0)
+        page.click("#nav a[data-section=sites]")
+        expect(page.locator(f"#approval-queue tr[data-site-id={pending.site_id}]")).to_contain_text("Westbrook")
+        expect(page.locator("#approval-queue")).to_contain_text("only admins approve")
+        expect(page.locator("button[data-action]")).to_have_count(0)
+        session = tab.session()
+        tab.assert_no_problems("401")  # the wrong token
+    with (
+        AggregatorClient(cluster.aggregator_url, session["token"], tls=cluster.secrets.tls) as as_viewer,
+        pytest.raises(PermissionDenied),
+    ):
+        as_viewer.approve_site(pending.site_id)
+    with cluster.aggregator_admin() as admin:
+        assert admin.site(pending.site_id).status == SiteStatus.PENDING
+
+
+def test_registrations_are_shown_as_text_and_admins_reject_and_revoke_by_clicking(
+    cluster: Cluster, browser: Browser, tmp_path: Path
+) -> None:
+    hostile = SiteSpec(
+        "hostile",
+        '<img src=x onerror="window.injected=1">',
+        "<script>window.injected=2</script>",
+        '"><b>contact</b>',
+        1.0,
+    )
+    site = register(cluster, tmp_path, hostile)
+    approved = register(cluster, tmp_path, SiteSpec("ridge", "Ridge Hospital", "Ridge", "r@ridge.example", 1.0))
+    with cluster.aggregator_admin() as admin:
+        admin.approve_site(approved.site_id)
+    with dashboard(browser, cluster) as tab:
+        page = tab.page
+        tab.log_in(cluster.secrets.aggregator_admin_token)
+        page.click("#nav a[data-section=sites]")
+        queued = page.locator(f"#approval-queue tr[data-site-id={site.site_id}]")
+        expect(queued).to_contain_text(hostile.name, timeout=WAIT_MS)
+        expect(queued).to_contain_text(hostile.organisation)
+        expect(queued).to_contain_text(hostile.contact)
+        assert page.locator("#view img, #view script, #view b").count() == 0
+        assert page.evaluate("() => window.injected") is None
+
+        queued.locator("button[data-action=reject]").click()
+        page.click("#confirm-ok")
+        row = page.locator(f"#all-sites tr[data-site-id={site.site_id}]")
+        expect(row).to_have_attribute("data-status", "rejected", timeout=WAIT_MS)
+        page.locator(f"#all-sites tr[data-site-id={approved.site_id}] button[data-action=revoke]").click()
+        expect(page.locator("#confirm-title")).to_have_text("Revoke Ridge Hospital?")
+        page.click("#confirm-ok")
+        revoked = page.locator(f"#all-sites tr[data-site-id={approved.site_id}]")
+        expect(revoked).to_have_attribute("data-status", "revoked", timeout=WAIT_MS)
+        with cluster.aggregator_admin() as admin:
+            assert admin.site(site.site_id).status == SiteStatus.REJECTED
+            assert admin.site(approved.site_id).status == SiteStatus.REVOKED
+            # A session that ends elsewhere (revoked, expired) sends the tab back to the login form.
+            admin.revoke_token(tab.session()["id"])
+        expect(page.locator("#login-error")).to_contain_text("session has ended", timeout=WAIT_MS)
+        assert page.evaluate("() => sessionStorage.length") == 0
+        assert page.evaluate("() => window.injected") is None
+        tab.assert_no_problems("401")
