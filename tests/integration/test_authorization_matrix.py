@@ -123,6 +123,7 @@ AGGREGATOR_RULES: dict[tuple[str, str], Rule] = {
 KEYSERVER_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
     ("POST", "/v1/federations"): keyserver_rule("keyserver_admin"),
     ("GET", "/v1/federations"): keyserver_rule("keyserver_admin"),
     ("GET", "/v1/federations/{federation_id}"): keyserver_rule("keyserver_admin", "service"),

@@ -108,7 +108,7 @@ def create_app(
         streamed_paths=UPLOAD_PATH,
     )
     install_error_handlers(app)
-    app.add_middleware(RequestLogging, observe=metrics.request)
+    app.add_middleware(RequestLogging, observe=metrics.http.request)
     for router in (sites, federations, jobs, events, audit, accounts_router, dashboard):
         app.include_router(router)
 

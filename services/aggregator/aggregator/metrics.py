@@ -10,9 +10,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from aggregator.coordination import Event
+from fedhe.http_metrics import HttpMetrics
 
 ROUND_SECONDS_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-HTTP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
@@ -38,19 +38,7 @@ class Metrics:
             registry=r,
         )
         self.heartbeats = Counter("fedhe_heartbeats", "Agent heartbeats received.", registry=r)
-        self.http_requests = Counter(
-            "fedhe_http_requests",
-            "HTTP requests by route template, method and status.",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.http_seconds = Histogram(
-            "fedhe_http_request_duration_seconds",
-            "HTTP request duration by route template.",
-            ["route"],
-            buckets=HTTP_SECONDS_BUCKETS,
-            registry=r,
-        )
+        self.http = HttpMetrics(r)
         self.sites = Gauge("fedhe_sites", "Registered sites by status.", ["status"], registry=r)
         self.sites_online = Gauge(
             "fedhe_sites_online", "Sites whose agent sent a heartbeat within a minute.", registry=r
@@ -77,12 +65,6 @@ class Metrics:
             self.rounds_failed.inc()
         elif kind == "update.declined":
             self.updates_declined.labels(reason=str(event.get("reason"))).inc()
-
-    def request(self, route: str | None, method: str, status: int, seconds: float) -> None:
-        """Count one HTTP request (``route`` is the template, never the raw path)."""
-        template = route or "<unmatched>"
-        self.http_requests.labels(route=template, method=method, status=str(status)).inc()
-        self.http_seconds.labels(route=template).observe(seconds)
 
     def render(self, sites: dict[str, int], online: int, jobs: dict[str, int]) -> bytes:
         """The text exposition, with the gauges set from the database's current counts."""

@@ -13,7 +13,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from fedhe.accounts import AccountService, Principal, Role
@@ -38,6 +40,7 @@ from fedhe.schemas import (
     MemberPublic,
 )
 from keyserver import migrations
+from keyserver.metrics import KeyserverMetrics
 from keyserver.nonces import nonce_store_for
 from keyserver.repository import KeyserverRepository
 from keyserver.sealing import SecretSealer
@@ -247,19 +250,27 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
         counters_for(settings.redis_url, "fedhe:keyserver:rate"),
     )
     app = FastAPI(title="fedhe keyserver", version="0.1.0")
+    metrics = KeyserverMetrics()
     app.state.key_service = KeyService(
         sessions,
         sealer,
         nonce_store_for(settings.redis_url, sessions),
         audience=settings.audience(),
         max_skew_s=settings.key_release_max_skew_s,
+        metrics=metrics,
     )
     app.state.authenticator = Authenticator(accounts, limiter)
     app.state.limiter = limiter
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, limiter=limiter)
     install_error_handlers(app)
-    app.add_middleware(RequestLogging)
+    app.add_middleware(RequestLogging, observe=metrics.http.request)
     for router_ in (router, release, accounts_router):
         app.include_router(router_)
     add_health_routes(app, engine)
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["health"], responses={429: ERRORS[429]})
+    def prometheus_metrics() -> Response:
+        """Metrics in Prometheus text format: key releases by outcome, HTTP requests (no secrets)."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     return app

@@ -25,6 +25,7 @@ from fedhe.schemas import (
     MemberStatus,
     SignedRequest,
 )
+from keyserver.metrics import KeyserverMetrics
 from keyserver.nonces import NonceStore
 from keyserver.repository import KeyserverRepository
 from keyserver.sealing import SecretSealer
@@ -66,7 +67,9 @@ class KeyService:
         *,
         audience: str,
         max_skew_s: int,
+        metrics: KeyserverMetrics,
     ):
+        self._metrics = metrics
         self._sessions = sessions
         self._sealer = sealer
         self._nonces = nonces
@@ -323,13 +326,15 @@ class KeyService:
                     subject=key_id,
                     detail={"granted": True, "federation_id": row.federation_id},
                 )
-                return secret
+            self._metrics.release("granted")
+            return secret
         except FedheError as exc:
             self.audit_refused_release(key_id, request.site_id, exc.code)
             raise
 
     def audit_refused_release(self, key_id: object, site_id: object, reason: str) -> None:
         """Audit a refused key release; identifiers that do not match their pattern are not echoed."""
+        self._metrics.release(reason)
         with self._sessions.transaction() as session:
             KeyserverRepository(session).audit(
                 actor=f"site:{loggable(SITE_ID, site_id)}",
