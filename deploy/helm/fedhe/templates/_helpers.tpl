@@ -354,6 +354,23 @@ Secret files of a container as one projected volume "secrets" (mounted at
       {{- end }}
 {{- end -}}
 
+{{/*
+The "annotations:" of a service's pods: prometheus.io/* for Prometheus jobs that discover pods by
+annotation (with metrics.podAnnotations), overlaid with <component>.podAnnotations, which win.
+Nothing when both are empty. Takes (dict "context" $ "component" "aggregator" "port" 8080).
+*/}}
+{{- define "fedhe.podAnnotations" -}}
+{{- $annotations := dict -}}
+{{- if .context.Values.metrics.podAnnotations -}}
+{{- $annotations = dict "prometheus.io/scrape" "true" "prometheus.io/scheme" (include "fedhe.scheme" .context) "prometheus.io/port" (toString .port) "prometheus.io/path" "/metrics" -}}
+{{- end -}}
+{{- $annotations = merge (deepCopy (index .context.Values .component).podAnnotations) $annotations -}}
+{{- with $annotations -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
 {{/* Pod security context (shared by every pod of the chart). Takes the root context. */}}
 {{- define "fedhe.podSecurityContext" -}}
 {{- toYaml .Values.podSecurityContext -}}
