@@ -64,7 +64,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "learning_rate": 0.2,
         "noise_multiplier": 1.2,
-        "num_microbatches": 16,
         "baseline_epochs": 60,
     },
     "digits": {
@@ -73,7 +72,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "learning_rate": 0.2,
         "noise_multiplier": 1.0,
-        "num_microbatches": 32,
         "baseline_epochs": 60,
     },
 }
@@ -100,9 +98,7 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate
         local_epochs=options.local_epochs or preset["local_epochs"],
         batch_size=preset["batch_size"],
         learning_rate=preset["learning_rate"],
-        dp=DPSettings(
-            l2_norm_clip=1.0, noise_multiplier=noise, num_microbatches=preset["num_microbatches"], delta=1e-5
-        ),
+        dp=DPSettings(l2_norm_clip=1.0, noise_multiplier=noise, delta=1e-5),
         max_samples_per_round=10_000,
         seed=options.seed,
         format_id=options.format_id,

@@ -170,8 +170,6 @@ class JobCreate(BaseModel):
     def _check(self) -> JobCreate:
         if self.target_sites is not None and self.target_sites < self.min_sites:
             raise ValueError("target_sites must be at least min_sites")
-        if self.batch_size % self.dp.num_microbatches != 0:
-            raise ValueError("batch_size must be a multiple of dp.num_microbatches")
         return self
 
 

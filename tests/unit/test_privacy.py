@@ -30,7 +30,7 @@ def test_epsilon_matches_known_value() -> None:
 
 
 def test_policy_tightens_and_never_loosens() -> None:
-    job = DPSettings(l2_norm_clip=1.5, noise_multiplier=0.8, num_microbatches=16, delta=1e-5)
+    job = DPSettings(l2_norm_clip=1.5, noise_multiplier=0.8, delta=1e-5)
     tightened = SitePolicy(max_l2_norm_clip=1.0, min_noise_multiplier=1.2, max_delta=1e-6).tighten(job)
     assert (tightened.l2_norm_clip, tightened.noise_multiplier, tightened.delta) == (1.0, 1.2, 1e-6)
     loose = SitePolicy(max_l2_norm_clip=5.0, min_noise_multiplier=0.5, max_delta=1e-3).tighten(job)

