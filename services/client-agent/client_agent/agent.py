@@ -177,7 +177,7 @@ class SiteAgent:
         return weights
 
     def _evaluate(self, job: JobPublic, number: int, weights: NDArray[Any], evaluated: set[int]) -> None:
-        from client_agent.training import evaluate
+        from client_agent.evaluation import evaluate
 
         metrics = evaluate(job.model, weights, self.validation_data)
         try:
@@ -238,7 +238,8 @@ class SiteAgent:
     def _train_and_encrypt(
         self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
     ) -> bytes:
-        from client_agent.training import evaluate, train_dp_sgd
+        from client_agent.evaluation import evaluate
+        from client_agent.training import train_dp_sgd
 
         if len(self.train_data) > job.max_samples_per_round:
             raise InvalidRequest(
@@ -311,7 +312,7 @@ class SiteAgent:
         outcome.epsilon = self._ledger.epsilon(self._policy.tighten(job.dp).delta)
         if job.status != JobStatus.COMPLETED:
             return outcome
-        from client_agent.training import export_model
+        from client_agent.export import export_model
 
         codec = self._codec(job.key_id, job.format_id)
         weights = self._decode(job, self._aggregator.final_model(job.id), codec)

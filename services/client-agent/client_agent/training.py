@@ -1,44 +1,32 @@
-"""A site's local training round and evaluation, on Keras models from a spec (DP-SGD in ``dp_sgd``)."""
+"""A site's local training round on the Keras model a job's spec describes (DP-SGD in ``dp_sgd``).
+
+Weights travel as flat float64 vectors (``fedhe.models.flat_weights``); the model carries its
+own input normalisation, so training and evaluation feed it the site's raw inputs.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
-from sklearn.metrics import f1_score, recall_score
 
 from client_agent.dp_sgd import DPParameters, DPSGDRun
 from fedhe.datasets import Dataset
-from fedhe.errors import InvalidRequest
-from fedhe.modelspec import ModelSpec, flatten_weights, unflatten_weights
+from fedhe.models import build_model, flat_weights, set_flat_weights
+from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings, TrainingPass
 
 
-def build_model(spec: ModelSpec) -> tf.keras.Model:
-    """The Keras model a spec describes (outputs logits)."""
-    layers: list[tf.keras.layers.Layer] = [tf.keras.layers.Input(shape=(spec.input_dim,))]
-    layers += [tf.keras.layers.Dense(units, activation=spec.activation) for units in spec.hidden_units]
-    layers.append(tf.keras.layers.Dense(spec.num_classes))
-    model = tf.keras.Sequential(layers)
-    shapes = [tuple(w.shape) for w in model.get_weights()]
-    if shapes != spec.weight_shapes():
-        raise InvalidRequest(f"Keras built weight shapes {shapes}, the spec says {spec.weight_shapes()}")
+def load_model(spec: ModelSpec, weights: NDArray[Any], *, custom_modules: Collection[str] = ()) -> tf.keras.Model:
+    """``spec``'s Keras model holding the flat ``weights``."""
+    model = build_model(spec, custom_modules=custom_modules)
+    set_flat_weights(model, weights)
     return model
-
-
-def normalise(spec: ModelSpec, x: NDArray[Any]) -> NDArray[Any]:
-    """Apply the federation's agreed input scaling."""
-    if x.shape[1] != spec.input_dim:
-        raise InvalidRequest(f"data has {x.shape[1]} features, the model expects {spec.input_dim}")
-    if spec.normalisation is None:
-        return x
-    scaled: NDArray[Any] = (x - np.asarray(spec.normalisation.mean)) / np.asarray(spec.normalisation.std)
-    return scaled
 
 
 @dataclass(frozen=True)
@@ -59,22 +47,6 @@ class DPTrainResult(TrainResult):
     training: TrainingPass
 
 
-def evaluate(spec: ModelSpec, weights: NDArray[Any], data: Dataset) -> dict[str, float]:
-    """Loss, accuracy, macro recall and macro F1 of ``weights`` on ``data``."""
-    model = build_model(spec)
-    model.set_weights(unflatten_weights(weights, spec.weight_shapes()))
-    x = normalise(spec, data.x)
-    logits = model(x, training=False).numpy()
-    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(data.y, logits).numpy()
-    predicted = logits.argmax(axis=1)
-    return {
-        "loss": float(loss),
-        "accuracy": float((predicted == data.y).mean()),
-        "recall": float(recall_score(data.y, predicted, average="macro", zero_division=0)),
-        "f1": float(f1_score(data.y, predicted, average="macro", zero_division=0)),
-    }
-
-
 def _train(
     spec: ModelSpec,
     weights: NDArray[Any],
@@ -85,11 +57,11 @@ def _train(
     batch_size: int,
     learning_rate: float,
     proximal_mu: float,
+    custom_modules: Collection[str],
 ) -> tuple[TrainResult, float]:
     """The result and q of one local run (DP when ``dp`` is given)."""
     started = time.perf_counter()
-    model = build_model(spec)
-    model.set_weights(unflatten_weights(weights, spec.weight_shapes()))
+    model = load_model(spec, weights, custom_modules=custom_modules)
     run = DPSGDRun(
         model,
         dp=None if dp is None else DPParameters(l2_norm_clip=dp.l2_norm_clip, noise_multiplier=dp.noise_multiplier),
@@ -98,9 +70,9 @@ def _train(
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
     )
-    summary = run.train(normalise(spec, data.x).astype(np.float32), data.y, epochs)
+    summary = run.train(np.asarray(data.x, dtype=np.float32), data.y, epochs)
     result = TrainResult(
-        weights=flatten_weights(model.get_weights()),
+        weights=flat_weights(model),
         num_samples=len(data),
         steps=summary.steps,
         train_loss=summary.last_epoch_loss,
@@ -119,6 +91,7 @@ def train_dp_sgd(
     batch_size: int,
     learning_rate: float,
     proximal_mu: float = 0.0,
+    custom_modules: Collection[str] = (),
 ) -> DPTrainResult:
     """One round of local DP-SGD from ``weights`` (``client_agent.dp_sgd``: Poisson batches,
     per-example clipping, noise from this run's own OS entropy); ``proximal_mu`` > 0 is FedProx.
@@ -134,6 +107,7 @@ def train_dp_sgd(
         batch_size=batch_size,
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
+        custom_modules=custom_modules,
     )
     training = TrainingPass(sampling_probability=q, noise_multiplier=dp.noise_multiplier, steps=result.steps)
     return DPTrainResult(**vars(result), training=training)
@@ -148,6 +122,7 @@ def train_non_private(
     batch_size: int,
     learning_rate: float,
     proximal_mu: float = 0.0,
+    custom_modules: Collection[str] = (),
 ) -> TrainResult:
     """The same local training without clipping or noise: for baselines, never for a site's data."""
     result, _ = _train(
@@ -159,15 +134,6 @@ def train_non_private(
         batch_size=batch_size,
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
+        custom_modules=custom_modules,
     )
     return result
-
-
-def export_model(spec: ModelSpec, weights: NDArray[Any], path: Path) -> Path:
-    """Save the model as a Keras file (with a softmax head so it outputs probabilities)."""
-    model = build_model(spec)
-    model.set_weights(unflatten_weights(weights, spec.weight_shapes()))
-    exported = tf.keras.Sequential([model, tf.keras.layers.Softmax()])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    exported.save(path)
-    return path
