@@ -14,6 +14,7 @@ silently fall back to either behaviour).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -60,5 +61,11 @@ def draw_run_secrets() -> RunSecrets:
             f"{SWITCH} is set but is not 'test-only:<integer>'; unset it (DP noise must come from OS entropy)",
             code="insecure_dp_seed_refused",
         )
-    logger.warning("DP-SGD noise and sampling are reproducible (%s is set): for tests only", SWITCH)
+    _warn_reproducible()
     return _from_test_seed(int(match.group(1)))
+
+
+@functools.cache
+def _warn_reproducible() -> None:
+    """Once per process: a test run trains many times."""
+    logger.warning("DP-SGD noise and sampling are reproducible (%s is set): for tests only", SWITCH)
