@@ -66,13 +66,54 @@ def test_seed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SWITCH, "test-only:1234")
 
 
+def _strided_cnn() -> tf.keras.Model:
+    return tf.keras.Sequential(
+        [
+            tf.keras.layers.Input((7, 7, 2)),
+            tf.keras.layers.Conv2D(3, (3, 2), strides=2, padding="valid", activation="relu"),
+            tf.keras.layers.Conv2D(2, 2, dilation_rate=2, padding="same", use_bias=False),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(3),
+        ]
+    )
+
+
+def _grouped_cnn() -> tf.keras.Model:
+    return tf.keras.Sequential(
+        [
+            tf.keras.layers.Input((6, 6, 2)),
+            tf.keras.layers.Conv2D(4, 3, groups=2),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(3),
+        ]
+    )
+
+
+def _depthwise_cnn() -> tf.keras.Model:
+    return tf.keras.Sequential(
+        [
+            tf.keras.layers.Input((6, 6, 2)),
+            tf.keras.layers.DepthwiseConv2D(3, activation="tanh"),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(3),
+        ]
+    )
+
+
 def test_paths_follow_the_layer_registry() -> None:
     assert choose_clipping_path(_mlp()) is ClippingPath.FAST
-    assert choose_clipping_path(_cnn()) is ClippingPath.VECTORIZED
+    assert choose_clipping_path(_cnn()) is ClippingPath.FAST
+    assert choose_clipping_path(_strided_cnn()) is ClippingPath.FAST
+    assert choose_clipping_path(_grouped_cnn()) is ClippingPath.VECTORIZED
+    assert choose_clipping_path(_depthwise_cnn()) is ClippingPath.VECTORIZED
     assert choose_clipping_path(_with_batch_norm()) is ClippingPath.VECTORIZED
 
 
-@pytest.mark.parametrize("make", [_mlp, _cnn, _with_batch_norm], ids=["fast", "vectorized", "batch_norm"])
+@pytest.mark.parametrize(
+    "make",
+    [_mlp, _cnn, _strided_cnn, _depthwise_cnn, _with_batch_norm],
+    ids=["fast_dense", "fast_conv", "fast_strided_conv", "vectorized_depthwise", "vectorized_batch_norm"],
+)
 def test_a_noiseless_step_is_the_clipped_sum_over_the_expected_batch(make: Any) -> None:
     model = make()
     x, y = _data(model, 11)
@@ -88,7 +129,7 @@ def _trainable(model: tf.keras.Model) -> NDArray[Any]:
     return np.concatenate([v.numpy().ravel() for v in model.trainable_variables]).astype(np.float64)
 
 
-@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["fast", "vectorized"])
+@pytest.mark.parametrize("make", [_mlp, _cnn, _depthwise_cnn], ids=["fast_dense", "fast_conv", "vectorized"])
 def test_one_example_moves_the_update_by_at_most_lr_clip_over_expected_batch(make: Any) -> None:
     """Adding an example with a huge gradient changes a noiseless step by at most lr·C/(q·n)."""
     model = make()

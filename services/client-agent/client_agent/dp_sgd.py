@@ -10,12 +10,13 @@ make the step's scale depend on the data. A local epoch is n / batch_size steps.
 
 How per-example gradients are clipped (``choose_clipping_path``)
 -----------------------------------------------------------------
-``FAST``: every layer with trainable variables is in tensorflow-privacy's layer registry
-    (Dense, Embedding) and the model is functional/Sequential. ``clip_grads.
+``FAST``: every layer with trainable variables is in the layer registry (tensorflow-privacy's
+    Dense and Embedding, and our Conv2D, ``client_agent.layer_registry``) and the model is
+    functional/Sequential. ``clip_grads.
     compute_gradient_norms`` gets every example's gradient norm from one forward/backward pass
     (ghost clipping, arXiv:1510.01799, arXiv:2009.03106); a second backward pass of the loss
     weighted by each example's clip factor yields the sum of clipped gradients.
-``VECTORIZED``: anything else (Conv2D, BatchNormalization, ...). Per-example gradients are
+``VECTORIZED``: anything else (BatchNormalization, DepthwiseConv2D, ...). Per-example gradients are
     materialised with ``tf.vectorized_map`` over a chunk of examples, clipped and summed; a
     ``tf.while_loop`` walks the chunks so memory stays at one chunk x the parameter count.
 
@@ -76,8 +77,8 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
 from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads, gradient_clipping_utils
-from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import make_default_layer_registry
 
+from client_agent.layer_registry import conv2d_supported, fast_clipping_registry
 from fedhe.dp_randomness import RunSecrets, draw_run_secrets
 from fedhe.errors import InvalidRequest
 from fedhe.privacy import sampling_probability, steps_per_epoch
@@ -96,10 +97,11 @@ class ClippingPath(enum.StrEnum):
 
 
 def choose_clipping_path(model: tf.keras.Model) -> ClippingPath:
-    """``FAST`` when tensorflow-privacy's registry covers every trainable layer, else ``VECTORIZED``."""
-    registry = make_default_layer_registry()
+    """``FAST`` when the registry covers every trainable layer (and its configuration), else ``VECTORIZED``."""
     functional = gradient_clipping_utils.has_internal_compute_graph(model)
-    if functional and gradient_clipping_utils.all_trainable_layers_are_registered(model, registry):
+    covered = gradient_clipping_utils.all_trainable_layers_are_registered(model, fast_clipping_registry())
+    convolutions = [layer for layer in model.layers if type(layer) is tf.keras.layers.Conv2D]
+    if functional and covered and all(conv2d_supported(layer) for layer in convolutions):
         return ClippingPath.FAST
     return ClippingPath.VECTORIZED
 
@@ -144,7 +146,7 @@ class _Step:
         self._lr = float(learning_rate)
         self._mu = float(proximal_mu)
         self._anchor = [tf.constant(v.numpy()) for v in variables] if proximal_mu > 0 else []
-        self._registry = make_default_layer_registry()
+        self._registry = fast_clipping_registry()
         spec = tf.TensorSpec([None, None, *model.input_shape[1:]], tf.float32)
         rows = tf.TensorSpec([None, None], tf.float32)
         labels = tf.TensorSpec([None, None], tf.int64)
