@@ -272,3 +272,31 @@ def test_a_site_needs_one_expected_batch() -> None:
         DPSGDRun(_mlp(), dp=DPParameters(1.0, 1.0), batch_size=16, num_examples=10, learning_rate=0.1)
     with pytest.raises(InvalidRequest, match="proximal_mu"):
         DPSGDRun(_mlp(), dp=DPParameters(1.0, 1.0), batch_size=4, num_examples=10, learning_rate=0.1, proximal_mu=-1)
+
+
+def test_local_momentum_accumulates_the_noisy_step() -> None:
+    model = _mlp()
+    global_weights = model.get_weights()
+    x, y = _data(model, 4)
+    lr, mu, beta, drift = 0.1, 2.0, 0.5, 0.5
+    run = DPSGDRun(
+        model,
+        dp=DPParameters(1e-9, 0.0),
+        batch_size=4,
+        num_examples=8,
+        learning_rate=lr,
+        proximal_mu=mu,
+        momentum=beta,
+    )
+    model.set_weights([w + drift for w in global_weights])
+    run.step(x, y)
+    run.step(x, y)
+    # With a ~0 clipped gradient the step is the proximal term alone: g1 = μd, g2 = μd(1 - lr·μ).
+    g1 = mu * drift
+    after_one = drift - lr * g1
+    g2 = mu * after_one
+    expected = after_one - lr * (beta * g1 + g2)
+    for after, start in zip(model.get_weights(), global_weights, strict=True):
+        np.testing.assert_allclose(after - start, expected, atol=1e-6)
+    with pytest.raises(InvalidRequest, match="momentum"):
+        DPSGDRun(_mlp(), dp=DPParameters(1.0, 1.0), batch_size=4, num_examples=10, learning_rate=0.1, momentum=1.0)

@@ -34,6 +34,12 @@ their initial values and their deltas stay 0) and stays a per-example affine map
 and beta are still trained; Dropout is off, so both passes of the fast path see the same
 network.
 
+Local momentum
+--------------
+With ``momentum`` = β > 0 the step applies heavy-ball momentum to the noisy (and proximal)
+gradient: v ← β·v + g, w ← w − lr·v, v starting at 0 each run. Like the proximal term it only
+transforms released noisy gradients, so it costs no privacy.
+
 FedProx
 -------
 With ``proximal_mu`` = μ > 0 the step adds μ·(w − w_global) to the noisy gradient, outside
@@ -129,6 +135,7 @@ class _Step:
         expected_batch_size: float,
         learning_rate: float,
         proximal_mu: float,
+        momentum: float,
         noise: tf.random.Generator | None,
     ):
         self.model = model
@@ -146,6 +153,8 @@ class _Step:
         self._lr = float(learning_rate)
         self._mu = float(proximal_mu)
         self._anchor = [tf.constant(v.numpy()) for v in variables] if proximal_mu > 0 else []
+        self._momentum = float(momentum)
+        self._velocity = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables] if momentum > 0 else []
         self._registry = fast_clipping_registry()
         spec = tf.TensorSpec([None, None, *model.input_shape[1:]], tf.float32)
         rows = tf.TensorSpec([None, None], tf.float32)
@@ -227,6 +236,8 @@ class _Step:
             update /= self._denominator
             if self._anchor:
                 update += self._mu * (variable - self._anchor[k])
+            if self._velocity:
+                update = self._velocity[k].assign(self._momentum * self._velocity[k] + update)
             variable.assign_sub(self._lr * update)
         return loss / tf.maximum(tf.reduce_sum(mask), 1.0)
 
@@ -253,9 +264,12 @@ class DPSGDRun:
         num_examples: int,
         learning_rate: float,
         proximal_mu: float = 0.0,
+        momentum: float = 0.0,
     ):
         if proximal_mu < 0:
             raise InvalidRequest("proximal_mu must be at least 0")
+        if not 0 <= momentum < 1:
+            raise InvalidRequest("momentum must be in [0, 1)")
         self._q = sampling_probability(num_examples, batch_size)
         self._batch_size = batch_size
         self._secrets: RunSecrets | None = draw_run_secrets()
@@ -271,6 +285,7 @@ class DPSGDRun:
             expected_batch_size=self._q * num_examples,
             learning_rate=learning_rate,
             proximal_mu=proximal_mu,
+            momentum=momentum,
             noise=noise,
         )
 

@@ -57,6 +57,7 @@ def _train(
     batch_size: int,
     learning_rate: float,
     proximal_mu: float,
+    momentum: float,
     custom_modules: Collection[str],
 ) -> tuple[TrainResult, float]:
     """The result and q of one local run (DP when ``dp`` is given)."""
@@ -69,6 +70,7 @@ def _train(
         num_examples=len(data),
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
+        momentum=momentum,
     )
     summary = run.train(np.asarray(data.x, dtype=np.float32), data.y, epochs)
     result = TrainResult(
@@ -91,10 +93,12 @@ def train_dp_sgd(
     batch_size: int,
     learning_rate: float,
     proximal_mu: float = 0.0,
+    momentum: float = 0.0,
     custom_modules: Collection[str] = (),
 ) -> DPTrainResult:
     """One round of local DP-SGD from ``weights`` (``client_agent.dp_sgd``: Poisson batches,
-    per-example clipping, noise from this run's own OS entropy); ``proximal_mu`` > 0 is FedProx.
+    per-example clipping, noise from this run's own OS entropy); ``proximal_mu`` > 0 is FedProx,
+    ``momentum`` > 0 local heavy-ball momentum (both post-processing: no privacy cost).
 
     ``training`` in the result is exactly what ``fedhe.privacy.local_training_pass`` plans.
     """
@@ -107,6 +111,7 @@ def train_dp_sgd(
         batch_size=batch_size,
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
+        momentum=momentum,
         custom_modules=custom_modules,
     )
     training = TrainingPass(sampling_probability=q, noise_multiplier=dp.noise_multiplier, steps=result.steps)
@@ -122,6 +127,7 @@ def train_non_private(
     batch_size: int,
     learning_rate: float,
     proximal_mu: float = 0.0,
+    momentum: float = 0.0,
     custom_modules: Collection[str] = (),
 ) -> TrainResult:
     """The same local training without clipping or noise: for baselines, never for a site's data."""
@@ -134,6 +140,7 @@ def train_non_private(
         batch_size=batch_size,
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
+        momentum=momentum,
         custom_modules=custom_modules,
     )
     return result
