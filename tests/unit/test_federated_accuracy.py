@@ -73,7 +73,7 @@ def test_breast_cancer_three_non_iid_sites_within_5_points_at_epsilon_3() -> Non
     assert accuracy >= baseline - 0.05, (accuracy, baseline)
 
 
-# Sites of ~290 rows and 10 classes: at ε ≈ 3 per site logistic regression reaches ~63% (see
+# Sites of ~290 rows and 10 classes: at ε ≈ 3 per site logistic regression reaches ~50% (see
 # bench/results/dp_accuracy.md); within 10 points of the baseline takes ε ≈ 16.
 DIGITS_DP = FederatedSettings(
     rounds=5,
