@@ -53,14 +53,19 @@ class Budget:
 
 
 FULL = Budget(warmup=3, steps=40, min_steps=5, seconds=3.0, batch_sizes=(32, 128))
-QUICK = Budget(warmup=2, steps=8, min_steps=3, seconds=0.5, batch_sizes=(32,))
+QUICK = Budget(warmup=2, steps=6, min_steps=3, seconds=0.5, batch_sizes=(16,))
 
 
 def _models() -> list[tuple[str, ModelSpec]]:
+    """One spec per zoo architecture; the MobileNets at their smallest input, 32 x 32 x 3, alpha 0.35."""
+    small = {"input_shape": (32, 32, 3), "alpha": 0.35, "num_classes": 10}
     return [
-        ("logistic 30-2", ModelSpec(input_dim=30, num_classes=2)),
-        ("mlp 64-32-10", ModelSpec(input_dim=64, hidden_units=[32], num_classes=10)),
-        ("mlp 784-256-10", ModelSpec(input_dim=784, hidden_units=[256], num_classes=10)),
+        ("logistic 30-2", ModelSpec(architecture="logistic", input_shape=(30,), num_classes=2)),
+        ("mlp 64-32-10", ModelSpec(input_shape=(64,), hidden_units=[32], num_classes=10)),
+        ("mlp 784-256-10", ModelSpec(input_shape=(784,), hidden_units=[256], num_classes=10)),
+        ("cnn 8x8x1 16-32", ModelSpec(architecture="cnn", input_shape=(8, 8, 1), num_classes=10)),
+        ("mobilenet_v2 32x32x3 a0.35", ModelSpec(architecture="mobilenet_v2", **small)),
+        ("mobilenet_v3_small 32x32x3 a0.35", ModelSpec(architecture="mobilenet_v3_small", **small)),
     ]
 
 
@@ -69,6 +74,7 @@ def _step_fn(spec: ModelSpec, dp: DPParameters | None, batch_size: int) -> tuple
     rng = np.random.default_rng(0)
     x: NDArray[Any] = rng.normal(size=(NUM_EXAMPLES, *model.input_shape[1:])).astype(np.float32)
     y = rng.integers(0, spec.num_classes, size=NUM_EXAMPLES)
+    # Random data: only the step's cost is measured.
     run = DPSGDRun(model, dp=dp, batch_size=batch_size, num_examples=NUM_EXAMPLES, learning_rate=LEARNING_RATE)
 
     def step() -> float:
@@ -145,7 +151,7 @@ def _markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--quick", action="store_true", help="one batch size, few steps (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="one batch size, few steps (2-3 minutes on 2 cores)")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL
     tf.get_logger().setLevel("ERROR")
