@@ -4,7 +4,8 @@
 
     FedheError
     ├── InvalidRequest          400  the request is malformed or breaks a rule
-    │   └── InvalidUpdate       400  an encrypted update cannot be accepted as sent
+    │   ├── InvalidUpdate       400  an encrypted update cannot be accepted as sent
+    │   └── DataProblem         400  a site's data file cannot be used (names file, row, column)
     ├── Unauthenticated         401  no credential, or one that is not valid
     ├── PermissionDenied        403  authenticated, but not allowed (pending/revoked site)
     ├── NotFound                404  no such site, federation, job or round
@@ -55,6 +56,12 @@ class InvalidUpdate(InvalidRequest):
     """An encrypted update cannot be accepted as sent (bad envelope, ciphertext or shape)."""
 
     default_code = "invalid_update"
+
+
+class DataProblem(InvalidRequest):
+    """A site's data cannot be used as the job needs it; the message names the file and place."""
+
+    default_code = "data_problem"
 
 
 class Unauthenticated(FedheError):

@@ -1,22 +1,53 @@
-"""Model specifications: what ML engineers declare in a job, and the weights it implies.
+"""Model specifications: what ML engineers declare in a job, without TensorFlow.
 
-The aggregator must serve round 0's initial weights without importing TensorFlow, so a spec
-derives its weight shapes and a seeded Glorot-uniform initialisation in NumPy; the agent
-builds the matching Keras model (``client_agent.training``) and checks the shapes agree.
+The aggregator must validate a job and, for dense models, serve round 0's initial weights
+without importing TensorFlow. So a spec is plain data: the architecture and its settings,
+the data contract (input shape, classes, feature names) and the fixed input normalisation.
+``fedhe.models`` builds the Keras model a spec describes.
+
+* ``logistic``: inputs -> softmax (one Dense layer); ``mlp``: inputs -> ``hidden_units`` ->
+  softmax. Their weight shapes, parameter count and seeded Glorot-uniform initial weights
+  come from NumPy here (the Keras builder uses the same numbers).
+* ``cnn``: a small ConvNet for images: per entry of ``conv_filters`` a 3 x 3 convolution and
+  2 x 2 max-pooling, then ``hidden_units`` Dense layers and the classifier. Its parameter
+  count is a formula here too.
+* ``mobilenet_v2`` / ``mobilenet_v3_small``: ``tf.keras.applications`` with ``weights=None``,
+  width multiplier ``alpha``, images of at least 32 x 32.
+* ``custom``: ``import_path`` = ``"module:function"``, called as ``function(input_shape=...,
+  num_classes=..., **options)`` at each site (only for modules the site allows).
+
+For the last three the parameter count (and the architecture's identity) is whatever Keras
+builds, so the job creator computes a ``ModelFingerprint`` with ``fedhe.models.fingerprint``
+and puts it in the spec; sites refuse a model whose build does not match it.
+
+``input_dim: n`` is still accepted as shorthand for ``input_shape: [n]``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedhe.datasets.schema import ClassList, DataSchema
+from fedhe.errors import InvalidRequest
+
+Architecture = Literal["logistic", "mlp", "cnn", "mobilenet_v2", "mobilenet_v3_small", "custom"]
+DENSE_ARCHITECTURES = frozenset({"logistic", "mlp"})
+IMAGE_ARCHITECTURES = frozenset({"cnn", "mobilenet_v2", "mobilenet_v3_small"})
+KERAS_APPLICATIONS = frozenset({"mobilenet_v2", "mobilenet_v3_small"})
+DEFAULT_CONV_FILTERS = (16, 32)
+_CONV_KERNEL = 3
+_MOBILENET_MIN_SIZE = 32
+_MAX_INPUT_VALUES = 10_000_000
 
 
 class InputNormalisation(BaseModel):
-    """Per-feature affine scaling agreed by the federation (public, part of the spec)."""
+    """Fixed ``(x - mean) / std`` per feature (1-D inputs) or per channel (images), public."""
 
     mean: list[float]
     std: list[float]
@@ -25,43 +56,153 @@ class InputNormalisation(BaseModel):
     def _check(self) -> InputNormalisation:
         if len(self.mean) != len(self.std):
             raise ValueError("mean and std must have the same length")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("every std must be positive")
+        if any(not s > 0 or not math.isfinite(s) for s in self.std) or not all(map(math.isfinite, self.mean)):
+            raise ValueError("every mean must be finite and every std positive and finite")
         return self
+
+
+class ModelFingerprint(BaseModel):
+    """What the job creator's Keras build of a spec produced; every site's build must match."""
+
+    architecture_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    num_parameters: int = Field(ge=1)
+    initial_weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class ModelSpec(BaseModel):
-    """A dense classifier: inputs -> hidden layers -> softmax over ``num_classes``."""
+    """A classifier over ``num_classes`` classes of inputs of ``input_shape`` (module docstring)."""
 
-    architecture: Literal["mlp"] = "mlp"
-    input_dim: int = Field(ge=1, le=1_000_000)
-    hidden_units: list[int] = Field(default_factory=list, max_length=16)
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: Architecture = "mlp"
+    input_shape: tuple[int, ...] = Field(min_length=1, max_length=3)
     num_classes: int = Field(ge=2, le=100_000)
+    class_names: list[str] | None = None
+    feature_names: list[str] | None = None
+    hidden_units: list[int] = Field(default_factory=list, max_length=16)
     activation: Literal["relu", "tanh"] = "relu"
+    conv_filters: list[int] | None = Field(default=None, min_length=1, max_length=6)
+    alpha: float | None = Field(default=None, gt=0, le=2)
+    import_path: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    options: dict[str, int | float | str | bool] = Field(default_factory=dict)
     normalisation: InputNormalisation | None = None
+    fingerprint: ModelFingerprint | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_dim_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "input_dim" in data:
+            if "input_shape" in data:
+                raise ValueError("give input_shape or input_dim, not both")
+            data = {**data, "input_shape": [data["input_dim"]]}
+            del data["input_dim"]
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        if any(units < 1 for units in self.hidden_units):
-            raise ValueError("hidden_units must all be positive")
-        if self.normalisation is not None and len(self.normalisation.mean) != self.input_dim:
-            raise ValueError("normalisation must have input_dim entries")
+        self._check_shape()
+        self._check_architecture_fields()
+        if self.class_names is not None and (
+            len(self.class_names) != self.num_classes or len(set(self.class_names)) != self.num_classes
+        ):
+            raise ValueError("class_names must be num_classes distinct names")
+        if self.feature_names is not None and (
+            len(self.input_shape) != 1 or sorted(set(self.feature_names)) != sorted(self.feature_names)
+        ):
+            raise ValueError("feature_names need a 1-D input and must be distinct")
+        if self.feature_names is not None and len(self.feature_names) != self.input_shape[0]:
+            raise ValueError("feature_names must have one name per input feature")
+        if self.normalisation is not None and len(self.normalisation.mean) != self.input_shape[-1]:
+            raise ValueError("normalisation needs one mean/std per input feature (per channel for images)")
         return self
 
+    def _check_shape(self) -> None:
+        if any(size < 1 for size in self.input_shape) or math.prod(self.input_shape) > _MAX_INPUT_VALUES:
+            raise ValueError(f"input_shape sizes must be positive, at most {_MAX_INPUT_VALUES} values in all")
+        if self.architecture in IMAGE_ARCHITECTURES and len(self.input_shape) != 3:
+            raise ValueError(f"{self.architecture} takes images: input_shape must be [height, width, channels]")
+        if self.architecture in DENSE_ARCHITECTURES and len(self.input_shape) != 1:
+            raise ValueError(f"{self.architecture} takes feature vectors: input_shape must be [features]")
+        if self.architecture in KERAS_APPLICATIONS and min(self.input_shape[:2]) < _MOBILENET_MIN_SIZE:
+            raise ValueError(
+                f"{self.architecture} needs images of at least {_MOBILENET_MIN_SIZE} x {_MOBILENET_MIN_SIZE}"
+            )
+        if self.architecture == "cnn":
+            smallest = 2 ** len(self.filters())
+            if min(self.input_shape[:2]) < smallest:
+                raise ValueError(f"{len(self.filters())} pooling steps need images of at least {smallest} pixels")
+
+    def _check_architecture_fields(self) -> None:
+        arch = self.architecture
+        allowed = {
+            "hidden_units": arch in ("mlp", "cnn"),
+            "conv_filters": arch == "cnn",
+            "alpha": arch in KERAS_APPLICATIONS,
+            "import_path": arch == "custom",
+            "options": arch == "custom",
+        }
+        given = {"hidden_units": bool(self.hidden_units), "options": bool(self.options)}
+        for name, ok in allowed.items():
+            if not ok and given.get(name, getattr(self, name) is not None):
+                raise ValueError(f"{name} does not apply to the {arch} architecture")
+        if any(units < 1 for units in self.hidden_units) or any(f < 1 for f in self.conv_filters or []):
+            raise ValueError("hidden_units and conv_filters must all be positive")
+        if arch == "custom" and self.import_path is None:
+            raise ValueError("a custom architecture needs import_path 'module:function'")
+
+    @property
+    def input_dim(self) -> int:
+        """Number of input features of a 1-D model (the old name of ``input_shape[0]``)."""
+        if len(self.input_shape) != 1:
+            raise InvalidRequest(f"a {self.architecture} model takes inputs of shape {self.input_shape}")
+        return self.input_shape[0]
+
+    def filters(self) -> tuple[int, ...]:
+        """The cnn's convolution widths."""
+        return tuple(self.conv_filters) if self.conv_filters is not None else DEFAULT_CONV_FILTERS
+
+    def data_schema(self) -> DataSchema:
+        """The contract a site's data must meet for this model."""
+        return DataSchema(
+            input_shape=self.input_shape,
+            classes=ClassList(self.num_classes, None if self.class_names is None else tuple(self.class_names)),
+            feature_columns=None if self.feature_names is None else tuple(self.feature_names),
+        )
+
     def weight_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the weight arrays in Keras order (kernel, bias per layer)."""
-        sizes = [self.input_dim, *self.hidden_units, self.num_classes]
+        """Shapes of the weight arrays in Keras order (kernel, bias per layer); dense models only."""
+        if self.architecture not in DENSE_ARCHITECTURES:
+            raise InvalidRequest(f"a {self.architecture} model's weights come from Keras (fedhe.models)")
+        sizes = [self.input_shape[0], *self.hidden_units, self.num_classes]
         shapes: list[tuple[int, ...]] = []
         for fan_in, fan_out in itertools.pairwise(sizes):
             shapes.extend([(fan_in, fan_out), (fan_out,)])
         return shapes
 
     def num_parameters(self) -> int:
-        """Total number of trainable values."""
-        return int(sum(np.prod(shape) for shape in self.weight_shapes()))
+        """Number of values in the flat weight vector (every array of ``model.get_weights()``)."""
+        if self.architecture in DENSE_ARCHITECTURES:
+            return int(sum(np.prod(shape) for shape in self.weight_shapes()))
+        if self.architecture == "cnn":
+            return self._cnn_parameters()
+        if self.fingerprint is None:
+            raise InvalidRequest(
+                f"a {self.architecture} spec needs the fingerprint of its Keras build (fedhe.models.fingerprint)",
+                code="missing_model_fingerprint",
+            )
+        return self.fingerprint.num_parameters
+
+    def _cnn_parameters(self) -> int:
+        height, width, channels = self.input_shape
+        total = 0
+        for filters in self.filters():
+            total += _CONV_KERNEL * _CONV_KERNEL * channels * filters + filters
+            channels, height, width = filters, height // 2, width // 2
+        sizes = [height * width * channels, *self.hidden_units, self.num_classes]
+        return total + sum(fan_in * fan_out + fan_out for fan_in, fan_out in itertools.pairwise(sizes))
 
     def initial_weights(self, seed: int) -> list[NDArray[Any]]:
-        """Seeded Glorot-uniform kernels and zero biases, as Keras initialises Dense layers."""
+        """Seeded Glorot-uniform kernels and zero biases, as Keras initialises Dense layers (dense models)."""
         rng = np.random.default_rng(seed)
         weights: list[NDArray[Any]] = []
         for shape in self.weight_shapes():

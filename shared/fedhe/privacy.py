@@ -1,11 +1,28 @@
-"""Differential-privacy settings and the RDP accountant sites use to track their budget."""
+"""Differential-privacy settings and the accounting sites use to track and plan their budget.
+
+A site's privacy loss is the composition of every Poisson-subsampled Gaussian step it ran on
+its data (``TrainingPass``: q, σ, steps), under add-or-remove-one adjacency, the relation
+Poisson sampling with a fixed expected-batch denominator (``client_agent.dp_sgd``) is analysed
+under. ε comes from dp_accounting's privacy-loss-distribution (PLD) accountant, which is
+tight up to its pessimistic discretisation; the RDP accountant stays as a cross-check (it
+is always the larger).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import dp_accounting
 from pydantic import BaseModel, Field
+
+from fedhe.errors import InvalidRequest
+
+# Orders of the RDP cross-check (tensorflow-privacy's usual grid).
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512]
+# Privacy-loss discretisation of the PLD accountant: dp_accounting's default; its rounding is
+# pessimistic, so the ε it reports is an upper bound whatever the interval.
+PLD_DISCRETIZATION = 1e-4
 
 
 class DPSettings(BaseModel):
@@ -13,7 +30,6 @@ class DPSettings(BaseModel):
 
     l2_norm_clip: float = Field(default=1.0, gt=0)
     noise_multiplier: float = Field(default=1.1, ge=0.3, description="Gaussian noise std / clip")
-    num_microbatches: int = Field(default=16, ge=1)
     delta: float = Field(default=1e-5, gt=0, lt=1)
 
 
@@ -25,25 +41,90 @@ class TrainingPass(BaseModel):
     steps: int = Field(ge=0)
 
 
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512]
+def sampling_probability(num_samples: int, batch_size: int) -> float:
+    """q = batch_size / n, each example's chance of being in a step's Poisson batch."""
+    if num_samples < batch_size:
+        raise InvalidRequest(
+            f"site has {num_samples} training rows, fewer than one batch of {batch_size}", code="too_few_samples"
+        )
+    return batch_size / num_samples
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """n / batch_size Poisson steps make one expected pass over the data."""
+    return max(1, round(num_samples / batch_size))
+
+
+def local_training_pass(*, num_samples: int, batch_size: int, epochs: int, noise_multiplier: float) -> TrainingPass:
+    """The pass one round of local DP-SGD makes on ``num_samples`` rows (what the ledger records)."""
+    return TrainingPass(
+        sampling_probability=sampling_probability(num_samples, batch_size),
+        noise_multiplier=noise_multiplier,
+        steps=epochs * steps_per_epoch(num_samples, batch_size),
+    )
+
+
+def _events(passes: Iterable[TrainingPass]) -> list[tuple[dp_accounting.DpEvent, int]]:
+    """Each distinct (q, σ) once with its total step count: composition does not depend on order."""
+    steps: Counter[tuple[float, float]] = Counter()
+    for step in passes:
+        if step.steps:
+            steps[(step.sampling_probability, step.noise_multiplier)] += step.steps
+    return [
+        (dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count)
+        for (q, sigma), count in sorted(steps.items())
+    ]
+
+
+def _pld_accountant() -> dp_accounting.pld.PLDAccountant:
+    return dp_accounting.pld.PLDAccountant(
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION
+    )
 
 
 def epsilon_spent(passes: Iterable[TrainingPass], delta: float) -> float:
-    """ε at ``delta`` for the composition of all ``passes`` (RDP accountant, Poisson sampling).
-
-    DP-SGD's batches are treated as Poisson-subsampled with probability batch/n, the standard
-    (and tensorflow-privacy's) analysis of shuffled mini-batches.
-    """
-    accountant = dp_accounting.rdp.RdpAccountant(RDP_ORDERS)
-    any_steps = False
-    for step in passes:
-        if step.steps == 0:
-            continue
-        any_steps = True
-        event = dp_accounting.PoissonSampledDpEvent(
-            step.sampling_probability, dp_accounting.GaussianDpEvent(step.noise_multiplier)
-        )
-        accountant.compose(event, step.steps)
-    if not any_steps:
+    """ε at ``delta`` for the composition of all ``passes`` (PLD accountant, Poisson-subsampled Gaussian)."""
+    events = _events(passes)
+    if not events:
         return 0.0
+    accountant = _pld_accountant()
+    for event, count in events:
+        accountant.compose(event, count)
     return float(accountant.get_epsilon(delta))
+
+
+def epsilon_spent_rdp(passes: Iterable[TrainingPass], delta: float) -> float:
+    """The same ε by the RDP accountant: a looser upper bound, kept as a cross-check."""
+    events = _events(passes)
+    if not events:
+        return 0.0
+    accountant = dp_accounting.rdp.RdpAccountant(RDP_ORDERS)
+    for event, count in events:
+        accountant.compose(event, count)
+    return float(accountant.get_epsilon(delta))
+
+
+def plan_epsilon(
+    *,
+    num_samples: int,
+    batch_size: int,
+    noise_multiplier: float,
+    local_epochs: int,
+    rounds: int,
+    delta: float,
+) -> list[float]:
+    """ε at ``delta`` a site with ``num_samples`` training rows will have spent after each round.
+
+    Every round is the pass ``local_training_pass`` describes (what the site's ledger records),
+    composed with the PLD accountant; before anything runs, so a job's settings can be judged.
+    """
+    one_round = local_training_pass(
+        num_samples=num_samples, batch_size=batch_size, epochs=local_epochs, noise_multiplier=noise_multiplier
+    )
+    ((event, steps),) = _events([one_round])
+    accountant = _pld_accountant()
+    spent = []
+    for _ in range(rounds):
+        accountant.compose(event, steps)
+        spent.append(float(accountant.get_epsilon(delta)))
+    return spent

@@ -300,8 +300,6 @@ class JobCreate(BaseModel):
     def _check(self) -> JobCreate:
         if self.target_sites is not None and self.target_sites < self.min_sites:
             raise ValueError("target_sites must be at least min_sites")
-        if self.batch_size % self.dp.num_microbatches != 0:
-            raise ValueError("batch_size must be a multiple of dp.num_microbatches")
         if (self.format_id == PACKED_FORMAT_ID) != (self.packing is not None):
             raise ValueError(f"packing settings are needed with, and only with, format {PACKED_FORMAT_ID}")
         if self.packing is not None:

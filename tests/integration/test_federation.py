@@ -50,7 +50,7 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
         local_epochs=1,
         batch_size=16,
         learning_rate=0.2,
-        dp=DPSettings(num_microbatches=16),
+        dp=DPSettings(),
         max_samples_per_round=10_000,
     )
     with cluster.aggregator_admin() as operator:

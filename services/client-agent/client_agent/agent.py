@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from fedhe.files import PRIVATE_FILE, private_dir, write_private
 from fedhe.global_model import decode_global_model, scale_for_upload
 from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context
 from fedhe.logs import request_id
-from fedhe.privacy import TrainingPass
+from fedhe.privacy import local_training_pass
 from fedhe.schemas import (
     AgentState,
     DeclineCreate,
@@ -231,7 +230,7 @@ class SiteAgent:
         return weights
 
     def _evaluate(self, job: JobPublic, number: int, weights: NDArray[Any], evaluated: set[int]) -> None:
-        from client_agent.training import evaluate
+        from client_agent.evaluation import evaluate
 
         metrics = evaluate(job.model, weights, self.validation_data)
         try:
@@ -299,7 +298,8 @@ class SiteAgent:
     def _train_and_encrypt(
         self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
     ) -> bytes:
-        from client_agent.training import evaluate, train_dp_sgd
+        from client_agent.evaluation import evaluate
+        from client_agent.training import train_dp_sgd
 
         if len(self.train_data) > job.max_samples_per_round:
             raise InvalidRequest(
@@ -308,10 +308,13 @@ class SiteAgent:
                 code="too_many_samples",
             )
         dp = self._policy.tighten(job.dp)
-        steps = job.local_epochs * (len(self.train_data) // job.batch_size)
-        planned_q = min(1.0, job.batch_size / max(1, len(self.train_data)))
         if self._policy.max_epsilon is not None:
-            planned = TrainingPass(sampling_probability=planned_q, noise_multiplier=dp.noise_multiplier, steps=steps)
+            planned = local_training_pass(
+                num_samples=len(self.train_data),
+                batch_size=job.batch_size,
+                epochs=job.local_epochs,
+                noise_multiplier=dp.noise_multiplier,
+            )
             would_be = self._ledger.epsilon(dp.delta, planned)
             if would_be > self._policy.max_epsilon:
                 raise BudgetExhausted(
@@ -326,9 +329,6 @@ class SiteAgent:
             epochs=job.local_epochs,
             batch_size=job.batch_size,
             learning_rate=job.learning_rate,
-            # The seed drives DP-SGD's noise: it must be secret and fresh, or anyone who sees the
-            # model could regenerate the noise and subtract it.
-            seed=secrets.randbits(31),
         )
         self._ledger.record(
             LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training)
@@ -384,7 +384,7 @@ class SiteAgent:
         outcome.epsilon = self._ledger.epsilon(self._policy.tighten(job.dp).delta)
         if job.status != JobStatus.COMPLETED:
             return outcome
-        from client_agent.training import export_model
+        from client_agent.export import export_model
 
         codec = self._codec(job.key_id, job.format_id)
         weights = self._decode(job, self._aggregator.final_model(job.id), codec)

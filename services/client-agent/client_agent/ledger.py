@@ -3,8 +3,8 @@
 A pass is recorded as soon as it finishes, before its update is uploaded: counting a pass
 whose result never left the site overstates ε, never understates it.
 
-ε is always recomputed from the whole ledger (RDP composition over every pass on this site's
-data, across rounds and jobs), so a restart never forgets budget already spent.
+ε is always recomputed from the whole ledger (PLD composition over every pass on this site's
+data, across rounds and jobs, ``fedhe.privacy.epsilon_spent``), so a restart never forgets budget already spent.
 """
 
 from __future__ import annotations

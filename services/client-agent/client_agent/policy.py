@@ -30,7 +30,7 @@ class SitePolicy(BaseModel):
             else max(job.noise_multiplier, self.min_noise_multiplier)
         )
         delta = job.delta if self.max_delta is None else min(job.delta, self.max_delta)
-        return DPSettings(l2_norm_clip=clip, noise_multiplier=noise, num_microbatches=job.num_microbatches, delta=delta)
+        return DPSettings(l2_norm_clip=clip, noise_multiplier=noise, delta=delta)
 
 
 def load_policy(path: Path | None) -> SitePolicy:

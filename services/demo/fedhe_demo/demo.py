@@ -67,7 +67,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "learning_rate": 0.2,
         "noise_multiplier": 1.2,
-        "num_microbatches": 16,
         "baseline_epochs": 60,
     },
     "digits": {
@@ -76,7 +75,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "learning_rate": 0.2,
         "noise_multiplier": 1.0,
-        "num_microbatches": 32,
         "baseline_epochs": 60,
     },
 }
@@ -87,7 +85,7 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate
     mean = train.x.mean(axis=0)
     std = np.where(train.x.std(axis=0) > 0, train.x.std(axis=0), 1.0)
     model = ModelSpec(
-        input_dim=train.x.shape[1],
+        input_shape=(train.x.shape[1],),
         hidden_units=list(options.hidden_units) if options.hidden_units is not None else preset["hidden_units"],
         num_classes=int(train.y.max()) + 1,
         normalisation=InputNormalisation(mean=mean.tolist(), std=std.tolist()),
@@ -103,9 +101,7 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate
         local_epochs=options.local_epochs or preset["local_epochs"],
         batch_size=preset["batch_size"],
         learning_rate=preset["learning_rate"],
-        dp=DPSettings(
-            l2_norm_clip=1.0, noise_multiplier=noise, num_microbatches=preset["num_microbatches"], delta=1e-5
-        ),
+        dp=DPSettings(l2_norm_clip=1.0, noise_multiplier=noise, delta=1e-5),
         max_samples_per_round=10_000,
         seed=options.seed,
         format_id=options.format_id,
@@ -116,15 +112,15 @@ def _baseline_accuracy(spec: ModelSpec, train: Dataset, test: Dataset, epochs: i
     """Centralised, non-private training of the same architecture on the pooled data."""
     import tensorflow as tf
 
-    from client_agent.training import build_model, normalise
+    from fedhe.models import build_model
 
     tf.keras.utils.set_random_seed(seed)
     model = build_model(spec)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(0.01), loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
-    model.fit(normalise(spec, train.x), train.y, epochs=epochs, batch_size=32, verbose=0)
-    predicted = model(normalise(spec, test.x), training=False).numpy().argmax(axis=1)
+    model.fit(train.x, train.y, epochs=epochs, batch_size=32, verbose=0)
+    predicted = model(test.x, training=False).numpy().argmax(axis=1)
     return float((predicted == test.y).mean())
 
 
@@ -262,7 +258,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             rounds = [r for r in aggregator.rounds(job.id) if r.state == RoundState.PUBLISHED]
         first_site = next(iter(site_names.values()))
         final_weights = np.load(workdir / "sites" / first_site / "state" / f"{job.id}-final-weights.npy")
-        from client_agent.training import evaluate
+        from client_agent.evaluation import evaluate
 
         federated = evaluate(request.model, final_weights, test)
         baseline = _baseline_accuracy(
