@@ -1,0 +1,265 @@
+"""Docs that cannot drift: named tests exist, every setting is documented, every link resolves.
+
+1. Every ``tests/...py::name`` a document cites is a test file that defines ``name`` (read with
+   ``ast``, nothing is imported), so a promise in the threat model cannot outlive its proof.
+2. Every field of every settings class appears in docs/configuration.md under its environment
+   variable, and every ``FEDHE_*`` name there is a real setting or one of the known switches.
+   The classes are found by importing every ``settings.py`` of the packages, so a new field (or
+   a new settings module) fails this test until it is documented.
+3. Every relative link in the docs and the README points at a file that exists, and an anchor
+   at a heading (GitHub's slug rules) or an explicit ``<a id>`` of the target.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
+LINKED = [*DOCS, ROOT / "README.md"]
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+
+# Variables read straight from the environment rather than through a settings class, with the
+# source that reads each (checked below, so a switch that is removed from the code fails here).
+SWITCHES = {
+    "FEDHE_INSECURE_PLAINTEXT_CODEC": "shared/fedhe/he/plaintext.py",
+    "FEDHE_INSECURE_DP_SEED": "shared/fedhe/dp_randomness.py",
+    "FEDHE_TEST_POSTGRES_URL": "tests/conftest.py",
+    "FEDHE_CHROMIUM": "tests/browser/test_dashboard.py",
+    "FEDHE_SCREENSHOT_DIR": "tests/browser/test_dashboard.py",
+}
+
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)::(\w+)(?:::(\w+))?")
+FEDHE_NAME = re.compile(r"FEDHE_[A-Z0-9_]*")
+HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+FENCE = re.compile(r"^(```|~~~)")
+INLINE_CODE = re.compile(r"(`+).*?\1")
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'][^)]*[\"'])?\s*\)")
+REFERENCE_DEFINITION = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s.*)?$", re.MULTILINE)
+HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+HTML_ANCHOR = re.compile(r"<a\s+(?:[^>]*\s)?(?:id|name)=[\"']([^\"']+)[\"']", re.IGNORECASE)
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+# ---- 1. named tests exist ------------------------------------------------------------------
+
+
+@cache
+def _definitions(test_file: Path) -> dict[str, set[str]]:
+    """Top-level test functions and classes of a file; a class maps to its methods."""
+    tree = ast.parse(test_file.read_text(encoding="utf-8"), filename=str(test_file))
+    found: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            found[node.name] = set()
+        elif isinstance(node, ast.ClassDef):
+            found[node.name] = {
+                item.name for item in node.body if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+            }
+    return found
+
+
+def _missing_test(path: str, name: str, method: str | None) -> str | None:
+    """Why ``path::name[::method]`` does not name a test, or None if it does."""
+    test_file = ROOT / path
+    if not test_file.is_file():
+        return f"{path} does not exist"
+    definitions = _definitions(test_file)
+    if name not in definitions:
+        return f"{path} defines no {name}"
+    if method is not None and method not in definitions[name]:
+        return f"{path}::{name} has no method {method}"
+    return None
+
+
+def test_every_named_test_exists() -> None:
+    problems = []
+    cited: dict[str, int] = {}
+    for doc in LINKED:
+        for match in TEST_REFERENCE.finditer(doc.read_text(encoding="utf-8")):
+            cited[doc.name] = cited.get(doc.name, 0) + 1
+            problem = _missing_test(*match.groups())
+            if problem is not None:
+                problems.append(f"{_relative(doc)} cites {match.group(0)}: {problem}")
+    assert not problems, "\n".join(problems)
+    # Guards against this test passing because the references stopped matching its pattern.
+    assert cited.get("threat-model.md", 0) >= 30, "the threat model's promises should name their tests"
+
+
+# ---- 2. every setting documented -------------------------------------------------------------
+
+
+def _module_name(path: Path) -> str:
+    """The import name of a settings module: ``shared/fedhe/x/settings.py`` → ``fedhe.x.settings``."""
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = relative.parts[1:] if relative.parts[0] == "shared" else relative.parts[2:]
+    return ".".join(parts)
+
+
+def _settings_modules() -> list[str]:
+    paths = [*(ROOT / "shared").rglob("settings.py"), *(ROOT / "services").glob("*/*/**/settings.py")]
+    return sorted({_module_name(path) for path in paths})
+
+
+@cache
+def settings_classes() -> tuple[type[BaseSettings], ...]:
+    """Every settings class with an environment prefix defined in a settings module.
+
+    A class without a prefix (``ServiceSettings``) is a base: its fields are read through the
+    services' classes that inherit them.
+    """
+    found = []
+    for name in _settings_modules():
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseSettings)
+                and value.__module__ == module.__name__
+                and value.model_config.get("env_prefix")
+            ):
+                found.append(value)
+    return tuple(found)
+
+
+def environment_names(settings_class: type[BaseSettings]) -> dict[str, str]:
+    """The environment variable of each field, as pydantic-settings reads it (upper case)."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    names = {}
+    for field_name, field in settings_class.model_fields.items():
+        alias = field.validation_alias if isinstance(field.validation_alias, str) else field.alias
+        # pydantic-settings does not prefix an explicit alias.
+        names[(alias or prefix + field_name).upper()] = field_name
+    return names
+
+
+def _documented_names() -> tuple[set[str], set[str]]:
+    """Full variable names, and prefixes (names ending in ``_``), written in configuration.md."""
+    text = CONFIGURATION.read_text(encoding="utf-8")
+    names: set[str] = set()
+    prefixes: set[str] = set()
+    for match in FEDHE_NAME.finditer(text):
+        (prefixes if match.group(0).endswith("_") else names).add(match.group(0))
+    return names, prefixes
+
+
+def test_settings_classes_are_found() -> None:
+    found = {cls.__name__ for cls in settings_classes()}
+    assert {"KeyserverSettings", "AggregatorSettings", "AgentSettings", "CliSettings"} <= found
+
+
+def test_every_setting_is_documented_and_every_documented_variable_exists() -> None:
+    documented, prefixes = _documented_names()
+    real: set[str] = set()
+    problems = []
+    for settings_class in settings_classes():
+        source = f"{settings_class.__module__}.{settings_class.__name__}"
+        for env_name, field_name in environment_names(settings_class).items():
+            real.add(env_name)
+            if env_name not in documented:
+                problems.append(f"docs/configuration.md does not document {env_name} ({source}.{field_name})")
+    known_prefixes = {cls.model_config.get("env_prefix", "").upper() for cls in settings_classes()}
+    for name in sorted(documented - real - set(SWITCHES)):
+        problems.append(f"docs/configuration.md documents {name}, which no settings class or known switch reads")
+    for prefix in sorted(prefixes - known_prefixes):
+        problems.append(f"docs/configuration.md names the prefix {prefix}, which no settings class uses")
+    for switch in sorted(set(SWITCHES) - documented):
+        problems.append(f"docs/configuration.md does not document the switch {switch}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(("switch", "reader"), sorted(SWITCHES.items()))
+def test_known_switches_are_still_read_by_the_code(switch: str, reader: str) -> None:
+    assert switch in (ROOT / reader).read_text(encoding="utf-8"), f"{reader} no longer reads {switch}"
+
+
+# ---- 3. links resolve ------------------------------------------------------------------------
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: the rendered text, lower case, punctuation dropped.
+
+    Letters, digits, spaces, hyphens and underscores are kept (any script); spaces become hyphens.
+    """
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link renders as its text
+    text = re.sub(r"<[^>]+>", "", text)  # inline HTML renders as nothing here
+    kept = "".join(ch for ch in text.lower() if ch.isalnum() or ch in " -_")
+    return kept.replace(" ", "-")
+
+
+def _prose_lines(text: str) -> Iterator[str]:
+    """The lines of a Markdown text outside fenced code blocks, without HTML comments."""
+    fenced = False
+    for line in HTML_COMMENT.sub("", text).splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+            continue
+        if not fenced:
+            yield line
+
+
+@cache
+def anchors(document: Path) -> frozenset[str]:
+    """Every anchor of a Markdown file: heading slugs (numbered as GitHub numbers repeats) and ``<a id>``."""
+    text = document.read_text(encoding="utf-8")
+    found: set[str] = set(HTML_ANCHOR.findall(HTML_COMMENT.sub("", text)))
+    seen: dict[str, int] = {}
+    for line in _prose_lines(text):
+        heading = HEADING.match(line)
+        if heading is None:
+            continue
+        slug = github_slug(heading.group(2))
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return frozenset(found)
+
+
+def links(document: Path) -> Iterator[str]:
+    """Every link target of a Markdown file outside code (inline links, images, definitions)."""
+    text = document.read_text(encoding="utf-8")
+    prose = "\n".join(INLINE_CODE.sub("", line) for line in _prose_lines(text))
+    yield from LINK.findall(prose)
+    yield from REFERENCE_DEFINITION.findall(prose)
+
+
+def _broken(document: Path, target: str) -> str | None:
+    """Why a relative link does not resolve, or None (external links are not followed)."""
+    if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+        return None
+    path_part, _, anchor = target.partition("#")
+    resolved = (document.parent / path_part).resolve() if path_part else document
+    if not resolved.exists():
+        return f"{path_part} does not exist"
+    if anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+        return f"{_relative(resolved)} has no heading or anchor #{anchor}"
+    return None
+
+
+def test_github_slugs() -> None:
+    assert github_slug("Who must not collude with whom") == "who-must-not-collude-with-whom"
+    assert github_slug("DP-SGD: noise nobody can regenerate") == "dp-sgd-noise-nobody-can-regenerate"
+    assert github_slug("5.8 Audit logs") == "58-audit-logs"
+    assert github_slug("Client commands (`fedhe` CLI)") == "client-commands-fedhe-cli"
+    assert github_slug("[ADR 0008](adr/0008.md) and ε") == "adr-0008-and-ε"
+
+
+def test_every_relative_link_resolves() -> None:
+    problems = []
+    for document in LINKED:
+        for target in links(document):
+            problem = _broken(document, target)
+            if problem is not None:
+                problems.append(f"{_relative(document)} links to {target}: {problem}")
+    assert not problems, "\n".join(problems)
