@@ -338,15 +338,11 @@ class AggregatorClient(ServiceClient):
             self.request("GET", self._url("/v1/jobs/{job_id}/rounds/{number}/verify", job_id=job_id, number=number)),
         )
 
-    def model(self, job_id: str, number: int) -> bytes:
-        """Site: the envelope holding round ``number``'s global model."""
+    def aggregate(self, job_id: str, number: int) -> bytes:
+        """Member site: the envelope holding round ``number``'s published encrypted sum."""
         return self.request(
-            "GET", self._url("/v1/jobs/{job_id}/rounds/{number}/model", job_id=job_id, number=number)
+            "GET", self._url("/v1/jobs/{job_id}/rounds/{number}/aggregate", job_id=job_id, number=number)
         ).content
-
-    def final_model(self, job_id: str) -> bytes:
-        """Site: the envelope holding the job's final aggregate."""
-        return self.request("GET", self._url("/v1/jobs/{job_id}/final-model", job_id=job_id)).content
 
     def upload_update(
         self, job_id: str, number: int, envelope: bytes, idempotency_key: str | None = None

@@ -9,7 +9,7 @@ pooled mean and spread of each feature, and are not counted in any privacy ledge
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,3 +70,38 @@ def pooled_normalisation(statistics: FeatureStatistics | Iterable[FeatureStatist
     variance = np.maximum(statistics.sums_of_squares / statistics.count - mean**2, 0.0)
     std = np.sqrt(variance)
     return InputNormalisation(mean=mean.tolist(), std=np.where(std > _MIN_STD, std, 1.0).tolist())
+
+
+def statistics_upload(
+    x: NDArray[Any], feature_bounds: Sequence[float], weight_scale: int
+) -> tuple[NDArray[Any], float]:
+    """A site's statistics vector for the encrypted statistics step, and the fraction of values clipped.
+
+    Values are scaled by their public bound into z in [-1, 1] (beyond it they are clipped), and
+    the vector ``[count, Σz, Σz²]`` is divided by S times the values each row holds per feature,
+    so every entry lies in [-1, 1] whatever the site's size: the packed codec's range.
+    """
+    if x.ndim not in (2, 4) or x.shape[0] == 0:
+        raise InvalidRequest(f"statistics need rows x features or rows x H x W x C, not shape {x.shape}")
+    bounds = np.asarray(feature_bounds, dtype=np.float64)
+    values = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+    if values.shape[1] != bounds.size:
+        raise InvalidRequest(f"the data has {values.shape[1]} features (channels), the job bounds {bounds.size}")
+    scaled = values / bounds
+    clipped = float(np.mean(np.abs(scaled) > 1.0))
+    z = np.clip(scaled, -1.0, 1.0)
+    per_row = values.shape[0] // x.shape[0]
+    statistics = FeatureStatistics(float(values.shape[0]), z.sum(axis=0), np.square(z).sum(axis=0))
+    return statistics.to_vector() / (weight_scale * per_row), clipped
+
+
+def normalisation_from_sum(summed: NDArray[Any], feature_bounds: Sequence[float]) -> InputNormalisation:
+    """The pooled mean and std from the decrypted sum of the sites' ``statistics_upload`` vectors."""
+    statistics = FeatureStatistics.from_vector(np.asarray(summed, dtype=np.float64))
+    bounds = np.asarray(feature_bounds, dtype=np.float64)
+    if statistics.sums.size != bounds.size or not statistics.count > 0:
+        raise InvalidRequest("the pooled statistics do not match the job's features or cover no values")
+    mean_z = statistics.sums / statistics.count
+    variance = np.maximum(statistics.sums_of_squares / statistics.count - mean_z**2, 0.0) * bounds**2
+    std = np.sqrt(variance)
+    return InputNormalisation(mean=(mean_z * bounds).tolist(), std=np.where(std > _MIN_STD, std, 1.0).tolist())

@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedhe.he.bfv_packed import PACKED_FORMAT_ID
-from fedhe.he.codec import DEFAULT_FORMAT_ID
-from fedhe.he.context import CkksParameters
+from fedhe.he.codec import PACKED_FORMAT_ID
+from fedhe.he.context import BfvParameters, HeParameters
 from fedhe.he.packing import PackingSettings, check_packing
 from fedhe.identifiers import AccountName, FederationId, JobId, KeyId, Nonce, SiteId, TokenId
+from fedhe.job_options import AlgorithmSettings, PrivacyPlan, PublicTestSet, SamplingSettings, StatisticsSettings
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 
@@ -122,6 +122,9 @@ class HeartbeatCreate(BaseModel):
     message: str = Field(default="", max_length=500)
     environment: Environment
     privacy: PrivacyReport | None = None
+    data_size: int | None = Field(
+        default=None, ge=0, le=10**12, description="training rows (weighted site sampling draws by it)"
+    )
 
 
 class SiteStatusReport(BaseModel):
@@ -135,6 +138,7 @@ class SiteStatusReport(BaseModel):
     message: str = ""
     environment: Environment
     privacy: PrivacyReport | None = None
+    data_size: int | None = None
 
 
 class SitePublic(BaseModel):
@@ -164,7 +168,10 @@ class FederationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    parameters: CkksParameters = Field(default_factory=CkksParameters)
+    parameters: HeParameters = Field(
+        default_factory=BfvParameters,
+        description="BFV (the packed codec, the default) or CKKS (ckks-seeded-last-v2) encryption parameters",
+    )
     endorsements_required: int = Field(
         default=0,
         ge=0,
@@ -181,7 +188,7 @@ class ContextInfo(BaseModel):
 
     key_id: KeyId
     federation_id: FederationId
-    parameters: CkksParameters
+    parameters: HeParameters
     created_at: datetime
     retired_at: datetime | None = None
 
@@ -258,6 +265,10 @@ class EndorsementCreate(SignedRequest):
     """An active member's signature over a proposed member's pinned public key (``site_id`` is the endorser)."""
 
 
+DEFAULT_CLIP_RANGE = 1.0
+"""R of the default packing settings: sites send (w - w_global)·n_k/S, rarely beyond ±1."""
+
+
 class JobCreate(BaseModel):
     """An operator's job definition."""
 
@@ -266,7 +277,7 @@ class JobCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     key_id: KeyId
     model: ModelSpec
-    rounds: int = Field(default=5, ge=1, le=10_000)
+    rounds: int = Field(default=5, ge=1, le=10_000, description="training rounds (a statistics step comes first)")
     min_sites: int = Field(default=2, ge=1, description="fewest uploads a round may publish with")
     target_sites: int | None = Field(
         default=None, ge=1, description="close the round as soon as this many uploads arrived (default min_sites)"
@@ -276,37 +287,106 @@ class JobCreate(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=65536)
     learning_rate: float = Field(default=0.1, gt=0, le=10)
     dp: DPSettings = Field(default_factory=DPSettings)
+    algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    statistics: StatisticsSettings | None = Field(
+        default=None, description="pool each feature's mean and std under encryption before training (round 0)"
+    )
+    min_eval_sites: int = Field(
+        default=1, ge=1, description="evaluations a round needs before its sample-weighted global metrics are shown"
+    )
+    public_test_set: PublicTestSet | None = None
+    min_site_samples: int | None = Field(
+        default=None, ge=1, description="the smallest site's training rows: the privacy plan is made for it"
+    )
+    epsilon_warning: float = Field(
+        default=10.0, gt=0, description="warn at creation when the planned ε of the smallest site exceeds this"
+    )
     max_samples_per_round: int = Field(
         default=100_000,
         ge=1,
         description=(
-            "public bound S on one site's samples per round; sites encrypt w*n_k/S, so each term is at most "
-            "|w| and the sum stays far inside the CKKS headroom (about 2^19 at the last level)"
+            "public bound S on one site's training rows; sites encrypt (w - w_global)·n_k/S, so keep S close to "
+            "the largest site: the packed codec's rounding error in the average grows with S / Σ n_k"
         ),
     )
-    format_id: str = DEFAULT_FORMAT_ID
+    format_id: str | None = Field(
+        default=None, description="update format; by default the one the federation's context takes (BFV: packed)"
+    )
     packing: PackingSettings | None = Field(
         default=None,
         description=(
             "quantisation range, bits and the most sites a round may sum, for the packed codec "
-            "(bfv-packed-v1); the aggregator refuses settings that could overflow"
+            "(bfv-packed-v1; defaults: R = 1, 16 bits, 128 sites); settings that could overflow are refused"
         ),
     )
     on_round_failure: Literal["retry", "stop"] = "retry"
     max_round_attempts: int = Field(default=3, ge=1, le=100)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="seed of the public initial weights (not of any DP noise)")
 
     @model_validator(mode="after")
     def _check(self) -> JobCreate:
-        if self.target_sites is not None and self.target_sites < self.min_sites:
+        target = self.target_sites or self.min_sites
+        if target < self.min_sites:
             raise ValueError("target_sites must be at least min_sites")
-        if (self.format_id == PACKED_FORMAT_ID) != (self.packing is not None):
-            raise ValueError(f"packing settings are needed with, and only with, format {PACKED_FORMAT_ID}")
-        if self.packing is not None:
-            check_packing(self.packing)
-            if self.packing.max_sites < (self.target_sites or self.min_sites):
-                raise ValueError("packing.max_sites must be at least the round's target number of sites")
+        if self.sampling.mode != "all" and self.sampling.min_sites < self.min_sites:
+            raise ValueError("sampling.min_sites must be at least min_sites, or no sampled round could publish")
+        self._check_packing(target)
+        self._check_data_contract()
         return self
+
+    def _check_packing(self, target: int) -> None:
+        if self.format_id == PACKED_FORMAT_ID and self.packing is None:
+            self.packing = PackingSettings(clip_range=DEFAULT_CLIP_RANGE, max_sites=max(128, target))
+        if self.packing is None:
+            return
+        if self.format_id not in (None, PACKED_FORMAT_ID):
+            raise ValueError(f"packing settings apply only to format {PACKED_FORMAT_ID}")
+        check_packing(self.packing)
+        if self.packing.max_sites < target:
+            raise ValueError("packing.max_sites must be at least the round's target number of sites")
+        if self.statistics is not None:
+            check_packing(self.statistics_packing())
+
+    def _check_data_contract(self) -> None:
+        if self.statistics is not None:
+            if self.model.normalisation is not None:
+                raise ValueError("give a fixed model.normalisation or a statistics step, not both")
+            if len(self.statistics.feature_bounds) != self.model.input_shape[-1]:
+                raise ValueError("statistics.feature_bounds needs one bound per input feature (per channel for images)")
+        if self.public_test_set is not None:
+            width = math.prod(self.model.input_shape)
+            if len(self.public_test_set.x[0]) != width:
+                raise ValueError(f"public_test_set rows must hold {width} values (the model's input_shape flattened)")
+            if any(not 0 <= label < self.model.num_classes for label in self.public_test_set.y):
+                raise ValueError(f"public_test_set labels must be class indices 0..{self.model.num_classes - 1}")
+
+    def statistics_packing(self) -> PackingSettings:
+        """The packed codec's settings for the statistics vector (values in [-1, 1], more bits)."""
+        if self.statistics is None or self.packing is None:
+            raise ValueError("statistics packing needs a statistics step and packing settings")
+        return PackingSettings(clip_range=1.0, bits=self.statistics.bits, max_sites=self.packing.max_sites)
+
+    @property
+    def total_rounds(self) -> int:
+        """Rounds the job runs: the statistics step (if any), then the training rounds."""
+        return self.rounds + (1 if self.statistics is not None else 0)
+
+    def is_statistics_round(self, number: int) -> bool:
+        """Whether round ``number`` is the statistics step (round 0 of a job that has one)."""
+        return self.statistics is not None and number == 0
+
+    def round_packing(self, number: int) -> PackingSettings | None:
+        """The packing settings uploads to round ``number`` are encrypted with."""
+        return (
+            self.statistics_packing() if self.packing is not None and self.is_statistics_round(number) else self.packing
+        )
+
+    def round_num_values(self, number: int, num_parameters: int) -> int:
+        """How many values an upload to round ``number`` carries."""
+        if self.statistics is not None and number == 0:
+            return self.statistics.num_values()
+        return num_parameters
 
 
 class JobPublic(JobCreate):
@@ -314,6 +394,7 @@ class JobPublic(JobCreate):
 
     model_config = ConfigDict(extra="ignore")
 
+    format_id: str
     id: JobId
     federation_id: FederationId
     environment: Environment = Field(description="the versions every site must run (the aggregator's own at creation)")
@@ -322,6 +403,10 @@ class JobPublic(JobCreate):
     created_at: datetime
     finished_at: datetime | None = None
     num_parameters: int
+    privacy_plan: PrivacyPlan | None = Field(
+        default=None, description="ε per round for a site of min_site_samples training rows, planned at creation"
+    )
+    warnings: list[str] = Field(default_factory=list, description="what the aggregator found doubtful at creation")
 
 
 class SubmissionPublic(BaseModel):
@@ -406,6 +491,18 @@ class RoundPublic(BaseModel):
     evaluations: list[EvaluationPublic] = Field(default_factory=list)
     declines: list[DeclinePublic] = Field(default_factory=list)
     submitted_by_caller: bool | None = None
+    kind: Literal["statistics", "training"] = "training"
+    selected_sites: list[SiteId] | None = Field(
+        default=None, description="the sites a sampled round asks for (operators only; null: every member)"
+    )
+    caller_selected: bool | None = Field(default=None, description="to a site: whether this round asks for it")
+    global_metrics: dict[str, float] | None = Field(
+        default=None,
+        description=(
+            "operators only: the sites' evaluations averaged, weighted by their examples, once "
+            "min_eval_sites sites have evaluated"
+        ),
+    )
 
 
 class AuditEventPublic(BaseModel):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-from fedhe.global_model import scale_for_upload
+from fedhe.global_model import weighted_update
 from fedhe.he import (
-    DEFAULT_FORMAT_ID,
+    CKKS_FORMAT_ID,
     CkksParameters,
     KeyMaterial,
     codec_for,
@@ -23,12 +23,12 @@ FEDAVG_TOLERANCE = 1e-6
 
 @pytest.fixture(scope="module")
 def site_codec(key_material: KeyMaterial):
-    return codec_for(DEFAULT_FORMAT_ID, load_secret_context(key_material.secret_context))
+    return codec_for(CKKS_FORMAT_ID, load_secret_context(key_material.secret_context))
 
 
 @pytest.fixture(scope="module")
 def aggregator_codec(key_material: KeyMaterial):
-    return codec_for(DEFAULT_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
+    return codec_for(CKKS_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
 
 
 def test_round_trip_recovers_values(site_codec) -> None:
@@ -43,14 +43,15 @@ def test_round_trip_recovers_values(site_codec) -> None:
 def test_decrypted_aggregate_equals_plaintext_weighted_fedavg(site_codec, aggregator_codec, num_sites: int) -> None:
     rng = np.random.default_rng(num_sites)
     weight_scale = 100_000
-    updates = [rng.uniform(-10, 10, 6000) for _ in range(num_sites)]
+    global_weights = rng.uniform(-1, 1, 6000)
+    trained = [global_weights + rng.uniform(-10, 10, 6000) for _ in range(num_sites)]
     samples = rng.integers(1, 5000, size=num_sites)
     accumulator = aggregator_codec.accumulator(6000)
-    for update, n in zip(updates, samples, strict=True):
-        accumulator.add(site_codec.encrypt_update(scale_for_upload(update, int(n), weight_scale)))
+    for weights, n in zip(trained, samples, strict=True):
+        accumulator.add(site_codec.encrypt_update(weighted_update(weights, global_weights, int(n), weight_scale)))
     summed = site_codec.decrypt_aggregate(accumulator.to_chunks(), 6000)
-    fedavg = summed * weight_scale / samples.sum()
-    expected = np.average(np.stack(updates), axis=0, weights=samples)
+    fedavg = global_weights + summed * weight_scale / samples.sum()
+    expected = np.average(np.stack(trained), axis=0, weights=samples)
     assert np.max(np.abs(fedavg - expected)) <= FEDAVG_TOLERANCE
 
 
@@ -102,7 +103,7 @@ def test_ciphertext_of_other_parameters_is_refused(aggregator_codec) -> None:
     # key_id check (tests/integration) refuses those.
 
     other = create_key_material(CkksParameters(poly_modulus_degree=16384, coeff_mod_bit_sizes=[60, 40, 60]))
-    foreign = codec_for(DEFAULT_FORMAT_ID, load_secret_context(other.secret_context)).encrypt_update(np.ones(10))
+    foreign = codec_for(CKKS_FORMAT_ID, load_secret_context(other.secret_context)).encrypt_update(np.ones(10))
     with pytest.raises(InvalidUpdate):
         aggregator_codec.accumulator(10).add(foreign)
 
@@ -137,12 +138,12 @@ def test_bad_chunk_after_good_ones_rolls_the_sum_back_bit_for_bit(site_codec, ag
 
 def test_parallel_encryption_matches_sequential_decryption(key_material: KeyMaterial) -> None:
     context = load_secret_context(key_material.secret_context)
-    parallel = codec_for(DEFAULT_FORMAT_ID, context, workers=2)
+    parallel = codec_for(CKKS_FORMAT_ID, context, workers=2)
     try:
         values = np.random.default_rng(5).uniform(-5, 5, parallel.slot_count * 9 + 17)
         chunks = parallel.encrypt_update(values)
         assert len(chunks) == 10
-        decrypted = codec_for(DEFAULT_FORMAT_ID, context).decrypt_aggregate(chunks, values.size)
+        decrypted = codec_for(CKKS_FORMAT_ID, context).decrypt_aggregate(chunks, values.size)
         assert np.max(np.abs(decrypted - values)) < 1e-7
     finally:
         parallel.close()

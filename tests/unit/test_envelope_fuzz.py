@@ -20,7 +20,7 @@ import pytest
 
 from fedhe.errors import InvalidUpdate
 from fedhe.he import (
-    DEFAULT_FORMAT_ID,
+    CKKS_FORMAT_ID,
     Envelope,
     KeyMaterial,
     codec_for,
@@ -42,7 +42,7 @@ def _valid(rng: random.Random) -> bytes:
     chunks = [rng.randbytes(rng.randint(1, 64)) for _ in range(rng.randint(1, 4))]
     return encode_envelope(
         Envelope(
-            format_id=DEFAULT_FORMAT_ID,
+            format_id=CKKS_FORMAT_ID,
             key_id="key-" + "a" * 32,
             num_values=rng.randint(1, 10_000),
             chunks=chunks,
@@ -80,7 +80,7 @@ def _hostile_headers(rng: random.Random) -> Iterator[bytes]:
     values: list[object] = [None, True, False, -1, 0, 2**70, 1.5, float("inf"), "x", [], {}, [True], [-3], [0]]
     for _ in range(HOSTILE_HEADERS):
         header = {
-            "format_id": rng.choice([*values, DEFAULT_FORMAT_ID]),
+            "format_id": rng.choice([*values, CKKS_FORMAT_ID]),
             "key_id": rng.choice([*values, "key-" + "a" * 32]),
             "num_values": rng.choice([*values, 4]),
             "chunk_sizes": rng.choice([*values, [1, 2], [10**12]]),
@@ -141,8 +141,8 @@ def test_hostile_headers_are_refused_by_name() -> None:
 
 
 def test_mutated_ciphertext_chunks_never_escape_the_accumulator(key_material: KeyMaterial) -> None:
-    site = codec_for(DEFAULT_FORMAT_ID, load_secret_context(key_material.secret_context))
-    aggregator = codec_for(DEFAULT_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
+    site = codec_for(CKKS_FORMAT_ID, load_secret_context(key_material.secret_context))
+    aggregator = codec_for(CKKS_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
     good = site.encrypt_update(np.linspace(-1, 1, 10))
     accumulator = aggregator.accumulator(10, good)
     rng = random.Random(4)
@@ -167,8 +167,8 @@ def test_a_compressed_serialisation_is_refused_before_seal_parses_it(key_materia
     from fedhe.he.seal_io import COMPR_ZSTD
     from fedhe.he.seal_io import SEAL_HEADER as HEADER
 
-    site = codec_for(DEFAULT_FORMAT_ID, load_secret_context(key_material.secret_context))
-    aggregator = codec_for(DEFAULT_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
+    site = codec_for(CKKS_FORMAT_ID, load_secret_context(key_material.secret_context))
+    aggregator = codec_for(CKKS_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
     chunk = site.encrypt_update(np.ones(4))[0]
     magic, size, major, minor, _, _, _ = HEADER.unpack_from(chunk)
     payload = zstandard.ZstdCompressor().compress(chunk[HEADER.size :])

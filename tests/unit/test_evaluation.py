@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from client_agent.evaluation import combine_metrics, metrics_from_logits
+from client_agent.evaluation import metrics_from_logits
 from client_agent.server_momentum import apply_server_momentum, initial_state
 from fedhe.errors import InvalidRequest
+from fedhe.site_metrics import combine_metrics
 
 
 def test_binary_metrics_match_their_definitions() -> None:
@@ -52,16 +53,17 @@ def test_sites_combine_weighted_by_examples_and_missing_metrics_average_over_rep
 def test_server_momentum_is_fedavg_at_zero_and_accumulates_otherwise() -> None:
     start = initial_state(np.array([1.0, 2.0]))
     average = np.array([0.0, 3.0])
-    plain = apply_server_momentum(start, average, momentum=0.0, server_learning_rate=1.0)
+    mean_update = average - start.weights
+    plain = apply_server_momentum(start, mean_update, momentum=0.0, server_learning_rate=1.0)
     np.testing.assert_array_equal(plain.weights, average)
-    one = apply_server_momentum(start, average, momentum=0.9, server_learning_rate=0.5)
+    one = apply_server_momentum(start, mean_update, momentum=0.9, server_learning_rate=0.5)
     np.testing.assert_allclose(one.weights, [0.5, 2.5])
-    two = apply_server_momentum(one, one.weights + np.array([1.0, 1.0]), momentum=0.9, server_learning_rate=0.5)
+    two = apply_server_momentum(one, np.array([1.0, 1.0]), momentum=0.9, server_learning_rate=0.5)
     np.testing.assert_allclose(two.velocity, 0.9 * np.array([-1.0, 1.0]) + 1.0)
     np.testing.assert_allclose(two.weights, one.weights + 0.5 * two.velocity)
-    again = apply_server_momentum(one, one.weights + np.array([1.0, 1.0]), momentum=0.9, server_learning_rate=0.5)
+    again = apply_server_momentum(one, np.array([1.0, 1.0]), momentum=0.9, server_learning_rate=0.5)
     assert again.weights.tobytes() == two.weights.tobytes()  # bit-identical at every site
     with pytest.raises(InvalidRequest):
-        apply_server_momentum(start, average, momentum=1.0, server_learning_rate=1.0)
+        apply_server_momentum(start, mean_update, momentum=1.0, server_learning_rate=1.0)
     with pytest.raises(InvalidRequest):
         apply_server_momentum(start, np.zeros(3), momentum=0.5, server_learning_rate=1.0)

@@ -16,7 +16,7 @@ import tenseal.sealapi as seal
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
 from fedhe.he import (
-    DEFAULT_FORMAT_ID,
+    CKKS_FORMAT_ID,
     PACKED_FORMAT_ID,
     BfvParameters,
     CkksParameters,
@@ -341,7 +341,7 @@ def test_codec_for_needs_matching_scheme_and_settings(bfv_material: KeyMaterial,
         codec_for(PACKED_FORMAT_ID, bfv)
     assert raised.value.code == "missing_packing_settings"
     with pytest.raises(InvalidRequest) as raised:
-        codec_for(DEFAULT_FORMAT_ID, bfv)
+        codec_for(CKKS_FORMAT_ID, bfv)
     assert raised.value.code == "scheme_mismatch"
     with pytest.raises(InvalidRequest) as raised:
         codec_for(PACKED_FORMAT_ID, load_secret_context(key_material.secret_context), options=SETTINGS)

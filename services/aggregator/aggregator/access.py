@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from aggregator.membership import FederationMembers
 from aggregator.repository import AggregatorRepository
+from aggregator.sampling import eligible_members
 from aggregator.sites import SITE_ROLE, SiteRegistry
 from fedhe.accounts import Principal
 from fedhe.db import SessionFactory
 from fedhe.errors import NotFound
-from fedhe.schemas import FederationOverview, SiteStatus
+from fedhe.schemas import FederationOverview
 
 
 class JobAccess:
@@ -34,10 +35,7 @@ class JobAccess:
         """How many sites can answer a round of ``job_id``: active members approved here with their pinned key."""
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
-            federation_id = repo.job(job_id).federation_id
-            approved = {row.id: row.public_key for row in repo.sites() if row.status == SiteStatus.APPROVED.value}
-        members = self._members.active(federation_id)
-        return sum(1 for site_id, key in members.items() if approved.get(site_id) == key)
+            return len(eligible_members(repo, self._members, repo.job(job_id).federation_id))
 
     def federations(self) -> list[FederationOverview]:
         """Every federation the coordinator has jobs for, with its active members and jobs."""

@@ -23,6 +23,7 @@ from aggregator.metrics import Metrics
 from aggregator.publisher import RoundPublisher
 from aggregator.repository import AggregatorRepository
 from aggregator.routes import REGISTRATIONS, UPLOAD_PATH, audit, events, federations, jobs, sites
+from aggregator.sampling import SiteSampler
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
 from aggregator.tables import AccountRow, ApiTokenRow
@@ -62,13 +63,13 @@ def create_app(
     contexts = EvaluationContexts(sessions, context_source or keyserver)
     metrics = Metrics()
     coordination = coordination_for(settings.redis_url)
-    coordinator = JobCoordinator(sessions, contexts, metrics, coordination)
+    members = FederationMembers(membership_source or keyserver, settings.membership_cache_s)
+    coordinator = JobCoordinator(sessions, contexts, metrics, coordination, SiteSampler(members))
     publisher = RoundPublisher(sessions, contexts, coordinator, settings.sum_workers or os.cpu_count() or 1)
     watcher = RoundWatcher(
         coordinator, publisher, coordination, settings.deadline_check_interval_s, settings.orphan_upload_after_s
     )
     registry = SiteRegistry(sessions, coordinator.publish_events)
-    members = FederationMembers(membership_source or keyserver, settings.membership_cache_s)
     accounts = AccountService(
         sessions, AccountRow, ApiTokenRow, frozenset({Role.ADMIN, Role.VIEWER}), AggregatorRepository
     )

@@ -23,7 +23,15 @@ from starlette.concurrency import run_in_threadpool
 
 from aggregator.contexts import EvaluationContexts
 from aggregator.coordination import Coordination, CoordinationUnavailable
-from aggregator.jobs import JobChange, JobCoordinator, job_spec, rules_for
+from aggregator.jobs import (
+    JobChange,
+    JobCoordinator,
+    RoundEncoding,
+    check_selected,
+    job_spec,
+    round_encoding,
+    rules_for,
+)
 from aggregator.publisher import RoundPublisher
 from aggregator.repository import AggregatorRepository
 from aggregator.rounds import RoundStateMachine
@@ -56,25 +64,26 @@ def check_environment(meta: dict[str, object], expected: Environment) -> None:
         )
 
 
-def check_header(header: EnvelopeHeader, *, spec: JobCreate, key_id: str, num_parameters: int) -> int:
-    """Check an update's header against its job; returns the sample count n_k."""
+def check_header(header: EnvelopeHeader, *, spec: JobCreate, encoding: RoundEncoding) -> int:
+    """Check an update's header against its job and round; returns the sample count n_k."""
+    key_id, num_values = encoding.key_id, encoding.num_values
     if header.key_id != key_id:
         raise Conflict(
             f"update is encrypted under key {header.key_id!r}; this job uses {key_id!r}",
             code="stale_key_id",
             detail={"expected": key_id},
         )
-    if header.format_id != spec.format_id:
+    if header.format_id != encoding.format_id:
         raise InvalidUpdate(
-            f"update format {header.format_id!r} is not this job's {spec.format_id!r}",
+            f"update format {header.format_id!r} is not this job's {encoding.format_id!r}",
             code="unsupported_format",
-            detail={"expected": spec.format_id},
+            detail={"expected": encoding.format_id},
         )
-    if header.num_values != num_parameters:
+    if header.num_values != num_values:
         raise InvalidUpdate(
-            f"update has {header.num_values} values; the model has {num_parameters}",
+            f"update has {header.num_values} values; this round takes {num_values}",
             code="wrong_num_values",
-            detail={"expected": num_parameters},
+            detail={"expected": num_values},
         )
     num_samples = header.meta.get("num_samples")
     if (
@@ -252,13 +261,15 @@ class UpdateIntake:
             repo = AggregatorRepository(session)
             job = repo.job(job_id)
             spec = job_spec(job)
+            encoding = round_encoding(job, round_number)
+            codec = self._contexts.codec(encoding.key_id, encoding.format_id, encoding.packing)
             already = self._earlier_submission(repo, job_id, round_number, site_id)
             if already is not None:
                 # Keep reading: the same bytes again are a replay, other bytes a duplicate.
-                codec = self._contexts.codec(job.key_id, spec.format_id, spec.packing)
                 return _Admission(already.round_id, 0, already.num_samples, codec, already_submitted=True)
             change = JobChange(repo, job)
             row = self._jobs.accepting_round(change, round_number)
+            check_selected(row, site_id)
             if repo.decline(row.id, site_id) is not None:
                 raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
             if spec.packing is not None and row.num_submissions >= spec.packing.max_sites:
@@ -266,10 +277,9 @@ class UpdateIntake:
                     f"round {round_number} already has the job's max_sites={spec.packing.max_sites} updates",
                     code="round_full",
                 )
-            num_samples = check_header(header, spec=spec, key_id=job.key_id, num_parameters=job.num_parameters)
+            num_samples = check_header(header, spec=spec, encoding=encoding)
             check_environment(header.meta, Environment.model_validate(job.environment))
-            codec = self._contexts.codec(job.key_id, spec.format_id, spec.packing)
-            expected = codec.num_chunks(job.num_parameters)
+            expected = codec.num_chunks(encoding.num_values)
             if len(header.chunk_sizes) != expected:
                 raise InvalidUpdate(
                     f"expected {expected} ciphertext chunks, got {len(header.chunk_sizes)}",
@@ -331,6 +341,7 @@ class UpdateIntake:
                 raise Conflict(f"site already uploaded to round {round_number}", code="duplicate_update")
             if row.id != admission.round_id:
                 raise Conflict(f"round {round_number} was reopened while this update streamed in", code="round_closed")
+            check_selected(row, site_id)
             if repo.decline(row.id, site_id) is not None:
                 raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
             spec = job_spec(job)

@@ -11,20 +11,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
+
 from aggregator.contexts import EvaluationContexts
 from aggregator.coordination import Coordination, CoordinationUnavailable, Event
 from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
 from aggregator.rounds import RoundStateMachine
+from aggregator.sampling import SiteSampler
 from aggregator.tables import DeclineRow, EvaluationRow, JobRow, RoundRow
 from aggregator.views import job_public, round_public
 from fedhe.db import SessionFactory, utcnow
 from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict, InvalidRequest, NotFound
-from fedhe.global_model import aggregate_header, encode_initial_model
-from fedhe.he.codec import supported_formats
+from fedhe.global_model import aggregate_header
+from fedhe.he import PackingSettings, codec_for, format_for, load_evaluation_context, supported_formats
 from fedhe.identifiers import new_id
-from fedhe.modelspec import flatten_weights
+from fedhe.job_planning import creation_warnings, privacy_plan
 from fedhe.schemas import (
     DeclineCreate,
     EvaluationCreate,
@@ -52,8 +55,39 @@ class JobChange:
 
 
 def job_spec(row: JobRow) -> JobCreate:
-    """The operator's definition of a stored job."""
+    """The operator's definition of a stored job (its format resolved at creation)."""
     return JobCreate.model_validate(row.spec)
+
+
+@dataclass(frozen=True)
+class RoundEncoding:
+    """How uploads to one round of a job are encrypted: the statistics step has its own length and packing."""
+
+    key_id: str
+    format_id: str
+    packing: PackingSettings | None
+    num_values: int
+
+
+def round_encoding(job: JobRow, number: int) -> RoundEncoding:
+    """The encoding of round ``number`` of a stored job."""
+    spec = job_spec(job)
+    assert spec.format_id is not None, "a stored job names its format"
+    return RoundEncoding(
+        key_id=job.key_id,
+        format_id=spec.format_id,
+        packing=spec.round_packing(number),
+        num_values=spec.round_num_values(number, job.num_parameters),
+    )
+
+
+def check_selected(row: RoundRow, site_id: str) -> None:
+    """``Conflict`` if round ``row`` was sampled and did not ask for ``site_id``."""
+    if row.selected_sites is not None and site_id not in row.selected_sites:
+        raise Conflict(
+            f"round {row.number} (attempt {row.attempt}) did not select this site; it may take part in a later one",
+            code="not_selected",
+        )
 
 
 def rules_for(spec: JobCreate) -> RoundStateMachine:
@@ -73,10 +107,16 @@ class JobCoordinator:
     """
 
     def __init__(
-        self, sessions: SessionFactory, contexts: EvaluationContexts, metrics: Metrics, coordination: Coordination
+        self,
+        sessions: SessionFactory,
+        contexts: EvaluationContexts,
+        metrics: Metrics,
+        coordination: Coordination,
+        sampler: SiteSampler,
     ):
         self._sessions = sessions
         self._contexts = contexts
+        self._sampler = sampler
         self.metrics = metrics
         self._coordination = coordination
         self._embedded_lock = threading.RLock() if sessions.is_sqlite else None
@@ -113,38 +153,66 @@ class JobCoordinator:
                 logger.warning("event %s not streamed: coordination unavailable (%s)", event["kind"], exc)
 
     def create_job(self, request: JobCreate, *, actor: str) -> JobPublic:
-        """Store a job and open its round 0."""
-        if request.format_id not in supported_formats():
-            raise InvalidRequest(
-                f"unsupported format_id {request.format_id!r}",
-                code="unsupported_format",
-                detail={"supported": supported_formats()},
-            )
-        row = JobRow(
-            id=new_id("job"),
-            name=request.name,
-            key_id=request.key_id,
-            spec=request.model_dump(mode="json"),
-            status=JobStatus.RUNNING.value,
-            current_round=0,
-            num_parameters=request.model.num_parameters(),
-            environment=current_environment().model_dump(),
-        )
+        """Store a job, with its format resolved, its privacy planned and its doubts noted; open its round 0."""
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
-            row.federation_id = self._contexts.ensure(repo, request.key_id).federation_id
+            context_row = self._contexts.ensure(repo, request.key_id)
+            spec = self._resolved(request, context_row.context)
+            plan = None if spec.min_site_samples is None else privacy_plan(spec, spec.min_site_samples)
+            row = JobRow(
+                id=new_id("job"),
+                name=spec.name,
+                key_id=spec.key_id,
+                federation_id=context_row.federation_id,
+                spec=spec.model_dump(mode="json"),
+                status=JobStatus.RUNNING.value,
+                current_round=0,
+                num_parameters=spec.model.num_parameters(),
+                environment=current_environment().model_dump(),
+                privacy_plan=None if plan is None else plan.model_dump(),
+                warnings=creation_warnings(spec, plan),
+            )
             repo.add(row)
             repo.flush()
             change = JobChange(repo, row)
-            change.emit("job.created", name=row.name)
+            change.emit("job.created", name=row.name, warnings=row.warnings)
             self._open_round(change, number=0, attempt=1)
-            repo.audit(actor=actor, action="job.create", subject=row.id, detail={"key_id": request.key_id})
+            detail = {"key_id": spec.key_id, "format_id": spec.format_id, "warnings": row.warnings}
+            repo.audit(actor=actor, action="job.create", subject=row.id, detail=detail)
         self.publish_events(change.events)
         return job_public(row)
 
+    @staticmethod
+    def _resolved(request: JobCreate, context: bytes) -> JobCreate:
+        """``request`` with the format its federation's context takes, checked against that context."""
+        evaluation = load_evaluation_context(context)
+        format_id = request.format_id or format_for(evaluation)
+        if format_id not in supported_formats():
+            raise InvalidRequest(
+                f"unsupported format_id {format_id!r}",
+                code="unsupported_format",
+                detail={"supported": supported_formats()},
+            )
+        try:
+            spec = JobCreate.model_validate({**request.model_dump(), "format_id": format_id})
+        except ValidationError as exc:
+            raise InvalidRequest(
+                f"the job does not fit its federation's {format_id} context: {exc.errors()[0]['msg']}",
+                code="invalid_job",
+            ) from exc
+        # Building the codecs checks the scheme and that the packing cannot overflow this context.
+        codec_for(format_id, evaluation, options=spec.packing).close()
+        if spec.statistics is not None:
+            codec_for(format_id, evaluation, options=spec.round_packing(0)).close()
+        return spec
+
     def _open_round(self, change: JobChange, *, number: int, attempt: int) -> None:
         now = utcnow()
-        deadline = now + timedelta(seconds=job_spec(change.job).round_deadline_s)
+        spec = job_spec(change.job)
+        deadline = now + timedelta(seconds=spec.round_deadline_s)
+        selected = None
+        if not spec.is_statistics_round(number):
+            selected = self._sampler.select(change.repo, change.job.federation_id, spec.sampling)
         change.repo.add(
             RoundRow(
                 job_id=change.job.id,
@@ -153,11 +221,19 @@ class JobCoordinator:
                 state=RoundState.OPEN.value,
                 opened_at=now,
                 deadline_at=deadline,
+                selected_sites=selected,
             )
         )
         change.job.current_round = number
         change.repo.flush()
-        change.emit("round.opened", round=number, attempt=attempt, deadline_at=deadline.isoformat())
+        change.emit(
+            "round.opened",
+            round=number,
+            attempt=attempt,
+            deadline_at=deadline.isoformat(),
+            round_kind="statistics" if spec.is_statistics_round(number) else "training",
+            selected_sites=selected,
+        )
 
     def finish_round(
         self, change: JobChange, row: RoundRow, target: RoundState, reason: str | None = None, fence: int | None = None
@@ -210,7 +286,7 @@ class JobCoordinator:
             }
             repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
             change.emit("round.published", duration_s=(now - row.opened_at).total_seconds(), **detail)
-            if job.status == JobStatus.RUNNING.value and row.number + 1 < spec.rounds:
+            if job.status == JobStatus.RUNNING.value and row.number + 1 < spec.total_rounds:
                 self._open_round(change, number=row.number + 1, attempt=1)
             elif job.status == JobStatus.RUNNING.value:
                 job.status = JobStatus.COMPLETED.value
@@ -253,6 +329,8 @@ class JobCoordinator:
         It publishes if at least ``min_sites`` uploaded, and fails (then retries or stops, as the
         job says) if not: waiting for the deadline could not change the outcome.
         """
+        if row.selected_sites is not None:
+            expected_sites = len(row.selected_sites)
         if expected_sites <= 0 or not RoundStateMachine.accepts_uploads(RoundState(row.state)):
             return
         declined = len(change.repo.declines(row.id))
@@ -275,6 +353,7 @@ class JobCoordinator:
         with self.locked_job(job_id) as change:
             repo, job = change.repo, change.job
             row = self.accepting_round(change, number)
+            check_selected(row, site_id)
             if repo.submission(row.id, site_id) is not None:
                 raise Conflict(f"site already uploaded to round {number}", code="duplicate_update")
             if repo.decline(row.id, site_id) is not None:
@@ -335,9 +414,9 @@ class JobCoordinator:
         """Every attempt of every round of a job."""
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
-            repo.job(job_id)
+            spec = job_spec(repo.job(job_id))
             return [
-                round_public(repo, row, include_submissions=operator, caller_site=caller_site)
+                round_public(repo, spec, row, include_submissions=operator, caller_site=caller_site)
                 for row in repo.rounds(job_id)
             ]
 
@@ -345,14 +424,14 @@ class JobCoordinator:
         """The latest attempt of one round."""
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
-            repo.job(job_id)
+            spec = job_spec(repo.job(job_id))
             row = repo.current_round(job_id, number)
             if row is None:
                 raise NotFound(f"job {job_id} has no round {number} yet")
-            return round_public(repo, row, include_submissions=operator, caller_site=caller_site)
+            return round_public(repo, spec, row, include_submissions=operator, caller_site=caller_site)
 
-    def model(self, job_id: str, number: int) -> Iterator[bytes]:
-        """Round ``number``'s global model, streamed: initial weights for 0, else round ``number - 1``'s sum.
+    def aggregate(self, job_id: str, number: int) -> Iterator[bytes]:
+        """Round ``number``'s published encrypted sum, streamed, as an envelope sites decrypt.
 
         Everything that can refuse the request is checked before the first byte is produced;
         the sum then leaves chunk by chunk, never whole in memory.
@@ -361,40 +440,31 @@ class JobCoordinator:
             repo = AggregatorRepository(session)
             job = repo.job(job_id)
             spec = job_spec(job)
-            if not 0 <= number <= spec.rounds:
-                raise NotFound(f"job {job_id} has rounds 0..{spec.rounds - 1} (and the final model at {spec.rounds})")
-            if number == 0:
-                weights = flatten_weights(spec.model.initial_weights(spec.seed))
-                return iter([encode_initial_model(weights, job.key_id, job.id)])
-            previous = repo.current_round(job_id, number - 1)
-            if previous is None or previous.state != RoundState.PUBLISHED.value:
-                raise Conflict(f"round {number - 1} is not published yet", code="model_not_ready")
-            sizes = repo.aggregate_chunk_sizes(previous.id)
+            if not 0 <= number < spec.total_rounds:
+                raise NotFound(f"job {job_id} has rounds 0..{spec.total_rounds - 1}")
+            row = repo.current_round(job_id, number)
+            if row is None or row.state != RoundState.PUBLISHED.value:
+                raise Conflict(f"round {number} is not published yet", code="aggregate_not_ready")
+            encoding = round_encoding(job, number)
+            sizes = repo.aggregate_chunk_sizes(row.id)
             prefix = aggregate_header(
                 chunk_sizes=sizes,
-                format_id=spec.format_id,
+                format_id=encoding.format_id,
                 key_id=job.key_id,
-                num_values=job.num_parameters,
+                num_values=encoding.num_values,
                 job_id=job.id,
-                round_number=previous.number,
-                total_samples=previous.total_samples,
+                round_number=row.number,
+                kind="statistics" if spec.is_statistics_round(number) else "training",
+                total_samples=row.total_samples,
                 weight_scale=spec.max_samples_per_round,
             )
-            round_id = previous.id
+            round_id = row.id
         return itertools.chain([prefix], self._aggregate_chunks(round_id, len(sizes)))
 
     def _aggregate_chunks(self, round_id: int, count: int) -> Iterator[bytes]:
         for index in range(count):
             with self._sessions.transaction() as session:
                 yield AggregatorRepository(session).aggregate_chunk(round_id, index)
-
-    def final_model(self, job_id: str) -> Iterator[bytes]:
-        """The sum of the job's last round, once the job has completed."""
-        with self._sessions.transaction() as session:
-            job = AggregatorRepository(session).job(job_id)
-            if job.status != JobStatus.COMPLETED.value:
-                raise Conflict(f"job is {job.status}; the final model exists once it completes", code="model_not_ready")
-        return self.model(job_id, job_spec(job).rounds)
 
     def record_evaluation(self, job_id: str, number: int, site_id: str, evaluation: EvaluationCreate) -> None:
         """Store a site's evaluation of round ``number``'s published model (once per site)."""

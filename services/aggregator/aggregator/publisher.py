@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 
 from aggregator.contexts import EvaluationContexts
-from aggregator.jobs import JobCoordinator, job_spec
+from aggregator.jobs import JobCoordinator, round_encoding
 from aggregator.repository import AggregatorRepository
 from fedhe.db import SessionFactory
 from fedhe.he import PackingSettings, UpdateCodec, codec_for, load_evaluation_context
@@ -127,17 +127,17 @@ class RoundPublisher:
             row = repo.round_by_id(round_id)
             if row is None or row.state != require_state.value:
                 return None
-            spec = job_spec(job)
+            encoding = round_encoding(job, row.number)
             upload_ids = [s.upload_id for s in repo.submissions(round_id)]
-            codec = self._contexts.codec(job.key_id, spec.format_id, spec.packing)
+            codec = self._contexts.codec(encoding.key_id, encoding.format_id, encoding.packing)
             return SumPlan(
                 job_id=job_id,
                 round_id=round_id,
                 upload_ids=upload_ids,
-                num_chunks=codec.num_chunks(job.num_parameters),
+                num_chunks=codec.num_chunks(encoding.num_values),
                 key_id=job.key_id,
-                format_id=spec.format_id,
-                packing=spec.packing,
+                format_id=encoding.format_id,
+                packing=encoding.packing,
             )
 
     def sums(self, plan: SumPlan) -> Iterator[tuple[int, bytes]]:

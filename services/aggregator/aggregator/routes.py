@@ -156,24 +156,13 @@ async def verify_round_sum(
 
 
 @jobs.get(
-    "/{job_id}/rounds/{number}/model",
+    "/{job_id}/rounds/{number}/aggregate",
     response_class=Response,
-    responses=binary_response("the global model envelope (initial weights, or the previous round's encrypted sum)")
-    | CONFLICT,
+    responses=binary_response("the envelope of the round's published encrypted sum") | CONFLICT,
 )
-def get_model(job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, _: JobSiteDep) -> StreamingResponse:
-    """Round ``number``'s global model envelope (encrypted after round 0), streamed chunk by chunk."""
-    return StreamingResponse(iterate_in_threadpool(coordinator.model(job_id, number)), media_type=_OCTETS)
-
-
-@jobs.get(
-    "/{job_id}/final-model",
-    response_class=Response,
-    responses=binary_response("the envelope of the job's final encrypted aggregate") | CONFLICT,
-)
-def get_final_model(job_id: JobIdPath, coordinator: JobsDep, _: JobSiteDep) -> StreamingResponse:
-    """The encrypted aggregate of the last round of a completed job, streamed chunk by chunk."""
-    return StreamingResponse(iterate_in_threadpool(coordinator.final_model(job_id)), media_type=_OCTETS)
+def get_aggregate(job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, _: JobSiteDep) -> StreamingResponse:
+    """Round ``number``'s published encrypted sum, streamed chunk by chunk (member sites decrypt it)."""
+    return StreamingResponse(iterate_in_threadpool(coordinator.aggregate(job_id, number)), media_type=_OCTETS)
 
 
 @jobs.post(

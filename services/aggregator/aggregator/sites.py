@@ -108,6 +108,8 @@ class SiteRegistry:
             )
             row.environment = report.environment.model_dump()
             row.privacy = report.privacy.model_dump() if report.privacy is not None else {}
+            if report.data_size is not None:
+                row.data_size = report.data_size
             row.last_seen_at = utcnow()
         if changed:
             event: Event = {

@@ -57,6 +57,9 @@ class JobRow(AggregatorBase):
     num_parameters: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Planned at creation (PLD composition is too slow to repeat on every read).
+    privacy_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 
 class RoundRow(AggregatorBase):
@@ -75,6 +78,8 @@ class RoundRow(AggregatorBase):
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     num_submissions: Mapped[int] = mapped_column(Integer, default=0)
     total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Null: every member may upload; else the sites this (sampled) round asks for.
+    selected_sites: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class UploadRow(AggregatorBase):
@@ -168,6 +173,7 @@ class SiteStatusRow(AggregatorBase):
     message: Mapped[str] = mapped_column(Text, default="")
     environment: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     privacy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    data_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

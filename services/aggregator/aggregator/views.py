@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aggregator.repository import ONLINE_WITHIN, AggregatorRepository
-from aggregator.tables import JobRow, RoundRow, SiteRow, SiteStatusRow
+from aggregator.tables import EvaluationRow, JobRow, RoundRow, SiteRow, SiteStatusRow
 from fedhe.db import utcnow
 from fedhe.schemas import (
     AgentState,
@@ -11,6 +11,7 @@ from fedhe.schemas import (
     DeclineReason,
     Environment,
     EvaluationPublic,
+    JobCreate,
     JobPublic,
     JobStatus,
     PrivacyReport,
@@ -21,6 +22,7 @@ from fedhe.schemas import (
     SiteStatusReport,
     SubmissionPublic,
 )
+from fedhe.site_metrics import combine_metrics
 
 
 def site_status(row: SiteStatusRow) -> SiteStatusReport:
@@ -34,6 +36,7 @@ def site_status(row: SiteStatusRow) -> SiteStatusReport:
         message=row.message,
         environment=Environment.model_validate(row.environment),
         privacy=PrivacyReport.model_validate(row.privacy) if row.privacy else None,
+        data_size=row.data_size,
     )
 
 
@@ -65,15 +68,25 @@ def job_public(row: JobRow) -> JobPublic:
             "created_at": row.created_at,
             "finished_at": row.finished_at,
             "num_parameters": row.num_parameters,
+            "privacy_plan": row.privacy_plan,
+            "warnings": row.warnings or [],
         }
     )
 
 
+def global_metrics(evaluations: list[EvaluationRow], min_sites: int) -> dict[str, float] | None:
+    """The sites' evaluations combined (sample-weighted), once at least ``min_sites`` sites evaluated."""
+    if len(evaluations) < min_sites:
+        return None
+    return combine_metrics((e.metrics, e.num_examples) for e in evaluations)
+
+
 def round_public(
-    repo: AggregatorRepository, row: RoundRow, *, include_submissions: bool, caller_site: str | None
+    repo: AggregatorRepository, spec: JobCreate, row: RoundRow, *, include_submissions: bool, caller_site: str | None
 ) -> RoundPublic:
-    """A round attempt; other sites' submissions and evaluations only for operators."""
+    """A round attempt; other sites' submissions, evaluations and the sampled sites only for operators."""
     submissions = repo.submissions(row.id)
+    evaluations = repo.evaluations(row.id)
     return RoundPublic(
         job_id=row.job_id,
         number=row.number,
@@ -103,7 +116,7 @@ def round_public(
             EvaluationPublic(
                 site_id=e.site_id, num_examples=e.num_examples, metrics=e.metrics, received_at=e.received_at
             )
-            for e in repo.evaluations(row.id)
+            for e in evaluations
             if include_submissions or e.site_id == caller_site
         ],
         declines=[
@@ -113,4 +126,11 @@ def round_public(
         if include_submissions
         else [],
         submitted_by_caller=None if caller_site is None else any(s.site_id == caller_site for s in submissions),
+        kind="statistics" if spec.is_statistics_round(row.number) else "training",
+        selected_sites=row.selected_sites if include_submissions else None,
+        caller_selected=None
+        if caller_site is None
+        else row.selected_sites is None or caller_site in row.selected_sites,
+        # A site that knew the weighted mean could back out another site's metrics from its own.
+        global_metrics=global_metrics(evaluations, spec.min_eval_sites) if include_submissions else None,
     )

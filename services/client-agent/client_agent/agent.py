@@ -1,11 +1,12 @@
-"""The site daemon: follows jobs round by round, trains, encrypts, uploads, evaluates.
+"""The site daemon: follows jobs round by round, trains, encrypts, uploads, evaluates, exports.
 
 It never needs an operator: network failures are retried with exponential backoff, a
-restart resumes from the aggregator's view of the round (``submitted_by_caller``), and the
-privacy ledger on disk carries the budget across restarts. It tells the operator what it does:
-a heartbeat with its state and versions, and a decline with the reason whenever it will not
-upload to a round (budget spent, data unusable, versions that differ, refused), so a round
-need not wait for its deadline. It logs once per round step, not once per poll.
+restart resumes from the aggregator's view of the round (``submitted_by_caller``) and from the
+global model chain on disk (``client_agent.global_chain``), and the privacy ledger carries the
+budget across restarts. It tells the operator what it does: a heartbeat with its state and
+versions, and a decline with the reason whenever it will not upload to a round (budget spent,
+data unusable, versions that differ, refused), so a round need not wait for its deadline. It
+logs once per round step, not once per poll.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tenseal as ts
 from numpy.typing import NDArray
 
+from client_agent.global_chain import GlobalModelChain
 from client_agent.heartbeat import Heartbeat
 from client_agent.ledger import LedgerEntry, PrivacyLedger
 from client_agent.outcomes import DECLINE_REASONS, JobOutcome, OutcomeStatus
@@ -27,7 +32,7 @@ from client_agent.policy import SitePolicy, load_policy
 from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
-from fedhe.datasets import load_dataset, split
+from fedhe.datasets import Dataset, load_dataset, split
 from fedhe.environment import current as current_environment
 from fedhe.environment import differences
 from fedhe.errors import (
@@ -39,9 +44,10 @@ from fedhe.errors import (
     UpstreamUnavailable,
 )
 from fedhe.files import PRIVATE_FILE, private_dir, write_private
-from fedhe.global_model import decode_global_model, scale_for_upload
-from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context
+from fedhe.global_model import decode_aggregate, weighted_update
+from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context, quantisation_report
 from fedhe.logs import request_id
+from fedhe.normalisation import statistics_upload
 from fedhe.privacy import local_training_pass
 from fedhe.schemas import (
     AgentState,
@@ -51,10 +57,19 @@ from fedhe.schemas import (
     JobStatus,
     KeyReleaseRequest,
     PrivacyReport,
+    RoundPublic,
     RoundState,
 )
 
 logger = logging.getLogger("fedhe.agent")
+
+_STATUS_OF_CODE = {
+    "data_problem": OutcomeStatus.DATA_PROBLEM,
+    "too_many_samples": OutcomeStatus.DATA_PROBLEM,
+    "too_few_samples": OutcomeStatus.DATA_PROBLEM,
+    "environment_mismatch": OutcomeStatus.ENVIRONMENT_MISMATCH,
+    "model_fingerprint_mismatch": OutcomeStatus.ENVIRONMENT_MISMATCH,
+}
 
 
 class SiteAgent:
@@ -83,18 +98,15 @@ class SiteAgent:
         self._ledger = PrivacyLedger(self._state_file("privacy-ledger.json"))
         self._environment = current_environment()
         self._heartbeat = Heartbeat(self._aggregator, self._environment, settings.heartbeat_interval_s)
-        self._data_problem: str | None = None
-        try:
-            data = load_dataset(settings.data_path, settings.label_column)
-            self.train_data, self.validation_data = split(data, settings.validation_fraction, seed=0)
-        except InvalidRequest as exc:
-            # Told to the operator (a decline for each round it would join) instead of a traceback.
-            self._data_problem = exc.message
-        self._codecs: dict[str, UpdateCodec] = {}
+        self._contexts: dict[str, ts.Context] = {}
+        self._codecs: dict[tuple[str, str, str], UpdateCodec] = {}
+        self._data: dict[str, tuple[Dataset, Dataset]] = {}
+        self._chains: dict[str, GlobalModelChain] = {}
+        self._evaluated: dict[str, set[int]] = {}
         self._backoff = settings.poll_interval_s
 
-    def _codec(self, key_id: str, format_id: str) -> UpdateCodec:
-        if key_id not in self._codecs:
+    def _secret_context(self, key_id: str) -> ts.Context:
+        if key_id not in self._contexts:
             timestamp, nonce, signature = sign_request(
                 self._signing_key, KEY_RELEASE_PURPOSE, self.settings.keyserver_audience(), [key_id]
             )
@@ -102,9 +114,30 @@ class SiteAgent:
                 key_id,
                 KeyReleaseRequest(site_id=self.settings.site_id, timestamp=timestamp, nonce=nonce, signature=signature),
             )
+            self._contexts[key_id] = load_secret_context(secret)
+        return self._contexts[key_id]
+
+    def _codec(self, job: JobPublic, number: int) -> UpdateCodec:
+        """The codec of round ``number`` (the statistics step packs its own way)."""
+        packing = job.round_packing(number)
+        key = (job.key_id, job.format_id, packing.model_dump_json() if packing is not None else "")
+        if key not in self._codecs:
             workers = self.settings.encrypt_workers or os.cpu_count() or 1
-            self._codecs[key_id] = codec_for(format_id, load_secret_context(secret), workers=workers)
-        return self._codecs[key_id]
+            self._codecs[key] = codec_for(job.format_id, self._secret_context(job.key_id), workers, options=packing)
+        return self._codecs[key]
+
+    def _site_data(self, job: JobPublic) -> tuple[Dataset, Dataset]:
+        """This site's (training, validation) rows as the job's model reads them; ``DataProblem`` if unusable."""
+        if job.id not in self._data:
+            data = load_dataset(self.settings.data_path, self.settings.label_column, job.model.data_schema())
+            self._data[job.id] = split(data, self.settings.validation_fraction, seed=0)
+            self._heartbeat.set_data_size(len(self._data[job.id][0]))
+        return self._data[job.id]
+
+    def _chain(self, job: JobPublic) -> GlobalModelChain:
+        if job.id not in self._chains:
+            self._chains[job.id] = GlobalModelChain(job, self._state_file(f"{job.id}-global.npz"))
+        return self._chains[job.id]
 
     def _wait(self, failed: bool) -> None:
         """Sleep before the next poll; back off exponentially while calls fail."""
@@ -149,33 +182,32 @@ class SiteAgent:
     def participate(self, job: JobPublic) -> JobOutcome:
         """Take part in ``job`` until it ends, or until this site cannot (and then say why)."""
         outcome = JobOutcome(job_id=job.id, status=OutcomeStatus.COMPLETED)
-        evaluated: set[int] = set()
         logger.info("job %s: taking part (%d rounds, model of %d parameters)", job.id, job.rounds, job.num_parameters)
         while True:
             try:
                 job = self._aggregator.job(job.id)
+                chain = self._chain(job)
+                self._catch_up(job, chain)
                 if job.status != JobStatus.RUNNING:
-                    return self._finish(job, outcome, evaluated)
+                    return self._finish(job, chain, outcome)
                 current = self._aggregator.round(job.id, job.current_round)
-                if current.submitted_by_caller or current.state not in (RoundState.OPEN, RoundState.COLLECTING):
+                if not self._asked_to_upload(current):
                     self._heartbeat.report(AgentState.WAITING, job_id=job.id, round_number=job.current_round)
                     self._wait(failed=False)
                     continue
                 with request_id(f"{job.id}-r{job.current_round}-a{current.attempt}"):
                     self._check_can_train(job)
-                    codec = self._codec(job.key_id, job.format_id)
-                    weights = self._global_weights(job, job.current_round, codec, evaluated)
-                    self._train_and_upload(job, current.attempt, weights, codec, outcome)
+                    if job.is_statistics_round(job.current_round):
+                        self._upload(job, current.attempt, partial(self._encrypt_statistics, job))
+                    else:
+                        make = partial(self._train_and_encrypt, job, current, chain, outcome)
+                        self._upload(job, current.attempt, make)
+                        outcome.rounds_trained += 1
             except BudgetExhausted as exc:
                 return self._stop_taking_part(job, outcome, OutcomeStatus.BUDGET_EXHAUSTED, exc)
             except (InvalidRequest, PermissionDenied) as exc:
                 # Retrying cannot fix these (a refused update, a site or data this job does not fit).
-                status = {
-                    "data_problem": OutcomeStatus.DATA_PROBLEM,
-                    "too_many_samples": OutcomeStatus.DATA_PROBLEM,
-                    "environment_mismatch": OutcomeStatus.ENVIRONMENT_MISMATCH,
-                }.get(exc.code, OutcomeStatus.REFUSED)
-                return self._stop_taking_part(job, outcome, status, exc)
+                return self._stop_taking_part(job, outcome, _STATUS_OF_CODE.get(exc.code, OutcomeStatus.REFUSED), exc)
             except Conflict as exc:
                 if exc.code == "stale_key_id":
                     return self._stop_taking_part(job, outcome, OutcomeStatus.STALE_KEY, exc)
@@ -185,15 +217,45 @@ class SiteAgent:
                 logger.warning("job %s: %s; retrying", job.id, exc.message)
                 self._wait(failed=True)
 
+    @staticmethod
+    def _asked_to_upload(current: RoundPublic) -> bool:
+        """Whether the round takes an upload from this site that it has not made yet."""
+        return (
+            current.state in (RoundState.OPEN, RoundState.COLLECTING)
+            and not current.submitted_by_caller
+            and current.caller_selected is not False
+        )
+
+    def _catch_up(self, job: JobPublic, chain: GlobalModelChain) -> None:
+        """Apply every published round the chain has not seen, then evaluate the newest model once."""
+        published = job.total_rounds if job.status == JobStatus.COMPLETED else job.current_round
+        while chain.next_round < published:
+            number = chain.next_round
+            codec = self._codec(job, number)
+
+            def check(envelope: Envelope, number: int = number, codec: UpdateCodec = codec) -> UpdateCodec:
+                expected = job.round_num_values(number, job.num_parameters)
+                if envelope.key_id != job.key_id or envelope.format_id != job.format_id:
+                    raise InvalidRequest("the aggregate's key or format is not the job's")
+                if envelope.num_values != expected:
+                    raise InvalidRequest(f"round {number}'s aggregate has {envelope.num_values} values, not {expected}")
+                return codec
+
+            chain.apply(decode_aggregate(self._aggregator.aggregate(job.id, number), check))
+            if job.is_statistics_round(number):
+                logger.info("job %s: pooled statistics received; inputs are normalised with them", job.id)
+        latest = published - 1
+        if latest >= 0 and not job.is_statistics_round(latest) and latest not in self._evaluated.get(job.id, set()):
+            self._evaluate(job, latest, chain)
+
     def _check_can_train(self, job: JobPublic) -> None:
         """Refuse, before any privacy budget is spent, a round this site cannot do properly."""
-        if self._data_problem is not None:
-            raise InvalidRequest(self._data_problem, code="data_problem")
         mismatched = differences(job.environment, self._environment)
         if mismatched:
             raise InvalidRequest(
                 "this site runs other versions than the job: " + "; ".join(mismatched), code="environment_mismatch"
             )
+        self._site_data(job)
 
     def _stop_taking_part(
         self, job: JobPublic, outcome: JobOutcome, status: OutcomeStatus, exc: FedheError
@@ -212,41 +274,32 @@ class SiteAgent:
                 logger.warning("job %s: the decline was not recorded (%s)", job.id, declined.code)
         return outcome
 
-    def _global_weights(self, job: JobPublic, number: int, codec: UpdateCodec, evaluated: set[int]) -> NDArray[Any]:
-        weights = self._decode(job, self._aggregator.model(job.id, number), codec)
-        if number > 0 and number - 1 not in evaluated:
-            self._evaluate(job, number - 1, weights, evaluated)
-        return weights
-
-    def _decode(self, job: JobPublic, envelope: bytes, codec: UpdateCodec) -> NDArray[Any]:
-        def check(env: Envelope) -> UpdateCodec:
-            if env.key_id != job.key_id or env.format_id != job.format_id:
-                raise InvalidRequest("the aggregate's key or format is not the job's")
-            return codec
-
-        weights = decode_global_model(envelope, check)
-        if weights.size != job.num_parameters:
-            raise InvalidRequest(f"global model has {weights.size} values, the job's model {job.num_parameters}")
-        return weights
-
-    def _evaluate(self, job: JobPublic, number: int, weights: NDArray[Any], evaluated: set[int]) -> None:
+    def _evaluate(self, job: JobPublic, number: int, chain: GlobalModelChain) -> None:
+        """Score round ``number``'s published model on the validation split (and the public test set) and report it."""
         from client_agent.evaluation import evaluate
 
-        metrics = evaluate(job.model, weights, self.validation_data)
+        _, validation = self._site_data(job)
+        metrics = evaluate(chain.spec, chain.weights, validation)
+        if job.public_test_set is not None:
+            public = Dataset(
+                np.asarray(job.public_test_set.x, dtype=np.float64).reshape(-1, *job.model.input_shape),
+                np.asarray(job.public_test_set.y),
+            )
+            metrics |= {f"public_{name}": value for name, value in evaluate(chain.spec, chain.weights, public).items()}
         try:
             self._aggregator.post_evaluation(
-                job.id, number, EvaluationCreate(num_examples=len(self.validation_data), metrics=metrics)
+                job.id, number, EvaluationCreate(num_examples=len(validation), metrics=metrics)
             )
         except Conflict as exc:
             if exc.code != "duplicate_evaluation":
                 raise
-        evaluated.add(number)
+        self._evaluated.setdefault(job.id, set()).add(number)
         logger.info(
             "job %s round %d global model: accuracy %.3f on %d local validation rows",
             job.id,
             number,
             metrics["accuracy"],
-            len(self.validation_data),
+            len(validation),
         )
 
     def _state_file(self, name: str) -> Path:
@@ -256,25 +309,20 @@ class SiteAgent:
             raise InvalidRequest(f"refusing to write {name!r} outside the state directory", code="unsafe_path")
         return path
 
-    def _pending_path(self, job: JobPublic, attempt: int) -> Path:
-        return self._state_file(f"pending-{job.id}-r{job.current_round}-a{attempt}.fedhe")
-
-    def _train_and_upload(
-        self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
-    ) -> None:
-        """Upload this round's update, training only if no encrypted update is already waiting.
+    def _upload(self, job: JobPublic, attempt: int, make_body: Callable[[], bytes]) -> None:
+        """Upload this round's update, making it only if no encrypted update is already waiting.
 
         The encrypted update is written to the state directory before the first upload try, so
         a lost connection or a restart re-sends the same bytes (the aggregator treats that as a
         replay) instead of training again and spending privacy budget twice.
         """
-        pending = self._pending_path(job, attempt)
+        pending = self._state_file(f"pending-{job.id}-r{job.current_round}-a{attempt}.fedhe")
         if pending.exists():
             body = pending.read_bytes()
             logger.info("job %s round %d: re-sending the saved update", job.id, job.current_round)
         else:
             self._heartbeat.report(AgentState.TRAINING, job_id=job.id, round_number=job.current_round)
-            body = self._train_and_encrypt(job, attempt, weights, codec, outcome)
+            body = make_body()
             write_private(pending, body)
         self._heartbeat.report(AgentState.UPLOADING, job_id=job.id, round_number=job.current_round)
         try:
@@ -285,7 +333,6 @@ class SiteAgent:
             pending.unlink(missing_ok=True)  # refused, or the round moved on: these bytes can never count
             raise
         pending.unlink(missing_ok=True)
-        outcome.rounds_trained += 1
         logger.info(
             "job %s round %d: uploaded %d bytes%s; round is %s",
             job.id,
@@ -295,26 +342,51 @@ class SiteAgent:
             accepted.round_state.value,
         )
 
+    def _envelope(self, job: JobPublic, chunks: list[bytes], num_samples: int, metrics: dict[str, float]) -> bytes:
+        return encode_envelope(
+            Envelope(
+                format_id=job.format_id,
+                key_id=job.key_id,
+                num_values=job.round_num_values(job.current_round, job.num_parameters),
+                chunks=chunks,
+                meta={"num_samples": num_samples, "metrics": metrics, "environment": self._environment.model_dump()},
+            )
+        )
+
+    def _encrypt_statistics(self, job: JobPublic) -> bytes:
+        """The statistics step's upload: count, sums and sums of squares of the training inputs."""
+        assert job.statistics is not None
+        train, _ = self._site_data(job)
+        vector, clipped = statistics_upload(
+            np.asarray(train.x), job.statistics.feature_bounds, job.max_samples_per_round
+        )
+        chunks = self._codec(job, job.current_round).encrypt_update(vector)
+        logger.info(
+            "job %s: statistics of %d rows encrypted (%.2f%% of values clipped)", job.id, len(train), 100 * clipped
+        )
+        return self._envelope(job, chunks, len(train), {"clipped_fraction": clipped})
+
     def _train_and_encrypt(
-        self, job: JobPublic, attempt: int, weights: NDArray[Any], codec: UpdateCodec, outcome: JobOutcome
+        self, job: JobPublic, current: RoundPublic, chain: GlobalModelChain, outcome: JobOutcome
     ) -> bytes:
         from client_agent.evaluation import evaluate
         from client_agent.training import train_dp_sgd
 
-        if len(self.train_data) > job.max_samples_per_round:
+        train, validation = self._site_data(job)
+        if len(train) > job.max_samples_per_round:
             raise InvalidRequest(
-                f"this site has {len(self.train_data)} training rows, more than the job's "
+                f"this site has {len(train)} training rows, more than the job's "
                 f"max_samples_per_round={job.max_samples_per_round}; ask the operator to raise it",
                 code="too_many_samples",
             )
         dp = self._policy.tighten(job.dp)
+        planned = local_training_pass(
+            num_samples=len(train),
+            batch_size=job.batch_size,
+            epochs=job.local_epochs,
+            noise_multiplier=dp.noise_multiplier,
+        )
         if self._policy.max_epsilon is not None:
-            planned = local_training_pass(
-                num_samples=len(self.train_data),
-                batch_size=job.batch_size,
-                epochs=job.local_epochs,
-                noise_multiplier=dp.noise_multiplier,
-            )
             would_be = self._ledger.epsilon(dp.delta, planned)
             if would_be > self._policy.max_epsilon:
                 raise BudgetExhausted(
@@ -322,16 +394,18 @@ class SiteAgent:
                     f"over the site's limit {self._policy.max_epsilon}"
                 )
         result = train_dp_sgd(
-            job.model,
-            weights,
-            self.train_data,
+            chain.spec,
+            chain.weights,
+            train,
             dp=dp,
             epochs=job.local_epochs,
             batch_size=job.batch_size,
             learning_rate=job.learning_rate,
+            proximal_mu=job.algorithm.proximal_mu,
+            momentum=job.algorithm.local_momentum,
         )
         self._ledger.record(
-            LedgerEntry(job_id=job.id, round=job.current_round, attempt=attempt, training=result.training)
+            LedgerEntry(job_id=job.id, round=job.current_round, attempt=current.attempt, training=result.training)
         )
         epsilon = self._ledger.epsilon(dp.delta)
         outcome.epsilon = epsilon
@@ -341,9 +415,11 @@ class SiteAgent:
             round_number=job.current_round,
             privacy=PrivacyReport(epsilon=epsilon, delta=dp.delta, max_epsilon=self._policy.max_epsilon),
         )
-        local = evaluate(job.model, result.weights, self.validation_data)
+        local = evaluate(chain.spec, result.weights, validation)
+        update = weighted_update(result.weights, chain.weights, result.num_samples, job.max_samples_per_round)
+        packing = job.round_packing(job.current_round)
         started = time.perf_counter()
-        chunks = codec.encrypt_update(scale_for_upload(result.weights, result.num_samples, job.max_samples_per_round))
+        chunks = self._codec(job, job.current_round).encrypt_update(update)
         metrics = {
             "train_loss": result.train_loss,
             "local_val_accuracy": local["accuracy"],
@@ -352,6 +428,7 @@ class SiteAgent:
             "delta": dp.delta,
             "noise_multiplier": dp.noise_multiplier,
             "l2_norm_clip": dp.l2_norm_clip,
+            "clipped_fraction": quantisation_report(update, packing)["clipped_fraction"] if packing else 0.0,
             "train_seconds": result.seconds,
             "encrypt_seconds": time.perf_counter() - started,
         }
@@ -363,21 +440,9 @@ class SiteAgent:
             epsilon,
             dp.delta,
         )
-        return encode_envelope(
-            Envelope(
-                format_id=job.format_id,
-                key_id=job.key_id,
-                num_values=job.num_parameters,
-                chunks=chunks,
-                meta={
-                    "num_samples": result.num_samples,
-                    "metrics": metrics,
-                    "environment": self._environment.model_dump(),
-                },
-            )
-        )
+        return self._envelope(job, chunks, result.num_samples, metrics)
 
-    def _finish(self, job: JobPublic, outcome: JobOutcome, evaluated: set[int]) -> JobOutcome:
+    def _finish(self, job: JobPublic, chain: GlobalModelChain, outcome: JobOutcome) -> JobOutcome:
         outcome.status = OutcomeStatus(job.status.value)
         self._heartbeat.report(AgentState.FINISHED, job_id=job.id)
         logger.info("job %s ended %s", job.id, job.status.value)
@@ -386,18 +451,29 @@ class SiteAgent:
             return outcome
         from client_agent.export import export_model
 
-        codec = self._codec(job.key_id, job.format_id)
-        weights = self._decode(job, self._aggregator.final_model(job.id), codec)
-        last = job.rounds - 1
-        if last not in evaluated:
-            try:
-                self._evaluate(job, last, weights, evaluated)
-            except FedheError as exc:
-                outcome.notes.append(f"final evaluation not recorded: {exc.message}")
-        outcome.exported_model = export_model(job.model, weights, self._state_file(f"{job.id}-final.keras"))
+        outcome.exported_model = export_model(chain.spec, chain.weights, self._state_file(f"{job.id}-final.keras"))
         os.chmod(outcome.exported_model, PRIVATE_FILE)
-        buffer = io.BytesIO()
-        np.save(buffer, weights)
-        write_private(self._state_file(f"{job.id}-final-weights.npy"), buffer.getvalue())
+        write_private(self._state_file(f"{job.id}-final-weights.npy"), _npy(chain.weights))
         logger.info("job %s completed; final model saved to %s", job.id, outcome.exported_model)
         return outcome
+
+    def export(self, job_id: str, directory: Path) -> list[Path]:
+        """``fedhe export``: the completed job's model as .keras, SavedModel and TFLite, each checked."""
+        from client_agent.export import export_all
+
+        job = self._aggregator.job(job_id)
+        if job.status != JobStatus.COMPLETED:
+            raise Conflict(
+                f"job {job_id} is {job.status.value}; its model exists once it completes", code="job_not_completed"
+            )
+        chain = self._chain(job)
+        self._catch_up(job, chain)
+        _, validation = self._site_data(job)
+        exported = export_all(chain.spec, chain.weights, directory, np.asarray(validation.x[:64]), name=job.id)
+        return [exported.keras, exported.saved_model, exported.tflite_float16, exported.tflite_int8]
+
+
+def _npy(weights: NDArray[Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, weights)
+    return buffer.getvalue()

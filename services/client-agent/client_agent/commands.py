@@ -6,14 +6,18 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client_agent.outcomes import exit_code
 from fedhe.cli.output import print_json
 from fedhe.logs import configure_logging
 
+if TYPE_CHECKING:
+    from client_agent.settings import AgentSettings
 
-def _run(args: argparse.Namespace) -> int:
-    from client_agent.agent import SiteAgent
+
+def _settings(args: argparse.Namespace) -> AgentSettings:
+    """Agent settings from ``FEDHE_AGENT_*``, overridden by the flags given."""
     from client_agent.settings import AgentSettings
 
     fields = {
@@ -26,10 +30,16 @@ def _run(args: argparse.Namespace) -> int:
         "label_column": args.label_column,
         "policy_file": args.policy,
         "state_dir": args.state_dir,
-        "job_id": args.job,
-        "once": args.once or None,
+        "job_id": getattr(args, "job", None),
+        "once": getattr(args, "once", False) or None,
     }
-    settings = AgentSettings(**{k: v for k, v in fields.items() if v is not None})
+    return AgentSettings(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _run(args: argparse.Namespace) -> int:
+    from client_agent.agent import SiteAgent
+
+    settings = _settings(args)
     configure_logging(settings.log_level, f"agent:{settings.site_id}")
     # As PID 1 in a container SIGTERM is ignored by default; exit promptly (the ledger and the
     # pending upload are written atomically, so stopping anywhere is safe).
@@ -39,18 +49,33 @@ def _run(args: argparse.Namespace) -> int:
     return exit_code(outcomes)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from client_agent.agent import SiteAgent
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, f"export:{settings.site_id}")
+    agent = SiteAgent(settings)
+    paths = agent.export(args.job_id, args.out or settings.state_dir / f"{args.job_id}-export")
+    print_json({"job_id": args.job_id, "files": [str(p) for p in paths]})
+    return 0
+
+
+def _site_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", "--server-address", dest="aggregator")
+    parser.add_argument("--keyserver")
+    parser.add_argument("--site-id", "--client-id", dest="site_id")
+    parser.add_argument("--credential-file", type=Path)
+    parser.add_argument("--signing-key", type=Path)
+    parser.add_argument("--data", "--data-path", dest="data", help="CSV, NPZ, an image folder or sklearn:NAME")
+    parser.add_argument("--label-column")
+    parser.add_argument("--policy", type=Path, help="site privacy policy (JSON)")
+    parser.add_argument("--state-dir", type=Path)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Contribute ``fedhe agent`` to the command line."""
+    """Contribute ``fedhe agent`` and ``fedhe export`` to the command line."""
     agent = sub.add_parser("agent", help="run a site's agent (settings from FEDHE_AGENT_* or flags)")
-    agent.add_argument("--aggregator", "--server-address", dest="aggregator")
-    agent.add_argument("--keyserver")
-    agent.add_argument("--site-id", "--client-id", dest="site_id")
-    agent.add_argument("--credential-file", type=Path)
-    agent.add_argument("--signing-key", type=Path)
-    agent.add_argument("--data", "--data-path", dest="data", help="CSV, NPZ or sklearn:NAME")
-    agent.add_argument("--label-column")
-    agent.add_argument("--policy", type=Path, help="site privacy policy (JSON)")
-    agent.add_argument("--state-dir", type=Path)
+    _site_flags(agent)
     agent.add_argument("--job", help="follow only this job")
     agent.add_argument(
         "--once",
@@ -58,3 +83,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="exit after one job ends; the exit code says how (client_agent/outcomes.py, docs/site-admin-guide.md)",
     )
     agent.set_defaults(func=_run)
+    export = sub.add_parser(
+        "export",
+        help="a member site writes a completed job's model: .keras, SavedModel, TFLite float16 and int8 (checked)",
+    )
+    export.add_argument("job_id", metavar="JOB")
+    export.add_argument("--out", type=Path, help="directory to write to (default: STATE_DIR/JOB-export)")
+    _site_flags(export)
+    export.set_defaults(func=_export)

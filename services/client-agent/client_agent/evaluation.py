@@ -8,12 +8,12 @@ that is neither true nor predicted anywhere at a site has no precision or recall
 ROC AUC: binary, the positive class's probability; multi-class, one-vs-rest macro over the
 classes present in the site's labels (each needs positives and negatives). With a single
 class present it is undefined and **left out** of the site's metrics (metrics must be finite
-numbers on the wire), and ``combine_metrics`` then averages it over the sites that have it.
+numbers on the wire), and ``fedhe.site_metrics.combine_metrics`` then averages it over the sites that have it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -78,20 +78,3 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics of the flat ``weights`` of ``spec``'s model on ``data``."""
     return evaluate_model(load_model(spec, weights, custom_modules=custom_modules), data)
-
-
-def combine_metrics(per_site: Iterable[tuple[dict[str, float], int]]) -> dict[str, float]:
-    """Sample-weighted mean of each metric over the sites reporting it: Σ n_k m_k / Σ n_k.
-
-    This weights sites as FedAvg does; for accuracy and loss it equals the pooled value, for
-    macro scores it is the weighted mean of the sites' macro scores, not a pooled macro score.
-    """
-    totals: dict[str, float] = {}
-    weights: dict[str, int] = {}
-    for metrics, examples in per_site:
-        if examples < 0:
-            raise InvalidRequest("a site cannot report a negative number of examples")
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + examples * value
-            weights[name] = weights.get(name, 0) + examples
-    return {name: totals[name] / weights[name] for name in totals if weights[name] > 0}

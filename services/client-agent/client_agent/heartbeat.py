@@ -41,6 +41,11 @@ class Heartbeat:
         self._changed.set()
         self._thread.join(timeout=10)
 
+    def set_data_size(self, rows: int) -> None:
+        """Say how many training rows the site has (weighted sampling draws by it), from the next beat on."""
+        with self._lock:
+            self._report = self._report.model_copy(update={"data_size": rows})
+
     def report(
         self,
         state: AgentState,
@@ -60,6 +65,7 @@ class Heartbeat:
                 message=message[:500],
                 environment=self._environment,
                 privacy=privacy if privacy is not None else previous.privacy,
+                data_size=previous.data_size,
             )
         if (previous.state, previous.job_id, previous.round) != (state, job_id, round_number):
             self._changed.set()

@@ -1,8 +1,8 @@
 """Server momentum (FedAvgM, Hsu et al. 2019) applied by every site to the published average.
 
 The aggregator only sums ciphertexts, so the server optimiser runs at the sites: each one
-decrypts the same aggregate, forms the same mean update Δ = mean of the sites' weights − the
-current global weights, and applies
+decrypts the same aggregate, the sample-weighted mean Δ of the sites' changes to the current
+global weights, and applies
 
     v ← β·v + Δ        w ← w + η·v
 
@@ -38,13 +38,13 @@ def initial_state(weights: NDArray[Any]) -> ServerState:
 
 
 def apply_server_momentum(
-    state: ServerState, averaged_weights: NDArray[Any], *, momentum: float, server_learning_rate: float
+    state: ServerState, mean_update: NDArray[Any], *, momentum: float, server_learning_rate: float
 ) -> ServerState:
-    """The next global model from the sites' averaged weights (FedAvgM)."""
+    """The next global model from the sites' mean update Δ (FedAvgM)."""
     if not 0 <= momentum < 1 or not server_learning_rate > 0:
         raise InvalidRequest("server momentum must be in [0, 1) and the server learning rate positive")
-    average = np.asarray(averaged_weights, dtype=np.float64)
-    if average.shape != state.weights.shape:
-        raise InvalidRequest(f"averaged weights have shape {average.shape}, the model {state.weights.shape}")
-    velocity = momentum * state.velocity + (average - state.weights)
+    update = np.asarray(mean_update, dtype=np.float64)
+    if update.shape != state.weights.shape:
+        raise InvalidRequest(f"the mean update has shape {update.shape}, the model {state.weights.shape}")
+    velocity = momentum * state.velocity + update
     return ServerState(weights=state.weights + server_learning_rate * velocity, velocity=velocity)

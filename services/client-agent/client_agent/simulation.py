@@ -100,7 +100,7 @@ def run_federation(
         average = np.tensordot(counts / counts.sum(), np.stack(trained), axes=1)
         state = apply_server_momentum(
             state,
-            average,
+            average - state.weights,
             momentum=settings.server_momentum,
             server_learning_rate=settings.server_learning_rate,
         )

@@ -1,14 +1,14 @@
 """``fedhe demo``: a whole federation on one machine, trained to a reported accuracy.
 
 Keyserver, aggregator and one agent per site run as separate processes on loopback, with
-SQLite and no Redis. A bundled scikit-learn dataset is split into a held-out test set and a
-training pool; the pool is spread non-IID (Dirichlet) over the sites. After the job, the
-final federated model (as a site exported it) and a centralised, non-private baseline trained
-on the pooled training data are scored on the same held-out test set.
-
-The input scaling (mean/std per feature) is computed from the pooled training data and put in
-the job's model spec as public preprocessing: a demo convenience. Real federations agree on
-scaling from public knowledge or a separate private protocol.
+SQLite and no Redis, over TLS from a throw-away CA. A bundled scikit-learn dataset is split
+into a held-out test set and a training pool; the pool is spread non-IID (Dirichlet) over the
+sites, as CSV files (or, for the CNN, PNG folders). The job starts with the encrypted
+statistics step, so the sites agree on input normalisation without showing anyone their data;
+its public feature bounds stand for a data dictionary's ranges (here: the pool's largest
+magnitude per feature). After the job, the final federated model (as a site exported it) and
+a centralised, non-private baseline trained on the pooled training data are scored on the
+same held-out test set.
 """
 
 from __future__ import annotations
@@ -25,8 +25,17 @@ from rich.console import Console
 from rich.live import Live
 
 from fedhe.cli.watch import follow, render
-from fedhe.datasets import Dataset, load_bundled, partition_dirichlet, save_csv, split
+from fedhe.datasets import (
+    Dataset,
+    digits_as_images,
+    load_bundled,
+    partition_dirichlet,
+    save_csv,
+    split,
+    write_image_folder,
+)
 from fedhe.he import DEFAULT_FORMAT_ID
+from fedhe.job_options import Algorithm, AlgorithmSettings, SamplingMode, SamplingSettings, StatisticsSettings
 from fedhe.local_cluster import (
     ClusterSecrets,
     ManagedProcess,
@@ -37,19 +46,24 @@ from fedhe.local_cluster import (
     start_keyserver,
     url,
 )
-from fedhe.modelspec import InputNormalisation, ModelSpec
+from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import FederationCreate, JobCreate, JobPublic, JobStatus, RoundPublic, RoundState
+
+MODELS = ("logistic", "mlp", "cnn")
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What ``fedhe demo`` runs."""
+    """What ``fedhe demo`` runs (``None``: the dataset's preset)."""
 
     dataset: str = "breast_cancer"
-    rounds: int = 5
+    model: str | None = None
+    algorithm: Algorithm = Algorithm.FEDAVG
+    sample_fraction: float | None = None
+    rounds: int | None = None
     num_sites: int = 3
-    alpha: float = 0.5
+    alpha: float = 1.0
     seed: int = 0
     workdir: Path | None = None
     report: Path | None = None
@@ -60,49 +74,88 @@ class DemoOptions:
     local_epochs: int | None = None
 
 
+# Chosen so every site of the demo spends ε ≤ 3 at δ = 1e-5 (PLD): the job's privacy plan and
+# the sites' ledgers report it.
 _PRESETS: dict[str, dict[str, Any]] = {
     "breast_cancer": {
+        "model": "logistic",
         "hidden_units": [16],
+        "rounds": 3,
         "local_epochs": 2,
         "batch_size": 16,
-        "learning_rate": 0.2,
-        "noise_multiplier": 1.2,
-        "baseline_epochs": 60,
+        "learning_rate": 1.0,
+        "noise_multiplier": 2.5,
+        "baseline_epochs": 100,
     },
     "digits": {
+        "model": "logistic",
         "hidden_units": [32],
-        "local_epochs": 2,
-        "batch_size": 32,
-        "learning_rate": 0.2,
+        "rounds": 5,
+        "local_epochs": 3,
+        "batch_size": 96,
+        "learning_rate": 0.5,
         "noise_multiplier": 1.0,
         "baseline_epochs": 60,
     },
 }
+FEDPROX_MU = 0.1
 
 
-def _job_request(options: DemoOptions, key_id: str, train: Dataset) -> JobCreate:
+def _model_spec(options: DemoOptions, train: Dataset) -> ModelSpec:
     preset = _PRESETS[options.dataset]
-    mean = train.x.mean(axis=0)
-    std = np.where(train.x.std(axis=0) > 0, train.x.std(axis=0), 1.0)
-    model = ModelSpec(
+    architecture = options.model or preset["model"]
+    classes = int(train.y.max()) + 1
+    if architecture == "cnn":
+        return ModelSpec(
+            architecture="cnn",
+            input_shape=train.x.shape[1:],
+            conv_filters=[8, 16],
+            activation="tanh",
+            num_classes=classes,
+            class_names=[str(c) for c in range(classes)],
+        )
+    return ModelSpec(
+        architecture=architecture,
         input_shape=(train.x.shape[1],),
-        hidden_units=list(options.hidden_units) if options.hidden_units is not None else preset["hidden_units"],
-        num_classes=int(train.y.max()) + 1,
-        normalisation=InputNormalisation(mean=mean.tolist(), std=std.tolist()),
+        hidden_units=(list(options.hidden_units or preset["hidden_units"]) if architecture == "mlp" else []),
+        num_classes=classes,
     )
+
+
+def _job_request(options: DemoOptions, key_id: str, train: Dataset, site_rows: list[int]) -> JobCreate:
+    preset = _PRESETS[options.dataset]
+    model = _model_spec(options, train)
+    channels = train.x.reshape(-1, model.input_shape[-1])
+    bounds = (np.abs(channels).max(axis=0) * 1.1 + 1e-6).tolist()
     noise = options.noise_multiplier if options.noise_multiplier is not None else preset["noise_multiplier"]
+    sites_per_round = options.num_sites
+    sampling = SamplingSettings()
+    if options.sample_fraction is not None:
+        sampling = SamplingSettings(mode=SamplingMode.FRACTION, fraction=options.sample_fraction, min_sites=1)
+        sites_per_round = sampling.count(options.num_sites)
+        sampling = sampling.model_copy(update={"min_sites": sites_per_round})
+    algorithm = AlgorithmSettings()
+    if options.algorithm == Algorithm.FEDPROX:
+        algorithm = AlgorithmSettings(name=Algorithm.FEDPROX, proximal_mu=FEDPROX_MU)
+    validation = 0.2  # the agent's default validation_fraction
     return JobCreate(
-        name=f"demo-{options.dataset}",
+        name=f"demo-{options.dataset}-{model.architecture}",
         key_id=key_id,
         model=model,
-        rounds=options.rounds,
-        min_sites=options.num_sites,
+        rounds=options.rounds or preset["rounds"],
+        min_sites=sites_per_round,
         round_deadline_s=300,
         local_epochs=options.local_epochs or preset["local_epochs"],
         batch_size=preset["batch_size"],
         learning_rate=preset["learning_rate"],
         dp=DPSettings(l2_norm_clip=1.0, noise_multiplier=noise, delta=1e-5),
-        max_samples_per_round=10_000,
+        algorithm=algorithm,
+        sampling=sampling,
+        statistics=StatisticsSettings(feature_bounds=bounds),
+        min_eval_sites=options.num_sites,
+        min_site_samples=int(min(site_rows) * (1 - validation)),
+        epsilon_warning=3.0,
+        max_samples_per_round=max(site_rows),
         seed=options.seed,
         format_id=options.format_id,
     )
@@ -112,10 +165,11 @@ def _baseline_accuracy(spec: ModelSpec, train: Dataset, test: Dataset, epochs: i
     """Centralised, non-private training of the same architecture on the pooled data."""
     import tensorflow as tf
 
+    from client_agent.simulation import with_pooled_normalisation
     from fedhe.models import build_model
 
     tf.keras.utils.set_random_seed(seed)
-    model = build_model(spec)
+    model = build_model(with_pooled_normalisation(spec, [train]))
     model.compile(
         optimizer=tf.keras.optimizers.Adam(0.01), loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
@@ -124,17 +178,29 @@ def _baseline_accuracy(spec: ModelSpec, train: Dataset, test: Dataset, epochs: i
     return float((predicted == test.y).mean())
 
 
+def _exported_scores(path: Path, test: Dataset) -> dict[str, float]:
+    """Accuracy and the other metrics of a site's exported model (raw inputs in, probabilities out)."""
+    import tensorflow as tf
+
+    from client_agent.evaluation import metrics_from_logits
+
+    probabilities = tf.keras.models.load_model(path).predict(test.x, verbose=0)
+    return metrics_from_logits(test.y, np.log(np.clip(probabilities, 1e-12, 1.0)))
+
+
 def _round_row(round_: RoundPublic) -> dict[str, Any]:
-    evaluations = round_.evaluations
-    examples = sum(e.num_examples for e in evaluations)
-    accuracy = sum(e.metrics["accuracy"] * e.num_examples for e in evaluations) / examples if examples else None
     seconds = (round_.published_at - round_.opened_at).total_seconds() if round_.published_at else None
+    metrics = round_.global_metrics or {}
     return {
         "round": round_.number,
+        "kind": round_.kind,
         "attempt": round_.attempt,
         "state": round_.state.value,
-        "global_accuracy": accuracy,
+        "global_accuracy": metrics.get("accuracy"),
+        "global_f1": metrics.get("f1"),
+        "sites": sorted(s.site_id for s in round_.submissions),
         "site_epsilon": {s.site_id: s.metrics.get("epsilon") for s in round_.submissions},
+        "clipped_fraction": max((s.metrics.get("clipped_fraction", 0.0) for s in round_.submissions), default=0.0),
         "bytes_uploaded": sum(s.num_bytes for s in round_.submissions),
         "round_seconds": seconds,
     }
@@ -142,8 +208,13 @@ def _round_row(round_: RoundPublic) -> dict[str, Any]:
 
 def _print_report(report: dict[str, Any], site_names: dict[str, str]) -> None:
     print(
-        f"\nfedhe demo: {report['dataset']}, {report['num_sites']} sites (Dirichlet alpha={report['alpha']}), "
-        f"{report['rounds']} rounds, DP-SGD noise {report['noise_multiplier']}, delta {report['delta']}"
+        f"\nfedhe demo: {report['dataset']}, {report['model']} model, {report['algorithm']}, "
+        f"{report['num_sites']} sites (Dirichlet alpha={report['alpha']}), {report['rounds']} rounds, "
+        f"DP-SGD noise {report['noise_multiplier']}, delta {report['delta']}, codec {report['format_id']}"
+    )
+    print(
+        f"planned epsilon of the smallest site: {report['planned_epsilon']:.2f}; "
+        f"warnings: {report['warnings'] or 'none'}"
     )
     names = list(site_names.values())
     print(
@@ -153,7 +224,8 @@ def _print_report(report: dict[str, Any], site_names: dict[str, str]) -> None:
     )
     for row in report["per_round"]:
         eps = [row["site_epsilon"].get(site_id) for site_id in site_names]
-        acc = "-" if row["global_accuracy"] is None else f"{row['global_accuracy']:.3f}"
+        acc = "stats" if row["kind"] == "statistics" else "-"
+        acc = acc if row["global_accuracy"] is None else f"{row['global_accuracy']:.3f}"
         secs = "-" if row["round_seconds"] is None else f"{row['round_seconds']:.1f}"
         print(
             f"{row['round']:>5} {acc:>10} "
@@ -195,18 +267,21 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 log_dir=logs,
             )
         )
-        data = load_bundled(options.dataset)
+        images = (options.model or _PRESETS[options.dataset]["model"]) == "cnn"
+        if images and options.dataset != "digits":
+            raise ValueError("the demo's CNN runs on digits as images (--dataset digits)")
+        data = digits_as_images() if images else load_bundled(options.dataset)
         pool, test = split(data, 0.2, seed=options.seed)
         parts = partition_dirichlet(
             pool.y,
             options.num_sites,
             options.alpha,
             seed=options.seed,
-            min_size=4 * _PRESETS[options.dataset]["batch_size"],
+            min_size=8 * _PRESETS[options.dataset]["batch_size"],
         )
         with secrets.keyserver_admin(ks_url) as keyserver:
             federation = keyserver.create_federation(FederationCreate(name=f"demo-{options.dataset}"))
-        request = _job_request(options, federation.key_id, pool)
+        request = _job_request(options, federation.key_id, pool, [len(rows) for rows in parts])
         with secrets.aggregator_admin(ag_url) as aggregator:
             job = aggregator.create_job(request)
             site_names: dict[str, str] = {}
@@ -221,8 +296,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                     federation_id=federation.id,
                 )
                 site_names[site.site_id] = name
-                csv_path = workdir / "sites" / name / "data.csv"
-                save_csv(pool.subset(rows), csv_path)
+                data_path = workdir / "sites" / name / ("images" if images else "data.csv")
+                if images:
+                    write_image_folder(pool.subset(rows), data_path, request.model.class_names or [])
+                else:
+                    save_csv(pool.subset(rows), data_path)
                 counts = np.bincount(pool.y[rows], minlength=request.model.num_classes).tolist()
                 print(f"{name}: {len(rows)} rows, class counts {counts}", flush=True)
                 processes.append(
@@ -232,7 +310,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                         aggregator_url=ag_url,
                         keyserver_url=ks_url,
                         secrets=secrets,
-                        data_path=csv_path,
+                        data_path=data_path,
                         state_dir=workdir / "sites" / name / "state",
                         job_id=job.id,
                         log_dir=logs,
@@ -257,10 +335,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 raise RuntimeError(f"job ended {final.status.value}; see {logs}")
             rounds = [r for r in aggregator.rounds(job.id) if r.state == RoundState.PUBLISHED]
         first_site = next(iter(site_names.values()))
-        final_weights = np.load(workdir / "sites" / first_site / "state" / f"{job.id}-final-weights.npy")
-        from client_agent.evaluation import evaluate
-
-        federated = evaluate(request.model, final_weights, test)
+        federated = _exported_scores(workdir / "sites" / first_site / "state" / f"{job.id}-final.keras", test)
         baseline = _baseline_accuracy(
             request.model, pool, test, _PRESETS[options.dataset]["baseline_epochs"], options.seed
         )
@@ -268,11 +343,17 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         epsilons = [e for row in per_round for e in row["site_epsilon"].values() if e is not None]
         report = {
             "dataset": options.dataset,
+            "model": request.model.architecture,
+            "algorithm": request.algorithm.name.value,
+            "sample_fraction": options.sample_fraction,
+            "format_id": job.format_id,
             "num_sites": options.num_sites,
             "alpha": options.alpha,
-            "rounds": options.rounds,
+            "rounds": request.rounds,
             "noise_multiplier": request.dp.noise_multiplier,
             "delta": request.dp.delta,
+            "planned_epsilon": job.privacy_plan.final_epsilon if job.privacy_plan else None,
+            "warnings": job.warnings,
             "job_id": job.id,
             "sites": site_names,
             "per_round": per_round,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fedhe.auth import ENDORSE_PURPOSE, KEY_RELEASE_PURPOSE, parse_public_key, verify_request
 from fedhe.db import SessionFactory, utcnow
 from fedhe.errors import Conflict, FedheError, NotFound, PermissionDenied, Unauthenticated
-from fedhe.he.context import CkksParameters, create_key_material
+from fedhe.he.context import BfvParameters, CkksParameters, create_key_material, parameters_from
 from fedhe.identifiers import KEY_ID, SITE_ID, loggable, new_id
 from fedhe.schemas import (
     AuditEventPublic,
@@ -36,7 +36,7 @@ def _context_info(row: ContextRow) -> ContextInfo:
     return ContextInfo(
         key_id=row.key_id,
         federation_id=row.federation_id,
-        parameters=CkksParameters.model_validate(row.parameters),
+        parameters=parameters_from(row.parameters),
         created_at=row.created_at,
         retired_at=row.retired_at,
     )
@@ -76,7 +76,7 @@ class KeyService:
         self.audience = audience
         self._max_skew_s = max_skew_s
 
-    def _new_context(self, federation_id: str, parameters: CkksParameters) -> ContextRow:
+    def _new_context(self, federation_id: str, parameters: CkksParameters | BfvParameters) -> ContextRow:
         key_id = new_id("key")
         material = create_key_material(parameters)
         return ContextRow(
@@ -128,7 +128,7 @@ class KeyService:
             repo = KeyserverRepository(session)
             federation = repo.federation(federation_id)
             old = repo.context(federation.current_key_id)
-            new = self._new_context(federation_id, CkksParameters.model_validate(old.parameters))
+            new = self._new_context(federation_id, parameters_from(old.parameters))
             old.retired_at = utcnow()
             repo.add_context(new)
             federation.current_key_id = new.key_id

@@ -7,8 +7,17 @@ and ``decrypt_aggregate``. The packed BFV format also takes the job's ``PackingS
 (validated up front by ``check_packing``) and reports clipping with ``quantisation_report``.
 """
 
-from fedhe.he.bfv_packed import PACKED_FORMAT_ID, PackedBfvCodec
-from fedhe.he.codec import DEFAULT_FORMAT_ID, Accumulator, UpdateCodec, codec_for, supported_formats
+from fedhe.he.bfv_packed import PackedBfvCodec
+from fedhe.he.codec import (
+    CKKS_FORMAT_ID,
+    DEFAULT_FORMAT_ID,
+    PACKED_FORMAT_ID,
+    Accumulator,
+    UpdateCodec,
+    codec_for,
+    format_for,
+    supported_formats,
+)
 from fedhe.he.context import (
     BfvParameters,
     CkksParameters,
@@ -24,6 +33,7 @@ from fedhe.he.packing import PackingLayout, PackingSettings, check_packing
 from fedhe.he.quantise import quantisation_report
 
 __all__ = [
+    "CKKS_FORMAT_ID",
     "DEFAULT_FORMAT_ID",
     "PACKED_FORMAT_ID",
     "Accumulator",
@@ -41,6 +51,7 @@ __all__ = [
     "create_key_material",
     "decode_envelope",
     "encode_envelope",
+    "format_for",
     "load_evaluation_context",
     "load_secret_context",
     "parameters_from",

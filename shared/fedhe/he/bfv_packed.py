@@ -21,6 +21,7 @@ import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
+from fedhe.he.codec import PACKED_FORMAT_ID
 from fedhe.he.context import scheme_of
 from fedhe.he.packing import PackingLayout, PackingSettings, pack, packing_layout, unpack
 from fedhe.he.quantise import dequantise, quantise
@@ -28,7 +29,6 @@ from fedhe.he.seal_codec import SealCodec
 from fedhe.he.seal_format import compact_ciphertext, plaintext_bytes, seal_ciphertext
 from fedhe.he.seal_io import SealIO
 
-PACKED_FORMAT_ID = "bfv-packed-v1"
 # Values quantised and packed at a time: whole chunks, and few enough that the float
 # temporaries of a 10M-value update do not all exist at once.
 _BLOCK_CHUNKS = 64

@@ -23,7 +23,7 @@ import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidUpdate
-from fedhe.he.codec import DEFAULT_FORMAT_ID
+from fedhe.he.codec import CKKS_FORMAT_ID
 from fedhe.he.seal_codec import SealCodec
 from fedhe.he.seal_io import SealIO
 
@@ -31,7 +31,7 @@ from fedhe.he.seal_io import SealIO
 class SeededCkksCodec(SealCodec):
     """Seeded symmetric CKKS at the last level (format ``ckks-seeded-last-v2``)."""
 
-    format_id = DEFAULT_FORMAT_ID
+    format_id = CKKS_FORMAT_ID
 
     def __init__(self, context: ts.Context, workers: int = 1):
         super().__init__(context, workers)

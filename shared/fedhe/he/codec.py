@@ -74,14 +74,27 @@ class UpdateCodec(abc.ABC):
         """Decrypt a (summed) vector of ``num_values`` values (needs the secret context)."""
 
 
-DEFAULT_FORMAT_ID = "ckks-seeded-last-v2"
+CKKS_FORMAT_ID = "ckks-seeded-last-v2"
+PACKED_FORMAT_ID = "bfv-packed-v1"
+DEFAULT_FORMAT_ID = PACKED_FORMAT_ID
+"""The packed BFV codec: under 4 bytes per value (ADR 0006); ``ckks-seeded-last-v2`` stays available."""
+
+_FORMAT_OF_SCHEME = {"BFV": DEFAULT_FORMAT_ID, "CKKS": CKKS_FORMAT_ID}
 
 
 def supported_formats() -> list[str]:
     """Format ids this process accepts (the plaintext one only under its benchmark switch)."""
     from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, plaintext_allowed
 
-    return [DEFAULT_FORMAT_ID, PLAINTEXT_FORMAT_ID] if plaintext_allowed() else [DEFAULT_FORMAT_ID]
+    encrypted = [DEFAULT_FORMAT_ID, CKKS_FORMAT_ID]
+    return [*encrypted, PLAINTEXT_FORMAT_ID] if plaintext_allowed() else encrypted
+
+
+def format_for(context: ts.Context) -> str:
+    """The update format a federation's context takes when a job does not name one."""
+    from fedhe.he.context import scheme_of
+
+    return _FORMAT_OF_SCHEME[scheme_of(context)]
 
 
 def codec_for(
@@ -92,14 +105,14 @@ def codec_for(
     ``options`` are the job's packing settings, required by ``bfv-packed-v1`` (sites and the
     aggregator must pass the same ones: they fix how many values a chunk holds).
     """
-    from fedhe.he.bfv_packed import PACKED_FORMAT_ID, PackedBfvCodec
+    from fedhe.he.bfv_packed import PackedBfvCodec
     from fedhe.he.ckks_seeded import SeededCkksCodec
     from fedhe.he.context import scheme_of
     from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, PlaintextCodec
 
     if format_id == PLAINTEXT_FORMAT_ID:
         return PlaintextCodec()
-    expected = {SeededCkksCodec.format_id: "CKKS", PACKED_FORMAT_ID: "BFV"}.get(format_id)
+    expected = {fmt: scheme for scheme, fmt in _FORMAT_OF_SCHEME.items()}.get(format_id)
     if expected is None:
         raise InvalidRequest(
             f"unknown update format {format_id!r}",

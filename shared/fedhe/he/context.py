@@ -1,6 +1,6 @@
 """HE contexts: creation at the keyserver, and loading with the right key material.
 
-A federation has one context, CKKS (``ckks-seeded-last-v1``) or BFV (``bfv-packed-v1``). Sites
+A federation has one context, CKKS (``ckks-seeded-last-v2``) or BFV (``bfv-packed-v1``). Sites
 get the *secret* context (they encrypt and decrypt); the aggregator gets the *evaluation*
 context, which carries the encryption parameters and no key at all: summing ciphertexts needs
 neither a secret, public, relinearisation nor Galois key.

@@ -1,0 +1,132 @@
+"""The global model as a site holds it: public initial weights plus every published round, applied in order.
+
+The aggregator never holds a model, only encrypted sums of the sites' changes. Each site starts
+from the public initial weights (``fedhe.models.initial_weights`` of the job's spec and seed)
+and, after each published round, decrypts the mean update and applies it with server momentum
+(``client_agent.server_momentum``); a statistics round instead fixes the input normalisation.
+The arithmetic is element-wise float64, so every site holds bit-identical weights.
+
+The chain is saved (0600) after every round so a restart resumes where it stopped; a site
+without it (new, or its state lost) replays the published rounds from the start.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from client_agent.server_momentum import ServerState, apply_server_momentum, initial_state
+from fedhe.errors import InvalidRequest
+from fedhe.files import write_private
+from fedhe.global_model import DecodedAggregate
+from fedhe.modelspec import InputNormalisation, ModelSpec
+from fedhe.normalisation import normalisation_from_sum
+from fedhe.schemas import JobPublic
+
+
+@dataclass
+class ChainState:
+    """How far the chain has got: the model round ``next_round`` trains from."""
+
+    next_round: int
+    server: ServerState
+    normalisation: InputNormalisation | None
+
+
+class GlobalModelChain:
+    """One job's global model at this site, advanced round by round and kept on disk."""
+
+    def __init__(self, job: JobPublic, path: Path, *, custom_modules: Collection[str] = ()):
+        self._job = job
+        self._path = path
+        self._custom_modules = custom_modules
+        self.state = self._load() or self._start()
+
+    @property
+    def next_round(self) -> int:
+        """The round whose aggregate is applied next (= the round the current model trains)."""
+        return self.state.next_round
+
+    @property
+    def weights(self) -> NDArray[Any]:
+        """The current global weights."""
+        return self.state.server.weights
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The job's model spec with the normalisation the statistics step found, if it had one."""
+        if self.state.normalisation is None:
+            return self._job.model
+        return self._job.model.model_copy(update={"normalisation": self.state.normalisation})
+
+    def _start(self) -> ChainState:
+        from fedhe.models import initial_weights
+
+        weights = initial_weights(self._job.model, self._job.seed, custom_modules=self._custom_modules)
+        if weights.size != self._job.num_parameters:
+            raise InvalidRequest(
+                f"the model builds {weights.size} weights here, the job says {self._job.num_parameters}",
+                code="model_fingerprint_mismatch",
+            )
+        return ChainState(next_round=0, server=initial_state(weights), normalisation=None)
+
+    def apply(self, aggregate: DecodedAggregate) -> None:
+        """Advance by one published round and save."""
+        if aggregate.round_number != self.state.next_round:
+            raise InvalidRequest(f"expected round {self.state.next_round}'s aggregate, got {aggregate.round_number}'s")
+        job = self._job
+        if aggregate.kind == "statistics":
+            if job.statistics is None:
+                raise InvalidRequest("a statistics aggregate for a job without a statistics step")
+            self.state.normalisation = normalisation_from_sum(aggregate.values, job.statistics.feature_bounds)
+        else:
+            self.state.server = apply_server_momentum(
+                self.state.server,
+                aggregate.values,
+                momentum=job.algorithm.server_momentum,
+                server_learning_rate=job.algorithm.server_learning_rate,
+            )
+        self.state.next_round += 1
+        self._save()
+
+    def _save(self) -> None:
+        buffer = io.BytesIO()
+        meta = {
+            "job_id": self._job.id,
+            "next_round": self.state.next_round,
+            "normalisation": None if self.state.normalisation is None else self.state.normalisation.model_dump(),
+        }
+        np.savez(
+            buffer,
+            weights=self.state.server.weights,
+            velocity=self.state.server.velocity,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        )
+        write_private(self._path, buffer.getvalue())
+
+    def _load(self) -> ChainState | None:
+        """The saved chain, if it is this job's and whole; anything else is replayed instead."""
+        if not self._path.exists():
+            return None
+        try:
+            with np.load(self._path, allow_pickle=False) as saved:
+                meta = json.loads(saved["meta"].tobytes())
+                server = ServerState(weights=saved["weights"].astype(np.float64), velocity=saved["velocity"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+        if meta.get("job_id") != self._job.id or server.weights.size != self._job.num_parameters:
+            return None
+        normalisation = meta.get("normalisation")
+        return ChainState(
+            next_round=int(meta["next_round"]),
+            server=server,
+            normalisation=None if normalisation is None else InputNormalisation.model_validate(normalisation),
+        )

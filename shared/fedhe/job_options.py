@@ -1,0 +1,135 @@
+"""What a job asks of its rounds beyond the model: algorithm, site sampling, statistics, evaluation.
+
+Everything here runs under encryption because the aggregator only ever adds: FedProx's
+proximal term and local momentum act inside each site's training; server momentum is applied
+by every site to the decrypted average (``client_agent.server_momentum``); sampling only
+decides which sites may upload to a round; the statistics step is one more encrypted sum.
+What cannot run here: anything that needs the server to look at one update (robust
+aggregation such as a median or Krum, adaptive clipping from update norms, FedAdam's
+per-coordinate second moments at the server would need the decrypted average, which the
+sites, not the server, hold; they could apply it the way they apply momentum).
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_PUBLIC_TEST_VALUES = 200_000
+
+
+class Algorithm(StrEnum):
+    """How sites train locally: FedAvg, or FedProx with a proximal term μ/2·‖w − w_global‖²."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+
+
+class AlgorithmSettings(BaseModel):
+    """Local training and the server update every site applies to the decrypted average."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Algorithm = Algorithm.FEDAVG
+    proximal_mu: float = Field(default=0.0, ge=0, le=100, description="FedProx μ (used only with fedprox)")
+    local_momentum: float = Field(default=0.0, ge=0, lt=1, description="heavy-ball momentum of local SGD")
+    server_momentum: float = Field(default=0.0, ge=0, lt=1, description="FedAvgM β (0: plain FedAvg)")
+    server_learning_rate: float = Field(default=1.0, gt=0, le=10, description="FedAvgM η")
+
+    @model_validator(mode="after")
+    def _check(self) -> AlgorithmSettings:
+        if self.name == Algorithm.FEDPROX and self.proximal_mu <= 0:
+            raise ValueError("fedprox needs proximal_mu > 0")
+        if self.name == Algorithm.FEDAVG and self.proximal_mu != 0:
+            raise ValueError("proximal_mu applies to fedprox only")
+        return self
+
+
+class SamplingMode(StrEnum):
+    """Which sites a training round asks for."""
+
+    ALL = "all"
+    FRACTION = "fraction"
+    WEIGHTED = "weighted"
+
+
+class SamplingSettings(BaseModel):
+    """Sites per training round: every member, or a random subset drawn when the round opens.
+
+    ``fraction``: each round asks ceil(fraction × candidates) sites (at least ``min_sites``),
+    uniformly at random; ``weighted``: as many, drawn without replacement with probability
+    proportional to the training rows each site reported. Candidates are the approved members,
+    restricted to those online when any are.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: SamplingMode = SamplingMode.ALL
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    min_sites: int = Field(default=1, ge=1, description="fewest sites a sampled round asks for")
+
+    def count(self, candidates: int) -> int:
+        """How many of ``candidates`` sites a round asks for."""
+        return min(candidates, max(self.min_sites, math.ceil(self.fraction * candidates)))
+
+
+class StatisticsSettings(BaseModel):
+    """A statistics step before training (round 0): pooled mean and std per input feature.
+
+    Each site encrypts its count and, per feature (per channel for images), the sum and sum of
+    squares of its inputs scaled into [-1, 1] by the public bound ``feature_bounds``; values
+    beyond a bound are clipped and counted. Sites decrypt the sum, derive the mean and std and
+    build the model with them as a fixed normalisation layer, so exported models take raw inputs.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature_bounds: list[float] = Field(
+        min_length=1, description="|x| ≤ bound per feature (per channel for images): public, from the data dictionary"
+    )
+    bits: int = Field(default=36, ge=16, le=40, description="quantisation bits of the packed codec's statistics")
+
+    @model_validator(mode="after")
+    def _check(self) -> StatisticsSettings:
+        if any(not (b > 0 and math.isfinite(b)) for b in self.feature_bounds):
+            raise ValueError("every feature bound must be positive and finite")
+        return self
+
+    def num_values(self) -> int:
+        """Length of a statistics vector: count, then sums and sums of squares per feature."""
+        return 1 + 2 * len(self.feature_bounds)
+
+
+class PublicTestSet(BaseModel):
+    """A small labelled test set the operator may publish: every site also scores each model on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    x: list[list[float]] = Field(min_length=1, max_length=2_000, description="rows of flat input values")
+    y: list[int] = Field(min_length=1, max_length=2_000, description="class index per row")
+
+    @model_validator(mode="after")
+    def _check(self) -> PublicTestSet:
+        if len(self.x) != len(self.y):
+            raise ValueError("the public test set needs one label per row")
+        if sum(len(row) for row in self.x) > MAX_PUBLIC_TEST_VALUES:
+            raise ValueError(f"the public test set may hold at most {MAX_PUBLIC_TEST_VALUES} values")
+        if len({len(row) for row in self.x}) != 1:
+            raise ValueError("every public test row must have the same number of values")
+        if not all(math.isfinite(v) for row in self.x for v in row):
+            raise ValueError("public test values must be finite")
+        return self
+
+
+class PrivacyPlan(BaseModel):
+    """ε a site of ``num_samples`` training rows will have spent after each round, planned at creation.
+
+    It assumes the site trains in every round (sampling only lowers it) and counts this job alone.
+    """
+
+    num_samples: int
+    delta: float
+    epsilon_per_round: list[float]
+    final_epsilon: float

@@ -1,0 +1,54 @@
+"""What a job will cost before it runs: ε per round for a site of a given size, and doubts.
+
+The aggregator plans every job at creation (``JobPublic.privacy_plan`` and ``warnings``), and
+``fedhe privacy plan`` prints the same projection for a spec file, so an operator and every
+site admin see the same numbers before any budget is spent.
+"""
+
+from __future__ import annotations
+
+from fedhe.he.codec import PACKED_FORMAT_ID
+from fedhe.job_options import PrivacyPlan
+from fedhe.privacy import plan_epsilon
+from fedhe.schemas import JobCreate
+
+# Beyond this ratio of S to the smallest site the packed codec's rounding shows in the average.
+_MAX_SAMPLE_BOUND_RATIO = 50
+
+
+def privacy_plan(spec: JobCreate, num_samples: int) -> PrivacyPlan:
+    """ε after each training round for a site with ``num_samples`` training rows taking part in all of them."""
+    per_round = plan_epsilon(
+        num_samples=num_samples,
+        batch_size=spec.batch_size,
+        noise_multiplier=spec.dp.noise_multiplier,
+        local_epochs=spec.local_epochs,
+        rounds=spec.rounds,
+        delta=spec.dp.delta,
+    )
+    return PrivacyPlan(
+        num_samples=num_samples, delta=spec.dp.delta, epsilon_per_round=per_round, final_epsilon=per_round[-1]
+    )
+
+
+def creation_warnings(spec: JobCreate, plan: PrivacyPlan | None) -> list[str]:
+    """What an operator should reconsider before the job runs (it still runs)."""
+    warnings = []
+    if plan is None:
+        warnings.append("min_site_samples is not set, so the job's privacy cost was not planned")
+    elif plan.final_epsilon > spec.epsilon_warning:
+        warnings.append(
+            f"a site of {plan.num_samples} training rows would reach ε={plan.final_epsilon:.2f} at "
+            f"δ={plan.delta:g} after {spec.rounds} rounds, over epsilon_warning={spec.epsilon_warning:g}; "
+            "raise dp.noise_multiplier or lower rounds, local_epochs or batch_size"
+        )
+    if (
+        spec.format_id == PACKED_FORMAT_ID
+        and spec.min_site_samples is not None
+        and spec.max_samples_per_round > _MAX_SAMPLE_BOUND_RATIO * spec.min_site_samples
+    ):
+        warnings.append(
+            f"max_samples_per_round={spec.max_samples_per_round} is over {_MAX_SAMPLE_BOUND_RATIO}x min_site_samples: "
+            "the packed codec's rounding error in the average grows with S / Σ n_k; set S near the largest site"
+        )
+    return warnings
