@@ -11,8 +11,8 @@ from numpy.typing import NDArray
 
 from fedhe.api_client import AggregatorClient
 from fedhe.environment import current as current_environment
-from fedhe.global_model import decode_global_model, scale_for_upload
-from fedhe.he import Envelope, UpdateCodec, encode_envelope
+from fedhe.global_model import decode_aggregate, weighted_update
+from fedhe.he import Envelope, PackingSettings, UpdateCodec, encode_envelope
 from fedhe.local_cluster import (
     ClusterSecrets,
     ManagedProcess,
@@ -27,11 +27,10 @@ from fedhe.modelspec import ModelSpec
 from fedhe.schemas import FederationCreate, JobCreate
 from fedhe.tls import ClientTLS
 from tests.conftest import GENEROUS_LIMITS, PostgresDatabases
-from tests.integration.helpers import site_codec
+from tests.integration.helpers import DEFAULT_PACKING, site_codec
 
 WEIGHT_SCALE = 10_000
 MODEL = ModelSpec(input_dim=50, num_classes=2)  # 102 parameters
-FEDAVG_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -95,20 +94,20 @@ def start_fault_cluster(postgres: PostgresDatabases, workdir: Path, redis_url: s
 
 @dataclass
 class UploadingSite:
-    """A provisioned site that uploads chosen plaintext weights, encrypted for real."""
+    """A provisioned site that uploads chosen plaintext changes to the global model, encrypted for real."""
 
     site: ProvisionedSite
     codec: UpdateCodec
     key_id: str
     tls: ClientTLS
 
-    def body(self, weights: NDArray[np.float64], num_samples: int) -> bytes:
-        chunks = self.codec.encrypt_update(scale_for_upload(weights, num_samples, WEIGHT_SCALE))
+    def body(self, change: NDArray[np.float64], num_samples: int) -> bytes:
+        chunks = self.codec.encrypt_update(weighted_update(change, np.zeros_like(change), num_samples, WEIGHT_SCALE))
         return encode_envelope(
             Envelope(
                 format_id=self.codec.format_id,
                 key_id=self.key_id,
-                num_values=weights.size,
+                num_values=change.size,
                 chunks=chunks,
                 meta={"num_samples": num_samples, "metrics": {}, "environment": current_environment().model_dump()},
             )
@@ -123,9 +122,10 @@ class UploadingSite:
             verify=self.tls.ssl_context(),
         )
 
-    def global_model(self, base_url: str, job_id: str, number: int) -> NDArray[np.float64]:
+    def mean_update(self, base_url: str, job_id: str, number: int) -> NDArray[np.float64]:
+        """Round ``number``'s published sum, decrypted: the sample-weighted mean change."""
         with AggregatorClient(base_url, self.site.credential, tls=self.tls) as client:
-            return decode_global_model(client.model(job_id, number), lambda env: self.codec)
+            return decode_aggregate(client.aggregate(job_id, number), lambda env: self.codec).values
 
 
 def federation_with_job(cluster: FaultCluster, num_sites: int, **job: object) -> tuple[str, list[UploadingSite]]:
@@ -163,10 +163,18 @@ def weighted_average(updates: list[tuple[NDArray[np.float64], int]]) -> NDArray[
     return np.average(weights, axis=0, weights=[n for _, n in updates])
 
 
+def fedavg_tolerance(
+    updates: list[tuple[NDArray[np.float64], int]], packing: PackingSettings = DEFAULT_PACKING
+) -> float:
+    """How far the decrypted mean may be from the exact one: the packed sum's error bound (k·Δ)
+    scaled back by S / Σ n_k, plus float64 rounding."""
+    return packing.sum_error_bound(len(updates)) * WEIGHT_SCALE / sum(n for _, n in updates) + 1e-9
+
+
 def assert_published_average(
     site: UploadingSite, base_url: str, job_id: str, number: int, updates: list[tuple[NDArray[np.float64], int]]
 ) -> None:
     """Round ``number``'s published aggregate, decrypted by ``site``, is the weighted average of
-    exactly ``updates``, within the stated FedAvg tolerance."""
-    published = site.global_model(base_url, job_id, number + 1)
-    assert np.max(np.abs(published - weighted_average(updates))) <= FEDAVG_TOLERANCE
+    exactly ``updates``, within the codec's error bound (a missing or doubled update is far outside it)."""
+    published = site.mean_update(base_url, job_id, number)
+    assert np.max(np.abs(published - weighted_average(updates))) <= fedavg_tolerance(updates)

@@ -12,9 +12,12 @@ from sqlalchemy import Connection, create_engine, text
 
 from fedhe.api_client import KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
-from fedhe.he import DEFAULT_FORMAT_ID, UpdateCodec, codec_for, load_secret_context
+from fedhe.he import PACKED_FORMAT_ID, PackingSettings, UpdateCodec, codec_for, format_for, load_secret_context
 from fedhe.local_cluster import ClusterSecrets, ProvisionedSite
-from fedhe.schemas import KeyReleaseRequest
+from fedhe.schemas import DEFAULT_CLIP_RANGE, KeyReleaseRequest
+
+DEFAULT_PACKING = PackingSettings(clip_range=DEFAULT_CLIP_RANGE)
+"""What a job on a BFV federation packs with when it names no packing settings."""
 
 
 def key_release_request(
@@ -38,10 +41,19 @@ def release_secret(keyserver_url: str, secrets: ClusterSecrets, request: KeyRele
         return client.secret_context(key_id, request)
 
 
-def site_codec(keyserver_url: str, secrets: ClusterSecrets, site: ProvisionedSite, key_id: str) -> UpdateCodec:
-    """A codec with the secret context, released to ``site`` as the agent would get it."""
+def site_codec(
+    keyserver_url: str,
+    secrets: ClusterSecrets,
+    site: ProvisionedSite,
+    key_id: str,
+    packing: PackingSettings | None = DEFAULT_PACKING,
+) -> UpdateCodec:
+    """A codec with the secret context, released to ``site`` as the agent would get it (the
+    context's default format; ``packing`` as the job has it for the packed codec)."""
     secret = release_secret(keyserver_url, secrets, key_release_request(keyserver_url, site, key_id), key_id)
-    return codec_for(DEFAULT_FORMAT_ID, load_secret_context(secret))
+    context = load_secret_context(secret)
+    format_id = format_for(context)
+    return codec_for(format_id, context, options=packing if format_id == PACKED_FORMAT_ID else None)
 
 
 @contextmanager

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from fedhe.environment import current as current_environment
-from fedhe.global_model import scale_for_upload
 from fedhe.he import DEFAULT_FORMAT_ID, Envelope, UpdateCodec, encode_envelope
 from fedhe.local_cluster import ProvisionedSite, admit_member, provision_site
 from fedhe.modelspec import ModelSpec
@@ -52,7 +51,7 @@ class Scene:
     ) -> bytes:
         codec = codec or self.codec
         if chunks is None:
-            chunks = codec.encrypt_update(scale_for_upload(np.linspace(-1, 1, NUM_VALUES), 50, 1000))
+            chunks = codec.encrypt_update(np.linspace(-0.05, 0.05, NUM_VALUES))
         return encode_envelope(
             Envelope(
                 format_id=format_id,

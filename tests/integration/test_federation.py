@@ -1,30 +1,44 @@
-"""Two full rounds with real services, real agents (DP-SGD, TenSEAL) and real Postgres.
+"""A statistics step and two FedProx rounds with real services, agents (DP-SGD, TenSEAL) and Postgres.
 
-Checks the protocol's central promise: the aggregate the aggregator publishes, once a site
-decrypts it, equals the plaintext weighted FedAvg of exactly the updates it accepted.
+Checks the protocol's central promises: the aggregate the aggregator publishes, once a site
+decrypts it, equals the plaintext weighted FedAvg of exactly the updates it accepted; the
+statistics step gives every site the pooled mean and std of all sites' inputs; and every site
+ends with the same global model, the one the published rounds define.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sqlalchemy import text
 
+from client_agent.server_momentum import apply_server_momentum, initial_state
 from fedhe.api_client import AggregatorClient
-from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
-from fedhe.global_model import decode_global_model
+from fedhe.datasets import load_bundled, load_csv, partition_dirichlet, save_csv, split
+from fedhe.global_model import decode_aggregate
+from fedhe.job_options import Algorithm, AlgorithmSettings, StatisticsSettings
 from fedhe.local_cluster import provision_site, start_agent
+from fedhe.models import initial_weights
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundState
 from tests.conftest import Cluster
 from tests.integration.helpers import database_connection, site_codec, stored_submissions
 
-FEDAVG_TOLERANCE = 1e-6
+# Individually decrypted uploads are the quantised values the sum adds exactly, so their
+# weighted mean matches the published one up to float64 rounding.
+FEDAVG_TOLERANCE = 1e-9
 ROUNDS = 2
+WEIGHT_SCALE = 400
+SERVER_MOMENTUM = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +48,7 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     parts = partition_dirichlet(pool.y, 3, alpha=1.0, seed=3, min_size=64)
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="it-federation"))
-    spec = ModelSpec(
-        input_dim=30,
-        hidden_units=[8],
-        num_classes=2,
-        normalisation=InputNormalisation(mean=pool.x.mean(0).tolist(), std=pool.x.std(0).tolist()),
-    )
+    spec = ModelSpec(input_dim=30, hidden_units=[8], num_classes=2)
     request = JobCreate(
         name="it-two-rounds",
         key_id=federation.key_id,
@@ -51,7 +60,11 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
         batch_size=16,
         learning_rate=0.2,
         dp=DPSettings(),
-        max_samples_per_round=10_000,
+        algorithm=AlgorithmSettings(name=Algorithm.FEDPROX, proximal_mu=0.1, server_momentum=SERVER_MOMENTUM),
+        statistics=StatisticsSettings(feature_bounds=(np.abs(pool.x).max(axis=0) * 1.5).tolist()),
+        min_eval_sites=3,
+        min_site_samples=int(min(len(rows) for rows in parts) * 0.8),
+        max_samples_per_round=WEIGHT_SCALE,
     )
     with cluster.aggregator_admin() as operator:
         job = operator.create_job(request)
@@ -96,36 +109,81 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
 def test_job_completes_with_every_round_published_by_all_sites(cluster: Cluster, finished_federation) -> None:
     job = finished_federation["job"]
     with cluster.aggregator_admin() as operator:
-        assert operator.job(job.id).status == JobStatus.COMPLETED
+        finished = operator.job(job.id)
         rounds = operator.rounds(job.id)
-    assert [(r.number, r.state, r.num_submissions) for r in rounds] == [
-        (n, RoundState.PUBLISHED, 3) for n in range(ROUNDS)
+    assert finished.status == JobStatus.COMPLETED
+    assert finished.format_id == "bfv-packed-v1"
+    assert finished.privacy_plan is not None
+    assert len(finished.privacy_plan.epsilon_per_round) == ROUNDS
+    assert [(r.number, r.kind, r.state, r.num_submissions) for r in rounds] == [
+        (0, "statistics", RoundState.PUBLISHED, 3),
+        *[(n, "training", RoundState.PUBLISHED, 3) for n in range(1, ROUNDS + 1)],
     ]
+    site_ids = sorted(s.site_id for s in finished_federation["sites"])
     for r in rounds:
-        assert sorted(s.site_id for s in r.submissions) == sorted(s.site_id for s in finished_federation["sites"])
+        assert sorted(s.site_id for s in r.submissions) == site_ids
+    for r in rounds[1:]:
         assert len(r.evaluations) == 3
         assert all(0.0 <= e.metrics["accuracy"] <= 1.0 for e in r.evaluations)
-        assert all(s.metrics["epsilon"] > 0 for s in r.submissions)
+        assert all(s.metrics["epsilon"] > 0 and 0 <= s.metrics["clipped_fraction"] < 0.01 for s in r.submissions)
+        assert r.global_metrics is not None
+        examples = sum(e.num_examples for e in r.evaluations)
+        weighted = sum(e.metrics["accuracy"] * e.num_examples for e in r.evaluations) / examples
+        assert r.global_metrics["accuracy"] == pytest.approx(weighted)
 
 
 def test_published_aggregate_equals_plaintext_weighted_fedavg(cluster: Cluster, finished_federation) -> None:
     job, site = finished_federation["job"], finished_federation["sites"][0]
     codec = site_codec(cluster.keyserver_url, cluster.secrets, site, finished_federation["key_id"])
     with AggregatorClient(cluster.aggregator_url, site.credential, tls=cluster.secrets.tls) as client:
-        for number in range(ROUNDS):
-            published = decode_global_model(client.model(job.id, number + 1), lambda env: codec)
+        for number in range(1, ROUNDS + 1):
+            published = decode_aggregate(client.aggregate(job.id, number), lambda env: codec).values
             uploads = stored_submissions(cluster.aggregator_database_url, job.id, number)
             samples = np.array([n for n, _ in uploads])
-            site_weights = [codec.decrypt_aggregate(chunks, job.num_parameters) * (10_000 / n) for n, chunks in uploads]
-            expected = np.average(np.stack(site_weights), axis=0, weights=samples)
+            changes = [
+                codec.decrypt_aggregate(chunks, job.num_parameters) * (WEIGHT_SCALE / n) for n, chunks in uploads
+            ]
+            expected = np.average(np.stack(changes), axis=0, weights=samples)
             assert np.max(np.abs(published - expected)) <= FEDAVG_TOLERANCE
             assert np.max(np.abs(expected)) > 0.01
+
+
+def _saved_chain_meta(site_dir: Path, job_id: str) -> dict[str, Any]:
+    with np.load(site_dir / "state" / f"{job_id}-global.npz") as saved:
+        meta: dict[str, Any] = json.loads(saved["meta"].tobytes())
+        return meta
+
+
+def test_statistics_step_gives_every_site_the_pooled_mean_and_std(finished_federation) -> None:
+    site_dirs = sorted(finished_federation["workdir"].glob("it-site*"))
+    training = [split(load_csv(d / "data.csv"), 0.2, seed=0)[0].x for d in site_dirs]
+    pooled = np.concatenate(training)
+    for site_dir in site_dirs:
+        normalisation = _saved_chain_meta(site_dir, finished_federation["job"].id)["normalisation"]
+        np.testing.assert_allclose(normalisation["mean"], pooled.mean(axis=0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(normalisation["std"], pooled.std(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_every_site_holds_the_global_model_the_published_rounds_define(cluster: Cluster, finished_federation) -> None:
+    job, site = finished_federation["job"], finished_federation["sites"][0]
+    codec = site_codec(cluster.keyserver_url, cluster.secrets, site, finished_federation["key_id"])
+    state = initial_state(initial_weights(job.model, job.seed))
+    with AggregatorClient(cluster.aggregator_url, site.credential, tls=cluster.secrets.tls) as client:
+        for number in range(1, ROUNDS + 1):
+            mean = decode_aggregate(client.aggregate(job.id, number), lambda env: codec).values
+            state = apply_server_momentum(state, mean, momentum=SERVER_MOMENTUM, server_learning_rate=1.0)
+    finals = [
+        np.load(d / "state" / f"{job.id}-final-weights.npy")
+        for d in sorted(finished_federation["workdir"].glob("it-site*"))
+    ]
+    for final in finals:
+        assert final.tobytes() == state.weights.tobytes()
 
 
 def test_epsilon_accumulates_across_rounds_in_each_site_ledger(finished_federation) -> None:
     for site_dir in sorted(finished_federation["workdir"].glob("it-site*")):
         ledger = json.loads((site_dir / "state" / "privacy-ledger.json").read_text())
-        assert [entry["round"] for entry in ledger] == list(range(ROUNDS))
+        assert [entry["round"] for entry in ledger] == list(range(1, ROUNDS + 1))
         assert (site_dir / "state" / f"{finished_federation['job'].id}-final.keras").exists()
 
 
@@ -144,9 +202,47 @@ def test_every_accepted_update_and_publication_is_audited(cluster: Cluster, fini
             text("SELECT action, count(*) FROM audit_events WHERE subject = :job GROUP BY action"),
             {"job": finished_federation["job"].id},
         ).all()
+    published = ROUNDS + 1  # the statistics step, then the training rounds
     assert dict(actions) == {
         "job.create": 1,
-        "update.accept": 3 * ROUNDS,
-        "round.close": ROUNDS,
-        "round.publish": ROUNDS,
+        "update.accept": 3 * published,
+        "round.close": published,
+        "round.publish": published,
     }
+
+
+def test_a_member_site_exports_the_final_model_with_normalisation_inside(cluster: Cluster, finished_federation) -> None:
+    job, site = finished_federation["job"], finished_federation["sites"][0]
+    site_dir = finished_federation["workdir"] / "it-site0"
+    out = site_dir / "export"
+    command = [
+        sys.executable, "-m", "fedhe.cli", "export", job.id, "--out", str(out),
+        "--aggregator", cluster.aggregator_url, "--keyserver", cluster.keyserver_url,
+        "--site-id", site.site_id, "--credential-file", str(site.credential_file),
+        "--signing-key", str(site.signing_key_file), "--data", str(site_dir / "data.csv"),
+        "--state-dir", str(site_dir / "state"),
+    ]  # fmt: skip
+    env = {**os.environ, "FEDHE_AGENT_TLS_CA_FILE": str(cluster.secrets.ca_file), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert out.is_dir(), result.stdout + result.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(
+        [f"{job.id}.keras", f"{job.id}.savedmodel", f"{job.id}-float16.tflite", f"{job.id}-int8.tflite"]
+    )
+    assert all((out / name).stat().st_mode & 0o777 in (0o600, 0o700) for name in files)
+
+    import tensorflow as tf
+
+    from client_agent.evaluation import evaluate
+    from client_agent.export import probability_model
+
+    raw = load_csv(site_dir / "data.csv")
+    exported = tf.keras.models.load_model(out / f"{job.id}.keras").predict(raw.x, verbose=0)
+    normalisation = InputNormalisation.model_validate(_saved_chain_meta(site_dir, job.id)["normalisation"])
+    spec = job.model.model_copy(update={"normalisation": normalisation})
+    weights = np.load(site_dir / "state" / f"{job.id}-final-weights.npy")
+    np.testing.assert_allclose(exported, probability_model(spec, weights).predict(raw.x, verbose=0), atol=1e-6)
+    accuracy = float((exported.argmax(axis=1) == raw.y).mean())
+    assert accuracy == pytest.approx(evaluate(spec, weights, raw)["accuracy"])
+    assert accuracy > 0.8  # raw inputs in: the normalisation travels inside the model

@@ -307,7 +307,7 @@ def test_sites_see_only_their_federations_jobs(cluster: Cluster, tmp_path: Path)
             lambda: as_a.job(job_b.id),
             lambda: as_a.rounds(job_b.id),
             lambda: as_a.round(job_b.id, 0),
-            lambda: as_a.model(job_b.id, 0),
+            lambda: as_a.aggregate(job_b.id, 0),
         ):
             with pytest.raises(NotFound):
                 call()

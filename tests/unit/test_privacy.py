@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,29 @@ def test_ledger_survives_reopening(tmp_path: Path) -> None:
     assert len(reopened.entries()) == 3
     assert reopened.epsilon(1e-5) == pytest.approx(epsilon_spent([ROUND] * 3, 1e-5))
     assert reopened.epsilon(1e-5, extra=ROUND) == pytest.approx(epsilon_spent([ROUND] * 4, 1e-5))
+
+
+def test_the_privacy_plan_command_prints_the_plan_the_aggregator_stores(tmp_path, capsys) -> None:
+    from fedhe.cli.main import EXIT_INVALID_INPUT, main
+
+    spec = {
+        "name": "planned",
+        "key_id": "key-" + "0" * 32,
+        "model": {"input_dim": 30, "num_classes": 2},
+        "rounds": 4,
+        "batch_size": 16,
+        "dp": {"noise_multiplier": 1.0, "delta": 1e-5},
+        "epsilon_warning": 5.0,
+    }
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    assert main(["privacy", "plan", str(path), "--samples", "120", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = plan_epsilon(num_samples=120, batch_size=16, noise_multiplier=1.0, local_epochs=1, rounds=4, delta=1e-5)
+    assert printed["epsilon_per_round"] == pytest.approx(expected)
+    assert (expected[-1] > 5.0) == any("epsilon_warning=5" in w for w in printed["warnings"])
+    assert main(["privacy", "plan", str(path)]) == EXIT_INVALID_INPUT
+    assert "give --samples or set min_site_samples" in capsys.readouterr().err
+    path.write_text(json.dumps({**spec, "rounds": 0}))
+    assert main(["privacy", "plan", str(path), "--samples", "120"]) == EXIT_INVALID_INPUT
+    assert f"{path}: rounds:" in capsys.readouterr().err

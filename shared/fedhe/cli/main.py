@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 
 from pydantic import ValidationError
 
-from fedhe.cli import devca, operator
+from fedhe.cli import devca, operator, privacy
 from fedhe.errors import FedheError, InvalidRequest, UpstreamUnavailable
 
 COMMANDS_GROUP = "fedhe.commands"
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedhe", description="Privacy-preserving federated learning: run services and agents, manage federations."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in [operator.register, devca.register, *_contributed()]:
+    for register in [operator.register, devca.register, privacy.register, *_contributed()]:
         register(sub)
     return parser
 

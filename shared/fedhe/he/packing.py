@@ -61,6 +61,11 @@ class PackingSettings(BaseModel):
         """Δ = R / L, the spacing of the quantisation grid."""
         return self.clip_range / self.levels
 
+    def sum_error_bound(self, num_sites: int) -> float:
+        """Largest error of a decrypted sum of ``num_sites`` values within ±R: each is rounded to a
+        neighbouring level (less than Δ away) and the sum is exact, so the error is below k·Δ."""
+        return num_sites * self.step
+
 
 @dataclass(frozen=True)
 class PackingLayout:

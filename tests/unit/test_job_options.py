@@ -1,0 +1,159 @@
+"""Job options without services: validation, the statistics vector, and how sites are sampled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from aggregator.sampling import SiteSampler
+from fedhe.db import utcnow
+from fedhe.errors import InvalidRequest
+from fedhe.he import PACKED_FORMAT_ID, PackingSettings
+from fedhe.job_options import SamplingMode, SamplingSettings
+from fedhe.normalisation import normalisation_from_sum, statistics_upload
+from fedhe.schemas import JobCreate, SiteStatus
+
+KEY = "key-" + "0" * 32
+FIXED_NORMALISATION = {"input_dim": 3, "num_classes": 2, "normalisation": {"mean": [0, 0, 0], "std": [1, 1, 1]}}
+
+
+def _job(**fields: Any) -> JobCreate:
+    return JobCreate.model_validate({"name": "j", "key_id": KEY, "model": {"input_dim": 3, "num_classes": 2}, **fields})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"algorithm": {"name": "fedprox"}}, "fedprox needs proximal_mu > 0"),
+        ({"algorithm": {"proximal_mu": 0.1}}, "proximal_mu applies to fedprox only"),
+        ({"min_sites": 3, "sampling": {"mode": "fraction", "fraction": 0.5, "min_sites": 2}}, "sampling.min_sites"),
+        ({"statistics": {"feature_bounds": [1.0, 2.0]}}, "one bound per input feature"),
+        ({"statistics": {"feature_bounds": [1.0, 0.0, 2.0]}}, "positive and finite"),
+        ({"statistics": {"feature_bounds": [1, 1, 1]}, "model": FIXED_NORMALISATION}, "not both"),
+        ({"public_test_set": {"x": [[1.0, 2.0]], "y": [0]}}, "must hold 3 values"),
+        ({"public_test_set": {"x": [[1.0, 2.0, 3.0]], "y": [2]}}, "class indices 0..1"),
+        ({"format_id": "ckks-seeded-last-v2", "packing": {"clip_range": 1.0}}, "apply only to format"),
+        ({"min_sites": 200, "format_id": PACKED_FORMAT_ID, "packing": {"clip_range": 1.0}}, "max_sites"),
+    ],
+)
+def test_job_settings_that_cannot_work_are_refused_naming_the_field(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        _job(**fields)
+
+
+def test_the_packed_format_gets_default_packing_and_the_statistics_step_its_own() -> None:
+    job = _job(format_id=PACKED_FORMAT_ID, min_sites=150, statistics={"feature_bounds": [1, 2, 3]}, rounds=4)
+    assert job.packing == PackingSettings(clip_range=1.0, bits=16, max_sites=150)
+    assert job.total_rounds == 5
+    assert job.round_packing(0) == PackingSettings(clip_range=1.0, bits=36, max_sites=150)
+    assert job.round_packing(1) == job.packing
+    assert (job.round_num_values(0, 8), job.round_num_values(1, 8)) == (7, 8)
+    assert not _job().is_statistics_round(0)
+
+
+def test_sampling_counts_a_fraction_with_a_minimum() -> None:
+    settings = SamplingSettings(mode=SamplingMode.FRACTION, fraction=0.3, min_sites=2)
+    assert [settings.count(n) for n in (1, 2, 5, 10, 100)] == [1, 2, 2, 3, 30]
+
+
+def test_the_statistics_vector_stays_in_range_and_gives_back_the_pooled_mean_and_std() -> None:
+    rng = np.random.default_rng(0)
+    sites = [rng.normal([5.0, -20.0], [2.0, 7.0], size=(n, 2)) for n in (40, 250, 90)]
+    bounds = [20.0, 80.0]
+    vectors = []
+    for x in sites:
+        vector, clipped = statistics_upload(x, bounds, weight_scale=300)
+        assert clipped == 0.0
+        assert np.all(np.abs(vector) <= 1.0)
+        vectors.append(vector)
+    pooled = normalisation_from_sum(np.sum(vectors, axis=0), bounds)
+    everything = np.concatenate(sites)
+    np.testing.assert_allclose(pooled.mean, everything.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(pooled.std, everything.std(axis=0), rtol=1e-9)
+
+
+def test_image_statistics_are_per_channel_and_values_beyond_the_bound_are_clipped_and_counted() -> None:
+    images = np.zeros((4, 2, 2, 3))
+    images[..., 0] = 100.0
+    images[0, 0, 0, 2] = 999.0
+    vector, clipped = statistics_upload(images, [255.0, 255.0, 255.0], weight_scale=4)
+    assert clipped == pytest.approx(1 / 48)
+    assert vector[0] == pytest.approx(1.0)  # 16 pixels of 4 rows at S = 4
+    pooled = normalisation_from_sum(vector, [255.0, 255.0, 255.0])
+    assert pooled.mean[0] == pytest.approx(100.0)
+    assert pooled.mean[2] == pytest.approx(255.0 / 16)
+    with pytest.raises(InvalidRequest, match="features"):
+        statistics_upload(images, [255.0], weight_scale=4)
+
+
+@dataclass
+class _Site:
+    id: str
+    public_key: str
+    status: str = SiteStatus.APPROVED.value
+
+
+@dataclass
+class _Status:
+    last_seen_at: Any
+    data_size: int | None
+
+
+class _Repo:
+    def __init__(self, sites: list[_Site], statuses: dict[str, _Status]):
+        self._sites, self._statuses = sites, statuses
+
+    def sites(self) -> list[_Site]:
+        return self._sites
+
+    def site_statuses(self) -> dict[str, _Status]:
+        return self._statuses
+
+
+class _Members:
+    def __init__(self, active: dict[str, str]):
+        self._active = active
+
+    def active(self, federation_id: str) -> dict[str, str]:
+        return dict(self._active)
+
+
+def _sampler(sites: list[_Site], statuses: dict[str, _Status], members: dict[str, str]) -> tuple[SiteSampler, _Repo]:
+    return SiteSampler(_Members(members)), _Repo(sites, statuses)  # type: ignore[arg-type]
+
+
+def test_a_sample_is_drawn_from_approved_members_with_their_pinned_key_preferring_online_ones() -> None:
+    sites = [_Site(f"site-{i}", f"key{i}") for i in range(6)]
+    sites[4].status = SiteStatus.REVOKED.value
+    members = {s.id: s.public_key for s in sites}
+    members["site-5"] = "another-key"  # the keyserver pinned a different key: not eligible
+    now = utcnow()
+    statuses = {
+        "site-0": _Status(now, 10),
+        "site-1": _Status(now, 10),
+        "site-2": _Status(now - timedelta(hours=1), 10),
+    }
+    sampler, repo = _sampler(sites, statuses, members)
+    fraction = SamplingSettings(mode=SamplingMode.FRACTION, fraction=1.0, min_sites=1)
+    assert sampler.select(repo, "fed", fraction) == ["site-0", "site-1"]  # type: ignore[arg-type]
+    sampler, repo = _sampler(sites, {}, members)
+    assert sampler.select(repo, "fed", fraction) == ["site-0", "site-1", "site-2", "site-3"]  # type: ignore[arg-type]
+    assert sampler.select(repo, "fed", SamplingSettings()) is None  # type: ignore[arg-type]
+
+
+def test_weighted_sampling_draws_sites_in_proportion_to_their_data() -> None:
+    sites = [_Site("big", "k1"), _Site("small", "k2")]
+    now = utcnow()
+    sampler, repo = _sampler(
+        sites, {"big": _Status(now, 900), "small": _Status(now, 100)}, {s.id: s.public_key for s in sites}
+    )
+    weighted = SamplingSettings(mode=SamplingMode.WEIGHTED, fraction=0.5, min_sites=1)
+    draws = [sampler.select(repo, "fed", weighted) for _ in range(2000)]  # type: ignore[arg-type]
+    share = sum(draw == ["big"] for draw in draws) / len(draws)
+    # Binomial(2000, 0.9): the standard deviation of the share is 0.0067; ±0.04 is six of them.
+    assert 0.86 <= share <= 0.94
