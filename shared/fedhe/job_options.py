@@ -127,6 +127,7 @@ class PrivacyPlan(BaseModel):
     """ε a site of ``num_samples`` training rows will have spent after each round, planned at creation.
 
     It assumes the site trains in every round (sampling only lowers it) and counts this job alone.
+    ``epsilon_per_round`` covers the first 100 rounds; ``final_epsilon`` is for the last round.
     """
 
     num_samples: int

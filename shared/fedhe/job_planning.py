@@ -9,26 +9,37 @@ from __future__ import annotations
 
 from fedhe.he.codec import PACKED_FORMAT_ID
 from fedhe.job_options import PrivacyPlan
-from fedhe.privacy import plan_epsilon
+from fedhe.privacy import epsilon_spent, local_training_pass, plan_epsilon
 from fedhe.schemas import JobCreate
 
 # Beyond this ratio of S to the smallest site the packed codec's rounding shows in the average.
 _MAX_SAMPLE_BOUND_RATIO = 50
+PLANNED_ROUNDS = 100
+"""Rounds planned one by one; a longer job's plan lists these and gives the last round's ε directly
+(each round of the curve is one more PLD composition, so planning stays within seconds)."""
 
 
 def privacy_plan(spec: JobCreate, num_samples: int) -> PrivacyPlan:
-    """ε after each training round for a site with ``num_samples`` training rows taking part in all of them."""
+    """ε after each training round (the first ``PLANNED_ROUNDS``) and after the last, for a site with
+    ``num_samples`` training rows taking part in every round."""
     per_round = plan_epsilon(
         num_samples=num_samples,
         batch_size=spec.batch_size,
         noise_multiplier=spec.dp.noise_multiplier,
         local_epochs=spec.local_epochs,
-        rounds=spec.rounds,
+        rounds=min(spec.rounds, PLANNED_ROUNDS),
         delta=spec.dp.delta,
     )
-    return PrivacyPlan(
-        num_samples=num_samples, delta=spec.dp.delta, epsilon_per_round=per_round, final_epsilon=per_round[-1]
-    )
+    final = per_round[-1]
+    if spec.rounds > PLANNED_ROUNDS:
+        one_round = local_training_pass(
+            num_samples=num_samples,
+            batch_size=spec.batch_size,
+            epochs=spec.local_epochs,
+            noise_multiplier=spec.dp.noise_multiplier,
+        )
+        final = epsilon_spent([one_round] * spec.rounds, spec.dp.delta)
+    return PrivacyPlan(num_samples=num_samples, delta=spec.dp.delta, epsilon_per_round=per_round, final_epsilon=final)
 
 
 def creation_warnings(spec: JobCreate, plan: PrivacyPlan | None) -> list[str]:
