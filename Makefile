@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check --no-input
 
-.PHONY: demo test lint typecheck unit integration bench lock clean
+.PHONY: demo test lint typecheck unit integration bench lock clean api-docs
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedhe needs Python 3.11"' \
@@ -40,6 +40,10 @@ typecheck: $(VENV)/.dev
 ## Benchmarks (not tests): writes bench/results/*.md, *.json and *.png.
 bench: $(VENV)/.dev
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m bench.run_all $(BENCH_ARGS)
+
+## Regenerate the Python API reference (docs/api/) from docstrings with pdoc; tests/unit/test_api_docs.py checks it.
+api-docs: $(VENV)/.dev
+	$(BIN)/python docs/api/generate.py
 
 ## Re-lock dependencies after editing requirements/*.in (needs network to PyPI).
 lock: $(VENV)/.dev

@@ -1,23 +1,36 @@
 """Commands that only talk to the services over REST: sites, federations, members, jobs, accounts.
 
 Credentials and TLS come from ``FEDHE_*`` variables (``fedhe.cli.settings``), never from flags.
-Listing commands print a table, or JSON with ``--json``.
+The services' URLs come from ``--aggregator`` / ``--keyserver``, defaulting to
+``FEDHE_AGGREGATOR_URL`` / ``FEDHE_KEYSERVER_URL`` and then to the default ports on loopback.
+Listing commands print a table, or JSON with ``--json``; commands that answer with one object
+print JSON, only its id with ``--quiet``, or one field with ``--field NAME``. Secrets the
+services issue once (a site's credential, an account's token) can go straight to a 0600 file.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedhe.api_client import AggregatorClient, KeyserverClient, ServiceClient
-from fedhe.cli.output import Column, emit_listing, print_json
+from fedhe.cli.output import Column, emit_listing, emit_object, plain
 from fedhe.cli.settings import CliSettings
 from fedhe.errors import InvalidRequest
 from fedhe.files import write_private
-from fedhe.schemas import RoundPublic
+from fedhe.modelspec import DENSE_ARCHITECTURES
+from fedhe.schemas import JobCreate, RoundPublic
 
 DEFAULT_AGGREGATOR = "https://127.0.0.1:8080"
 DEFAULT_KEYSERVER = "https://127.0.0.1:8090"
+AGGREGATOR_URL_ENV = "FEDHE_AGGREGATOR_URL"
+KEYSERVER_URL_ENV = "FEDHE_KEYSERVER_URL"
+PUBLIC_KEY_SUFFIX = ".pub"
+# Architectures whose parameter count the spec alone gives (fedhe.modelspec); the others need a fingerprint.
+_COUNTED_ARCHITECTURES = DENSE_ARCHITECTURES | {"cnn"}
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
@@ -28,6 +41,29 @@ def require(args: argparse.Namespace, *names: str) -> None:
             name.upper() if name in args.positionals else "--" + name.replace("_", "-") for name in missing
         )
         raise InvalidRequest(f"fedhe {args.command} {args.action} needs {flags}")
+
+
+def refuse_existing(*paths: Path) -> None:
+    """Refuse to overwrite a key or credential file (checked before anything is sent)."""
+    for path in paths:
+        if path.exists():
+            raise InvalidRequest(f"{path} exists; refusing to overwrite it")
+
+
+def with_fingerprint(request: JobCreate, custom_modules: Sequence[str] = ()) -> JobCreate:
+    """``request`` with its model's fingerprint computed, when the architecture needs one and it has none.
+
+    Logistic, mlp and cnn models have a parameter count the spec alone gives; the Keras
+    applications and custom models need the job creator's build (``fedhe.models.fingerprint``,
+    with TensorFlow) so that every site can check its own build against it.
+    """
+    model = request.model
+    if model.architecture in _COUNTED_ARCHITECTURES or model.fingerprint is not None:
+        return request
+    from fedhe.models import fingerprint
+
+    computed = fingerprint(model, request.seed, custom_modules=tuple(custom_modules))
+    return request.model_copy(update={"model": model.model_copy(update={"fingerprint": computed})})
 
 
 def round_accuracy(round_: RoundPublic) -> float | None:
@@ -103,7 +139,7 @@ AUDIT_COLUMNS = [
     Column("actor", lambda e: e.actor),
     Column("action", lambda e: e.action),
     Column("subject", lambda e: e.subject),
-    Column("detail", lambda e: e.detail or None),
+    Column("detail", lambda e: ", ".join(f"{k}={plain(v)}" for k, v in e.detail.items()) or None),
 ]
 
 
@@ -121,18 +157,41 @@ def keyserver(args: argparse.Namespace, *, anonymous: bool = False) -> Keyserver
     return KeyserverClient(args.keyserver, token, tls=settings.tls())
 
 
+def _emit(args: argparse.Namespace, value: Any, id_field: str = "id") -> None:
+    emit_object(value, quiet=args.quiet, field=args.field, id_field=id_field)
+
+
 def _site(args: argparse.Namespace) -> None:
     if args.action == "register":
         _register_site(args)
     elif args.action == "endorse":
         _endorse(args)
+    elif args.action == "approve":
+        _approve_site(args)
     else:
         with aggregator(args) as client:
             if args.action == "list":
                 emit_listing(args.json, "sites", SITE_COLUMNS, client.sites())
             else:
                 require(args, "site_id")
-                print_json(getattr(client, f"{args.action}_site")(args.site_id))
+                _emit(args, getattr(client, f"{args.action}_site")(args.site_id))
+
+
+def _approve_site(args: argparse.Namespace) -> None:
+    """Approve a site; its credential (shown once) goes to ``--credential-out`` or is printed."""
+    require(args, "site_id")
+    out = Path(args.credential_out) if args.credential_out else None
+    if out is None and (args.quiet or (args.field and args.field != "credential")):
+        raise InvalidRequest("the credential is shown only once: add --credential-out FILE to keep it")
+    if out is not None:
+        refuse_existing(out)
+    with aggregator(args) as client:
+        approved = client.approve_site(args.site_id)
+    if out is None:
+        _emit(args, approved, "site.id")
+        return
+    write_private(out, approved.credential.encode())
+    _emit(args, {"site": approved.site.model_dump(mode="json"), "credential_file": str(out)}, "site.id")
 
 
 def _register_site(args: argparse.Namespace) -> None:
@@ -141,8 +200,8 @@ def _register_site(args: argparse.Namespace) -> None:
 
     require(args, "name", "organisation", "contact")
     key_path = Path(args.key_out)
-    if key_path.exists():
-        raise InvalidRequest(f"{key_path} exists; refusing to overwrite a signing key")
+    public_path = key_path.with_name(key_path.name + PUBLIC_KEY_SUFFIX)
+    refuse_existing(key_path, public_path)
     key = generate_signing_key()
     request = SiteCreate(
         name=args.name, organisation=args.organisation, contact=args.contact, public_key=public_key_b64(key)
@@ -150,7 +209,9 @@ def _register_site(args: argparse.Namespace) -> None:
     with aggregator(args, anonymous=True) as client:
         site = client.register_site(request)
     write_private(key_path, private_key_to_pem(key))
-    print_json(site)
+    # The public half, for the keyserver admin who pins it (as ssh-keygen writes id_ed25519.pub).
+    public_path.write_text(request.public_key + "\n", encoding="utf-8")
+    _emit(args, site)
 
 
 def _endorse(args: argparse.Namespace) -> None:
@@ -164,7 +225,7 @@ def _endorse(args: argparse.Namespace) -> None:
     )
     request = EndorsementCreate(site_id=args.endorser, timestamp=timestamp, nonce=nonce, signature=signature)
     with keyserver(args, anonymous=True) as client:
-        print_json(client.endorse_member(args.federation, args.candidate, request))
+        _emit(args, client.endorse_member(args.federation, args.candidate, request), "site_id")
 
 
 def _federation(args: argparse.Namespace) -> None:
@@ -174,13 +235,13 @@ def _federation(args: argparse.Namespace) -> None:
         if args.action == "create":
             require(args, "name")
             request = FederationCreate(name=args.name, endorsements_required=args.endorsements_required)
-            print_json(client.create_federation(request))
+            _emit(args, client.create_federation(request))
         elif args.action == "list":
             emit_listing(args.json, "federations", FEDERATION_COLUMNS, client.federations())
         else:
             require(args, "federation_id")
             if args.action == "rotate":
-                print_json(client.rotate_key(args.federation_id))
+                _emit(args, client.rotate_key(args.federation_id))
             elif args.action == "members":
                 emit_listing(
                     args.json, f"members of {args.federation_id}", MEMBER_COLUMNS, client.members(args.federation_id)
@@ -188,36 +249,43 @@ def _federation(args: argparse.Namespace) -> None:
             elif args.action == "add-member":
                 require(args, "site_id", "public_key")
                 member = MemberCreate(site_id=args.site_id, public_key=args.public_key, name=args.name or "")
-                print_json(client.add_member(args.federation_id, member))
+                _emit(args, client.add_member(args.federation_id, member), "site_id")
             elif args.action == "revoke-member":
                 require(args, "site_id")
-                print_json(client.revoke_member(args.federation_id, args.site_id))
+                _emit(args, client.revoke_member(args.federation_id, args.site_id), "site_id")
             else:
-                print_json(client.federation(args.federation_id))
+                _emit(args, client.federation(args.federation_id))
 
 
 def _job(args: argparse.Namespace) -> int | None:
-    from fedhe.schemas import JobCreate
-
     if args.action == "watch":
         from fedhe.cli.watch import watch
 
         require(args, "job_id")
         return watch(args)
+    request = None
+    if args.action == "create":
+        require(args, "spec")
+        spec = JobCreate.model_validate_json(Path(args.spec).read_text(encoding="utf-8"))
+        request = with_fingerprint(spec, args.custom_module)
     with aggregator(args) as client:
-        if args.action == "create":
-            require(args, "spec")
-            print_json(client.create_job(JobCreate.model_validate_json(Path(args.spec).read_text(encoding="utf-8"))))
+        if request is not None:
+            _emit(args, client.create_job(request))
         elif args.action == "list":
             emit_listing(args.json, "jobs", JOB_COLUMNS, client.jobs())
         else:
             require(args, "job_id")
             if args.action == "status":
-                print_json(client.job(args.job_id))
+                _emit(args, client.job(args.job_id))
             elif args.action == "rounds":
                 emit_listing(args.json, f"rounds of {args.job_id}", ROUND_COLUMNS, client.rounds(args.job_id))
+            elif args.action == "verify":
+                require(args, "round")
+                verification = client.verify_round(args.job_id, args.round)
+                _emit(args, verification, "job_id")
+                return 0 if verification.counters_match and verification.sum_matches else 1
             else:
-                print_json(client.stop_job(args.job_id))
+                _emit(args, client.stop_job(args.job_id))
     return None
 
 
@@ -232,16 +300,18 @@ def _account(args: argparse.Namespace) -> None:
         if args.action == "list":
             emit_listing(args.json, f"{args.service} accounts", ACCOUNT_COLUMNS, client.accounts())
         elif args.action == "whoami":
-            print_json(client.whoami())
+            _emit(args, client.whoami(), "name")
         elif args.action == "create":
             require(args, "name", "role")
+            _check_token_delivery(args)
             account = client.create_account(AccountCreate(name=args.name, role=args.role))
             issued = client.issue_token(account.name, TokenCreate(label=args.label, expires_in_days=args.days))
             _deliver_token(args, issued.token)
-            print_json({"account": account.model_dump(mode="json"), "token": issued.info.model_dump(mode="json")})
+            answer = {"account": account.model_dump(mode="json"), "token": issued.info.model_dump(mode="json")}
+            _emit(args, answer, "account.name")
         else:
             require(args, "name")
-            print_json(client.disable_account(args.name))
+            _emit(args, client.disable_account(args.name), "name")
 
 
 def _token(args: argparse.Namespace) -> None:
@@ -250,22 +320,32 @@ def _token(args: argparse.Namespace) -> None:
     with _service_client(args) as client:
         if args.action == "revoke":
             require(args, "token_id")
-            print_json(client.revoke_token(args.token_id))
+            _emit(args, client.revoke_token(args.token_id))
             return
         require(args, "name")
         if args.action == "list":
             emit_listing(args.json, f"tokens of {args.name}", TOKEN_COLUMNS, client.tokens(args.name))
         else:
+            _check_token_delivery(args)
             issued = client.issue_token(args.name, TokenCreate(label=args.label, expires_in_days=args.days))
             _deliver_token(args, issued.token)
-            print_json(issued.info)
+            _emit(args, issued.info)
+
+
+def _check_token_delivery(args: argparse.Namespace) -> None:
+    """Before a token is issued: a quiet command must have a file to put it in, and not overwrite one."""
+    if args.token_out:
+        refuse_existing(Path(args.token_out))
+    elif args.quiet or args.field:
+        raise InvalidRequest("the token is shown only once: add --token-out FILE to keep it")
 
 
 def _deliver_token(args: argparse.Namespace, token: str) -> None:
     """Write a new token to ``--token-out`` (0600), or print it once if no file was named."""
     if args.token_out:
         write_private(Path(args.token_out), token.encode())
-        print(f"token written to {args.token_out} (mode 0600); it is not shown again")
+        if not (args.quiet or args.field):
+            print(f"token written to {args.token_out} (mode 0600); it is not shown again")
     else:
         print(f"token (shown once, store it now): {token}")
 
@@ -277,13 +357,26 @@ def _audit(args: argparse.Namespace) -> None:
 
 def _urls(parser: argparse.ArgumentParser, *services: str) -> None:
     if "aggregator" in services:
-        parser.add_argument("--aggregator", default=DEFAULT_AGGREGATOR, help="aggregator base URL")
+        parser.add_argument(
+            "--aggregator",
+            default=os.environ.get(AGGREGATOR_URL_ENV) or DEFAULT_AGGREGATOR,
+            help=f"aggregator base URL (default: ${AGGREGATOR_URL_ENV}, else {DEFAULT_AGGREGATOR})",
+        )
     if "keyserver" in services:
-        parser.add_argument("--keyserver", default=DEFAULT_KEYSERVER, help="keyserver base URL")
+        parser.add_argument(
+            "--keyserver",
+            default=os.environ.get(KEYSERVER_URL_ENV) or DEFAULT_KEYSERVER,
+            help=f"keyserver base URL (default: ${KEYSERVER_URL_ENV}, else {DEFAULT_KEYSERVER})",
+        )
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="listings: print JSON instead of a table")
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the id of what the answer is about")
+    parser.add_argument("--field", help="print only this field of the answer (e.g. key_id, status, site.id)")
 
 
 def _new_token_flags(parser: argparse.ArgumentParser) -> None:
@@ -301,13 +394,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     site.add_argument("--name")
     site.add_argument("--organisation")
     site.add_argument("--contact")
-    site.add_argument("--key-out", default="site-signing-key.pem", help="register: where to write the signing key")
+    site.add_argument(
+        "--key-out",
+        default="site-signing-key.pem",
+        help="register: where to write the signing key (0600); its public half goes to the same name + .pub",
+    )
+    site.add_argument("--credential-out", help="approve: write the site's credential to this file (0600)")
     site.add_argument("--federation", help="endorse: the federation")
     site.add_argument("--candidate", help="endorse: the proposed member's site id")
     site.add_argument("--candidate-public-key", help="endorse: its public key, as its admin gave it to you")
     site.add_argument("--endorser", help="endorse: your own site id (an active member)")
     site.add_argument("--signing-key", help="endorse: your site's signing key (PEM)")
     _json_flag(site)
+    _output_flags(site)
     site.set_defaults(func=_site, positionals=("site_id",))
 
     federation = sub.add_parser("federation", help="federations and their members (keyserver admin)")
@@ -321,15 +420,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     federation.add_argument("--site-id", help="add-member / revoke-member: the site")
     federation.add_argument("--public-key", help="add-member: the site's Ed25519 public key, confirmed with its admin")
     _json_flag(federation)
+    _output_flags(federation)
     federation.set_defaults(func=_federation, positionals=("federation_id",))
 
     job = sub.add_parser("job", help="create and follow jobs (aggregator admin or viewer)")
-    job.add_argument("action", choices=["create", "list", "status", "rounds", "watch", "stop"])
+    job.add_argument("action", choices=["create", "list", "status", "rounds", "watch", "verify", "stop"])
     job.add_argument("job_id", nargs="?")
     _urls(job, "aggregator")
     job.add_argument("--spec", help="job definition (JSON) for create")
+    job.add_argument(
+        "--custom-module",
+        action="append",
+        default=[],
+        help="create: a module a custom model may be imported from, to compute its fingerprint (repeatable)",
+    )
     job.add_argument("--interval", type=float, default=1.0, help="watch: seconds between refreshes")
+    job.add_argument("--round", type=int, help="verify: the round to rebuild and compare")
     _json_flag(job)
+    _output_flags(job)
     job.set_defaults(func=_job, positionals=("job_id",))
 
     for name, handler, actions in (
@@ -346,10 +454,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             parser.add_argument("name", nargs="?")
             parser.add_argument("--role", choices=["admin", "viewer", "service"])
             _new_token_flags(parser)
+            _output_flags(parser)
         elif name == "token":
             parser.add_argument("name", nargs="?", help="the account (issue, list)")
             parser.add_argument("--token-id", help="revoke: the token's id")
             _new_token_flags(parser)
+            _output_flags(parser)
         else:
             parser.add_argument("--limit", type=int, default=50)
         _json_flag(parser)

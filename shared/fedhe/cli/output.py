@@ -1,4 +1,9 @@
-"""What the CLI prints: JSON for scripts (``--json``), rich tables for people."""
+"""What the CLI prints: JSON for scripts (``--json``), rich tables for people, one value for shell variables.
+
+A command that answers with one object prints it as JSON; ``--quiet`` prints only its id and
+``--field NAME`` only one field (``site.id`` reaches into a nested object), so a script can
+write ``SITE=$(fedhe site register ... --quiet)``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+
+from fedhe.errors import InvalidRequest
 
 
 def to_jsonable(value: Any) -> Any:
@@ -62,3 +69,33 @@ def emit_listing(as_json: bool, title: str, columns: Sequence[Column], rows: Seq
         print_json(list(rows))
     else:
         print_table(title, columns, rows)
+
+
+def field_of(value: Any, path: str) -> Any:
+    """The field at dotted ``path`` of ``value`` (a model or JSON object); ``InvalidRequest`` if absent."""
+    data = to_jsonable(value)
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            fields = ", ".join(sorted(data)) if isinstance(data, dict) else "none"
+            raise InvalidRequest(f"the answer has no field {path!r} (fields here: {fields})", code="unknown_field")
+        data = data[part]
+    return data
+
+
+def plain(value: Any) -> str:
+    """A value as a shell variable wants it: strings bare, ``null`` as nothing, the rest as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str)
+
+
+def emit_object(value: Any, *, quiet: bool = False, field: str | None = None, id_field: str = "id") -> None:
+    """A one-object answer: JSON, or only its ``id_field`` (``quiet``), or only ``field``."""
+    if field:
+        print(plain(field_of(value, field)))
+    elif quiet:
+        print(plain(field_of(value, id_field)))
+    else:
+        print_json(value)

@@ -1,0 +1,265 @@
+"""The REST commands' scripting aids: ids and fields for shell variables, secrets into 0600 files,
+service URLs from the environment, fingerprints filled in. The services are mocked (httpx
+MockTransport); tests/integration/test_guides.py runs the same commands against real ones."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fedhe.api_client import AggregatorClient, KeyserverClient
+from fedhe.cli import main
+from fedhe.cli import operator as cli_operator
+from fedhe.he import CkksParameters
+from fedhe.modelspec import ModelSpec
+from fedhe.schemas import (
+    ContextInfo,
+    FederationPublic,
+    JobCreate,
+    RoundVerification,
+    SiteApproved,
+    SitePublic,
+    SiteStatus,
+)
+
+NOW = datetime(2026, 11, 22, tzinfo=UTC)
+SITE_ID = "site-0123456789abcdef"
+FED_ID = "fed-0123456789abcdef"
+KEY_ID = "key-" + "ab" * 16
+JOB_ID = "job-0123456789abcdef"
+
+
+def _site(public_key: str = "k" * 43 + "=") -> SitePublic:
+    return SitePublic(
+        id=SITE_ID,
+        name="Hospital A",
+        organisation="Hospital A NHS Trust",
+        contact="fl-admin@hospital-a.example",
+        public_key=public_key,
+        status=SiteStatus.PENDING,
+        created_at=NOW,
+    )
+
+
+def _federation() -> FederationPublic:
+    context = ContextInfo(key_id=KEY_ID, federation_id=FED_ID, parameters=CkksParameters(), created_at=NOW)
+    return FederationPublic(
+        id=FED_ID,
+        name="wine-trial",
+        key_id=KEY_ID,
+        created_at=NOW,
+        endorsements_required=0,
+        bootstrap_complete=False,
+        contexts=[context],
+    )
+
+
+class Services:
+    """Answers by (method, path); records every request."""
+
+    def __init__(self, routes: dict[tuple[str, str], Callable[[httpx.Request], Any]]):
+        self.routes = routes
+        self.requests: list[httpx.Request] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.routes[(request.method, request.url.path)](request)
+        body = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
+        return httpx.Response(200, json=body)
+
+
+@pytest.fixture
+def services(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Services]:
+    """Install mocked services for the CLI (with tokens in the environment, as the CLI wants them)."""
+    monkeypatch.setenv("FEDHE_AGGREGATOR_TOKEN", "fht_aggregator-admin-token")
+    monkeypatch.setenv("FEDHE_KEYSERVER_TOKEN", "fht_keyserver-admin-token")
+    for name in ("FEDHE_AGGREGATOR_URL", "FEDHE_KEYSERVER_URL", "FEDHE_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def install(routes: dict[tuple[str, str], Callable[[httpx.Request], Any]]) -> Services:
+        mocked = Services(routes)
+        transport = httpx.MockTransport(mocked.handle)
+
+        def aggregator(url: str, token: str | None = None, **kwargs: Any) -> AggregatorClient:
+            return AggregatorClient(url, token, transport=transport, **kwargs)
+
+        def keyserver(url: str, token: str | None = None, **kwargs: Any) -> KeyserverClient:
+            return KeyserverClient(url, token, transport=transport, **kwargs)
+
+        monkeypatch.setattr(cli_operator, "AggregatorClient", aggregator)
+        monkeypatch.setattr(cli_operator, "KeyserverClient", keyserver)
+        return mocked
+
+    return install
+
+
+def test_register_quiet_prints_the_id_and_writes_both_halves_of_the_key(
+    services: Callable[..., Services], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mocked = services({("POST", "/v1/sites"): lambda r: _site(json.loads(r.content)["public_key"])})
+    key = tmp_path / "site" / "signing-key.pem"
+    identity = ["--name", "Hospital A", "--organisation", "Trust", "--contact", "a@b.example"]
+    code = main(["site", "register", *identity, "--key-out", str(key), "--quiet"])
+    assert code == 0
+    assert capsys.readouterr().out == f"{SITE_ID}\n"
+    sent = json.loads(mocked.requests[0].content)["public_key"]
+    assert len(base64.b64decode(sent)) == 32
+    assert (tmp_path / "site" / "signing-key.pem.pub").read_text() == sent + "\n"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "Authorization" not in mocked.requests[0].headers  # registration needs no credential
+
+
+def test_register_refuses_to_overwrite_a_public_key_file(services: Callable[..., Services], tmp_path: Path) -> None:
+    mocked = services({})
+    (tmp_path / "key.pem.pub").write_text("someone else's\n")
+    identity = ["--name", "A", "--organisation", "B", "--contact", "a@b.example"]
+    code = main(["site", "register", *identity, "--key-out", str(tmp_path / "key.pem")])
+    assert code == 2
+    assert mocked.requests == []
+    assert not (tmp_path / "key.pem").exists()
+
+
+def test_approve_writes_the_credential_to_a_private_file(
+    services: Callable[..., Services], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    approved = SiteApproved(site=_site(), credential="fhs_the-credential")
+    services({("POST", f"/v1/sites/{SITE_ID}/approve"): lambda r: approved})
+    out = tmp_path / "credential"
+    assert main(["site", "approve", SITE_ID, "--credential-out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["credential_file"] == str(out)
+    assert "fhs_the-credential" not in json.dumps(printed)
+    assert out.read_text() == "fhs_the-credential"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_approve_quiet_without_a_file_is_refused_before_the_credential_is_lost(
+    services: Callable[..., Services], tmp_path: Path
+) -> None:
+    mocked = services({})
+    assert main(["site", "approve", SITE_ID, "--quiet"]) == 2
+    (tmp_path / "credential").write_text("an older credential")
+    assert main(["site", "approve", SITE_ID, "--credential-out", str(tmp_path / "credential")]) == 2
+    assert mocked.requests == []
+
+
+def test_field_prints_one_value_and_an_unknown_field_is_an_error(
+    services: Callable[..., Services], capsys: pytest.CaptureFixture[str]
+) -> None:
+    services({("GET", f"/v1/federations/{FED_ID}"): lambda r: _federation()})
+    assert main(["federation", "show", FED_ID, "--field", "key_id"]) == 0
+    assert capsys.readouterr().out == f"{KEY_ID}\n"
+    assert main(["federation", "show", FED_ID, "--field", "contexts.0"]) == 2
+    assert "unknown_field" in capsys.readouterr().err
+
+
+def test_service_urls_default_to_the_environment(
+    services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mocked = services({("GET", f"/v1/federations/{FED_ID}"): lambda r: _federation()})
+    monkeypatch.setenv("FEDHE_KEYSERVER_URL", "https://keys.example:9443")
+    assert main(["federation", "show", FED_ID, "--quiet"]) == 0
+    assert capsys.readouterr().out == f"{FED_ID}\n"
+    assert str(mocked.requests[0].url) == f"https://keys.example:9443/v1/federations/{FED_ID}"
+    assert mocked.requests[0].headers["Authorization"] == "Bearer fht_keyserver-admin-token"
+    assert main(["federation", "show", FED_ID, "--keyserver", "https://other.example", "--quiet"]) == 0
+    assert mocked.requests[1].url.host == "other.example"
+
+
+def test_a_new_token_goes_to_its_file_and_quiet_needs_one(
+    services: Callable[..., Services], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    account = {"name": "alice", "role": "admin", "created_at": NOW.isoformat(), "created_by": "account:root"}
+    token = {"id": "tok-0123456789abcdef", "account": "alice", "label": "", "created_at": NOW.isoformat()}
+    mocked = services(
+        {
+            ("POST", "/v1/accounts"): lambda r: account,
+            ("POST", "/v1/accounts/alice/tokens"): lambda r: {"token": "fht_secret", "info": token},
+        }
+    )
+    assert main(["account", "create", "alice", "--service", "aggregator", "--role", "admin", "--quiet"]) == 2
+    assert mocked.requests == []
+    out = tmp_path / "alice-token"
+    args = ["account", "create", "alice", "--service", "aggregator", "--role", "admin", "--token-out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().out == "alice\n"
+    assert out.read_text() == "fht_secret"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_verify_exits_1_when_the_stored_sum_differs(
+    services: Callable[..., Services], capsys: pytest.CaptureFixture[str]
+) -> None:
+    verdicts = iter([True, False])
+
+    def verify(request: httpx.Request) -> RoundVerification:
+        matches = next(verdicts)
+        return RoundVerification(job_id=JOB_ID, number=1, submissions=3, counters_match=True, sum_matches=matches)
+
+    services({("GET", f"/v1/jobs/{JOB_ID}/rounds/1/verify"): verify})
+    assert main(["job", "verify", JOB_ID, "--round", "1", "--field", "sum_matches"]) == 0
+    assert capsys.readouterr().out == "true\n"
+    assert main(["job", "verify", JOB_ID, "--round", "1"]) == 1
+    assert main(["job", "verify", JOB_ID]) == 2  # --round is required
+
+
+def _job_spec(tmp_path: Path, model: dict[str, Any]) -> Path:
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"name": "job", "key_id": KEY_ID, "model": model}), encoding="utf-8")
+    return spec
+
+
+def _created(request: httpx.Request) -> dict[str, Any]:
+    body = json.loads(request.content)
+    spec = JobCreate.model_validate(body)
+    return {
+        **body,
+        "format_id": body["format_id"] or "bfv-packed-v1",
+        "id": JOB_ID,
+        "federation_id": FED_ID,
+        "environment": {"python": "3", "tensorflow": "2", "tensorflow_privacy": "0", "tenseal": "0", "fedhe": "0"},
+        "status": "running",
+        "current_round": 0,
+        "created_at": NOW.isoformat(),
+        "num_parameters": spec.model.num_parameters(),
+    }
+
+
+def test_job_create_leaves_a_counted_model_alone(
+    services: Callable[..., Services], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mocked = services({("POST", "/v1/jobs"): _created})
+    spec = _job_spec(tmp_path, {"architecture": "logistic", "input_dim": 13, "num_classes": 3})
+    assert main(["job", "create", "--spec", str(spec), "--quiet"]) == 0
+    assert capsys.readouterr().out == f"{JOB_ID}\n"
+    assert json.loads(mocked.requests[0].content)["model"]["fingerprint"] is None
+
+
+@pytest.mark.slow
+def test_job_create_computes_a_missing_fingerprint(services: Callable[..., Services], tmp_path: Path) -> None:
+    from fedhe.models import fingerprint
+
+    mocked = services({("POST", "/v1/jobs"): _created})
+    model = {
+        "architecture": "custom",
+        "input_shape": [4],
+        "num_classes": 2,
+        "import_path": "tests.unit.custom_models:tiny",
+        "options": {"units": 3},
+    }
+    spec = _job_spec(tmp_path, model)
+    assert main(["job", "create", "--spec", str(spec), "--quiet"]) == 1  # the module is not allowed (refused)
+    assert mocked.requests == []
+    assert main(["job", "create", "--spec", str(spec), "--custom-module", "tests.unit.custom_models"]) == 0
+    sent = json.loads(mocked.requests[0].content)["model"]["fingerprint"]
+    expected = fingerprint(ModelSpec.model_validate(model), 0, custom_modules=["tests.unit.custom_models"])
+    assert sent == expected.model_dump()
+    assert sent["num_parameters"] == 4 * 3 + 3 + 3 * 2 + 2
