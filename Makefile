@@ -24,7 +24,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements/dev.lock
 
 ## Run a whole federation (keyserver, aggregator, 3 DP-SGD agents) on breast cancer and report accuracy.
 demo: $(VENV)/.runtime
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/fedhe demo --dataset $(or $(DATASET),breast_cancer) --report $(or $(REPORT),fedhe-demo-report.json)
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/fedhe demo --dataset $(or $(DATASET),breast_cancer) --report $(or $(REPORT),fedhe-demo-report.json) $(DEMO_ARGS)
 
 ## Lint, type-check and run every test (needs Postgres on 127.0.0.1:5432).
 test: $(VENV)/.dev lint typecheck

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import dp_accounting
 from pydantic import BaseModel, Field
 
 from fedhe.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 # Orders of the RDP cross-check (tensorflow-privacy's usual grid).
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512]
@@ -67,6 +70,8 @@ def local_training_pass(*, num_samples: int, batch_size: int, epochs: int, noise
 
 def _events(passes: Iterable[TrainingPass]) -> list[tuple[dp_accounting.DpEvent, int]]:
     """Each distinct (q, σ) once with its total step count: composition does not depend on order."""
+    import dp_accounting  # scipy behind it takes seconds to import; only accounting needs it
+
     steps: Counter[tuple[float, float]] = Counter()
     for step in passes:
         if step.steps:
@@ -78,6 +83,8 @@ def _events(passes: Iterable[TrainingPass]) -> list[tuple[dp_accounting.DpEvent,
 
 
 def _pld_accountant() -> dp_accounting.pld.PLDAccountant:
+    import dp_accounting
+
     return dp_accounting.pld.PLDAccountant(
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION
     )
@@ -96,6 +103,8 @@ def epsilon_spent(passes: Iterable[TrainingPass], delta: float) -> float:
 
 def epsilon_spent_rdp(passes: Iterable[TrainingPass], delta: float) -> float:
     """The same ε by the RDP accountant: a looser upper bound, kept as a cross-check."""
+    import dp_accounting
+
     events = _events(passes)
     if not events:
         return 0.0

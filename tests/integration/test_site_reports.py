@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client_agent.agent import DATA_PROBLEM_NOTICE
 from fedhe.api_client import AggregatorClient
 from fedhe.datasets import load_bundled, save_csv, split
 from fedhe.environment import current as current_environment
@@ -192,6 +193,10 @@ def test_agent_once_exits_non_zero_and_says_why_when_it_cannot_take_part(cluster
     }
     assert round_.state == RoundState.FAILED
     assert round_.failure_reason == "every member answered: 0 uploaded, 2 declined, fewer than min_sites=2"
+    # The data problem's details (file, row, cell) stay at the site; the operator hears only the kind.
+    told = next(d.message for d in round_.declines if d.site_id == broken.site_id)
+    assert told == DATA_PROBLEM_NOTICE
+    assert "broken.csv" in (tmp_path / "logs" / "broken.log").read_text(encoding="utf-8")
     spent_agent = sites[spent.site_id].agent
     assert spent_agent is not None
     assert spent_agent.state == AgentState.DECLINED

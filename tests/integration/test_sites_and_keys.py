@@ -207,6 +207,11 @@ def test_registration_with_a_bad_public_key_is_a_400_naming_it(cluster: Cluster)
 def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> None:
     with cluster.keyserver_admin() as keyserver:
         rotating = keyserver.create_federation(FederationCreate(name="rotating"))
+    with cluster.aggregator_admin() as operator:  # the aggregator now holds the old key's context
+        operator.create_job(
+            JobCreate(name="before", key_id=rotating.key_id, model=ModelSpec(input_dim=2, num_classes=2))
+        )
+    with cluster.keyserver_admin() as keyserver:
         rotated = keyserver.rotate_key(rotating.id)
     assert rotated.key_id != rotating.key_id
     site = _site(cluster, tmp_path, "rotation", rotating.id)

@@ -12,6 +12,7 @@ from typing import Protocol
 from aggregator.repository import AggregatorRepository
 from aggregator.tables import EvaluationContextRow
 from fedhe.db import SessionFactory
+from fedhe.errors import Conflict
 from fedhe.he import PackingSettings, UpdateCodec, codec_for, load_evaluation_context
 from fedhe.schemas import ContextInfo
 
@@ -36,6 +37,15 @@ class EvaluationContexts:
         self._source = source
         self._codecs: dict[tuple[str, str, str], UpdateCodec] = {}
         self._lock = threading.Lock()
+
+    def require_current(self, key_id: str) -> None:
+        """``Conflict`` if the keyserver has retired ``key_id`` (new jobs must use the federation's current key)."""
+        info = self._source.context_info(key_id)
+        if info.retired_at is not None:
+            raise Conflict(
+                f"key {key_id} was retired at {info.retired_at.isoformat()}; use the federation's current key",
+                code="stale_key_id",
+            )
 
     def ensure(self, repo: AggregatorRepository, key_id: str) -> EvaluationContextRow:
         """``key_id``'s stored context (fetched from the keyserver with its federation if needed)."""

@@ -154,6 +154,7 @@ class JobCoordinator:
 
     def create_job(self, request: JobCreate, *, actor: str) -> JobPublic:
         """Store a job, with its format resolved, its privacy planned and its doubts noted; open its round 0."""
+        self._contexts.require_current(request.key_id)
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
             context_row = self._contexts.ensure(repo, request.key_id)

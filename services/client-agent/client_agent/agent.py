@@ -38,9 +38,13 @@ from fedhe.environment import differences
 from fedhe.errors import (
     BudgetExhausted,
     Conflict,
+    DataProblem,
     FedheError,
     InvalidRequest,
+    NotFound,
     PermissionDenied,
+    TooManyRequests,
+    Unauthenticated,
     UpstreamUnavailable,
 )
 from fedhe.files import PRIVATE_FILE, private_dir, write_private
@@ -62,6 +66,8 @@ from fedhe.schemas import (
 )
 
 logger = logging.getLogger("fedhe.agent")
+
+DATA_PROBLEM_NOTICE = "this site's data does not fit the job (the site's agent log names the file, row and column)"
 
 _STATUS_OF_CODE = {
     "data_problem": OutcomeStatus.DATA_PROBLEM,
@@ -205,15 +211,16 @@ class SiteAgent:
                         outcome.rounds_trained += 1
             except BudgetExhausted as exc:
                 return self._stop_taking_part(job, outcome, OutcomeStatus.BUDGET_EXHAUSTED, exc)
-            except (InvalidRequest, PermissionDenied) as exc:
-                # Retrying cannot fix these (a refused update, a site or data this job does not fit).
+            except (InvalidRequest, PermissionDenied, Unauthenticated, NotFound) as exc:
+                # Retrying cannot fix these (a refused update, a revoked credential, a job this site
+                # may no longer see, a site or data this job does not fit).
                 return self._stop_taking_part(job, outcome, _STATUS_OF_CODE.get(exc.code, OutcomeStatus.REFUSED), exc)
             except Conflict as exc:
                 if exc.code == "stale_key_id":
                     return self._stop_taking_part(job, outcome, OutcomeStatus.STALE_KEY, exc)
                 logger.debug("job %s: %s; following the job's new state", job.id, exc.message)
                 self._wait(failed=False)
-            except UpstreamUnavailable as exc:
+            except (UpstreamUnavailable, TooManyRequests) as exc:
                 logger.warning("job %s: %s; retrying", job.id, exc.message)
                 self._wait(failed=True)
 
@@ -264,11 +271,14 @@ class SiteAgent:
         logger.error("job %s: %s (%s); this site stops taking part", job.id, exc.message, exc.code)
         outcome.status = status
         outcome.notes.append(f"{exc.code}: {exc.message}")
-        self._heartbeat.report(AgentState.DECLINED, job_id=job.id, round_number=job.current_round, message=exc.message)
+        # A data problem's message quotes the site's own cells and file names: it stays in the
+        # site's log; the coordinator learns only that the data did not fit.
+        told = DATA_PROBLEM_NOTICE if isinstance(exc, DataProblem) else exc.message[:500]
+        self._heartbeat.report(AgentState.DECLINED, job_id=job.id, round_number=job.current_round, message=told)
         if job.status == JobStatus.RUNNING and status in DECLINE_REASONS:
             try:
                 self._aggregator.decline_round(
-                    job.id, job.current_round, DeclineCreate(reason=DECLINE_REASONS[status], message=exc.message[:500])
+                    job.id, job.current_round, DeclineCreate(reason=DECLINE_REASONS[status], message=told)
                 )
             except FedheError as declined:
                 logger.warning("job %s: the decline was not recorded (%s)", job.id, declined.code)
@@ -329,7 +339,7 @@ class SiteAgent:
             accepted = self._aggregator.upload_update(
                 job.id, job.current_round, body, idempotency_key=f"{job.id}:{job.current_round}:{attempt}"
             )
-        except (Conflict, InvalidRequest):
+        except (Conflict, InvalidRequest, PermissionDenied, NotFound):
             pending.unlink(missing_ok=True)  # refused, or the round moved on: these bytes can never count
             raise
         pending.unlink(missing_ok=True)

@@ -67,10 +67,8 @@ def with_fingerprint(request: JobCreate, custom_modules: Sequence[str] = ()) -> 
 
 
 def round_accuracy(round_: RoundPublic) -> float | None:
-    """The sample-weighted accuracy of a round's published model across the sites that evaluated it."""
-    scored = [e for e in round_.evaluations if "accuracy" in e.metrics]
-    examples = sum(e.num_examples for e in scored)
-    return sum(e.metrics["accuracy"] * e.num_examples for e in scored) / examples if examples else None
+    """The sample-weighted accuracy of a round's published model, once min_eval_sites sites evaluated it."""
+    return None if round_.global_metrics is None else round_.global_metrics.get("accuracy")
 
 
 def round_seconds(round_: RoundPublic) -> float | None:

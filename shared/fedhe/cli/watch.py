@@ -50,13 +50,15 @@ def render(job: JobPublic, rounds: list[RoundPublic], names: dict[str, str]) -> 
         TimeElapsedColumn(),
     )
     published = sum(1 for r in rounds if r.state == RoundState.PUBLISHED)
-    progress.add_task("rounds", total=job.rounds, completed=published)
+    progress.add_task("rounds", total=job.total_rounds, completed=published)
     table = Table(title_justify="left", expand=True)
     for header in ("round", "state", "sites", "global acc", "ε per site", "bytes up", "seconds"):
         table.add_column(header)
     for r in rounds:
         table.add_row(
-            f"{r.number}" + (f" (attempt {r.attempt})" if r.attempt > 1 else ""),
+            f"{r.number}"
+            + (" statistics" if r.kind == "statistics" else "")
+            + (f" (attempt {r.attempt})" if r.attempt > 1 else ""),
             r.state.value + (f": {r.failure_reason}" if r.failure_reason else ""),
             answered(r, names),
             cell(round_accuracy(r)),

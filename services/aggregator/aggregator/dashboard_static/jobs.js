@@ -101,7 +101,10 @@ export function createJobView(ctx, jobId) {
 
 function jobHeader(job, federation) {
   const model = job.model;
-  const layers = [model.input_dim, ...(model.hidden_units ?? []), model.num_classes].join("–");
+  const layers = [model.input_shape.join("×"), ...(model.hidden_units ?? []), model.num_classes].join("–");
+  const algorithm = job.algorithm.name === "fedprox" ? `FedProx μ ${job.algorithm.proximal_mu}` : "FedAvg";
+  const sampling =
+    job.sampling.mode === "all" ? "every member" : `${job.sampling.mode} ${job.sampling.fraction} (min ${job.sampling.min_sites})`;
   const facts = [
     ["Federation", federation ? `${federation.name} (${federation.members.length} members)` : job.federation_id],
     ["Rounds", `${publishedRounds(job)} of ${job.rounds} published`],
@@ -110,7 +113,9 @@ function jobHeader(job, federation) {
       `min ${job.min_sites}, closes at ${job.target_sites ?? job.min_sites} uploads or when every member answered`,
     ],
     ["Round deadline", fmtSeconds(job.round_deadline_s)],
-    ["Model", `MLP ${layers} · ${job.num_parameters.toLocaleString()} parameters`],
+    ["Model", `${model.architecture} ${layers} · ${job.num_parameters.toLocaleString()} parameters`],
+    ["Algorithm", `${algorithm} · server momentum ${job.algorithm.server_momentum} · sites: ${sampling}`],
+    ["Encryption", `${job.format_id}${job.statistics ? " · encrypted statistics step first" : ""}`],
     ["Training", `${job.local_epochs} epoch(s) · batch ${job.batch_size} · learning rate ${job.learning_rate}`],
     ["DP-SGD", `noise ${job.dp.noise_multiplier} · clip ${job.dp.l2_norm_clip} · δ ${fmtProbability(job.dp.delta)}`],
     [

@@ -45,22 +45,21 @@ export function currentAttempt(job, rounds) {
   return rounds.length ? rounds[rounds.length - 1] : null;
 }
 
+/** Published training rounds (a statistics step, when the job has one, is round 0 and not counted). */
 export function publishedRounds(job, rounds) {
-  if (rounds) return new Set(rounds.filter((r) => r.state === "published").map((r) => r.number)).size;
-  return job.status === "completed" ? job.rounds : job.current_round;
+  if (rounds) {
+    const training = rounds.filter((r) => r.state === "published" && r.kind === "training");
+    return new Set(training.map((r) => r.number)).size;
+  }
+  if (job.status === "completed") return job.rounds;
+  return Math.max(0, job.current_round - (job.statistics ? 1 : 0));
 }
 
-/** The global model's sample-weighted accuracy and loss across the sites that evaluated it. */
+/** The global model's sample-weighted accuracy and loss, as the aggregator combines them once
+ * the job's min_eval_sites sites have evaluated it (null until then). */
 export function globalScores(round) {
-  const scores = {};
-  for (const metric of ["accuracy", "loss"]) {
-    const scored = round.evaluations.filter((e) => typeof e.metrics[metric] === "number");
-    const examples = scored.reduce((sum, e) => sum + e.num_examples, 0);
-    scores[metric] = examples
-      ? scored.reduce((sum, e) => sum + e.metrics[metric] * e.num_examples, 0) / examples
-      : null;
-  }
-  return scores;
+  const metrics = round.global_metrics ?? {};
+  return { accuracy: metrics.accuracy ?? null, loss: metrics.loss ?? null };
 }
 
 export function roundBytes(round) {
