@@ -374,7 +374,10 @@ class UpdateIntake:
                 num_bytes=staged.num_bytes,
                 **detail,
             )
-            if rules_for(spec).after_upload(row.num_submissions) == RoundState.CLOSED:
+            # The statistics step waits for every member (or its deadline): the pooled mean and
+            # std should cover all the data the job will train on, not the first target_sites.
+            statistics = spec.is_statistics_round(round_number)
+            if not statistics and rules_for(spec).after_upload(row.num_submissions) == RoundState.CLOSED:
                 self._jobs.finish_round(change, row, RoundState.CLOSED)
             else:
                 if row.state == RoundState.OPEN.value:

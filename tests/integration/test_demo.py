@@ -1,0 +1,29 @@
+"""``fedhe demo`` with its options: the whole federation on loopback (SQLite, no Redis, TLS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedhe.job_options import Algorithm
+from fedhe_demo.demo import DemoOptions, run_demo
+
+
+def test_the_demo_runs_fedprox_on_a_sampled_mlp_federation_to_a_reported_accuracy(tmp_path: Path) -> None:
+    report = run_demo(
+        DemoOptions(
+            dataset="breast_cancer",
+            model="mlp",
+            algorithm=Algorithm.FEDPROX,
+            sample_fraction=0.5,
+            rounds=2,
+            workdir=tmp_path / "demo",
+            report=tmp_path / "report.json",
+        )
+    )
+    assert (report["model"], report["algorithm"], report["format_id"]) == ("mlp", "fedprox", "bfv-packed-v1")
+    assert [row["kind"] for row in report["per_round"]] == ["statistics", "training", "training"]
+    assert len(report["per_round"][0]["sites"]) == 3  # every site contributes statistics
+    assert [len(row["sites"]) for row in report["per_round"][1:]] == [2, 2]  # ceil(0.5 x 3) per round
+    assert report["max_epsilon"] <= report["planned_epsilon"] * 1.1 <= 3.3
+    assert report["federated_accuracy"] > 0.8
+    assert (tmp_path / "report.json").exists()
