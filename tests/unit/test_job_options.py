@@ -15,6 +15,7 @@ from fedhe.db import utcnow
 from fedhe.errors import InvalidRequest
 from fedhe.he import PACKED_FORMAT_ID, PackingSettings
 from fedhe.job_options import SamplingMode, SamplingSettings
+from fedhe.modelspec import ModelSpec
 from fedhe.normalisation import normalisation_from_sum, statistics_upload
 from fedhe.schemas import JobCreate, SiteStatus
 
@@ -157,3 +158,29 @@ def test_weighted_sampling_draws_sites_in_proportion_to_their_data() -> None:
     share = sum(draw == ["big"] for draw in draws) / len(draws)
     # Binomial(2000, 0.9): the standard deviation of the share is 0.0067; ±0.04 is six of them.
     assert 0.86 <= share <= 0.94
+
+
+def test_an_update_from_another_model_build_or_other_versions_is_refused_naming_each_difference() -> None:
+    from aggregator.intake import check_environment
+    from fedhe.environment import current
+    from fedhe.errors import InvalidUpdate
+    from fedhe.modelspec import ModelFingerprint
+
+    built = "a" * 64
+    model = ModelSpec(
+        architecture="mobilenet_v2",
+        input_shape=(32, 32, 3),
+        num_classes=2,
+        fingerprint=ModelFingerprint(architecture_sha256=built, num_parameters=10, initial_weights_sha256="b" * 64),
+    )
+    environment = current()
+    check_environment({"environment": environment.model_dump(), "model_sha256": built}, environment, model)
+    other = environment.model_dump() | {"tensorflow": "2.16.1"}
+    with pytest.raises(InvalidUpdate) as refused:
+        check_environment({"environment": other, "model_sha256": "c" * 64}, environment, model)
+    assert refused.value.code == "environment_mismatch"
+    assert refused.value.detail is not None
+    assert refused.value.detail["differences"] == [
+        f"tensorflow: job has {environment.tensorflow}, site has 2.16.1",
+        "model: job has architecture aaaaaaaaaaaa, site built cccccccccccc",
+    ]

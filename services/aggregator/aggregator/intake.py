@@ -41,14 +41,15 @@ from fedhe.errors import Conflict, FedheError, InvalidUpdate, PayloadTooLarge
 from fedhe.he.codec import UpdateCodec
 from fedhe.he.envelope import PREFIX_BYTES, EnvelopeHeader, header_length, parse_header
 from fedhe.identifiers import new_id
+from fedhe.modelspec import ModelSpec
 from fedhe.schemas import Environment, JobCreate, RoundState, UpdateAccepted, check_metrics
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 _INSERT_BATCH = 16
 
 
-def check_environment(meta: dict[str, object], expected: Environment) -> None:
-    """Refuse an update made with other versions than the job's, naming each difference."""
+def check_environment(meta: dict[str, object], expected: Environment, model: ModelSpec) -> None:
+    """Refuse an update made with other versions, or another model build, than the job's, naming each difference."""
     try:
         actual = Environment.model_validate(meta.get("environment"))
     except ValidationError as exc:
@@ -56,6 +57,11 @@ def check_environment(meta: dict[str, object], expected: Environment) -> None:
             "the update does not say which versions made it (meta.environment)", code="environment_mismatch"
         ) from exc
     mismatched = differences(expected, actual)
+    built = meta.get("model_sha256")
+    if model.fingerprint is not None and built != model.fingerprint.architecture_sha256:
+        mismatched.append(
+            f"model: job has architecture {model.fingerprint.architecture_sha256[:12]}, site built {str(built)[:12]}"
+        )
     if mismatched:
         raise InvalidUpdate(
             "this site runs other versions than the job: " + "; ".join(mismatched),
@@ -278,7 +284,7 @@ class UpdateIntake:
                     code="round_full",
                 )
             num_samples = check_header(header, spec=spec, encoding=encoding)
-            check_environment(header.meta, Environment.model_validate(job.environment))
+            check_environment(header.meta, Environment.model_validate(job.environment), spec.model)
             expected = codec.num_chunks(encoding.num_values)
             if len(header.chunk_sizes) != expected:
                 raise InvalidUpdate(

@@ -353,13 +353,19 @@ class SiteAgent:
         )
 
     def _envelope(self, job: JobPublic, chunks: list[bytes], num_samples: int, metrics: dict[str, float]) -> bytes:
+        meta = {
+            "num_samples": num_samples,
+            "metrics": metrics,
+            "environment": self._environment.model_dump(),
+            "model_sha256": self._chain(job).architecture_sha256,
+        }
         return encode_envelope(
             Envelope(
                 format_id=job.format_id,
                 key_id=job.key_id,
                 num_values=job.round_num_values(job.current_round, job.num_parameters),
                 chunks=chunks,
-                meta={"num_samples": num_samples, "metrics": metrics, "environment": self._environment.model_dump()},
+                meta=meta,
             )
         )
 

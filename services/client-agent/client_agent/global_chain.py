@@ -17,6 +17,7 @@ import json
 import zipfile
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,13 @@ class GlobalModelChain:
     def weights(self) -> NDArray[Any]:
         """The current global weights."""
         return self.state.server.weights
+
+    @cached_property
+    def architecture_sha256(self) -> str:
+        """The hash of the architecture this site builds for the job (uploads carry it)."""
+        from fedhe.models import architecture_sha256, build_model
+
+        return architecture_sha256(build_model(self._job.model, custom_modules=self._custom_modules))
 
     @property
     def spec(self) -> ModelSpec:
