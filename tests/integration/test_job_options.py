@@ -10,9 +10,8 @@ import pytest
 
 from fedhe.api_client import AggregatorClient
 from fedhe.errors import Conflict, InvalidRequest
-from fedhe.he import CKKS_FORMAT_ID, PACKED_FORMAT_ID, CkksParameters, PackingSettings
+from fedhe.he import CKKS_FORMAT_ID, PACKED_FORMAT_ID, BfvParameters, CkksParameters, PackingSettings
 from fedhe.job_options import SamplingMode, SamplingSettings
-from fedhe.local_cluster import provision_site
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings, plan_epsilon
 from fedhe.schemas import DeclineCreate, DeclineReason, FederationCreate, JobCreate, RoundState
@@ -58,6 +57,24 @@ def test_a_job_takes_its_federations_format_and_the_packed_codec_by_default(clus
         assert len(operator.jobs()) == jobs_before  # refused jobs leave nothing behind
 
 
+def test_packing_is_checked_against_the_federations_own_plain_modulus(cluster: Cluster) -> None:
+    """1,000 sites at 12 bits: too much noise for t = 2^46 (at most 381 sums), within the
+    1,524 that t = 2^44 allows; the job is judged by its own federation's context."""
+    thousand = {"clip_range": 1.0, "bits": 12, "max_sites": 1000}
+    with cluster.keyserver_admin() as keyserver:
+        default = keyserver.create_federation(FederationCreate(name="t46"))
+        roomy = keyserver.create_federation(
+            FederationCreate(name="t44", parameters=BfvParameters(plain_modulus_bits=44))
+        )
+    with cluster.aggregator_admin() as operator:
+        with pytest.raises(InvalidRequest) as refused:
+            operator.create_job(_job(default.key_id, packing=thousand, min_sites=1000))
+        assert refused.value.code == "noise_budget_exceeded"
+        assert refused.value.detail["most_sites"] == 381
+        accepted = operator.create_job(_job(roomy.key_id, packing=thousand, min_sites=1000))
+    assert accepted.packing == PackingSettings.model_validate(thousand)
+
+
 def test_job_creation_plans_privacy_and_warns_over_the_threshold(cluster: Cluster) -> None:
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="planned"))
@@ -80,17 +97,7 @@ def test_job_creation_plans_privacy_and_warns_over_the_threshold(cluster: Cluste
 def test_a_sampled_round_takes_only_the_sites_it_selected(cluster: Cluster, tmp_path: Path) -> None:
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="sampled"))
-    sites = [
-        provision_site(
-            aggregator_url=cluster.aggregator_url,
-            keyserver_url=cluster.keyserver_url,
-            secrets=cluster.secrets,
-            directory=tmp_path,
-            name=f"m{index}",
-            federation_id=federation.id,
-        )
-        for index in range(4)
-    ]
+    sites = [cluster.provision_site(tmp_path, f"m{index}", federation.id) for index in range(4)]
     sampling = SamplingSettings(mode=SamplingMode.FRACTION, fraction=0.5, min_sites=2)
     with cluster.aggregator_admin() as operator:
         job = operator.create_job(
@@ -131,14 +138,7 @@ def test_a_sampled_round_takes_only_the_sites_it_selected(cluster: Cluster, tmp_
 def test_the_aggregate_of_an_unpublished_round_is_not_served(cluster: Cluster, tmp_path: Path) -> None:
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="not-yet"))
-    site = provision_site(
-        aggregator_url=cluster.aggregator_url,
-        keyserver_url=cluster.keyserver_url,
-        secrets=cluster.secrets,
-        directory=tmp_path,
-        name="early",
-        federation_id=federation.id,
-    )
+    site = cluster.provision_site(tmp_path, "early", federation.id)
     with cluster.aggregator_admin() as operator:
         job = operator.create_job(_job(federation.key_id, rounds=2))
     response = httpx.get(

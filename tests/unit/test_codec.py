@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tenseal.sealapi as seal
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
 from fedhe.global_model import weighted_update
@@ -96,6 +97,17 @@ def test_bad_chunks_are_refused_and_leave_the_sum_unchanged(site_codec, aggregat
         accumulator.add(mangle(site_codec.encrypt_update(good)))
     assert raised.value.code == code
     assert np.max(np.abs(site_codec.decrypt_aggregate(accumulator.to_chunks(), 100) - good)) < 1e-7
+
+
+def test_a_ciphertext_above_the_last_level_is_refused_naming_what_is_checked(
+    key_material: KeyMaterial, aggregator_codec
+) -> None:
+    secret = load_secret_context(key_material.secret_context)
+    context = secret.seal_context().data
+    ciphertext = seal.Ciphertext(context)
+    seal.Encryptor(context, secret.secret_key().data).encrypt_zero_symmetric(context.first_parms_id(), ciphertext)
+    with pytest.raises(InvalidUpdate, match="chunk 0 does not have this format's level, scale or size"):
+        aggregator_codec.check_chunk(0, aggregator_codec.serialise(ciphertext))
 
 
 def test_ciphertext_of_other_parameters_is_refused(aggregator_codec) -> None:

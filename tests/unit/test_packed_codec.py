@@ -33,6 +33,8 @@ from fedhe.he import (
 )
 from fedhe.he.packing import pack, unpack
 from fedhe.he.quantise import quantise
+from fedhe.he.seal_format import plaintext_bytes, plaintext_coefficients
+from fedhe.he.seal_io import SealIO
 
 R = 0.5
 SETTINGS = PackingSettings(clip_range=R, bits=16, max_sites=128)
@@ -267,7 +269,9 @@ def test_bad_chunks_are_refused_and_leave_the_sum_unchanged(
     before = accumulator.to_chunks()
     update = site.encrypt_update(np.full(size, 0.125))
     bad = mangle(site, update[1], load_secret_context(bfv_material.secret_context))
-    with pytest.raises(InvalidUpdate) as raised:
+    with pytest.raises(
+        InvalidUpdate, match=r"chunk 1 (is not a valid ciphertext|does not have this format's level or size)"
+    ) as raised:
         aggregator.check_chunk(1, bad)
     assert raised.value.code == "invalid_ciphertext"
     assert raised.value.detail == {"chunk": 1}
@@ -375,3 +379,15 @@ def test_parallel_encryption_matches_sequential_decryption(bfv_material: KeyMate
         assert np.max(np.abs(decrypted - values)) < SETTINGS.step
     finally:
         parallel.close()
+
+
+def test_plaintext_coefficients_read_back_what_seal_holds(bfv_material: KeyMaterial) -> None:
+    """The bulk read used by decryption agrees with SEAL's own per-coefficient access."""
+    io = SealIO(load_secret_context(bfv_material.secret_context).seal_context().data)
+    coefficients = np.random.default_rng(7).integers(0, 2**46, 8192, dtype=np.uint64)
+    plain = io.load_plaintext(plaintext_bytes(coefficients))
+    read = plaintext_coefficients(io.save(plain))
+    np.testing.assert_array_equal(read, coefficients)
+    assert [plain[i] for i in (0, 1, 4095, 8191)] == [int(read[i]) for i in (0, 1, 4095, 8191)]
+    with pytest.raises(ValueError, match="not an uncompressed SEAL plaintext"):
+        plaintext_coefficients(b"FHC1" + bytes(60))

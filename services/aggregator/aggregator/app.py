@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,6 +30,7 @@ from aggregator.watcher import RoundWatcher
 from fedhe.accounts import AccountService, Role
 from fedhe.accounts_api import router as accounts_router
 from fedhe.api_client import KeyserverClient
+from fedhe.cpus import usable_cpus
 from fedhe.db import SessionFactory, make_engine
 from fedhe.http_auth import Authenticator
 from fedhe.http_errors import add_health_routes, install_error_handlers
@@ -65,7 +65,7 @@ def create_app(
     coordination = coordination_for(settings.redis_url)
     members = FederationMembers(membership_source or keyserver, settings.membership_cache_s)
     coordinator = JobCoordinator(sessions, contexts, metrics, coordination, SiteSampler(members))
-    publisher = RoundPublisher(sessions, contexts, coordinator, settings.sum_workers or os.cpu_count() or 1)
+    publisher = RoundPublisher(sessions, contexts, coordinator, settings.sum_workers or usable_cpus())
     watcher = RoundWatcher(
         coordinator, publisher, coordination, settings.deadline_check_interval_s, settings.orphan_upload_after_s
     )

@@ -249,10 +249,11 @@ class UpdateIntake:
         if accepted.round_state == RoundState.CLOSED:
             # The upload that closed the round waits for its sum; a crash here leaves the round
             # closed, and the deadline watcher publishes it.
-            await run_in_threadpool(self._publisher.publish, job_id, admission.round_id)
-            accepted = accepted.model_copy(
-                update={"round_state": await run_in_threadpool(self._round_state, admission.round_id)}
-            )
+            if await run_in_threadpool(self._publisher.publish, job_id, admission.round_id):
+                state = RoundState.PUBLISHED
+            else:  # another process holds the sum, or it failed: say what the round is now
+                state = await run_in_threadpool(self._round_state, admission.round_id)
+            accepted = accepted.model_copy(update={"round_state": state})
         return accepted
 
     def _round_state(self, round_id: int) -> RoundState:
@@ -285,13 +286,7 @@ class UpdateIntake:
                 )
             num_samples = check_header(header, spec=spec, encoding=encoding)
             check_environment(header.meta, Environment.model_validate(job.environment), spec.model)
-            expected = codec.num_chunks(encoding.num_values)
-            if len(header.chunk_sizes) != expected:
-                raise InvalidUpdate(
-                    f"expected {expected} ciphertext chunks, got {len(header.chunk_sizes)}",
-                    code="wrong_chunk_count",
-                    detail={"expected": expected, "received": len(header.chunk_sizes)},
-                )
+            codec.check_count(header.chunk_sizes, codec.num_chunks(encoding.num_values))
             return _Admission(row.id, row.attempt, num_samples, codec, already_submitted=False)
 
     @staticmethod

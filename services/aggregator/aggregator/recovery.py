@@ -33,9 +33,11 @@ def verify_round(sessions: SessionFactory, publisher: RoundPublisher, job_id: st
     if published and submissions:
         plan = publisher.plan(job_id, round_id, require_state=RoundState.PUBLISHED)
         sum_matches = plan is not None and len(stored_sizes) == plan.num_chunks
-        for index, data in publisher.sums(plan) if plan is not None else []:
+        for index, data in publisher.sums(plan) if plan is not None and sum_matches else []:
             with sessions.transaction() as session:
-                sum_matches = sum_matches and AggregatorRepository(session).aggregate_chunk(round_id, index) == data
+                sum_matches = AggregatorRepository(session).aggregate_chunk(round_id, index) == data
+            if not sum_matches:
+                break
     return RoundVerification(
         job_id=job_id,
         number=number,

@@ -20,13 +20,13 @@ import tenseal as ts
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
-from fedhe.errors import InvalidRequest, InvalidUpdate
+from fedhe.errors import InvalidRequest
 from fedhe.he.codec import PACKED_FORMAT_ID
 from fedhe.he.context import scheme_of
 from fedhe.he.packing import PackingLayout, PackingSettings, pack, packing_layout, unpack
 from fedhe.he.quantise import dequantise, quantise
 from fedhe.he.seal_codec import SealCodec
-from fedhe.he.seal_format import compact_ciphertext, plaintext_bytes, seal_ciphertext
+from fedhe.he.seal_format import compact_ciphertext, plaintext_bytes, plaintext_coefficients, seal_ciphertext
 from fedhe.he.seal_io import SealIO
 
 # Values quantised and packed at a time: whole chunks, and few enough that the float
@@ -51,6 +51,7 @@ class PackedBfvCodec(SealCodec):
     """
 
     format_id = PACKED_FORMAT_ID
+    _format_checks = "level or size"
 
     def __init__(
         self,
@@ -101,28 +102,16 @@ class PackedBfvCodec(SealCodec):
                 chunks.append(compact_ciphertext(self.io.save(encryptor.encrypt_symmetric(plain))))
         return chunks
 
-    def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
-        """Deserialise chunk ``index`` and check it is a two-component ciphertext at the data level."""
-        try:
-            ciphertext = self.io.load(seal_ciphertext(data))
-        except (RuntimeError, ValueError) as exc:
-            raise InvalidUpdate(
-                f"chunk {index} is not a valid ciphertext for this context",
-                code="invalid_ciphertext",
-                detail={"chunk": index},
-            ) from exc
-        if (
-            ciphertext.size() != 2
-            or list(ciphertext.parms_id()) != self._data_parms_id
-            or ciphertext.is_ntt_form()
-            or ciphertext.is_transparent()
-        ):
-            raise InvalidUpdate(
-                f"chunk {index} does not have this format's level or size",
-                code="invalid_ciphertext",
-                detail={"chunk": index},
-            )
-        return ciphertext
+    def _deserialise(self, data: bytes) -> seal.Ciphertext:
+        return self.io.load(seal_ciphertext(data))
+
+    def _has_format(self, ciphertext: seal.Ciphertext) -> bool:
+        return (
+            ciphertext.size() == 2
+            and list(ciphertext.parms_id()) == self._data_parms_id
+            and not ciphertext.is_ntt_form()
+            and not ciphertext.is_transparent()
+        )
 
     def serialise(self, ciphertext: seal.Ciphertext) -> bytes:
         """The wire form of a (summed) ciphertext."""
@@ -138,9 +127,8 @@ class PackedBfvCodec(SealCodec):
         plain = seal.Plaintext()
         for index, data in enumerate(chunks):
             decryptor.decrypt(self.load_chunk(index, data), plain)
-            # The bindings expose no bulk read of a plaintext: one call per coefficient.
-            count = plain.coeff_count()
-            coefficients[index, :count] = np.fromiter(map(plain.__getitem__, range(count)), np.uint64, count)
+            words = plaintext_coefficients(self.io.save(plain))
+            coefficients[index, : words.size] = words
         return dequantise(unpack(coefficients, self.layout, num_values), self.settings)
 
     def noise_budget(self, chunk: bytes) -> int:

@@ -22,7 +22,6 @@ import tenseal as ts
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
-from fedhe.errors import InvalidUpdate
 from fedhe.he.codec import CKKS_FORMAT_ID
 from fedhe.he.seal_codec import SealCodec
 from fedhe.he.seal_io import SealIO
@@ -32,6 +31,7 @@ class SeededCkksCodec(SealCodec):
     """Seeded symmetric CKKS at the last level (format ``ckks-seeded-last-v2``)."""
 
     format_id = CKKS_FORMAT_ID
+    _format_checks = "level, scale or size"
 
     def __init__(self, context: ts.Context, workers: int = 1):
         super().__init__(context, workers)
@@ -59,28 +59,16 @@ class SeededCkksCodec(SealCodec):
             chunks.append(self.io.save(encryptor.encrypt_symmetric(plain)))
         return chunks
 
-    def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
-        """Deserialise one chunk and check it has this format's level, scale and size."""
-        try:
-            ciphertext = self.io.load(data)
-        except (RuntimeError, ValueError) as exc:
-            raise InvalidUpdate(
-                f"chunk {index} is not a valid ciphertext for this context",
-                code="invalid_ciphertext",
-                detail={"chunk": index},
-            ) from exc
-        if (
-            ciphertext.size() != 2
-            or list(ciphertext.parms_id()) != list(self._last_parms_id)
-            or not math.isclose(ciphertext.scale, self._scale, rel_tol=1e-9)
-            or not ciphertext.is_ntt_form()
-        ):
-            raise InvalidUpdate(
-                f"chunk {index} does not have this format's level, scale or size",
-                code="invalid_ciphertext",
-                detail={"chunk": index},
-            )
-        return ciphertext
+    def _deserialise(self, data: bytes) -> seal.Ciphertext:
+        return self.io.load(data)
+
+    def _has_format(self, ciphertext: seal.Ciphertext) -> bool:
+        return (
+            ciphertext.size() == 2
+            and list(ciphertext.parms_id()) == list(self._last_parms_id)
+            and math.isclose(ciphertext.scale, self._scale, rel_tol=1e-9)
+            and ciphertext.is_ntt_form()
+        )
 
     def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
         decryptor = seal.Decryptor(self._seal_context, self._secret_key())

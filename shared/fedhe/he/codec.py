@@ -9,13 +9,13 @@ aggregators can refuse what they do not understand instead of misreading it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any
 
 import tenseal as ts
 from numpy.typing import NDArray
 
-from fedhe.errors import InvalidRequest
+from fedhe.errors import InvalidRequest, InvalidUpdate
 
 if TYPE_CHECKING:
     from fedhe.he.packing import PackingSettings
@@ -65,6 +65,16 @@ class UpdateCodec(abc.ABC):
         A round is summed chunk index by chunk index, in the memory of one chunk. The first bad
         chunk raises ``InvalidUpdate`` (detail: ``chunk`` and ``update``, its position).
         """
+
+    @staticmethod
+    def check_count(chunks: Sized, expected_chunks: int) -> None:
+        """Raise ``InvalidUpdate`` unless there are exactly ``expected_chunks`` chunks (or chunk sizes)."""
+        if len(chunks) != expected_chunks:
+            raise InvalidUpdate(
+                f"expected {expected_chunks} ciphertext chunks, got {len(chunks)}",
+                code="wrong_chunk_count",
+                detail={"expected": expected_chunks, "received": len(chunks)},
+            )
 
     def close(self) -> None:  # noqa: B027 (optional hook; most codecs hold nothing to release)
         """Release worker processes or other resources the codec holds."""

@@ -1,8 +1,9 @@
 """What every SEAL-backed codec shares: chunk checks, sums, exact rollback, parallel encryption.
 
-A concrete codec says how to encrypt a block of values (``_encrypt_block``), how to load and
-check one chunk (``load_chunk``), how to serialise a ciphertext (``serialise``) and how many
-values a chunk holds; this base does the rest the same way for all of them.
+A concrete codec says how to encrypt a block of values (``_encrypt_block``), how to read a
+chunk's wire form (``_deserialise``) and what form its ciphertexts must have (``_has_format``),
+how to serialise a ciphertext (``serialise``) and how many values a chunk holds; this base
+does the rest the same way for all of them.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class SealCodec(UpdateCodec):
     """
 
     evaluator: seal.Evaluator
+    # What ``_has_format`` checks, as the error naming a chunk that fails it says.
+    _format_checks: str
 
     def __init__(self, context: ts.Context, workers: int, options: str | None = None):
         self._tenseal_context = context
@@ -102,12 +105,34 @@ class SealCodec(UpdateCodec):
         """Encrypt finite values in this process."""
 
     @abc.abstractmethod
-    def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
-        """Deserialise chunk ``index`` and check it is a ciphertext of this format; ``InvalidUpdate`` if not."""
+    def _deserialise(self, data: bytes) -> seal.Ciphertext:
+        """The ciphertext of a chunk's wire form; ``RuntimeError`` or ``ValueError`` if it is not one."""
+
+    @abc.abstractmethod
+    def _has_format(self, ciphertext: seal.Ciphertext) -> bool:
+        """Whether a loaded ciphertext has the level, size and form this format sends."""
 
     @abc.abstractmethod
     def serialise(self, ciphertext: seal.Ciphertext) -> bytes:
         """The wire form of a (summed) ciphertext."""
+
+    def load_chunk(self, index: int, data: bytes) -> seal.Ciphertext:
+        """Deserialise chunk ``index`` and check it is a ciphertext of this format; ``InvalidUpdate`` if not."""
+        try:
+            ciphertext = self._deserialise(data)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidUpdate(
+                f"chunk {index} is not a valid ciphertext for this context",
+                code="invalid_ciphertext",
+                detail={"chunk": index},
+            ) from exc
+        if not self._has_format(ciphertext):
+            raise InvalidUpdate(
+                f"chunk {index} does not have this format's {self._format_checks}",
+                code="invalid_ciphertext",
+                detail={"chunk": index},
+            )
+        return ciphertext
 
     def _parallel_allowed(self) -> bool:
         """Whether this codec may hand encryption to worker processes."""
@@ -152,16 +177,6 @@ class SealCodec(UpdateCodec):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-
-    @staticmethod
-    def check_count(chunks: Sequence[bytes], expected_chunks: int) -> None:
-        """Raise ``InvalidUpdate`` unless there are exactly ``expected_chunks`` chunks."""
-        if len(chunks) != expected_chunks:
-            raise InvalidUpdate(
-                f"expected {expected_chunks} ciphertext chunks, got {len(chunks)}",
-                code="wrong_chunk_count",
-                detail={"expected": expected_chunks, "received": len(chunks)},
-            )
 
     def parse(self, chunks: Sequence[bytes], expected_chunks: int) -> list[seal.Ciphertext]:
         """Deserialise and check every chunk; raise ``InvalidUpdate`` on the first bad one."""

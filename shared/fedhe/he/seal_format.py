@@ -52,12 +52,29 @@ def _header(total_size: int) -> bytes:
     return _HEADER.pack(SEAL_MAGIC, _HEADER.size, major, minor, COMPR_NONE, 0, total_size)
 
 
+# A plaintext's members: parms_id (32 bytes), coeff_count (u64) and scale (f64), then its array.
+_PLAINTEXT_ARRAY_OFFSET = 32 + 16
+
+
 def plaintext_bytes(coefficients: NDArray[np.uint64]) -> bytes:
     """SEAL's serialisation of a (non-NTT, BFV) plaintext with these coefficients."""
     words = np.ascontiguousarray(coefficients, dtype="<u8").tobytes()
     array = _header(_HEADER.size + 8 + len(words)) + struct.pack("<Q", coefficients.size) + words
     members = bytes(32) + struct.pack("<Qd", coefficients.size, 0.0) + array
     return _header(_HEADER.size + len(members)) + members
+
+
+def plaintext_coefficients(data: bytes) -> NDArray[np.uint64]:
+    """The coefficients of a plaintext from SEAL's uncompressed serialisation (the inverse of
+    ``plaintext_bytes``): TenSEAL's bindings read a plaintext only one coefficient per call."""
+    members = _members(data)
+    if members is None or len(members) < _PLAINTEXT_ARRAY_OFFSET + _HEADER.size + 8:
+        raise ValueError("not an uncompressed SEAL plaintext")
+    array = members[_PLAINTEXT_ARRAY_OFFSET:]
+    (count,) = struct.unpack_from("<Q", array, _HEADER.size)
+    if len(array) != _HEADER.size + 8 + 8 * count:
+        raise ValueError("SEAL plaintext of the wrong length")
+    return np.frombuffer(array, dtype="<u8", count=count, offset=_HEADER.size + 8).astype(np.uint64)
 
 
 def _members(data: bytes) -> bytes | None:
