@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from fedhe.schemas import FederationPublic, MemberPublic, MemberStatus
@@ -26,27 +27,68 @@ class MembershipSource(Protocol):
         ...
 
 
+class _Fetch:
+    """One keyserver call for a federation's members, which concurrent lookups wait for."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._active: dict[str, str] = {}
+        self._error: BaseException | None = None
+
+    def finish(self, active: dict[str, str]) -> None:
+        self._active = active
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self) -> dict[str, str]:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._active
+
+
 class FederationMembers:
     """Active members and their pinned keys per federation, cached for ``ttl_s`` seconds."""
 
-    def __init__(self, source: MembershipSource, ttl_s: float):
+    def __init__(self, source: MembershipSource, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         self._source = source
         self._ttl_s = ttl_s
+        self._clock = clock
         self._cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self._fetches: dict[str, _Fetch] = {}
         self._names: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def _active(self, federation_id: str) -> dict[str, str]:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             cached = self._cache.get(federation_id)
-        if cached is not None and now - cached[0] < self._ttl_s:
-            return cached[1]
-        active = {
-            m.site_id: m.public_key for m in self._source.members(federation_id) if m.status == MemberStatus.ACTIVE
-        }
+            if cached is not None and now - cached[0] < self._ttl_s:
+                return cached[1]
+            fetch = self._fetches.get(federation_id)
+            leads = fetch is None
+            if fetch is None:
+                fetch = self._fetches[federation_id] = _Fetch()
+        if not leads:
+            # Hundreds of uploads can find the cache expired at once; they share one keyserver call.
+            return fetch.wait()
+        try:
+            active = {
+                m.site_id: m.public_key for m in self._source.members(federation_id) if m.status == MemberStatus.ACTIVE
+            }
+        except BaseException as exc:
+            with self._lock:
+                del self._fetches[federation_id]
+            # The waiters get the same error: a keyserver that is down is not asked once per waiter in turn.
+            fetch.fail(exc)
+            raise
         with self._lock:
             self._cache[federation_id] = (now, active)
+            del self._fetches[federation_id]
+        fetch.finish(active)
         return active
 
     def active(self, federation_id: str) -> dict[str, str]:

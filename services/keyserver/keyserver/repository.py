@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from fedhe.db import AuditingRepository
@@ -67,10 +67,27 @@ class KeyserverRepository(AuditingRepository):
         """A site's membership in a federation, if any."""
         return self.session.get(MemberRow, (federation_id, site_id))
 
-    def members(self, federation_id: str) -> list[MemberRow]:
-        """A federation's memberships, oldest first."""
-        query = select(MemberRow).where(MemberRow.federation_id == federation_id).order_by(MemberRow.proposed_at)
-        return list(self.session.scalars(query))
+    def members_with_endorsers(self, federation_id: str) -> list[tuple[MemberRow, list[str]]]:
+        """A federation's memberships, oldest first, each with the endorsers of its pinned key, oldest first."""
+        query = (
+            select(MemberRow, EndorsementRow.endorser_site_id)
+            .outerjoin(
+                EndorsementRow,
+                and_(
+                    EndorsementRow.federation_id == MemberRow.federation_id,
+                    EndorsementRow.site_id == MemberRow.site_id,
+                    EndorsementRow.public_key == MemberRow.public_key,
+                ),
+            )
+            .where(MemberRow.federation_id == federation_id)
+            .order_by(MemberRow.proposed_at, MemberRow.site_id, EndorsementRow.at)
+        )
+        members: dict[str, tuple[MemberRow, list[str]]] = {}
+        for member, endorser in self.session.execute(query):
+            _, endorsers = members.setdefault(member.site_id, (member, []))
+            if endorser is not None:
+                endorsers.append(endorser)
+        return list(members.values())
 
     def count_active_members(self, federation_id: str) -> int:
         """How many members of a federation are active."""

@@ -42,7 +42,7 @@ def _context_info(row: ContextRow) -> ContextInfo:
     )
 
 
-def _member_public(repo: KeyserverRepository, row: MemberRow) -> MemberPublic:
+def _member_public(row: MemberRow, endorsed_by: list[str]) -> MemberPublic:
     return MemberPublic(
         federation_id=row.federation_id,
         site_id=row.site_id,
@@ -52,8 +52,13 @@ def _member_public(repo: KeyserverRepository, row: MemberRow) -> MemberPublic:
         proposed_at=row.proposed_at,
         admitted_at=row.admitted_at,
         revoked_at=row.revoked_at,
-        endorsed_by=[e.endorser_site_id for e in repo.endorsements(row.federation_id, row.site_id, row.public_key)],
+        endorsed_by=endorsed_by,
     )
+
+
+def _one_member_public(repo: KeyserverRepository, row: MemberRow) -> MemberPublic:
+    endorsements = repo.endorsements(row.federation_id, row.site_id, row.public_key)
+    return _member_public(row, [e.endorser_site_id for e in endorsements])
 
 
 class KeyService:
@@ -218,7 +223,7 @@ class KeyService:
                 subject=f"{federation_id}/{request.site_id}",
                 detail={"public_key": request.public_key, "policy": "admin" if admitted else "endorsements"},
             )
-            return _member_public(repo, member)
+            return _one_member_public(repo, member)
 
     def endorse(self, federation_id: str, candidate: str, request: EndorsementCreate) -> MemberPublic:
         """Record an active member's signature over a proposed member's pinned key; admit at k."""
@@ -263,7 +268,7 @@ class KeyService:
                     subject=f"{federation_id}/{candidate}",
                     detail={"public_key": member.public_key, "policy": "endorsements", "endorsements": count},
                 )
-            return _member_public(repo, member)
+            return _one_member_public(repo, member)
 
     def revoke_member(self, federation_id: str, site_id: str, *, actor: str) -> MemberPublic:
         """Revoke a membership: the site gets no key of this federation from now on."""
@@ -277,14 +282,14 @@ class KeyService:
             member.status = MemberStatus.REVOKED.value
             member.revoked_at = utcnow()
             repo.audit(actor=actor, action="member.revoke", subject=f"{federation_id}/{site_id}")
-            return _member_public(repo, member)
+            return _one_member_public(repo, member)
 
     def members(self, federation_id: str) -> list[MemberPublic]:
         """A federation's members in every state."""
         with self._sessions.transaction() as session:
             repo = KeyserverRepository(session)
             repo.federation(federation_id)
-            return [_member_public(repo, row) for row in repo.members(federation_id)]
+            return [_member_public(row, endorsed_by) for row, endorsed_by in repo.members_with_endorsers(federation_id)]
 
     # ---- key release ------------------------------------------------------------------------
 
