@@ -7,9 +7,10 @@ operating system's CSPRNG: 192 bits for the noise generator's state (three 64-bi
 or sent, and their holder prints no value (``repr`` is the object's address).
 
 Tests need the same noise twice, so ``FEDHE_INSECURE_DP_SEED=test-only:<int>`` derives both
-from that integer, the way ``FEDHE_INSECURE_PLAINTEXT_CODEC=benchmark-only`` unlocks the
-plaintext codec: no deployment sets it, and any other value is refused (a typo must not
-silently fall back to either behaviour).
+from that integer and the run's name (its site, job and round, so runs stay independent), the
+way ``FEDHE_INSECURE_PLAINTEXT_CODEC=benchmark-only`` unlocks the plaintext codec: no
+deployment sets it, and any other value is refused (a typo must not silently fall back to
+either behaviour).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ class RunSecrets:
     reproducible: bool
 
 
-def _from_test_seed(seed: int) -> RunSecrets:
+def _from_test_seed(seed: int, stream: str) -> RunSecrets:
     def words(purpose: bytes, count: int) -> list[int]:
-        digest = hashlib.sha256(purpose + seed.to_bytes(16, "big")).digest()
+        digest = hashlib.sha256(purpose + seed.to_bytes(16, "big") + stream.encode()).digest()
         return [int.from_bytes(digest[8 * i : 8 * i + 8], "big") for i in range(count)]
 
     noise = words(b"fedhe-dp-noise", 3)
@@ -49,8 +50,14 @@ def _from_test_seed(seed: int) -> RunSecrets:
     return RunSecrets((noise[0], noise[1], noise[2]), (sampling[0] << 64) | sampling[1], reproducible=True)
 
 
-def draw_run_secrets() -> RunSecrets:
-    """Fresh OS entropy for one training run, or the test seed when the switch says so."""
+def draw_run_secrets(test_stream: str = "") -> RunSecrets:
+    """Fresh OS entropy for one training run, or the test seed when the switch says so.
+
+    ``test_stream`` names the run under the test switch only (a site, job and round): each
+    stream gets its own reproducible noise, as independent runs would in a deployment. Without
+    it every run of a test would draw the same noise, perfectly correlated across sites and
+    rounds, which no real federation sees. Without the switch it is ignored.
+    """
     value = os.environ.get(SWITCH)
     if value is None:
         state = tuple(int.from_bytes(os.urandom(8), "big") for _ in range(3))
@@ -62,7 +69,7 @@ def draw_run_secrets() -> RunSecrets:
             code="insecure_dp_seed_refused",
         )
     _warn_reproducible()
-    return _from_test_seed(int(match.group(1)))
+    return _from_test_seed(int(match.group(1)), test_stream)
 
 
 @functools.cache

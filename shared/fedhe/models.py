@@ -52,15 +52,20 @@ def _custom(spec: ModelSpec, custom_modules: Collection[str]) -> tf.keras.Model:
     assert spec.import_path is not None
     module_name, function_name = spec.import_path.split(":")
     if not any(module_name == allowed or module_name.startswith(allowed + ".") for allowed in custom_modules):
+        # The message reaches the coordinator in the site's decline: it names the job's module,
+        # never the site's own list.
         raise PermissionDenied(
-            f"this site does not allow custom models from {module_name!r} "
-            f"(allowed: {', '.join(custom_modules) or 'none'})",
-            code="custom_model_not_allowed",
+            f"this site does not allow custom models from {module_name!r}", code="custom_model_not_allowed"
         )
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
         raise InvalidRequest(f"cannot import custom model {spec.import_path}: {exc}") from exc
+    # Only a public function the allowed module defines itself, not one it merely imports.
+    if function_name.startswith("_") or getattr(function, "__module__", None) != module_name:
+        raise PermissionDenied(
+            f"{spec.import_path} is not a public function defined in {module_name!r}", code="custom_model_not_allowed"
+        )
     model = function(input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.options)
     if not isinstance(model, tf.keras.Model):
         raise InvalidRequest(f"{spec.import_path} returned {type(model).__name__}, not a Keras model")

@@ -10,10 +10,11 @@ import pytest
 
 from client_agent.agent import DATA_PROBLEM_NOTICE
 from fedhe.api_client import AggregatorClient
+from fedhe.cli.operator import with_fingerprint
 from fedhe.datasets import load_bundled, save_csv, split
 from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict
-from fedhe.local_cluster import ProvisionedSite, provision_site, start_agent
+from fedhe.local_cluster import ProvisionedSite
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import (
     AgentState,
@@ -26,34 +27,11 @@ from fedhe.schemas import (
     RoundState,
 )
 from tests.conftest import Cluster
-from tests.integration.faults_support import MODEL, WEIGHT_SCALE, UploadingSite
-from tests.integration.helpers import site_codec
+from tests.integration.faults_support import MODEL, UploadingSite, uploading_federation
 
 
 def _federation_job(cluster: Cluster, tmp_path: Path, sites: int, **job: object) -> tuple[str, list[UploadingSite]]:
-    with cluster.keyserver_admin() as keyserver:
-        federation = keyserver.create_federation(FederationCreate(name="reports"))
-    spec = {
-        "name": "reports",
-        "key_id": federation.key_id,
-        "model": MODEL.model_dump(),
-        "max_samples_per_round": WEIGHT_SCALE,
-    }
-    with cluster.aggregator_admin() as operator:
-        job_id = operator.create_job(JobCreate.model_validate(spec | job)).id
-    uploading = []
-    for index in range(sites):
-        site = provision_site(
-            aggregator_url=cluster.aggregator_url,
-            keyserver_url=cluster.keyserver_url,
-            secrets=cluster.secrets,
-            directory=tmp_path,
-            name=f"r{index}",
-            federation_id=federation.id,
-        )
-        codec = site_codec(cluster.keyserver_url, cluster.secrets, site, federation.key_id)
-        uploading.append(UploadingSite(site, codec, federation.key_id, cluster.secrets.tls))
-    return job_id, uploading
+    return uploading_federation(cluster.secrets, cluster.keyserver_url, cluster.aggregator_url, tmp_path, sites, **job)
 
 
 def _as_site(cluster: Cluster, site: ProvisionedSite) -> AggregatorClient:
@@ -140,18 +118,32 @@ def _agent_job(cluster: Cluster, tmp_path: Path, num_sites: int) -> tuple[str, l
     )
     with cluster.aggregator_admin() as operator:
         job_id = operator.create_job(request).id
-    sites = [
-        provision_site(
-            aggregator_url=cluster.aggregator_url,
-            keyserver_url=cluster.keyserver_url,
-            secrets=cluster.secrets,
-            directory=tmp_path,
-            name=f"exit{index}",
-            federation_id=federation.id,
-        )
-        for index in range(num_sites)
-    ]
+    sites = [cluster.provision_site(tmp_path, f"exit{index}", federation.id) for index in range(num_sites)]
     return job_id, sites
+
+
+def _run_agents_once(
+    cluster: Cluster, tmp_path: Path, job_id: str, agents: list[tuple[ProvisionedSite, str, Path, dict[str, str], int]]
+) -> None:
+    """Run each (site, name, data, env, expected exit status) agent with --once until it exits."""
+    started = [
+        cluster.start_agent(
+            site,
+            name,
+            data_path=data,
+            state_dir=tmp_path / name / "state",
+            job_id=job_id,
+            log_dir=tmp_path / "logs",
+            extra_env=env,
+        )
+        for site, name, data, env, _ in agents
+    ]
+    try:
+        codes = [agent.process.wait(timeout=240) for agent in started]
+    finally:
+        for agent in started:
+            agent.stop()
+    assert codes == [expected for *_, expected in agents], [agent.tail() for agent in started]
 
 
 def test_agent_once_exits_non_zero_and_says_why_when_it_cannot_take_part(cluster: Cluster, tmp_path: Path) -> None:
@@ -160,30 +152,13 @@ def test_agent_once_exits_non_zero_and_says_why_when_it_cannot_take_part(cluster
     save_csv(pool, tmp_path / "good.csv")
     (tmp_path / "broken.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     (tmp_path / "policy.json").write_text(json.dumps({"max_epsilon": 0.05}), encoding="utf-8")
-    agents = [
-        start_agent(
-            site=site,
-            name=name,
-            aggregator_url=cluster.aggregator_url,
-            keyserver_url=cluster.keyserver_url,
-            secrets=cluster.secrets,
-            data_path=data,
-            state_dir=tmp_path / name / "state",
-            job_id=job_id,
-            log_dir=tmp_path / "logs",
-            extra_env=env,
-        )
-        for site, name, data, env in (
-            (spent, "spent", tmp_path / "good.csv", {"FEDHE_AGENT_POLICY_FILE": str(tmp_path / "policy.json")}),
-            (broken, "broken", tmp_path / "broken.csv", {}),
-        )
-    ]
-    try:
-        codes = [agent.process.wait(timeout=240) for agent in agents]
-    finally:
-        for agent in agents:
-            agent.stop()
-    assert codes == [10, 12], [agent.tail() for agent in agents]
+    policy = {"FEDHE_AGENT_POLICY_FILE": str(tmp_path / "policy.json")}
+    _run_agents_once(
+        cluster,
+        tmp_path,
+        job_id,
+        [(spent, "spent", tmp_path / "good.csv", policy, 10), (broken, "broken", tmp_path / "broken.csv", {}, 12)],
+    )
     with cluster.aggregator_admin() as operator:
         round_ = operator.round(job_id, 0)
         sites = {site.id: site for site in operator.sites()}
@@ -202,3 +177,41 @@ def test_agent_once_exits_non_zero_and_says_why_when_it_cannot_take_part(cluster
     assert spent_agent.state == AgentState.DECLINED
     assert "limit 0.05" in spent_agent.message
     assert not (tmp_path / "spent" / "state" / "privacy-ledger.json").exists(), "budget spent on a declined round"
+
+
+def test_a_custom_model_trains_only_at_sites_that_allow_its_module(cluster: Cluster, tmp_path: Path) -> None:
+    """Importing a job's custom model runs code at the site: only modules its admin names may."""
+    module = "tests.unit.custom_models"
+    with cluster.keyserver_admin() as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="custom-model"))
+    model = ModelSpec(architecture="custom", import_path=f"{module}:tiny", input_shape=(30,), num_classes=2)
+    request = JobCreate(
+        name="custom-model",
+        key_id=federation.key_id,
+        model=model,
+        rounds=1,
+        min_sites=1,
+        round_deadline_s=3600,
+        batch_size=16,
+        max_samples_per_round=10_000,
+    )
+    with cluster.aggregator_admin() as operator:
+        job_id = operator.create_job(with_fingerprint(request, [module])).id
+    allowing, refusing = (cluster.provision_site(tmp_path, name, federation.id) for name in ("allowing", "refusing"))
+    pool, _ = split(load_bundled("breast_cancer"), 0.5, seed=1)
+    save_csv(pool, tmp_path / "data.csv")
+    allowed = {"FEDHE_AGENT_CUSTOM_MODULES": json.dumps([module])}
+    _run_agents_once(
+        cluster,
+        tmp_path,
+        job_id,
+        [
+            (allowing, "allowing", tmp_path / "data.csv", allowed, 0),
+            (refusing, "refusing", tmp_path / "data.csv", {}, 11),
+        ],
+    )
+    with cluster.aggregator_admin() as operator:
+        round_ = operator.round(job_id, 0)
+    assert [s.site_id for s in round_.submissions] == [allowing.site_id]
+    assert [(d.site_id, d.reason) for d in round_.declines] == [(refusing.site_id, DeclineReason.REFUSED)]
+    assert "custom_model_not_allowed" in (tmp_path / "logs" / "refusing.log").read_text(encoding="utf-8")

@@ -18,6 +18,7 @@ import pytest
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.cli import main
 from fedhe.cli import operator as cli_operator
+from fedhe.errors import Conflict, InvalidRequest, UpstreamUnavailable
 from fedhe.he import CkksParameters
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import (
@@ -161,6 +162,39 @@ def test_field_prints_one_value_and_an_unknown_field_is_an_error(
     assert "unknown_field" in capsys.readouterr().err
 
 
+def _invalid_federation(_: httpx.Request) -> FederationPublic:
+    return FederationPublic.model_validate({})
+
+
+def _raise(error: Exception) -> Callable[[httpx.Request], Any]:
+    def answer(_: httpx.Request) -> Any:
+        raise error
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "exit_code", "said"),
+    [
+        (_raise(InvalidRequest("no such field", code="unknown_field")), 2, "fedhe: unknown_field: no such field\n"),
+        (_raise(UpstreamUnavailable("keyserver down")), 3, "fedhe: upstream_unavailable: keyserver down\n"),
+        (_raise(Conflict("stale key")), 1, "fedhe: conflict: stale key\n"),
+        (_raise(OSError("disk full")), 2, "fedhe: disk full\n"),
+        (_invalid_federation, 2, "fedhe: invalid input: "),
+    ],
+)
+def test_a_failed_command_says_why_in_one_line_and_exits_with_the_code_of_its_kind(
+    services: Callable[..., Services],
+    capsys: pytest.CaptureFixture[str],
+    answer: Callable[[httpx.Request], Any],
+    exit_code: int,
+    said: str,
+) -> None:
+    services({("GET", f"/v1/federations/{FED_ID}"): answer})
+    assert main(["federation", "show", FED_ID]) == exit_code
+    assert capsys.readouterr().err.startswith(said)
+
+
 def test_service_urls_default_to_the_environment(
     services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -198,16 +232,17 @@ def test_a_new_token_goes_to_its_file_and_quiet_needs_one(
 def test_verify_exits_1_when_the_stored_sum_differs(
     services: Callable[..., Services], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    verdicts = iter([True, False])
+    verdicts = iter([(True, True), (True, False), (False, True)])
 
     def verify(request: httpx.Request) -> RoundVerification:
-        matches = next(verdicts)
-        return RoundVerification(job_id=JOB_ID, number=1, submissions=3, counters_match=True, sum_matches=matches)
+        counters, matches = next(verdicts)
+        return RoundVerification(job_id=JOB_ID, number=1, submissions=3, counters_match=counters, sum_matches=matches)
 
     services({("GET", f"/v1/jobs/{JOB_ID}/rounds/1/verify"): verify})
     assert main(["job", "verify", JOB_ID, "--round", "1", "--field", "sum_matches"]) == 0
     assert capsys.readouterr().out == "true\n"
-    assert main(["job", "verify", JOB_ID, "--round", "1"]) == 1
+    assert main(["job", "verify", JOB_ID, "--round", "1"]) == 1  # the sum differs
+    assert main(["job", "verify", JOB_ID, "--round", "1"]) == 1  # the counters differ
     assert main(["job", "verify", JOB_ID]) == 2  # --round is required
 
 

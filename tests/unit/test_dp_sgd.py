@@ -300,3 +300,12 @@ def test_local_momentum_accumulates_the_noisy_step() -> None:
         np.testing.assert_allclose(after - start, expected, atol=1e-6)
     with pytest.raises(InvalidRequest, match="momentum"):
         DPSGDRun(_mlp(), dp=DPParameters(1.0, 1.0), batch_size=4, num_examples=10, learning_rate=0.1, momentum=1.0)
+
+
+def test_the_test_seed_gives_each_named_run_its_own_stream(test_seed: None) -> None:
+    """Sites and rounds of a seeded test draw independent noise, as a deployment's runs do:
+    one shared stream would make every site's noise identical and never average out."""
+    site_a, again, site_b = (draw_run_secrets(stream) for stream in ("site0/round0", "site0/round0", "site1/round0"))
+    assert (site_a.noise_state, site_a.sampling_seed) == (again.noise_state, again.sampling_seed)
+    assert site_a.noise_state != site_b.noise_state
+    assert site_a.sampling_seed != site_b.sampling_seed

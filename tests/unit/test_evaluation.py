@@ -13,13 +13,13 @@ from fedhe.site_metrics import combine_metrics
 
 
 def test_binary_metrics_match_their_definitions() -> None:
-    labels = np.array([0, 0, 1, 1, 1])
-    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.5], [0.0, 0.2]])
+    labels = np.array([0, 0, 0, 1, 1])
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 1.5], [0.0, 0.2]])  # predicts 0, 1, 1, 1, 1
     m = metrics_from_logits(labels, logits)
     assert m["accuracy"] == pytest.approx(3 / 5)
-    # class 0: precision 1/2, recall 1/2; class 1: precision 2/3, recall 2/3
-    assert m["precision"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    assert m["recall"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # class 0: precision 1, recall 1/3, F1 1/2; class 1: precision 1/2, recall 1, F1 2/3 (macro averages)
+    assert m["precision"] == pytest.approx((1 + 1 / 2) / 2)
+    assert m["recall"] == pytest.approx((1 / 3 + 1) / 2)
     assert m["f1"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     p1 = np.exp(logits[:, 1]) / np.exp(logits).sum(axis=1)
     assert m["roc_auc"] == pytest.approx(roc_auc_score(labels, p1))

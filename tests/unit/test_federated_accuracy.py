@@ -2,7 +2,8 @@
 
 Seeds: partitions and splits use seed 0; DP noise and sampling use the test-only switch
 (``FEDHE_INSECURE_DP_SEED=test-only:1``); the non-private baseline seeds Keras with 0.
-Averaging is plaintext (the encrypted sum differs by ~1e-8, tested with the codecs).
+Averaging is plaintext (the packed codec's sum differs by at most its stated bound, about
+8e-6 × R with 100 sites, tested with the codecs).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from client_agent.evaluation import evaluate
-from client_agent.simulation import FederatedSettings, run_federation, with_pooled_normalisation
+from client_agent.simulation import FederatedSettings, centralised_accuracy, run_federation, with_pooled_normalisation
 from fedhe.datasets import (
     Dataset,
     digits_as_images,
@@ -27,7 +27,7 @@ from fedhe.datasets import (
     write_image_folder,
 )
 from fedhe.dp_randomness import SWITCH
-from fedhe.models import build_model, initial_weights
+from fedhe.models import initial_weights
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 
@@ -37,19 +37,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(autouse=True)
 def _test_seed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SWITCH, "test-only:1")
-
-
-def _baseline(spec: ModelSpec, train: Dataset, test: Dataset, *, epochs: int, learning_rate: float) -> float:
-    """Centralised, non-private: the same architecture trained with Adam on the pooled data."""
-    tf.keras.utils.set_random_seed(0)
-    model = build_model(spec)
-    model.compile(
-        optimizer=tf.keras.optimizers.Adam(learning_rate),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    model.fit(train.x, train.y, epochs=epochs, batch_size=32, verbose=0)
-    predicted = model.predict(test.x, verbose=0).argmax(axis=1)
-    return float((predicted == test.y).mean())
 
 
 def _federated_accuracy(
@@ -68,22 +55,24 @@ def test_breast_cancer_three_non_iid_sites_within_5_points_at_epsilon_3() -> Non
         rounds=3, local_epochs=2, batch_size=32, learning_rate=1.0, dp=DPSettings(noise_multiplier=2.5, delta=1e-5)
     )
     accuracy, epsilons, normalised = _federated_accuracy(spec, sites, test, settings)
-    baseline = _baseline(normalised, pool, test, epochs=100, learning_rate=0.01)
+    baseline = centralised_accuracy(normalised, pool, test, epochs=100, learning_rate=0.01)
     assert max(epsilons) <= 3.0
     assert accuracy >= baseline - 0.05, (accuracy, baseline)
 
 
-# Sites of ~290 rows and 10 classes: at ε ≈ 3 per site logistic regression reaches ~50% (see
-# bench/results/dp_accuracy.md); within 10 points of the baseline takes ε ≈ 16.
+# Sites of ~290 rows and 10 classes: logistic regression at ε ≈ 3 per site comes within 10
+# points; the small CNN with FedAvg needs ε ≈ 16 for that (bench/results/dp_accuracy.md).
 DIGITS_DP = FederatedSettings(
     rounds=5,
     local_epochs=3,
     batch_size=96,
     learning_rate=0.5,
     local_momentum=0.9,
-    dp=DPSettings(noise_multiplier=1.0, delta=1e-5),
+    dp=DPSettings(noise_multiplier=3.3, delta=1e-5),
 )
-DIGITS_EPSILON = 16.1
+DIGITS_EPSILON = 3.1
+CNN_DP = replace(DIGITS_DP, learning_rate=1.0, dp=DPSettings(noise_multiplier=1.0, delta=1e-5))
+CNN_EPSILON = 16.1
 
 
 def test_digits_five_sites_within_10_points() -> None:
@@ -91,18 +80,17 @@ def test_digits_five_sites_within_10_points() -> None:
     sites = [pool.subset(rows) for rows in partition_iid(len(pool), 5, seed=0)]
     spec = ModelSpec(architecture="logistic", input_shape=(64,), num_classes=10)
     accuracy, epsilons, normalised = _federated_accuracy(spec, sites, test, DIGITS_DP)
-    baseline = _baseline(normalised, pool, test, epochs=60, learning_rate=0.01)
+    baseline = centralised_accuracy(normalised, pool, test, epochs=60, learning_rate=0.01)
     assert max(epsilons) <= DIGITS_EPSILON
     assert accuracy >= baseline - 0.10, (accuracy, baseline)
 
 
 def test_digits_image_folders_with_the_small_cnn(tmp_path: Path) -> None:
-    """Image folders end to end; the CNN falls short of the 10-point target under DP.
+    """Image folders end to end: the CNN from PNG folders, FedAvg, within 10 points of the baseline.
 
-    Non-private federated training of the CNN from the PNG folders is within 2 points of the
-    baseline. With DP at ε ≈ 16 per site it reaches ~81% (~17 points below): per-example
-    clipping on sites this small costs the CNN far more than logistic regression (even at
-    σ = 0.3, ε ≈ 155, it stays near 87%). The assertion states what is achieved.
+    Non-private federated training is within 2 points. Under DP the CNN on sites of ~290 images
+    needs ε ≈ 16 per site to come within 10 points with FedAvg; FedProx (μ = 0.1) stays 13–15
+    points below there (bench/results/dp_accuracy.md).
     """
     images = digits_as_images()
     names = [str(d) for d in range(10)]
@@ -114,9 +102,9 @@ def test_digits_image_folders_with_the_small_cnn(tmp_path: Path) -> None:
         sites.append(load_dataset(str(tmp_path / f"site{index}"), schema=spec.data_schema()))
     assert sum(len(s) for s in sites) == len(pool)
     np.testing.assert_array_equal(np.sort(np.concatenate([s.y for s in sites])), np.sort(pool.y))
-    private, epsilons, normalised = _federated_accuracy(spec, sites, test, DIGITS_DP)
+    private, epsilons, normalised = _federated_accuracy(spec, sites, test, CNN_DP)
     plain, _, _ = _federated_accuracy(spec, sites, test, replace(DIGITS_DP, dp=None))
-    baseline = _baseline(normalised, pool, test, epochs=30, learning_rate=0.003)
-    assert max(epsilons) <= DIGITS_EPSILON
+    baseline = centralised_accuracy(normalised, pool, test, epochs=30, learning_rate=0.003)
+    assert max(epsilons) <= CNN_EPSILON
     assert plain >= baseline - 0.02, (plain, baseline)
-    assert private >= baseline - 0.20, (private, baseline)
+    assert private >= baseline - 0.10, (private, baseline)

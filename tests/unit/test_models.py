@@ -163,6 +163,9 @@ def test_custom_models_come_only_from_modules_the_site_allows() -> None:
         build_model(_spec("custom", import_path=f"{CUSTOM}:not_a_model", options={}), custom_modules=[CUSTOM])
     with pytest.raises(InvalidRequest, match="cannot import custom model"):
         build_model(_spec("custom", import_path=f"{CUSTOM}:missing"), custom_modules=[CUSTOM])
+    # What an allowed module merely imports (here TensorFlow) is not a model builder a job may call.
+    with pytest.raises(PermissionDenied, match="not a public function defined in"):
+        build_model(_spec("custom", import_path=f"{CUSTOM}:tf", options={}), custom_modules=[CUSTOM])
 
 
 def test_normalisation_is_a_fixed_layer_with_no_weights() -> None:

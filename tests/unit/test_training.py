@@ -9,7 +9,7 @@ import pytest
 from numpy.typing import NDArray
 
 from client_agent.evaluation import evaluate
-from client_agent.training import train_dp_sgd
+from client_agent.training import LocalTraining, train_dp_sgd
 from fedhe.datasets import load_bundled, split
 from fedhe.dp_randomness import SWITCH
 from fedhe.errors import InvalidRequest
@@ -41,7 +41,7 @@ def test_dp_sgd_learns_breast_cancer_and_reports_the_planned_pass(monkeypatch: p
     start = flatten_weights(spec.initial_weights(0))
     before = evaluate(spec, start, test)["accuracy"]
     dp = DPSettings(l2_norm_clip=1.0, noise_multiplier=1.0)
-    result = train_dp_sgd(spec, start, train, dp=dp, epochs=5, batch_size=32, learning_rate=0.5)
+    result = train_dp_sgd(spec, start, train, LocalTraining(epochs=5, batch_size=32, learning_rate=0.5), dp=dp)
     after = evaluate(spec, result.weights, test)["accuracy"]
     assert after > 0.9
     assert after > before
@@ -62,8 +62,6 @@ def test_too_little_data_for_one_batch_is_a_clear_error() -> None:
             spec,
             flatten_weights(spec.initial_weights(0)),
             tiny,
+            LocalTraining(epochs=1, batch_size=16, learning_rate=0.1),
             dp=DPSettings(),
-            epochs=1,
-            batch_size=16,
-            learning_rate=0.1,
         )

@@ -32,6 +32,7 @@ from client_agent.policy import SitePolicy, load_policy
 from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
+from fedhe.cpus import usable_cpus
 from fedhe.datasets import Dataset, load_dataset, split
 from fedhe.environment import current as current_environment
 from fedhe.environment import differences
@@ -128,7 +129,7 @@ class SiteAgent:
         packing = job.round_packing(number)
         key = (job.key_id, job.format_id, packing.model_dump_json() if packing is not None else "")
         if key not in self._codecs:
-            workers = self.settings.encrypt_workers or os.cpu_count() or 1
+            workers = self.settings.encrypt_workers or usable_cpus()
             self._codecs[key] = codec_for(job.format_id, self._secret_context(job.key_id), workers, options=packing)
         return self._codecs[key]
 
@@ -142,7 +143,9 @@ class SiteAgent:
 
     def _chain(self, job: JobPublic) -> GlobalModelChain:
         if job.id not in self._chains:
-            self._chains[job.id] = GlobalModelChain(job, self._state_file(f"{job.id}-global.npz"))
+            self._chains[job.id] = GlobalModelChain(
+                job, self._state_file(f"{job.id}-global.npz"), custom_modules=self.settings.custom_modules
+            )
         return self._chains[job.id]
 
     def _wait(self, failed: bool) -> None:
@@ -286,16 +289,18 @@ class SiteAgent:
 
     def _evaluate(self, job: JobPublic, number: int, chain: GlobalModelChain) -> None:
         """Score round ``number``'s published model on the validation split (and the public test set) and report it."""
-        from client_agent.evaluation import evaluate
+        from client_agent.evaluation import evaluate_model
+        from client_agent.training import load_model
 
         _, validation = self._site_data(job)
-        metrics = evaluate(chain.spec, chain.weights, validation)
+        model = load_model(chain.spec, chain.weights, custom_modules=self.settings.custom_modules)
+        metrics = evaluate_model(model, validation)
         if job.public_test_set is not None:
             public = Dataset(
                 np.asarray(job.public_test_set.x, dtype=np.float64).reshape(-1, *job.model.input_shape),
                 np.asarray(job.public_test_set.y),
             )
-            metrics |= {f"public_{name}": value for name, value in evaluate(chain.spec, chain.weights, public).items()}
+            metrics |= {f"public_{name}": value for name, value in evaluate_model(model, public).items()}
         try:
             self._aggregator.post_evaluation(
                 job.id, number, EvaluationCreate(num_examples=len(validation), metrics=metrics)
@@ -386,7 +391,7 @@ class SiteAgent:
         self, job: JobPublic, current: RoundPublic, chain: GlobalModelChain, outcome: JobOutcome
     ) -> bytes:
         from client_agent.evaluation import evaluate
-        from client_agent.training import train_dp_sgd
+        from client_agent.training import LocalTraining, train_dp_sgd
 
         train, validation = self._site_data(job)
         if len(train) > job.max_samples_per_round:
@@ -409,17 +414,16 @@ class SiteAgent:
                     f"round {job.current_round} would bring ε to {would_be:.2f}, "
                     f"over the site's limit {self._policy.max_epsilon}"
                 )
-        result = train_dp_sgd(
-            chain.spec,
-            chain.weights,
-            train,
-            dp=dp,
+        local_training = LocalTraining(
             epochs=job.local_epochs,
             batch_size=job.batch_size,
             learning_rate=job.learning_rate,
             proximal_mu=job.algorithm.proximal_mu,
             momentum=job.algorithm.local_momentum,
+            custom_modules=self.settings.custom_modules,
+            test_stream=f"{self.settings.site_id}/{job.id}/{job.current_round}/{current.attempt}",
         )
+        result = train_dp_sgd(chain.spec, chain.weights, train, local_training, dp=dp)
         self._ledger.record(
             LedgerEntry(job_id=job.id, round=job.current_round, attempt=current.attempt, training=result.training)
         )
@@ -431,7 +435,7 @@ class SiteAgent:
             round_number=job.current_round,
             privacy=PrivacyReport(epsilon=epsilon, delta=dp.delta, max_epsilon=self._policy.max_epsilon),
         )
-        local = evaluate(chain.spec, result.weights, validation)
+        local = evaluate(chain.spec, result.weights, validation, custom_modules=self.settings.custom_modules)
         update = weighted_update(result.weights, chain.weights, result.num_samples, job.max_samples_per_round)
         packing = job.round_packing(job.current_round)
         started = time.perf_counter()
@@ -467,7 +471,12 @@ class SiteAgent:
             return outcome
         from client_agent.export import export_model
 
-        outcome.exported_model = export_model(chain.spec, chain.weights, self._state_file(f"{job.id}-final.keras"))
+        outcome.exported_model = export_model(
+            chain.spec,
+            chain.weights,
+            self._state_file(f"{job.id}-final.keras"),
+            custom_modules=self.settings.custom_modules,
+        )
         os.chmod(outcome.exported_model, PRIVATE_FILE)
         write_private(self._state_file(f"{job.id}-final-weights.npy"), _npy(chain.weights))
         logger.info("job %s completed; final model saved to %s", job.id, outcome.exported_model)
@@ -485,7 +494,14 @@ class SiteAgent:
         chain = self._chain(job)
         self._catch_up(job, chain)
         _, validation = self._site_data(job)
-        exported = export_all(chain.spec, chain.weights, directory, np.asarray(validation.x[:64]), name=job.id)
+        exported = export_all(
+            chain.spec,
+            chain.weights,
+            directory,
+            np.asarray(validation.x[:64]),
+            name=job.id,
+            custom_modules=self.settings.custom_modules,
+        )
         return [exported.keras, exported.saved_model, exported.tflite_float16, exported.tflite_int8]
 
 

@@ -30,6 +30,7 @@ def _settings(args: argparse.Namespace) -> AgentSettings:
         "label_column": args.label_column,
         "policy_file": args.policy,
         "state_dir": args.state_dir,
+        "custom_modules": args.custom_modules,
         "job_id": getattr(args, "job", None),
         "once": getattr(args, "once", False) or None,
     }
@@ -70,6 +71,12 @@ def _site_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column")
     parser.add_argument("--policy", type=Path, help="site privacy policy (JSON)")
     parser.add_argument("--state-dir", type=Path)
+    parser.add_argument(
+        "--custom-module",
+        dest="custom_modules",
+        action="append",
+        help="a module jobs' custom models may be imported from (repeat for several)",
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -265,6 +265,7 @@ class DPSGDRun:
         learning_rate: float,
         proximal_mu: float = 0.0,
         momentum: float = 0.0,
+        test_stream: str = "",
     ):
         if proximal_mu < 0:
             raise InvalidRequest("proximal_mu must be at least 0")
@@ -272,7 +273,7 @@ class DPSGDRun:
             raise InvalidRequest("momentum must be in [0, 1)")
         self._q = sampling_probability(num_examples, batch_size)
         self._batch_size = batch_size
-        self._secrets: RunSecrets | None = draw_run_secrets()
+        self._secrets: RunSecrets | None = draw_run_secrets(test_stream)
         noise = None
         if dp is not None:
             state = np.array(self._secrets.noise_state, dtype=np.uint64).view(np.int64)

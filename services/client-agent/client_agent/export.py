@@ -75,10 +75,10 @@ def _private(path: Path) -> None:
         path.chmod(0o600)
 
 
-def export_model(spec: ModelSpec, weights: NDArray[Any], path: Path) -> Path:
+def export_model(spec: ModelSpec, weights: NDArray[Any], path: Path, *, custom_modules: Collection[str] = ()) -> Path:
     """Save the model as a Keras file: normalisation inside, softmax output (probabilities)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    probability_model(spec, weights).save(path)
+    probability_model(spec, weights, custom_modules=custom_modules).save(path)
     _private(path)
     return path
 

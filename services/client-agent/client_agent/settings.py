@@ -38,6 +38,9 @@ class AgentSettings(BaseSettings):
     max_backoff_s: float = 30.0
     request_timeout_s: float = 60.0
     encrypt_workers: int = 0  # processes encrypting large updates; 0 means one per CPU core
+    # Modules (and their submodules) a job's ``custom`` model may be imported from. Importing
+    # runs code, so only the site admin names them; a job naming another module is refused.
+    custom_modules: list[str] = []
     log_level: str = "INFO"
 
     def client_tls(self) -> ClientTLS:

@@ -30,6 +30,21 @@ def load_model(spec: ModelSpec, weights: NDArray[Any], *, custom_modules: Collec
 
 
 @dataclass(frozen=True)
+class LocalTraining:
+    """How a site trains in one round: ``proximal_mu`` > 0 is FedProx, ``momentum`` > 0 local
+    heavy-ball momentum (both post-processing of DP-SGD's noisy gradients: no privacy cost).
+    ``test_stream`` names the run for the test-only seed switch (``fedhe.dp_randomness``)."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    proximal_mu: float = 0.0
+    momentum: float = 0.0
+    custom_modules: Collection[str] = ()
+    test_stream: str = ""
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """What one round of local training produced."""
 
@@ -48,31 +63,22 @@ class DPTrainResult(TrainResult):
 
 
 def _train(
-    spec: ModelSpec,
-    weights: NDArray[Any],
-    data: Dataset,
-    *,
-    dp: DPSettings | None,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    proximal_mu: float,
-    momentum: float,
-    custom_modules: Collection[str],
+    spec: ModelSpec, weights: NDArray[Any], data: Dataset, local: LocalTraining, dp: DPSettings | None
 ) -> tuple[TrainResult, float]:
     """The result and q of one local run (DP when ``dp`` is given)."""
     started = time.perf_counter()
-    model = load_model(spec, weights, custom_modules=custom_modules)
+    model = load_model(spec, weights, custom_modules=local.custom_modules)
     run = DPSGDRun(
         model,
         dp=None if dp is None else DPParameters(l2_norm_clip=dp.l2_norm_clip, noise_multiplier=dp.noise_multiplier),
-        batch_size=batch_size,
+        batch_size=local.batch_size,
         num_examples=len(data),
-        learning_rate=learning_rate,
-        proximal_mu=proximal_mu,
-        momentum=momentum,
+        learning_rate=local.learning_rate,
+        proximal_mu=local.proximal_mu,
+        momentum=local.momentum,
+        test_stream=local.test_stream,
     )
-    summary = run.train(np.asarray(data.x, dtype=np.float32), data.y, epochs)
+    summary = run.train(np.asarray(data.x, dtype=np.float32), data.y, local.epochs)
     result = TrainResult(
         weights=flat_weights(model),
         num_samples=len(data),
@@ -84,63 +90,19 @@ def _train(
 
 
 def train_dp_sgd(
-    spec: ModelSpec,
-    weights: NDArray[Any],
-    data: Dataset,
-    *,
-    dp: DPSettings,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    proximal_mu: float = 0.0,
-    momentum: float = 0.0,
-    custom_modules: Collection[str] = (),
+    spec: ModelSpec, weights: NDArray[Any], data: Dataset, local: LocalTraining, *, dp: DPSettings
 ) -> DPTrainResult:
     """One round of local DP-SGD from ``weights`` (``client_agent.dp_sgd``: Poisson batches,
-    per-example clipping, noise from this run's own OS entropy); ``proximal_mu`` > 0 is FedProx,
-    ``momentum`` > 0 local heavy-ball momentum (both post-processing: no privacy cost).
+    per-example clipping, noise from this run's own OS entropy).
 
     ``training`` in the result is exactly what ``fedhe.privacy.local_training_pass`` plans.
     """
-    result, q = _train(
-        spec,
-        weights,
-        data,
-        dp=dp,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        proximal_mu=proximal_mu,
-        momentum=momentum,
-        custom_modules=custom_modules,
-    )
+    result, q = _train(spec, weights, data, local, dp)
     training = TrainingPass(sampling_probability=q, noise_multiplier=dp.noise_multiplier, steps=result.steps)
     return DPTrainResult(**vars(result), training=training)
 
 
-def train_non_private(
-    spec: ModelSpec,
-    weights: NDArray[Any],
-    data: Dataset,
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    proximal_mu: float = 0.0,
-    momentum: float = 0.0,
-    custom_modules: Collection[str] = (),
-) -> TrainResult:
+def train_non_private(spec: ModelSpec, weights: NDArray[Any], data: Dataset, local: LocalTraining) -> TrainResult:
     """The same local training without clipping or noise: for baselines, never for a site's data."""
-    result, _ = _train(
-        spec,
-        weights,
-        data,
-        dp=None,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        proximal_mu=proximal_mu,
-        momentum=momentum,
-        custom_modules=custom_modules,
-    )
+    result, _ = _train(spec, weights, data, local, None)
     return result

@@ -39,24 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failure(exc: FedheError | ValidationError | OSError) -> tuple[str, int]:
+    """What to tell the user about a command that failed, and the exit code that says why."""
+    if isinstance(exc, FedheError):
+        if isinstance(exc, InvalidRequest):
+            code = EXIT_INVALID_INPUT
+        elif isinstance(exc, UpstreamUnavailable):
+            code = EXIT_UNREACHABLE
+        else:
+            code = EXIT_REFUSED
+        return f"{exc.code}: {exc.message}", code
+    if isinstance(exc, ValidationError):
+        return f"invalid input: {exc}", EXIT_INVALID_INPUT
+    return str(exc), EXIT_INVALID_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedhe`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except InvalidRequest as exc:
-        print(f"fedhe: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    except UpstreamUnavailable as exc:
-        print(f"fedhe: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except FedheError as exc:
-        print(f"fedhe: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_REFUSED
-    except ValidationError as exc:
-        print(f"fedhe: invalid input: {exc}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    except OSError as exc:
-        print(f"fedhe: {exc}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+    except (FedheError, ValidationError, OSError) as exc:
+        message, failed = _failure(exc)
+        print(f"fedhe: {message}", file=sys.stderr)
+        return failed
     return EXIT_OK if code is None else int(code)
