@@ -34,15 +34,9 @@ from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.errors import PermissionDenied
 from fedhe.files import write_private_text
 from fedhe.local_cluster import (
-    ClusterSecrets,
     ManagedProcess,
     ProvisionedSite,
     admit_member,
-    free_port,
-    start_agent,
-    start_aggregator,
-    start_keyserver,
-    url,
 )
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
@@ -56,7 +50,7 @@ from fedhe.schemas import (
     SiteStatus,
     TokenCreate,
 )
-from tests.conftest import GENEROUS_LIMITS, Cluster, PostgresDatabases
+from tests.conftest import Cluster, PostgresDatabases, running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
@@ -123,35 +117,8 @@ def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactor
     The dashboard shows everything an aggregator holds; sites and jobs left by other test
     modules would crowd the screenshots and the counts this module checks.
     """
-    workdir = tmp_path_factory.mktemp("dashboard-cluster")
-    secrets = ClusterSecrets.generate(workdir / "secrets")
-    ks_port, ag_port = free_port(), free_port()
-    ks_url, ag_url = url(ks_port), url(ag_port)
-    keyserver = start_keyserver(
-        port=ks_port,
-        database_url=postgres.create("fedhe_keyserver"),
-        secrets=secrets,
-        log_dir=workdir / "logs",
-        extra_env=GENEROUS_LIMITS,
-    )
-    aggregator_db = postgres.create("fedhe_aggregator")
-    try:
-        aggregator = start_aggregator(
-            port=ag_port,
-            database_url=aggregator_db,
-            keyserver_url=ks_url,
-            secrets=secrets,
-            log_dir=workdir / "logs",
-            extra_env=GENEROUS_LIMITS,
-        )
-    except BaseException:
-        keyserver.stop()
-        raise
-    try:
-        yield Cluster(ks_url, ag_url, aggregator_db, secrets, workdir, keyserver, aggregator)
-    finally:
-        aggregator.stop()
-        keyserver.stop()
+    with running_cluster(postgres, tmp_path_factory.mktemp("dashboard-cluster")) as started:
+        yield started
 
 
 def spki_pin(cert_file: Path) -> str:
@@ -285,12 +252,9 @@ class Federation:
         """Start the site's agent with its data and its privacy budget."""
         policy = self.workdir / spec.key / "policy.json"
         policy.write_text(json.dumps({"max_epsilon": spec.max_epsilon}), encoding="utf-8")
-        self.agents[key] = start_agent(
-            site=self.sites[key],
-            name=key,
-            aggregator_url=self.cluster.aggregator_url,
-            keyserver_url=self.cluster.keyserver_url,
-            secrets=self.cluster.secrets,
+        self.agents[key] = self.cluster.start_agent(
+            self.sites[key],
+            key,
             data_path=self.workdir / key / "data.csv",
             state_dir=self.workdir / key / "state",
             job_id=self.job_id,

@@ -86,11 +86,17 @@ function setUpCredentialDialog() {
       $("credential-copied").textContent = "Copy it with Ctrl+C / ⌘C (the clipboard is not available here).";
     }
   });
-  $("credential-done").addEventListener("click", () => dialog.close());
-  dialog.addEventListener("close", () => {
+  // The close event fires a task later, so the button wipes the credential itself before
+  // closing; the event covers closing with Escape.
+  const wipe = () => {
     $("credential-value").value = "";
     $("credential-copied").textContent = "";
+  };
+  $("credential-done").addEventListener("click", () => {
+    wipe();
+    dialog.close();
   });
+  dialog.addEventListener("close", wipe);
 }
 
 // ---- login and logout --------------------------------------------------------------------
