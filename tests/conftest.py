@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,15 +14,18 @@ import pytest
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.he import CkksParameters, KeyMaterial, create_key_material
-from fedhe.local_cluster import ClusterSecrets, ManagedProcess, free_port, start_aggregator, start_keyserver, url
-
-# The suite registers and polls far more than one site would from one address; the rate limits
-# themselves are tested on services of their own (tests/integration/test_limits.py).
-GENEROUS_LIMITS = {
-    f"FEDHE_{service}_{name}": "1000000"
-    for service in ("KEYSERVER", "AGGREGATOR")
-    for name in ("RATE_LIMIT_PER_ADDRESS", "RATE_LIMIT_PER_CREDENTIAL", "AUTH_FAILURES_PER_ADDRESS")
-} | {"FEDHE_AGGREGATOR_REGISTRATIONS_PER_ADDRESS": "1000000", "FEDHE_KEYSERVER_KEY_RELEASES_PER_SITE": "1000000"}
+from fedhe.local_cluster import (
+    UNLIMITED_RATES,
+    ClusterSecrets,
+    ManagedProcess,
+    ProvisionedSite,
+    free_port,
+    provision_site,
+    start_agent,
+    start_aggregator,
+    start_keyserver,
+    url,
+)
 
 POSTGRES_ADMIN_URL = os.environ.get("FEDHE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -78,32 +82,91 @@ class Cluster:
         """A keyserver client holding the keyserver admin's token."""
         return self.secrets.keyserver_admin(self.keyserver_url)
 
+    def start_agent(
+        self,
+        site: ProvisionedSite,
+        name: str,
+        *,
+        data_path: Path,
+        state_dir: Path,
+        job_id: str,
+        log_dir: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> ManagedProcess:
+        """``site``'s agent following ``job_id`` on this cluster, exiting when the job ends."""
+        return start_agent(
+            site=site,
+            name=name,
+            aggregator_url=self.aggregator_url,
+            keyserver_url=self.keyserver_url,
+            secrets=self.secrets,
+            data_path=data_path,
+            state_dir=state_dir,
+            job_id=job_id,
+            log_dir=log_dir,
+            extra_env=extra_env,
+        )
+
+    def provision_site(self, directory: Path, name: str, federation_id: str | None) -> ProvisionedSite:
+        """A site registered and approved here, its files in ``directory``; a member of ``federation_id`` if given."""
+        return provision_site(
+            aggregator_url=self.aggregator_url,
+            keyserver_url=self.keyserver_url,
+            secrets=self.secrets,
+            directory=directory,
+            name=name,
+            federation_id=federation_id,
+        )
+
+
+def start_test_keyserver(
+    postgres: PostgresDatabases, workdir: Path, database_prefix: str
+) -> tuple[ClusterSecrets, ManagedProcess, str]:
+    """Fresh secrets in ``workdir`` and a keyserver on them with a new database: secrets, process, URL."""
+    secrets = ClusterSecrets.generate(workdir / "secrets")
+    port = free_port()
+    keyserver = start_keyserver(
+        port=port,
+        database_url=postgres.create(database_prefix),
+        secrets=secrets,
+        log_dir=workdir / "logs",
+        extra_env=UNLIMITED_RATES,
+    )
+    return secrets, keyserver, url(port)
+
+
+@contextmanager
+def running_cluster(
+    postgres: PostgresDatabases,
+    workdir: Path,
+    *,
+    database_prefix: str = "fedhe",
+    aggregator_env: dict[str, str] | None = None,
+) -> Iterator[Cluster]:
+    """A keyserver and an aggregator with databases of their own, stopped on leaving."""
+    secrets, keyserver, keyserver_url = start_test_keyserver(postgres, workdir, f"{database_prefix}_keyserver")
+    try:
+        aggregator_db = postgres.create(f"{database_prefix}_aggregator")
+        port = free_port()
+        aggregator = start_aggregator(
+            port=port,
+            database_url=aggregator_db,
+            keyserver_url=keyserver_url,
+            secrets=secrets,
+            log_dir=workdir / "logs",
+            extra_env={**UNLIMITED_RATES, **(aggregator_env or {})},
+        )
+        try:
+            yield Cluster(keyserver_url, url(port), aggregator_db, secrets, workdir, keyserver, aggregator)
+        finally:
+            aggregator.stop()
+    finally:
+        keyserver.stop()
+
 
 @pytest.fixture(scope="session")
 def cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The real services, started once per test run."""
-    workdir = tmp_path_factory.mktemp("cluster")
-    secrets = ClusterSecrets.generate(workdir / "secrets")
-    ks_port, ag_port = free_port(), free_port()
-    ks_url, ag_url = url(ks_port), url(ag_port)
-    aggregator_db = postgres.create("fedhe_aggregator")
-    keyserver = start_keyserver(
-        port=ks_port,
-        database_url=postgres.create("fedhe_keyserver"),
-        secrets=secrets,
-        log_dir=workdir / "logs",
-        extra_env=GENEROUS_LIMITS,
-    )
-    aggregator = start_aggregator(
-        port=ag_port,
-        database_url=aggregator_db,
-        keyserver_url=ks_url,
-        secrets=secrets,
-        log_dir=workdir / "logs",
-        extra_env={**GENEROUS_LIMITS, "FEDHE_AGGREGATOR_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)},
-    )
-    try:
-        yield Cluster(ks_url, ag_url, aggregator_db, secrets, workdir, keyserver, aggregator)
-    finally:
-        aggregator.stop()
-        keyserver.stop()
+    upload_limit = {"FEDHE_AGGREGATOR_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024)}
+    with running_cluster(postgres, tmp_path_factory.mktemp("cluster"), aggregator_env=upload_limit) as started:
+        yield started

@@ -64,6 +64,13 @@ def _carry_request_id(request: httpx.Request) -> None:
     request.headers[REQUEST_ID_HEADER] = current_request_id() or new_request_id()
 
 
+def _invalid_response(response: httpx.Response, expected: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"{response.request.method} {response.request.url.path} answered a body that is not {expected}",
+        code="invalid_response",
+    )
+
+
 class ServiceClient:
     """A base URL, a bearer token, TLS and error mapping around ``httpx.Client``.
 
@@ -120,11 +127,7 @@ class ServiceClient:
         try:
             return model.model_validate(response.json())
         except (ValueError, ValidationError) as exc:
-            raise InvalidRequest(
-                f"{response.request.method} {response.request.url.path} answered a body that is not a valid "
-                f"{model.__name__}",
-                code="invalid_response",
-            ) from exc
+            raise _invalid_response(response, f"a valid {model.__name__}") from exc
 
     def parse_list(self, model: type[M], response: httpx.Response) -> list[M]:
         """The response body as a list of ``model``."""
@@ -134,11 +137,7 @@ class ServiceClient:
                 raise ValueError("not a list")
             return [model.model_validate(item) for item in items]
         except (ValueError, ValidationError) as exc:
-            raise InvalidRequest(
-                f"{response.request.method} {response.request.url.path} answered a body that is not a list of "
-                f"{model.__name__}",
-                code="invalid_response",
-            ) from exc
+            raise _invalid_response(response, f"a list of {model.__name__}") from exc
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request; raise the mapped ``FedheError`` on any failure."""

@@ -30,6 +30,14 @@ from fedhe.tls import ClientTLS
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]
 
+# Every simulated site of a test or benchmark calls from the same address, far more often than
+# one real site would: these settings lift the rate limits (tested themselves elsewhere).
+UNLIMITED_RATES = {
+    f"FEDHE_{service}_{name}": "1000000"
+    for service in ("KEYSERVER", "AGGREGATOR")
+    for name in ("RATE_LIMIT_PER_ADDRESS", "RATE_LIMIT_PER_CREDENTIAL", "AUTH_FAILURES_PER_ADDRESS")
+} | {"FEDHE_AGGREGATOR_REGISTRATIONS_PER_ADDRESS": "1000000", "FEDHE_KEYSERVER_KEY_RELEASES_PER_SITE": "1000000"}
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

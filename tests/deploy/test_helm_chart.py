@@ -128,68 +128,80 @@ SECRET_NAME = re.compile(
     r"(TOKEN|SECRET|PASSWORD|PASSWD|KEK|(?<!_PER_)CREDENTIAL|SIGNING_KEY|PRIVATE_KEY|DATABASE_URL)$", re.I
 )
 
-# A strict subset of cert-manager's Certificate (cert-manager.io/v1): the fields the chart
-# uses, with the CRD's types and enums. kubernetes-validate knows only built-in kinds.
+
 _STRING_LIST = {"type": "array", "items": {"type": "string", "minLength": 1}}
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-CERTIFICATE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "cert-manager.io/v1"},
-        "kind": {"const": "Certificate"},
-        "metadata": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["name"],
-            "properties": {"name": {"type": "string", "maxLength": 63}, "labels": _STRING_MAP},
+
+
+def _custom_resource_schema(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A custom resource of ``kind`` with a name, labels and ``spec``, and nothing else."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "maxLength": 63}, "labels": _STRING_MAP},
+            },
+            "spec": spec,
         },
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["secretName", "issuerRef"],
-            "properties": {
-                "secretName": {"type": "string", "minLength": 1, "maxLength": 253},
-                "secretTemplate": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {"labels": _STRING_MAP, "annotations": _STRING_MAP},
+    }
+
+
+# A strict subset of cert-manager's Certificate (cert-manager.io/v1): the fields the chart
+# uses, with the CRD's types and enums. kubernetes-validate knows only built-in kinds.
+CERTIFICATE_SCHEMA = _custom_resource_schema(
+    "cert-manager.io/v1",
+    "Certificate",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["secretName", "issuerRef"],
+        "properties": {
+            "secretName": {"type": "string", "minLength": 1, "maxLength": 253},
+            "secretTemplate": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"labels": _STRING_MAP, "annotations": _STRING_MAP},
+            },
+            "commonName": {"type": "string", "maxLength": 64},
+            "dnsNames": _STRING_LIST,
+            "duration": {"type": "string"},
+            "renewBefore": {"type": "string"},
+            "privateKey": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                    "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                    "rotationPolicy": {"enum": ["Never", "Always"]},
+                    "size": {"type": "integer"},
                 },
-                "commonName": {"type": "string", "maxLength": 64},
-                "dnsNames": _STRING_LIST,
-                "duration": {"type": "string"},
-                "renewBefore": {"type": "string"},
-                "privateKey": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
-                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
-                        "rotationPolicy": {"enum": ["Never", "Always"]},
-                        "size": {"type": "integer"},
-                    },
+            },
+            "issuerRef": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "kind": {"type": "string"},
+                    "group": {"type": "string"},
                 },
-                "issuerRef": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["name"],
-                    "properties": {
-                        "name": {"type": "string", "minLength": 1},
-                        "kind": {"type": "string"},
-                        "group": {"type": "string"},
-                    },
-                },
-                "usages": {
-                    "type": "array",
-                    "items": {
-                        "enum": ["digital signature", "key encipherment", "server auth", "client auth"],
-                    },
+            },
+            "usages": {
+                "type": "array",
+                "items": {
+                    "enum": ["digital signature", "key encipherment", "server auth", "client auth"],
                 },
             },
         },
     },
-}
+)
 
 
 # A strict subset of the Prometheus operator's ServiceMonitor (monitoring.coreos.com/v1): the
@@ -204,63 +216,52 @@ _SECRET_KEY = {
     "required": ["name", "key"],
     "properties": {"name": {"type": "string", "minLength": 1}, "key": {"type": "string", "minLength": 1}},
 }
-SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["name"],
-            "properties": {"name": {"type": "string", "maxLength": 63}, "labels": _STRING_MAP},
-        },
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["selector", "endpoints"],
-            "properties": {
-                "selector": {
+SERVICE_MONITOR_SCHEMA = _custom_resource_schema(
+    "monitoring.coreos.com/v1",
+    "ServiceMonitor",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["selector", "endpoints"],
+        "properties": {
+            "selector": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["matchLabels"],
+                "properties": {"matchLabels": _STRING_MAP},
+            },
+            "podTargetLabels": _STRING_LIST,
+            "endpoints": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
                     "type": "object",
                     "additionalProperties": False,
-                    "required": ["matchLabels"],
-                    "properties": {"matchLabels": _STRING_MAP},
-                },
-                "podTargetLabels": _STRING_LIST,
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["port", "scheme", "path"],
-                        "properties": {
-                            "port": {"type": "string", "minLength": 1},
-                            "scheme": {"enum": ["http", "https"]},
-                            "path": {"type": "string", "pattern": "^/"},
-                            "interval": _DURATION,
-                            "scrapeTimeout": _DURATION,
-                            "tlsConfig": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {
-                                    "serverName": {"type": "string", "minLength": 1},
-                                    "ca": {
-                                        "type": "object",
-                                        "additionalProperties": False,
-                                        "required": ["secret"],
-                                        "properties": {"secret": _SECRET_KEY},
-                                    },
-                                    "cert": {
-                                        "type": "object",
-                                        "additionalProperties": False,
-                                        "required": ["secret"],
-                                        "properties": {"secret": _SECRET_KEY},
-                                    },
-                                    "keySecret": _SECRET_KEY,
+                    "required": ["port", "scheme", "path"],
+                    "properties": {
+                        "port": {"type": "string", "minLength": 1},
+                        "scheme": {"enum": ["http", "https"]},
+                        "path": {"type": "string", "pattern": "^/"},
+                        "interval": _DURATION,
+                        "scrapeTimeout": _DURATION,
+                        "tlsConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "serverName": {"type": "string", "minLength": 1},
+                                "ca": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["secret"],
+                                    "properties": {"secret": _SECRET_KEY},
                                 },
+                                "cert": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["secret"],
+                                    "properties": {"secret": _SECRET_KEY},
+                                },
+                                "keySecret": _SECRET_KEY,
                             },
                         },
                     },
@@ -268,7 +269,7 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
             },
         },
     },
-}
+)
 
 
 # ---- rendering helpers ------------------------------------------------------------------------

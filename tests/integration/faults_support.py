@@ -14,19 +14,19 @@ from fedhe.environment import current as current_environment
 from fedhe.global_model import decode_aggregate, weighted_update
 from fedhe.he import Envelope, PackingSettings, UpdateCodec, encode_envelope
 from fedhe.local_cluster import (
+    UNLIMITED_RATES,
     ClusterSecrets,
     ManagedProcess,
     ProvisionedSite,
     free_port,
     provision_site,
     start_aggregator,
-    start_keyserver,
     url,
 )
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import FederationCreate, JobCreate
 from fedhe.tls import ClientTLS
-from tests.conftest import GENEROUS_LIMITS, PostgresDatabases
+from tests.conftest import PostgresDatabases, start_test_keyserver
 from tests.integration.helpers import DEFAULT_PACKING, site_codec
 
 WEIGHT_SCALE = 10_000
@@ -55,7 +55,7 @@ class FaultCluster:
             log_dir=self.workdir / "logs",
             name=name or f"aggregator-{port}",
             extra_env={
-                **GENEROUS_LIMITS,
+                **UNLIMITED_RATES,
                 "FEDHE_AGGREGATOR_REDIS_URL": self.redis_url,
                 "FEDHE_AGGREGATOR_DEADLINE_CHECK_INTERVAL_S": "0.5",
             },
@@ -78,17 +78,11 @@ class FaultCluster:
 
 
 def start_fault_cluster(postgres: PostgresDatabases, workdir: Path, redis_url: str) -> FaultCluster:
-    secrets = ClusterSecrets.generate(workdir / "secrets")
-    ks_port, ag_port = free_port(), free_port()
-    keyserver = start_keyserver(
-        port=ks_port,
-        database_url=postgres.create("fedhe_fault_ks"),
-        secrets=secrets,
-        log_dir=workdir / "logs",
-        extra_env=GENEROUS_LIMITS,
+    secrets, keyserver, keyserver_url = start_test_keyserver(postgres, workdir, "fedhe_fault_keyserver")
+    cluster = FaultCluster(
+        workdir, secrets, keyserver_url, postgres.create("fedhe_fault_aggregator"), redis_url, keyserver
     )
-    cluster = FaultCluster(workdir, secrets, url(ks_port), postgres.create("fedhe_fault_ag"), redis_url, keyserver)
-    cluster.add_replica(ag_port, name="aggregator")
+    cluster.add_replica(name="aggregator")
     return cluster
 
 
@@ -128,34 +122,44 @@ class UploadingSite:
             return decode_aggregate(client.aggregate(job_id, number), lambda env: self.codec).values
 
 
-def federation_with_job(cluster: FaultCluster, num_sites: int, **job: object) -> tuple[str, list[UploadingSite]]:
-    """A federation, ``num_sites`` approved sites holding its secret context, and a job on it."""
-    with cluster.secrets.keyserver_admin(cluster.keyserver_url) as keyserver:
-        federation = keyserver.create_federation(FederationCreate(name="faults"))
+def uploading_federation(
+    secrets: ClusterSecrets, keyserver_url: str, aggregator_url: str, directory: Path, num_sites: int, **job: object
+) -> tuple[str, list[UploadingSite]]:
+    """A federation, ``num_sites`` approved sites holding its secret context (their files in
+    ``directory``/job id), and a job on it."""
+    with secrets.keyserver_admin(keyserver_url) as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="uploading"))
     spec = JobCreate.model_validate(
         {
-            "name": "faults",
+            "name": "uploading",
             "key_id": federation.key_id,
             "model": MODEL.model_dump(),
             "max_samples_per_round": WEIGHT_SCALE,
             **job,
         }
     )
-    with cluster.admin() as operator:
+    with secrets.aggregator_admin(aggregator_url) as operator:
         job_id = operator.create_job(spec).id
     sites = []
     for index in range(num_sites):
         site = provision_site(
-            aggregator_url=cluster.urls[0],
-            keyserver_url=cluster.keyserver_url,
-            secrets=cluster.secrets,
-            directory=cluster.workdir / "sites" / job_id,
+            aggregator_url=aggregator_url,
+            keyserver_url=keyserver_url,
+            secrets=secrets,
+            directory=directory / job_id,
             name=f"s{index}",
             federation_id=federation.id,
         )
-        codec = site_codec(cluster.keyserver_url, cluster.secrets, site, federation.key_id)
-        sites.append(UploadingSite(site, codec, federation.key_id, cluster.secrets.tls))
+        codec = site_codec(keyserver_url, secrets, site, federation.key_id)
+        sites.append(UploadingSite(site, codec, federation.key_id, secrets.tls))
     return job_id, sites
+
+
+def federation_with_job(cluster: FaultCluster, num_sites: int, **job: object) -> tuple[str, list[UploadingSite]]:
+    """``uploading_federation`` on the first replica."""
+    return uploading_federation(
+        cluster.secrets, cluster.keyserver_url, cluster.urls[0], cluster.workdir / "sites", num_sites, **job
+    )
 
 
 def weighted_average(updates: list[tuple[NDArray[np.float64], int]]) -> NDArray[np.float64]:

@@ -9,7 +9,6 @@ operation documents, every body matches its documented schema and content type.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from fedhe.local_cluster import ClusterSecrets, ManagedProcess, free_port, start_aggregator, start_keyserver, url
-from tests.conftest import GENEROUS_LIMITS, PostgresDatabases
+from tests.conftest import Cluster, PostgresDatabases, running_cluster
 
 EXAMPLES_PER_OPERATION = 12
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -31,39 +29,10 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 SKIPPED = {("GET", "/v1/events")}
 
 
-@dataclass
-class ContractCluster:
-    keyserver_url: str
-    aggregator_url: str
-    secrets: ClusterSecrets
-    processes: list[ManagedProcess]
-
-
 @pytest.fixture(scope="module")
-def contract_cluster(
-    postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ContractCluster]:
-    workdir = tmp_path_factory.mktemp("contract")
-    secrets = ClusterSecrets.generate(workdir / "secrets")
-    ks_port, ag_port = free_port(), free_port()
-    keyserver = start_keyserver(
-        port=ks_port,
-        database_url=postgres.create("fedhe_contract_ks"),
-        secrets=secrets,
-        log_dir=workdir / "logs",
-        extra_env=GENEROUS_LIMITS,
-    )
-    aggregator = start_aggregator(
-        port=ag_port,
-        database_url=postgres.create("fedhe_contract_ag"),
-        keyserver_url=url(ks_port),
-        secrets=secrets,
-        log_dir=workdir / "logs",
-        extra_env=GENEROUS_LIMITS,
-    )
-    yield ContractCluster(url(ks_port), url(ag_port), secrets, [keyserver, aggregator])
-    for process in (aggregator, keyserver):
-        process.stop()
+def contract_cluster(postgres: PostgresDatabases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(postgres, tmp_path_factory.mktemp("contract"), database_prefix="fedhe_contract") as started:
+        yield started
 
 
 def _schema(base_url: str, ca_file: Path) -> schemathesis.BaseSchema:
@@ -71,12 +40,12 @@ def _schema(base_url: str, ca_file: Path) -> schemathesis.BaseSchema:
 
 
 @pytest.fixture(scope="module")
-def aggregator_schema(contract_cluster: ContractCluster) -> schemathesis.BaseSchema:
+def aggregator_schema(contract_cluster: Cluster) -> schemathesis.BaseSchema:
     return _schema(contract_cluster.aggregator_url, contract_cluster.secrets.ca_file)
 
 
 @pytest.fixture(scope="module")
-def keyserver_schema(contract_cluster: ContractCluster) -> schemathesis.BaseSchema:
+def keyserver_schema(contract_cluster: Cluster) -> schemathesis.BaseSchema:
     return _schema(contract_cluster.keyserver_url, contract_cluster.secrets.ca_file)
 
 
@@ -95,7 +64,7 @@ def _exercise(case: schemathesis.Case, base_url: str, token: str, ca_file: Path)
 @aggregator_api.parametrize()
 @seed(20261122)
 @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
-def test_aggregator_answers_as_documented(case: schemathesis.Case, contract_cluster: ContractCluster) -> None:
+def test_aggregator_answers_as_documented(case: schemathesis.Case, contract_cluster: Cluster) -> None:
     _exercise(
         case,
         contract_cluster.aggregator_url,
@@ -107,7 +76,7 @@ def test_aggregator_answers_as_documented(case: schemathesis.Case, contract_clus
 @keyserver_api.parametrize()
 @seed(20261122)
 @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
-def test_keyserver_answers_as_documented(case: schemathesis.Case, contract_cluster: ContractCluster) -> None:
+def test_keyserver_answers_as_documented(case: schemathesis.Case, contract_cluster: Cluster) -> None:
     _exercise(
         case,
         contract_cluster.keyserver_url,

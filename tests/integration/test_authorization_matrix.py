@@ -28,7 +28,7 @@ from fedhe.auth import (
     sign_request,
 )
 from fedhe.files import write_private
-from fedhe.local_cluster import ProvisionedSite, provision_site
+from fedhe.local_cluster import ProvisionedSite
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import AccountCreate, FederationCreate, JobCreate, SiteCreate, TokenCreate
 from tests.conftest import Cluster
@@ -170,14 +170,7 @@ def world(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> World:
     workdir = tmp_path_factory.mktemp("matrix")
 
     def site(name: str, federation_id: str | None) -> ProvisionedSite:
-        return provision_site(
-            aggregator_url=cluster.aggregator_url,
-            keyserver_url=cluster.keyserver_url,
-            secrets=cluster.secrets,
-            directory=workdir,
-            name=name,
-            federation_id=federation_id,
-        )
+        return cluster.provision_site(workdir, name, federation_id)
 
     def registered(name: str) -> ProvisionedSite:
         key = generate_signing_key()

@@ -15,7 +15,7 @@ import pytest
 
 from fedhe.environment import current as current_environment
 from fedhe.he import DEFAULT_FORMAT_ID, Envelope, UpdateCodec, encode_envelope
-from fedhe.local_cluster import ProvisionedSite, admit_member, provision_site
+from fedhe.local_cluster import ProvisionedSite, admit_member
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import FederationCreate, JobCreate
 from tests.conftest import Cluster
@@ -105,17 +105,7 @@ def scene(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Scene:
     )
     with cluster.aggregator_admin() as operator:
         job = operator.create_job(request)
-        sites = [
-            provision_site(
-                aggregator_url=cluster.aggregator_url,
-                keyserver_url=cluster.keyserver_url,
-                secrets=cluster.secrets,
-                directory=workdir,
-                name=f"s{i}",
-                federation_id=federation.id if i < 3 else None,
-            )
-            for i in range(4)
-        ]
+        sites = [cluster.provision_site(workdir, f"s{i}", federation.id if i < 3 else None) for i in range(4)]
         operator.revoke_site(sites[2].site_id)
     admit_member(cluster.keyserver_url, cluster.secrets, other.id, sites[0], "s0")
     scene = Scene(

@@ -25,7 +25,7 @@ from fedhe.auth import (
 )
 from fedhe.errors import FedheError, PermissionDenied, Unauthenticated
 from fedhe.he import load_evaluation_context
-from fedhe.local_cluster import ProvisionedSite, provision_site
+from fedhe.local_cluster import ProvisionedSite
 from fedhe.schemas import (
     AccountCreate,
     EndorsementCreate,
@@ -72,14 +72,7 @@ def federation(cluster: Cluster):
 
 @pytest.fixture(scope="module")
 def honest_member(cluster: Cluster, federation, tmp_path_factory: pytest.TempPathFactory) -> ProvisionedSite:
-    return provision_site(
-        aggregator_url=cluster.aggregator_url,
-        keyserver_url=cluster.keyserver_url,
-        secrets=cluster.secrets,
-        directory=tmp_path_factory.mktemp("honest"),
-        name="honest",
-        federation_id=federation.id,
-    )
+    return cluster.provision_site(tmp_path_factory.mktemp("honest"), "honest", federation.id)
 
 
 def test_no_sequence_of_coordinator_calls_yields_a_secret_context(
@@ -89,14 +82,7 @@ def test_no_sequence_of_coordinator_calls_yields_a_secret_context(
     key_id = federation.key_id
 
     # 1. Register and approve a site of its own at the aggregator, then ask for the key as that site.
-    rogue = provision_site(
-        aggregator_url=cluster.aggregator_url,
-        keyserver_url=cluster.keyserver_url,
-        secrets=cluster.secrets,
-        directory=tmp_path,
-        name="rogue",
-        federation_id=None,
-    )
+    rogue = cluster.provision_site(tmp_path, "rogue", None)
     coordinator.try_release("approved rogue site", key_id, key_release_request(cluster.keyserver_url, rogue, key_id))
 
     # 2. Use its keyserver service token to make the rogue site a member, or itself an admin.
@@ -178,14 +164,7 @@ def test_no_sequence_of_coordinator_calls_yields_a_secret_context(
 def test_a_member_revoked_by_the_keyserver_cannot_be_restored_by_the_coordinator(
     cluster: Cluster, federation, tmp_path: Path
 ) -> None:
-    member = provision_site(
-        aggregator_url=cluster.aggregator_url,
-        keyserver_url=cluster.keyserver_url,
-        secrets=cluster.secrets,
-        directory=tmp_path,
-        name="revoked-at-keyserver",
-        federation_id=federation.id,
-    )
+    member = cluster.provision_site(tmp_path, "revoked-at-keyserver", federation.id)
     with cluster.keyserver_admin() as keyserver:
         keyserver.revoke_member(federation.id, member.site_id)
     with cluster.aggregator_admin() as operator:

@@ -25,7 +25,6 @@ from fedhe.api_client import AggregatorClient
 from fedhe.datasets import load_bundled, load_csv, partition_dirichlet, save_csv, split
 from fedhe.global_model import decode_aggregate
 from fedhe.job_options import Algorithm, AlgorithmSettings, StatisticsSettings
-from fedhe.local_cluster import provision_site, start_agent
 from fedhe.models import initial_weights
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
@@ -71,23 +70,13 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     sites, agents = [], []
     for index, rows in enumerate(parts):
         name = f"it-site{index}"
-        site = provision_site(
-            aggregator_url=cluster.aggregator_url,
-            keyserver_url=cluster.keyserver_url,
-            secrets=cluster.secrets,
-            directory=workdir,
-            name=name,
-            federation_id=federation.id,
-        )
+        site = cluster.provision_site(workdir, name, federation.id)
         save_csv(pool.subset(rows), workdir / name / "data.csv")
         sites.append(site)
         agents.append(
-            start_agent(
-                site=site,
-                name=name,
-                aggregator_url=cluster.aggregator_url,
-                keyserver_url=cluster.keyserver_url,
-                secrets=cluster.secrets,
+            cluster.start_agent(
+                site,
+                name,
                 data_path=workdir / name / "data.csv",
                 state_dir=workdir / name / "state",
                 job_id=job.id,

@@ -140,11 +140,14 @@ def test_the_guides_run_a_complete_federation(session: GuideSession) -> None:
     jobs = {"three hospitals": session.exported("JOB"), "hospital D": session.exported("JOB_D")}
     with AggregatorClient(session.exported("FEDHE_AGGREGATOR_URL"), alice, tls=tls) as aggregator:
         for what, job_id in jobs.items():
-            assert aggregator.job(job_id).status == JobStatus.COMPLETED, what
+            job = aggregator.job(job_id)
+            assert job.status == JobStatus.COMPLETED, what
             published = [r for r in aggregator.rounds(job_id) if r.state == RoundState.PUBLISHED]
+            assert [r.number for r in published] == list(range(job.total_rounds)), what
             accuracy = round_accuracy(published[-1])
             assert accuracy is not None, f"no site reported the accuracy of {what}' final model"
-            assert 0 <= accuracy <= 1
+            # Three wine cultivars: chance is 1/3; runs reach 0.83-0.97 with fresh DP noise.
+            assert accuracy > 0.6, (what, accuracy)
             print(f"final global accuracy, {what}: {accuracy:.3f}")
         aggregator_audit = aggregator.audit_events(1000)
     with KeyserverClient(session.exported("FEDHE_KEYSERVER_URL"), kim, tls=tls) as keyserver:

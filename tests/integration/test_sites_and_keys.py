@@ -26,7 +26,7 @@ from fedhe.auth import (
 from fedhe.errors import Conflict, NotFound, PermissionDenied, Unauthenticated
 from fedhe.files import write_private
 from fedhe.he import load_evaluation_context, load_secret_context
-from fedhe.local_cluster import ProvisionedSite, admit_member, provision_site
+from fedhe.local_cluster import ProvisionedSite, admit_member
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import (
     EndorsementCreate,
@@ -47,17 +47,6 @@ def federation(cluster: Cluster):
         return keyserver.create_federation(FederationCreate(name="keys"))
 
 
-def _site(cluster: Cluster, tmp_path: Path, name: str, federation_id: str | None) -> ProvisionedSite:
-    return provision_site(
-        aggregator_url=cluster.aggregator_url,
-        keyserver_url=cluster.keyserver_url,
-        secrets=cluster.secrets,
-        directory=tmp_path,
-        name=name,
-        federation_id=federation_id,
-    )
-
-
 def _release(cluster: Cluster, site: ProvisionedSite, key_id: str, **overrides: object) -> bytes:
     request = key_release_request(cluster.keyserver_url, site, key_id, **overrides)
     return release_secret(cluster.keyserver_url, cluster.secrets, request, key_id)
@@ -66,7 +55,7 @@ def _release(cluster: Cluster, site: ProvisionedSite, key_id: str, **overrides: 
 def test_approval_at_the_aggregator_gives_no_key_membership_at_the_keyserver_does(
     cluster: Cluster, federation, tmp_path: Path
 ) -> None:
-    site = _site(cluster, tmp_path, "approved-only", federation_id=None)
+    site = cluster.provision_site(tmp_path, "approved-only", federation_id=None)
     with pytest.raises(PermissionDenied) as refused:
         _release(cluster, site, federation.key_id)
     assert refused.value.code == "not_a_member"
@@ -91,7 +80,7 @@ def test_a_pending_site_is_refused_everywhere(cluster: Cluster, federation, tmp_
 def test_revoked_membership_loses_keys_and_revoked_site_loses_jobs(
     cluster: Cluster, federation, tmp_path: Path
 ) -> None:
-    site = _site(cluster, tmp_path, "to-revoke", federation.id)
+    site = cluster.provision_site(tmp_path, "to-revoke", federation.id)
     site_codec(cluster.keyserver_url, cluster.secrets, site, federation.key_id)
     with cluster.keyserver_admin() as keyserver:
         assert keyserver.revoke_member(federation.id, site.site_id).status == MemberStatus.REVOKED
@@ -128,7 +117,7 @@ def test_rejected_site_cannot_be_approved_later(cluster: Cluster, tmp_path: Path
 def test_key_release_is_fresh_signed_single_use_and_for_this_keyserver(
     cluster: Cluster, federation, tmp_path: Path
 ) -> None:
-    site = _site(cluster, tmp_path, "signer", federation.id)
+    site = cluster.provision_site(tmp_path, "signer", federation.id)
     key = private_key_from_pem(site.signing_key_file.read_bytes())
     ts, nonce, sig = sign_request(
         key, KEY_RELEASE_PURPOSE, cluster.keyserver_url, [federation.key_id], timestamp=int(time.time()) - 3600
@@ -214,7 +203,7 @@ def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> N
     with cluster.keyserver_admin() as keyserver:
         rotated = keyserver.rotate_key(rotating.id)
     assert rotated.key_id != rotating.key_id
-    site = _site(cluster, tmp_path, "rotation", rotating.id)
+    site = cluster.provision_site(tmp_path, "rotation", rotating.id)
     with pytest.raises(Conflict) as stale:
         site_codec(cluster.keyserver_url, cluster.secrets, site, rotating.key_id)
     assert stale.value.code == "stale_key_id"
@@ -229,7 +218,7 @@ def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> N
 def test_every_key_release_granted_or_refused_is_audited_under_the_site(
     cluster: Cluster, federation, tmp_path: Path
 ) -> None:
-    site = _site(cluster, tmp_path, "audited", federation_id=None)
+    site = cluster.provision_site(tmp_path, "audited", federation_id=None)
     with pytest.raises(PermissionDenied):
         _release(cluster, site, federation.key_id)
     admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, "audited")
@@ -265,9 +254,9 @@ def _endorse(cluster: Cluster, endorser: ProvisionedSite, federation_id: str, ca
 def test_with_an_endorsement_rule_k_members_must_sign_a_new_members_key(cluster: Cluster, tmp_path: Path) -> None:
     with cluster.keyserver_admin() as keyserver:
         strict = keyserver.create_federation(FederationCreate(name="two-of-n", endorsements_required=2))
-    founders = [_site(cluster, tmp_path, f"founder{i}", strict.id) for i in range(2)]
-    candidate = _site(cluster, tmp_path, "candidate", federation_id=None)
-    outsider = _site(cluster, tmp_path, "outsider", federation_id=None)
+    founders = [cluster.provision_site(tmp_path, f"founder{i}", strict.id) for i in range(2)]
+    candidate = cluster.provision_site(tmp_path, "candidate", federation_id=None)
+    outsider = cluster.provision_site(tmp_path, "outsider", federation_id=None)
     with cluster.keyserver_admin() as keyserver:
         assert keyserver.federation(strict.id).bootstrap_complete
         proposed = keyserver.add_member(
@@ -288,6 +277,7 @@ def test_with_an_endorsement_rule_k_members_must_sign_a_new_members_key(cluster:
     assert sorted(admitted.endorsed_by) == sorted(f.site_id for f in founders)
     assert load_secret_context(_release(cluster, candidate, strict.key_id)).has_secret_key()
     with cluster.keyserver_admin() as keyserver:
+        assert {m.site_id: m for m in keyserver.members(strict.id)}[candidate.site_id] == admitted
         keyserver.revoke_member(strict.id, founders[0].site_id)
         keyserver.revoke_member(strict.id, founders[1].site_id)
         late = keyserver.add_member(strict.id, MemberCreate(site_id=outsider.site_id, public_key=outsider.public_key))
@@ -298,7 +288,7 @@ def test_sites_see_only_their_federations_jobs(cluster: Cluster, tmp_path: Path)
     with cluster.keyserver_admin() as keyserver:
         fed_a = keyserver.create_federation(FederationCreate(name="fed-a"))
         fed_b = keyserver.create_federation(FederationCreate(name="fed-b"))
-    member_a = _site(cluster, tmp_path, "member-a", fed_a.id)
+    member_a = cluster.provision_site(tmp_path, "member-a", fed_a.id)
     spec = {"model": ModelSpec(input_dim=2, num_classes=2), "min_sites": 1}
     with cluster.aggregator_admin() as operator:
         job_a = operator.create_job(JobCreate(name="job-a", key_id=fed_a.key_id, **spec))

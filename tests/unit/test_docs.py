@@ -8,6 +8,7 @@
    a new settings module) fails this test until it is documented.
 3. Every relative link in the docs and the README points at a file that exists, and an anchor
    at a heading (GitHub's slug rules) or an explicit ``<a id>`` of the target.
+4. docs/performance.md shows exactly the committed benchmark tables (``bench/results/``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from pydantic_settings import BaseSettings
+
+from bench import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").rglob("*.md"))
@@ -263,3 +266,11 @@ def test_every_relative_link_resolves() -> None:
             if problem is not None:
                 problems.append(f"{_relative(document)} links to {target}: {problem}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", publish.BENCHMARKS)
+def test_performance_page_shows_the_committed_benchmark_tables(name: str) -> None:
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    assert publish.section(page, name) == publish.result_body(ROOT / "bench" / "results", name), (
+        f"docs/performance.md's {name} table differs from bench/results/{name}.md: run python -m bench.publish"
+    )

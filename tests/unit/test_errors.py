@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import httpx
+import pytest
+
+from fedhe.api_client import KeyserverClient
 from fedhe.errors import Conflict, InvalidRequest, PayloadTooLarge, UpstreamUnavailable, error_from_body
 
 
@@ -18,3 +22,22 @@ def test_client_errors_keep_their_class_code_and_detail() -> None:
     assert isinstance(refused, InvalidRequest)
     assert refused.code == "invalid_ciphertext"
     assert isinstance(error_from_body(413, None), PayloadTooLarge)
+
+
+def test_a_body_that_does_not_validate_is_refused_naming_the_call_and_the_model() -> None:
+    federation_id = "fed-0123456789abcdef"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"id": federation_id, "name": "missing keys"})
+
+    with KeyserverClient("https://keys.example", "token", transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(
+            InvalidRequest,
+            match=rf"^GET /v1/federations/{federation_id} answered a body that is not a valid FederationPublic$",
+        ) as one:
+            client.federation(federation_id)
+        with pytest.raises(
+            InvalidRequest, match=r"^GET /v1/federations answered a body that is not a list of FederationPublic$"
+        ) as listed:
+            client.federations()
+    assert one.value.code == listed.value.code == "invalid_response"
