@@ -35,7 +35,7 @@ from bench.he_codecs import (
     TenSEALBaseline,
 )
 from bench.reporting import machine_description, write_markdown_table
-from fedhe.global_model import scale_for_upload
+from fedhe.global_model import weighted_update
 from fedhe.he import Envelope, PackingSettings, encode_envelope
 
 POOL = 3
@@ -91,7 +91,7 @@ def bench_codec(
         old.unlink()
     pool = _updates(size, seed=size)
     scale = codec.weight_scale
-    scaled = [scale_for_upload(w, n, scale) if kind != "plain" else w * n / scale for w, n in pool]
+    scaled = [weighted_update(w, np.zeros_like(w), n, scale) if kind != "plain" else w * n / scale for w, n in pool]
     if procs > 1:
         codec.encrypt(scaled[0][: 8 * 8192 * procs])  # start the worker pool outside the timing
     started, cpu = time.perf_counter(), time.process_time()
@@ -143,7 +143,8 @@ def bench_codec(
 
 def parallel_encryption(codec: SeededCodec, size: int) -> dict[str, Any]:
     """Encryption with a warm pool of worker processes (aggregation is the same as 1 process)."""
-    values = scale_for_upload(np.random.default_rng(size).uniform(-10, 10, size), 1000, codec.weight_scale)
+    change = np.random.default_rng(size).uniform(-10, 10, size)
+    values = weighted_update(change, np.zeros(size), 1000, codec.weight_scale)
     codec.encrypt(values[: min(size, 4096 * 16)])
     started = time.perf_counter()
     chunks = codec.encrypt(values)
@@ -162,15 +163,15 @@ def parallel_encryption(codec: SeededCodec, size: int) -> dict[str, Any]:
 
 def accuracy_at_100_sites(codec: SeededCodec, size: int = 20_000) -> dict[str, Any]:
     """The issue's accuracy target: |w| up to 10, 100 distinct sites, error of the average."""
-    from fedhe.he import DEFAULT_FORMAT_ID, codec_for, load_evaluation_context
+    from fedhe.he import CKKS_FORMAT_ID, codec_for, load_evaluation_context
 
     rng = np.random.default_rng(100)
-    accumulator = codec_for(DEFAULT_FORMAT_ID, load_evaluation_context(codec.aggregator_context())).accumulator(size)
+    accumulator = codec_for(CKKS_FORMAT_ID, load_evaluation_context(codec.aggregator_context())).accumulator(size)
     total = np.zeros(size)
     samples = 0
     for _ in range(100):
         weights, n = rng.uniform(-10, 10, size), int(rng.integers(1, 1000))
-        accumulator.add(codec.encrypt(scale_for_upload(weights, n, codec.weight_scale)))
+        accumulator.add(codec.encrypt(weighted_update(weights, np.zeros(size), n, codec.weight_scale)))
         total += weights * n
         samples += n
     average = codec.decrypt(accumulator.to_chunks(), size) * codec.weight_scale / samples

@@ -1,6 +1,6 @@
 """The codecs the HE benchmark compares, behind one small interface.
 
-``SeededCodec`` (``ckks-seeded-last-v1``) and ``PackedCodec`` (``bfv-packed-v1``) are fedhe's
+``SeededCodec`` (``ckks-seeded-last-v2``) and ``PackedCodec`` (``bfv-packed-v1``) are fedhe's
 product codecs (``fedhe.he``). ``TenSEALBaseline`` is the common TenSEAL set-up (CKKS, n=8192,
 [60, 40, 40], scale 2^40, public-key encryption, one ``CKKSVector`` per 4096 values) kept here,
 outside the product, only to be measured against. ``PlainFloat32`` is plaintext FedAvg, the floor.
@@ -20,7 +20,7 @@ import tenseal as ts
 from numpy.typing import NDArray
 
 from fedhe.he import (
-    DEFAULT_FORMAT_ID,
+    CKKS_FORMAT_ID,
     PACKED_FORMAT_ID,
     BfvParameters,
     CkksParameters,
@@ -59,9 +59,9 @@ class SeededCodec:
 
     def __init__(self, workers: int = 1):
         material = create_key_material(CkksParameters())
-        self.name = f"fedhe {DEFAULT_FORMAT_ID} ({workers} proc)"
+        self.name = f"fedhe {CKKS_FORMAT_ID} ({workers} proc)"
         self._eval = material.evaluation_context
-        self._codec = codec_for(DEFAULT_FORMAT_ID, load_secret(material.secret_context), workers=workers)
+        self._codec = codec_for(CKKS_FORMAT_ID, load_secret(material.secret_context), workers=workers)
 
     def encrypt(self, values: NDArray[Any]) -> list[bytes]:
         return self._codec.encrypt_update(values)
@@ -168,7 +168,7 @@ class Summer(Protocol):
 
 class _SeededSummer:
     def __init__(self, context: bytes, num_values: int):
-        self._accumulator = codec_for(DEFAULT_FORMAT_ID, load_eval(context)).accumulator(num_values)
+        self._accumulator = codec_for(CKKS_FORMAT_ID, load_eval(context)).accumulator(num_values)
 
     def add(self, chunks: Sequence[bytes]) -> None:
         self._accumulator.add(chunks)

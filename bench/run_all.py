@@ -1,7 +1,8 @@
 """Run every benchmark: ``make bench`` (add ``BENCH_ARGS=--quick`` for a shorter run).
 
-Writes markdown tables, JSON files and a plot under ``bench/results/``. Benchmarks are not
-tests: they report measured ratios side by side and assert nothing about speed.
+Writes markdown tables, JSON files and a plot under ``bench/results/`` and, after a full run,
+copies the tables into docs/performance.md (``bench.publish``). Benchmarks are not tests: they
+report measured ratios side by side and assert nothing about speed.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import dp_speed, e2e, he_bench, load
+from bench import dp_accuracy, dp_speed, e2e, he_bench, load, publish
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     load.main(out + (["--sites", "10", "--rounds", "2", "--params", "20000"] if args.quick else []))
     dp_speed.main(out + quick)
     e2e.main(out + (["--rounds", "3"] if args.quick else []))
+    if not args.quick:
+        dp_accuracy.main(out)
+        publish.main(["--results", str(args.out)])
 
 
 if __name__ == "__main__":
