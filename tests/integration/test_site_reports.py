@@ -90,6 +90,21 @@ def test_a_round_closes_as_soon_as_every_member_uploaded_or_declined(cluster: Cl
     assert any(e.action == "update.decline" and e.actor == f"site:{sites[1].site.site_id}" for e in events)
 
 
+def test_the_decline_that_completes_a_round_publishes_it_before_it_returns(cluster: Cluster, tmp_path: Path) -> None:
+    job_id, sites = _federation_job(cluster, tmp_path, 3, min_sites=2, target_sites=3, round_deadline_s=3600)
+    _upload(cluster, sites[0], job_id, 1)
+    _upload(cluster, sites[2], job_id, 2)
+    with _as_site(cluster, sites[1].site) as as_site:
+        as_site.decline_round(job_id, 0, DeclineCreate(reason=DeclineReason.OTHER))
+    with cluster.aggregator_admin() as operator:
+        published = operator.round(job_id, 0)
+        following = operator.round(job_id, 1)
+    # The deadline watcher sweeps only every second: PUBLISHED here is the decline's own doing.
+    assert published.state == RoundState.PUBLISHED
+    assert published.num_submissions == 2
+    assert following.state == RoundState.OPEN
+
+
 def test_a_round_fails_at_once_when_too_few_can_upload(cluster: Cluster, tmp_path: Path) -> None:
     job_id, sites = _federation_job(cluster, tmp_path, 2, min_sites=2, round_deadline_s=3600, on_round_failure="stop")
     _upload(cluster, sites[0], job_id, 3)

@@ -349,8 +349,11 @@ class JobCoordinator:
 
     def record_decline(
         self, job_id: str, number: int, site_id: str, decline: DeclineCreate, *, expected_sites: int
-    ) -> None:
-        """Record that a site will not upload to round ``number`` (once), and finish the round if all answered."""
+    ) -> int | None:
+        """Record that a site will not upload to round ``number`` (once), and finish the round if all answered.
+
+        Returns the round's id when this decline closed it, so its sum is due; otherwise ``None``.
+        """
         with self.locked_job(job_id) as change:
             repo, job = change.repo, change.job
             row = self.accepting_round(change, number)
@@ -365,6 +368,7 @@ class JobCoordinator:
             repo.audit(actor=f"site:{site_id}", action="update.decline", subject=job.id, detail=detail)
             change.emit("update.declined", site_id=site_id, message=decline.message, **detail)
             self.close_if_everyone_answered(change, row, expected_sites)
+            return row.id if row.state == RoundState.CLOSED.value else None
 
     @staticmethod
     def accepting_round(change: JobChange, number: int) -> RoundRow:

@@ -78,10 +78,10 @@ class RoundPublisher:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
-    def publish_closed(self, job_id: str | None = None) -> int:
-        """Sum and publish every closed round (of ``job_id`` if given); returns how many this call published."""
+    def publish_closed(self) -> int:
+        """Sum and publish every closed round; returns how many this call published."""
         with self._sessions.transaction() as session:
-            closed = AggregatorRepository(session).rounds_in_state(RoundState.CLOSED, job_id)
+            closed = AggregatorRepository(session).rounds_in_state(RoundState.CLOSED)
         return sum(1 for job, round_id in closed if self.publish(job, round_id))
 
     def publish(self, job_id: str, round_id: int) -> bool:

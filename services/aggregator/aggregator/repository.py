@@ -147,11 +147,9 @@ class AggregatorRepository(AuditingRepository):
         """A round attempt by its row id."""
         return self.session.get(RoundRow, round_id)
 
-    def rounds_in_state(self, state: RoundState, job_id: str | None = None) -> list[tuple[str, int]]:
-        """(job id, round id) of every round attempt in ``state`` (of ``job_id`` if given)."""
+    def rounds_in_state(self, state: RoundState) -> list[tuple[str, int]]:
+        """(job id, round id) of every round attempt in ``state``."""
         query = select(RoundRow.job_id, RoundRow.id).where(RoundRow.state == state.value).order_by(RoundRow.id)
-        if job_id is not None:
-            query = query.where(RoundRow.job_id == job_id)
         return [(job, round_id) for job, round_id in self.session.execute(query).all()]
 
     def add_upload_chunks(self, upload_id: str, chunks: list[tuple[int, bytes]]) -> None:

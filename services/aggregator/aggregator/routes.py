@@ -229,8 +229,11 @@ def decline_round(
 ) -> dict[str, str]:
     """A site says it will not upload to round ``number`` and why; the round closes once every member answered."""
     assert caller.site_id is not None
-    coordinator.record_decline(job_id, number, caller.site_id, body, expected_sites=access.expected_sites(job_id))
-    request.app.state.publisher.publish_closed(job_id)
+    closed = coordinator.record_decline(
+        job_id, number, caller.site_id, body, expected_sites=access.expected_sites(job_id)
+    )
+    if closed is not None:
+        request.app.state.publisher.publish(job_id, closed)
     return {"status": "recorded"}
 
 
