@@ -73,13 +73,15 @@ def _look_up_concurrently(
 ) -> list[Future[dict[str, str]]]:
     """LOOKUPS lookups at once; the fetch is held until every other lookup is waiting for it."""
     waiting = threading.Semaphore(0)
-    wait = membership._Fetch.wait
 
-    def counted_wait(fetch: membership._Fetch) -> dict[str, str]:
-        waiting.release()
-        return wait(fetch)
+    class CountedFetch(Future[dict[str, str]]):
+        """The running fetch; each lookup that waits for it is counted."""
 
-    monkeypatch.setattr(membership._Fetch, "wait", counted_wait)
+        def result(self, timeout: float | None = None) -> dict[str, str]:
+            waiting.release()
+            return super().result(timeout)
+
+    monkeypatch.setattr(membership, "Future", CountedFetch)
     start = threading.Barrier(LOOKUPS)
 
     def look_up() -> dict[str, str]:

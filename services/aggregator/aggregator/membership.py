@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 from fedhe.schemas import FederationPublic, MemberPublic, MemberStatus
@@ -27,29 +28,6 @@ class MembershipSource(Protocol):
         ...
 
 
-class _Fetch:
-    """One keyserver call for a federation's members, which concurrent lookups wait for."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._active: dict[str, str] = {}
-        self._error: BaseException | None = None
-
-    def finish(self, active: dict[str, str]) -> None:
-        self._active = active
-        self._done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._done.set()
-
-    def wait(self) -> dict[str, str]:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._active
-
-
 class FederationMembers:
     """Active members and their pinned keys per federation, cached for ``ttl_s`` seconds."""
 
@@ -58,7 +36,8 @@ class FederationMembers:
         self._ttl_s = ttl_s
         self._clock = clock
         self._cache: dict[str, tuple[float, dict[str, str]]] = {}
-        self._fetches: dict[str, _Fetch] = {}
+        # One keyserver call per federation in flight; concurrent lookups wait for its result.
+        self._fetches: dict[str, Future[dict[str, str]]] = {}
         self._names: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -71,10 +50,10 @@ class FederationMembers:
             fetch = self._fetches.get(federation_id)
             leads = fetch is None
             if fetch is None:
-                fetch = self._fetches[federation_id] = _Fetch()
+                fetch = self._fetches[federation_id] = Future()
         if not leads:
             # Hundreds of uploads can find the cache expired at once; they share one keyserver call.
-            return fetch.wait()
+            return fetch.result()
         try:
             active = {
                 m.site_id: m.public_key for m in self._source.members(federation_id) if m.status == MemberStatus.ACTIVE
@@ -83,12 +62,12 @@ class FederationMembers:
             with self._lock:
                 del self._fetches[federation_id]
             # The waiters get the same error: a keyserver that is down is not asked once per waiter in turn.
-            fetch.fail(exc)
+            fetch.set_exception(exc)
             raise
         with self._lock:
             self._cache[federation_id] = (now, active)
             del self._fetches[federation_id]
-        fetch.finish(active)
+        fetch.set_result(active)
         return active
 
     def active(self, federation_id: str) -> dict[str, str]:
