@@ -1,11 +1,11 @@
 """Child process of the HE benchmark: sums stored updates as the aggregator does, and reports
 the time and the peak resident memory above its own baseline (so imports do not count).
 
-Updates are read from their files chunk by chunk (a lazy sequence), so the process holds the
-running sum plus one chunk, as a streaming aggregator would. The packed codec is summed chunk
-index by chunk index (``sum_chunk``), so only one summed chunk exists at a time; with
-``--procs N`` the chunk indices are split into N contiguous ranges, one process each, and the
-reported memory is the sum of every process's peak above its own baseline.
+Updates are read from their files chunk by chunk (a lazy sequence). fedhe's codecs are summed
+as the service sums a round, chunk index by chunk index (``sum_chunk``), so only one summed chunk
+exists at a time; with ``--procs N`` the chunk indices are split into N contiguous ranges, one
+process each, and the reported memory is the sum of every process's peak above its own
+baseline. The baselines (TenSEAL's usual set-up, plaintext) keep a running sum of whole updates.
 
 Besides wall time, each process reports its CPU time: on a shared machine other jobs stretch
 the wall time, while the busiest process's CPU time is what an idle machine would take.
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, overload
 
-from bench.he_codecs import packed_aggregator, summer_for
+from bench.he_codecs import FEDHE_KINDS, fedhe_aggregator, summer_for
 from fedhe.he.envelope import MAGIC
 
 
@@ -91,15 +91,15 @@ def _sum_by_update(args: argparse.Namespace, updates: list[Path]) -> dict[str, A
 
 
 def _sum_index_range(
-    directory: Path, updates: list[Path], sites: int, start: int, stop: int, part: Path, ready: Any = None
+    kind: str, directory: Path, updates: list[Path], sites: int, start: int, stop: int, part: Path, ready: Any = None
 ) -> dict[str, float]:
     """Sum chunk indices [start, stop) of ``sites`` updates into ``part`` (length-prefixed).
 
     ``ready`` (a barrier shared with the other processes) holds every process back until all
     have started up, so the timed window is the summation alone, as in a warm worker pool.
     """
-    codec = packed_aggregator(
-        (directory / "aggregator-context.bin").read_bytes(), (directory / "packing-settings.json").read_text()
+    codec = fedhe_aggregator(
+        kind, (directory / "aggregator-context.bin").read_bytes(), (directory / "packing-settings.json").read_text()
     )
     files = [EnvelopeFile(path) for path in updates]
     baseline = _reset_peak()
@@ -129,7 +129,10 @@ def _sum_by_chunk_index(args: argparse.Namespace, updates: list[Path]) -> dict[s
     num_chunks = len(EnvelopeFile(updates[0]))
     bounds = [num_chunks * part // args.procs for part in range(args.procs + 1)]
     parts = [args.dir / f"sum-part-{part}.bin" for part in range(args.procs)]
-    tasks = [(args.dir, updates, args.sites, bounds[part], bounds[part + 1], parts[part]) for part in range(args.procs)]
+    tasks = [
+        (args.kind, args.dir, updates, args.sites, bounds[part], bounds[part + 1], parts[part])
+        for part in range(args.procs)
+    ]
     if args.procs == 1:
         results = [_sum_index_range(*tasks[0])]
     else:
@@ -161,10 +164,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--sites", type=int, required=True)
     parser.add_argument("--num-values", type=int, required=True)
-    parser.add_argument("--procs", type=int, default=1, help="processes summing chunk-index ranges (packed only)")
+    parser.add_argument("--procs", type=int, default=1, help="processes summing chunk-index ranges (fedhe codecs)")
     args = parser.parse_args()
     updates = sorted(args.dir.glob("update-*.fedhe"))
-    result = _sum_by_chunk_index(args, updates) if args.kind == "packed" else _sum_by_update(args, updates)
+    result = _sum_by_chunk_index(args, updates) if args.kind in FEDHE_KINDS else _sum_by_update(args, updates)
     print(json.dumps(result))
 
 

@@ -166,15 +166,16 @@ def accuracy_at_100_sites(codec: SeededCodec, size: int = 20_000) -> dict[str, A
     from fedhe.he import CKKS_FORMAT_ID, codec_for, load_evaluation_context
 
     rng = np.random.default_rng(100)
-    accumulator = codec_for(CKKS_FORMAT_ID, load_evaluation_context(codec.aggregator_context())).accumulator(size)
+    aggregator = codec_for(CKKS_FORMAT_ID, load_evaluation_context(codec.aggregator_context()))
     total = np.zeros(size)
     samples = 0
+    updates = []
     for _ in range(100):
         weights, n = rng.uniform(-10, 10, size), int(rng.integers(1, 1000))
-        accumulator.add(codec.encrypt(weighted_update(weights, np.zeros(size), n, codec.weight_scale)))
+        updates.append(codec.encrypt(weighted_update(weights, np.zeros(size), n, codec.weight_scale)))
         total += weights * n
         samples += n
-    average = codec.decrypt(accumulator.to_chunks(), size) * codec.weight_scale / samples
+    average = codec.decrypt(aggregator.sum_updates(updates, size), size) * codec.weight_scale / samples
     return {"sites": 100, "params": size, "max_abs_error": float(np.max(np.abs(average - total / samples)))}
 
 
@@ -188,14 +189,14 @@ def packed_accuracy_at_100_sites(size: int = 100_000) -> dict[str, Any]:
     aggregator = codec_for(PACKED_FORMAT_ID, load_evaluation_context(codec.aggregator_context()), options=settings)
     rng = np.random.default_rng(101)
     bound = 1000
-    accumulator = aggregator.accumulator(size)
     total, samples = np.zeros(size), 0
+    updates = []
     for _ in range(100):
         change, n = rng.uniform(-settings.clip_range, settings.clip_range, size), int(rng.integers(500, bound + 1))
-        accumulator.add(codec.encrypt(change * n / bound))
+        updates.append(codec.encrypt(change * n / bound))
         total += change * n
         samples += n
-    average = codec.decrypt(accumulator.to_chunks(), size) * bound / samples
+    average = codec.decrypt(aggregator.sum_updates(updates, size), size) * bound / samples
     error = float(np.max(np.abs(average - total / samples)))
     return {"sites": 100, "params": size, "max_abs_error": error, "error_over_r": error / settings.clip_range}
 

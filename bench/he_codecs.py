@@ -12,7 +12,7 @@ draws, with R the largest |w| (ADR 0006's rule: S bounds each n_k, R bounds each
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,8 +24,8 @@ from fedhe.he import (
     PACKED_FORMAT_ID,
     BfvParameters,
     CkksParameters,
-    PackedBfvCodec,
     PackingSettings,
+    UpdateCodec,
     codec_for,
     create_key_material,
 )
@@ -166,17 +166,6 @@ class Summer(Protocol):
     def result(self) -> Iterable[bytes]: ...
 
 
-class _SeededSummer:
-    def __init__(self, context: bytes, num_values: int):
-        self._accumulator = codec_for(CKKS_FORMAT_ID, load_eval(context)).accumulator(num_values)
-
-    def add(self, chunks: Sequence[bytes]) -> None:
-        self._accumulator.add(chunks)
-
-    def result(self) -> Iterator[bytes]:
-        return self._accumulator.iter_chunks()
-
-
 class _TenSEALSummer:
     def __init__(self, context: bytes, num_values: int):
         self._context = ts.context_from(context)
@@ -205,13 +194,17 @@ class _PlainSummer:
         return [self._sum.tobytes()]
 
 
-def packed_aggregator(context: bytes, settings: str) -> PackedBfvCodec:
-    """The aggregator side of the packed codec: keyless context, the job's settings."""
-    codec = codec_for(PACKED_FORMAT_ID, load_eval(context), options=PackingSettings.model_validate_json(settings))
-    assert isinstance(codec, PackedBfvCodec)
-    return codec
+FEDHE_KINDS = ("seeded", "packed")
+"""The codecs whose aggregator sums a round as the service does, chunk index by chunk index."""
+
+
+def fedhe_aggregator(kind: str, context: bytes, settings: str) -> UpdateCodec:
+    """The aggregator side of a fedhe codec: keyless context and, for ``packed``, the job's settings."""
+    if kind == "packed":
+        return codec_for(PACKED_FORMAT_ID, load_eval(context), options=PackingSettings.model_validate_json(settings))
+    return codec_for(CKKS_FORMAT_ID, load_eval(context))
 
 
 def summer_for(kind: str, context: bytes, num_values: int) -> Summer:
-    """The aggregator side of codec ``kind`` (``seeded``, ``tenseal`` or ``plain``)."""
-    return {"seeded": _SeededSummer, "tenseal": _TenSEALSummer, "plain": _PlainSummer}[kind](context, num_values)
+    """The aggregator side of a baseline (``tenseal`` or ``plain``), which sums update by update."""
+    return {"tenseal": _TenSEALSummer, "plain": _PlainSummer}[kind](context, num_values)

@@ -2,7 +2,8 @@
 
 Deterministic (fixed seeds) so a failure reproduces: random byte strings, valid envelopes
 mutated by bit flips, truncation, insertion and splicing, hostile JSON headers (deep nesting,
-huge integers, wrong types), and mutated ciphertext chunks fed to the real CKKS accumulator.
+huge integers, wrong types), and mutated ciphertext chunks fed to the real codecs' chunk check
+and sum.
 The only exception allowed out of the parser is ``InvalidUpdate``; anything else (a 500 at the
 service) fails the test with the input that caused it.
 """
@@ -23,6 +24,7 @@ from fedhe.he import (
     CKKS_FORMAT_ID,
     Envelope,
     KeyMaterial,
+    UpdateCodec,
     codec_for,
     decode_envelope,
     encode_envelope,
@@ -140,23 +142,31 @@ def test_hostile_headers_are_refused_by_name() -> None:
     assert set(outcomes) <= {"parsed", "invalid_envelope", "truncated_update", "invalid_metrics"}
 
 
-def test_mutated_ciphertext_chunks_never_escape_the_accumulator(key_material: KeyMaterial) -> None:
+def _checked_and_summed(aggregator: UpdateCodec, good: bytes) -> Callable[[bytes], str]:
+    """Feed a chunk to the intake's check and to the sum at close: both must refuse it by name, or
+    both take it (a flipped coefficient bit is still a ciphertext; only its value changes)."""
+
+    def outcome(chunk: bytes) -> str:
+        try:
+            aggregator.check_chunk(0, chunk)
+        except InvalidUpdate as exc:
+            with pytest.raises(InvalidUpdate) as summed:
+                aggregator.sum_chunk(0, [good, chunk])
+            assert summed.value.detail == {"chunk": 0, "update": 1}
+            return exc.code
+        aggregator.sum_chunk(0, [good, chunk])
+        return "summed"
+
+    return outcome
+
+
+def test_mutated_ciphertext_chunks_are_refused_by_the_check_and_the_sum_alike(key_material: KeyMaterial) -> None:
     site = codec_for(CKKS_FORMAT_ID, load_secret_context(key_material.secret_context))
     aggregator = codec_for(CKKS_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))
     good = site.encrypt_update(np.linspace(-1, 1, 10))
-    accumulator = aggregator.accumulator(10, good)
     rng = random.Random(4)
 
-    def add_mutated(chunk: bytes) -> str:
-        before = accumulator.to_chunks()
-        try:
-            accumulator.add([chunk])
-        except InvalidUpdate as exc:
-            assert accumulator.to_chunks() == before, "a refused chunk changed the running sum"
-            return exc.code
-        return "added"  # a flipped coefficient bit is still a ciphertext; only its value changes
-
-    outcomes = _run((_mutate(good[0], rng) for _ in range(CHUNK_CASES)), add_mutated)
+    outcomes = _run((_mutate(good[0], rng) for _ in range(CHUNK_CASES)), _checked_and_summed(aggregator, good[0]))
     assert sum(outcomes.values()) == CHUNK_CASES
     assert outcomes["invalid_ciphertext"] > CHUNK_CASES // 2
 
@@ -174,7 +184,7 @@ def test_a_compressed_serialisation_is_refused_before_seal_parses_it(key_materia
     payload = zstandard.ZstdCompressor().compress(chunk[HEADER.size :])
     compressed = HEADER.pack(magic, size, major, minor, COMPR_ZSTD, 0, HEADER.size + len(payload)) + payload
     with pytest.raises(InvalidUpdate) as refused:
-        aggregator.accumulator(4).add([compressed])
+        aggregator.check_chunk(0, compressed)
     assert refused.value.code == "invalid_ciphertext"
 
 
@@ -187,19 +197,8 @@ def test_mutated_packed_chunks_never_escape_the_aggregator() -> None:
     aggregator = codec_for(PACKED_FORMAT_ID, load_evaluation_context(material.evaluation_context), options=settings)
     assert isinstance(aggregator, PackedBfvCodec)
     good = site.encrypt_update(np.linspace(-0.5, 0.5, 100))
-    accumulator = aggregator.accumulator(100, good)
     rng = random.Random(6)
 
-    def add_mutated(chunk: bytes) -> str:
-        before = accumulator.to_chunks()
-        try:
-            aggregator.check_chunk(0, chunk)
-            accumulator.add([chunk])
-        except InvalidUpdate as exc:
-            assert accumulator.to_chunks() == before, "a refused chunk changed the running sum"
-            return exc.code
-        return "added"
-
-    outcomes = _run((_mutate(good[0], rng) for _ in range(CHUNK_CASES)), add_mutated)
+    outcomes = _run((_mutate(good[0], rng) for _ in range(CHUNK_CASES)), _checked_and_summed(aggregator, good[0]))
     assert sum(outcomes.values()) == CHUNK_CASES
     assert outcomes["invalid_ciphertext"] > CHUNK_CASES // 2

@@ -2,8 +2,8 @@
 
 Only this package touches TenSEAL. Services use the recipe layer:
 ``create_key_material`` / ``load_secret_context`` / ``load_evaluation_context``, then
-``codec_for(format_id, context, workers, options)`` and its ``encrypt_update``, ``accumulator``
-and ``decrypt_aggregate``. The packed BFV format also takes the job's ``PackingSettings``
+``codec_for(format_id, context, workers, options)`` and its ``encrypt_update``, ``check_chunk``,
+``sum_chunk`` and ``decrypt_aggregate``. The packed BFV format also takes the job's ``PackingSettings``
 (validated up front by ``check_packing``) and reports clipping with ``quantisation_report``.
 """
 
@@ -12,7 +12,6 @@ from fedhe.he.codec import (
     CKKS_FORMAT_ID,
     DEFAULT_FORMAT_ID,
     PACKED_FORMAT_ID,
-    Accumulator,
     UpdateCodec,
     codec_for,
     format_for,
@@ -36,7 +35,6 @@ __all__ = [
     "CKKS_FORMAT_ID",
     "DEFAULT_FORMAT_ID",
     "PACKED_FORMAT_ID",
-    "Accumulator",
     "BfvParameters",
     "CkksParameters",
     "Envelope",

@@ -9,7 +9,7 @@ aggregators can refuse what they do not understand instead of misreading it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 from typing import TYPE_CHECKING, Any
 
 import tenseal as ts
@@ -19,22 +19,6 @@ from fedhe.errors import InvalidRequest, InvalidUpdate
 
 if TYPE_CHECKING:
     from fedhe.he.packing import PackingSettings
-
-
-class Accumulator(abc.ABC):
-    """A running encrypted sum of updates; needs no secret key."""
-
-    @abc.abstractmethod
-    def add(self, chunks: Sequence[bytes]) -> None:
-        """Add one update. Validates every chunk first, so a bad update changes nothing."""
-
-    @abc.abstractmethod
-    def iter_chunks(self) -> Iterator[bytes]:
-        """Serialise the running sum one chunk at a time (for streaming it out)."""
-
-    def to_chunks(self) -> list[bytes]:
-        """Serialise the running sum."""
-        return list(self.iter_chunks())
 
 
 class UpdateCodec(abc.ABC):
@@ -51,10 +35,6 @@ class UpdateCodec(abc.ABC):
         """Encrypt a flat vector (needs the secret context)."""
 
     @abc.abstractmethod
-    def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
-        """A running sum for updates of ``num_values`` values, optionally resumed from chunks."""
-
-    @abc.abstractmethod
     def check_chunk(self, index: int, data: bytes) -> None:
         """Raise ``InvalidUpdate`` unless ``data`` is a valid ``index``-th chunk (checked as it streams in)."""
 
@@ -65,6 +45,16 @@ class UpdateCodec(abc.ABC):
         A round is summed chunk index by chunk index, in the memory of one chunk. The first bad
         chunk raises ``InvalidUpdate`` (detail: ``chunk`` and ``update``, its position).
         """
+
+    def sum_updates(self, updates: Sequence[Sequence[bytes]], num_values: int) -> list[bytes]:
+        """The sum of whole updates held in memory, chunk index by chunk index as a round is summed.
+
+        For tests and benchmarks: the service sums stored chunks with ``sum_chunk`` instead.
+        """
+        expected = self.num_chunks(num_values)
+        for update in updates:
+            self.check_count(update, expected)
+        return [self.sum_chunk(index, (update[index] for update in updates)) for index in range(expected)]
 
     @staticmethod
     def check_count(chunks: Sized, expected_chunks: int) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-from fedhe.he.codec import Accumulator, UpdateCodec
+from fedhe.he.codec import UpdateCodec
 
 PLAINTEXT_FORMAT_ID = "plain-f64-insecure-v1"
 SWITCH = "FEDHE_INSECURE_PLAINTEXT_CODEC"
@@ -27,19 +27,6 @@ _VALUES_PER_CHUNK = 65_536
 def plaintext_allowed() -> bool:
     """Whether this process was started for a benchmark or test that may send plaintext."""
     return os.environ.get(SWITCH) == "benchmark-only"
-
-
-class _PlainAccumulator(Accumulator):
-    def __init__(self, codec: PlaintextCodec, num_values: int, initial: Sequence[bytes] | None):
-        self._codec = codec
-        self._num_values = num_values
-        self._sum = codec.decode(initial, num_values) if initial is not None else np.zeros(num_values)
-
-    def add(self, chunks: Sequence[bytes]) -> None:
-        self._sum += self._codec.decode(chunks, self._num_values)
-
-    def iter_chunks(self) -> Iterator[bytes]:
-        return iter(self._codec.encrypt_update(self._sum))
 
 
 class PlaintextCodec(UpdateCodec):
@@ -63,9 +50,6 @@ class PlaintextCodec(UpdateCodec):
         if len(chunks) != self.num_chunks(num_values) or sum(len(c) for c in chunks) != 8 * num_values:
             raise InvalidUpdate("plaintext update has the wrong size", code="wrong_chunk_count")
         return np.frombuffer(b"".join(chunks), dtype="<f8").astype(np.float64)
-
-    def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
-        return _PlainAccumulator(self, num_values, initial)
 
     def check_chunk(self, index: int, data: bytes) -> None:
         if not data or len(data) % 8 or len(data) > 8 * _VALUES_PER_CHUNK:

@@ -1,4 +1,4 @@
-"""What every SEAL-backed codec shares: chunk checks, sums, exact rollback, parallel encryption.
+"""What every SEAL-backed codec shares: chunk checks, sums by chunk index, parallel encryption.
 
 A concrete codec says how to encrypt a block of values (``_encrypt_block``), how to read a
 chunk's wire form (``_deserialise``) and what form its ciphertexts must have (``_has_format``),
@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import math
 import multiprocessing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -21,43 +21,7 @@ import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-from fedhe.he.codec import Accumulator, UpdateCodec
-
-
-class SealAccumulator(Accumulator):
-    """Adds updates chunk by chunk, so memory holds the sum plus one chunk, never a whole update.
-
-    A bad chunk found part-way is rolled back by subtracting the chunks already added: addition
-    is exact modular arithmetic on the coefficients, so the sum returns bit for bit.
-    """
-
-    def __init__(self, codec: SealCodec, num_values: int, initial: Sequence[bytes] | None):
-        self._codec = codec
-        self._num_chunks = codec.num_chunks(num_values)
-        self._sum: list[seal.Ciphertext] | None = None
-        if initial is not None:
-            self._sum = codec.parse(initial, self._num_chunks)
-
-    def add(self, chunks: Sequence[bytes]) -> None:
-        self._codec.check_count(chunks, self._num_chunks)
-        if self._sum is None:
-            self._sum = self._codec.parse(chunks, self._num_chunks)
-            return
-        evaluator = self._codec.evaluator
-        for index, data in enumerate(chunks):
-            try:
-                term = self._codec.load_chunk(index, data)
-            except InvalidUpdate:
-                for done in range(index):
-                    evaluator.sub_inplace(self._sum[done], self._codec.load_chunk(done, chunks[done]))
-                raise
-            evaluator.add_inplace(self._sum[index], term)
-
-    def iter_chunks(self) -> Iterator[bytes]:
-        if self._sum is None:
-            raise InvalidRequest("the running sum is empty")
-        return (self._codec.serialise(ciphertext) for ciphertext in self._sum)
-
+from fedhe.he.codec import UpdateCodec
 
 _WORKER: dict[str, UpdateCodec] = {}
 
@@ -182,9 +146,6 @@ class SealCodec(UpdateCodec):
         """Deserialise and check every chunk; raise ``InvalidUpdate`` on the first bad one."""
         self.check_count(chunks, expected_chunks)
         return [self.load_chunk(index, data) for index, data in enumerate(chunks)]
-
-    def accumulator(self, num_values: int, initial: Sequence[bytes] | None = None) -> Accumulator:
-        return SealAccumulator(self, num_values, initial)
 
     def check_chunk(self, index: int, data: bytes) -> None:
         self.load_chunk(index, data)
