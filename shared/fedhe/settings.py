@@ -48,6 +48,9 @@ class ServiceSettings(BaseSettings):
     port: int
     database_url: str
     redis_url: str | None = None
+    # Deployments that share one Redis keep apart by prefix (within one, the keyserver's and the
+    # aggregator's keys never overlap).
+    redis_key_prefix: str = Field(default="fedhe", pattern=r"^[a-z0-9][a-z0-9.-]{0,127}$")
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None

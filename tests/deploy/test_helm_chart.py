@@ -870,6 +870,15 @@ def test_redis_url_with_password_is_refused(chart: helm.Chart, service: str) -> 
         render(chart, values)
 
 
+def test_a_redis_key_prefix_given_is_used_and_a_bad_one_refused(chart: helm.Chart) -> None:
+    redis = {"url": "redis://redis-master:6379/0", "keyPrefix": "hospital-trial"}
+    values = with_value(scenario_values("minimal-values.yaml"), "aggregator.redis", redis)
+    ag = env_of(container(deployment(render(chart, values), "aggregator")))
+    assert ag["FEDHE_AGGREGATOR_REDIS_KEY_PREFIX"]["value"] == "hospital-trial"
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(with_value(values, "aggregator.redis", {**redis, "keyPrefix": "Bad Prefix:*"}))
+
+
 def test_several_aggregators_need_redis(chart: helm.Chart) -> None:
     values = with_value(scenario_values("minimal-values.yaml"), "aggregator.replicas", 2)
     with pytest.raises(helm.HelmRenderError, match="needs a shared Redis"):
@@ -888,6 +897,8 @@ def test_environment_variable_names(variant: tuple[dict[str, Any], list[dict[str
         assert ks["FEDHE_KEYSERVER_PORT"]["value"] == "8090"
         redis = values["keyserver"].get("redis", {})
         assert ("FEDHE_KEYSERVER_REDIS_URL" in ks) == bool(redis)
+        if redis:
+            assert ks["FEDHE_KEYSERVER_REDIS_KEY_PREFIX"]["value"] == f"{NAMESPACE}.{RELEASE}"
         given = bool(values["keyserver"].get("aggregatorToken", {}).get("existingSecret"))
         assert ("FEDHE_KEYSERVER_AGGREGATOR_TOKEN_FILE" in ks) == given
     if enabled(values, "aggregator"):
@@ -895,6 +906,8 @@ def test_environment_variable_names(variant: tuple[dict[str, Any], list[dict[str
         redis = values["aggregator"].get("redis", {})
         assert set(ag) >= AGGREGATOR_ENV
         assert ("FEDHE_AGGREGATOR_REDIS_URL" in ag) == bool(redis)
+        if redis:
+            assert ag["FEDHE_AGGREGATOR_REDIS_KEY_PREFIX"]["value"] == f"{NAMESPACE}.{RELEASE}"
         assert ag["FEDHE_AGGREGATOR_PORT"]["value"] == "8080"
         assert int(ag["FEDHE_AGGREGATOR_MAX_UPLOAD_BYTES"]["value"]) > 0
         expected = values["aggregator"].get("keyserverUrl") or KEYSERVER_URL

@@ -33,6 +33,10 @@ WEIGHT_SCALE = 10_000
 MODEL = ModelSpec(input_dim=50, num_classes=2)  # 102 parameters
 
 
+REDIS_KEY_PREFIX = "fault-test"
+"""Every key the replicas write to Redis starts with this (``FEDHE_AGGREGATOR_REDIS_KEY_PREFIX``)."""
+
+
 @dataclass
 class FaultCluster:
     """Keyserver plus one or more aggregator replicas sharing Postgres and Redis."""
@@ -57,6 +61,7 @@ class FaultCluster:
             extra_env={
                 **UNLIMITED_RATES,
                 "FEDHE_AGGREGATOR_REDIS_URL": self.redis_url,
+                "FEDHE_AGGREGATOR_REDIS_KEY_PREFIX": REDIS_KEY_PREFIX,
                 "FEDHE_AGGREGATOR_DEADLINE_CHECK_INTERVAL_S": "0.5",
             },
         )

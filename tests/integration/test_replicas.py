@@ -12,11 +12,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 
 from fedhe.local_cluster import RedisServer
 from tests.conftest import PostgresDatabases
 from tests.integration.faults_support import (
     MODEL,
+    REDIS_KEY_PREFIX,
     FaultCluster,
     assert_published_average,
     federation_with_job,
@@ -117,3 +119,10 @@ def test_a_refused_upload_does_not_burn_its_idempotency_key(replicas: FaultClust
 def test_events_need_the_operator_credential(replicas: FaultCluster, tmp_path: Path) -> None:
     response = httpx.get(f"{replicas.urls[0]}/v1/events", timeout=5, verify=replicas.secrets.tls.ssl_context())
     assert response.status_code == 401
+
+
+def test_every_key_the_replicas_write_to_redis_is_under_their_prefix(replicas: FaultCluster) -> None:
+    keys = [key.decode() for key in redis.Redis.from_url(replicas.redis_url).keys("*")]
+    # By now the replicas hold the watcher lease, the event stream, idempotency keys and rate counters.
+    assert {key.split(":")[1] for key in keys} >= {"lease", "fence", "events", "idempotency", "aggregator"}
+    assert {key.split(":")[0] for key in keys} == {REDIS_KEY_PREFIX}

@@ -61,7 +61,7 @@ def test_members_come_with_their_endorsers_from_one_query_whatever_their_number(
     service = KeyService(
         sessions,
         SecretSealer(base64.b64encode(os.urandom(32)).decode()),
-        nonce_store_for(None, sessions),
+        nonce_store_for(None, "fedhe", sessions),
         audience="https://keyserver.test",
         max_skew_s=60,
         metrics=KeyserverMetrics(),

@@ -62,7 +62,7 @@ def create_app(
     )
     contexts = EvaluationContexts(sessions, context_source or keyserver)
     metrics = Metrics()
-    coordination = coordination_for(settings.redis_url)
+    coordination = coordination_for(settings.redis_url, settings.redis_key_prefix)
     members = FederationMembers(membership_source or keyserver, settings.membership_cache_s)
     coordinator = JobCoordinator(sessions, contexts, metrics, coordination, SiteSampler(members))
     publisher = RoundPublisher(sessions, contexts, coordinator, settings.sum_workers or usable_cpus())
@@ -78,7 +78,7 @@ def create_app(
         accounts.ensure_bootstrap(settings.bootstrap_admin, Role.ADMIN, bootstrap.get_secret_value())
     limiter = RateLimiter(
         {**base_limits(settings), REGISTRATIONS: Limit(settings.registrations_per_address, 3600)},
-        counters_for(settings.redis_url, "fedhe:aggregator:rate"),
+        counters_for(settings.redis_url, f"{settings.redis_key_prefix}:aggregator:rate"),
     )
 
     @asynccontextmanager

@@ -131,14 +131,15 @@ class LocalCoordination:
 class RedisCoordination:
     """Coordination through Redis: a lease key plus a fencing counter, a stream, SET NX keys."""
 
-    def __init__(self, url: str, stream: str = "fedhe:events", max_events: int = 100_000):
+    def __init__(self, url: str, prefix: str, max_events: int = 100_000):
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
         # A blocking XREAD waits up to MAX_BLOCK_S for an event; its socket must outwait it, or
         # every quiet wait would time out and look like an outage.
         self._reader = redis.Redis.from_url(
             url, socket_timeout=MAX_BLOCK_S + 5, socket_connect_timeout=2, health_check_interval=10
         )
-        self._stream = stream
+        self._prefix = prefix
+        self._stream = f"{prefix}:events"
         self._max_events = max_events
         self._lease_script = self._redis.register_script(_RENEW_OR_ACQUIRE)
 
@@ -149,16 +150,16 @@ class RedisCoordination:
             raise CoordinationUnavailable(str(exc)) from exc
 
     def hold_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
-        keys = [f"fedhe:lease:{name}", f"fedhe:fence:{name}"]
+        keys = [f"{self._prefix}:lease:{name}", f"{self._prefix}:fence:{name}"]
         token = self._call(self._lease_script, keys=keys, args=[holder, int(ttl_s * 1000)])
         return None if token is None else int(token)
 
     def idempotency_fingerprint(self, key: str) -> str | None:
-        stored = self._call(self._redis.get, f"fedhe:idempotency:{key}")
+        stored = self._call(self._redis.get, f"{self._prefix}:idempotency:{key}")
         return None if stored is None else bytes(stored).decode()
 
     def remember_idempotency_key(self, key: str, fingerprint: str, ttl_s: float) -> None:
-        self._call(self._redis.set, f"fedhe:idempotency:{key}", fingerprint, ex=max(1, int(ttl_s)))
+        self._call(self._redis.set, f"{self._prefix}:idempotency:{key}", fingerprint, ex=max(1, int(ttl_s)))
 
     def latest_event_id(self) -> str:
         newest = self._call(self._redis.xrevrange, self._stream, count=1)
@@ -180,6 +181,6 @@ class RedisCoordination:
         return events
 
 
-def coordination_for(redis_url: str | None) -> Coordination:
-    """Redis coordination when a URL is configured, in-process coordination otherwise."""
-    return RedisCoordination(redis_url) if redis_url else LocalCoordination()
+def coordination_for(redis_url: str | None, prefix: str) -> Coordination:
+    """Redis coordination (its keys under ``prefix``) when a URL is configured, in-process otherwise."""
+    return RedisCoordination(redis_url, prefix) if redis_url else LocalCoordination()

@@ -247,14 +247,14 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
             SIGNED_PER_ADDRESS: Limit(settings.key_releases_per_site * 4, 60),
             SIGNED_PER_SITE: Limit(settings.key_releases_per_site, 60),
         },
-        counters_for(settings.redis_url, "fedhe:keyserver:rate"),
+        counters_for(settings.redis_url, f"{settings.redis_key_prefix}:keyserver:rate"),
     )
     app = FastAPI(title="fedhe keyserver", version="0.1.0")
     metrics = KeyserverMetrics()
     app.state.key_service = KeyService(
         sessions,
         sealer,
-        nonce_store_for(settings.redis_url, sessions),
+        nonce_store_for(settings.redis_url, settings.redis_key_prefix, sessions),
         audience=settings.audience(),
         max_skew_s=settings.key_release_max_skew_s,
         metrics=metrics,

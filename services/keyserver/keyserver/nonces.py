@@ -30,12 +30,13 @@ class NonceStore(Protocol):
 class RedisNonces:
     """Nonces as expiring Redis keys."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, prefix: str):
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._prefix = prefix
 
     def claim(self, nonce: str, ttl_s: int) -> bool:
         try:
-            return bool(self._redis.set(f"fedhe:nonce:{nonce}", b"1", nx=True, ex=ttl_s))
+            return bool(self._redis.set(f"{self._prefix}:nonce:{nonce}", b"1", nx=True, ex=ttl_s))
         except redis.RedisError as exc:
             raise UpstreamUnavailable(
                 "cannot check the request's nonce; retry", code="nonce_store_unavailable"
@@ -59,6 +60,6 @@ class DatabaseNonces:
         return True
 
 
-def nonce_store_for(redis_url: str | None, sessions: SessionFactory) -> NonceStore:
-    """Redis when configured, the database otherwise."""
-    return RedisNonces(redis_url) if redis_url else DatabaseNonces(sessions)
+def nonce_store_for(redis_url: str | None, prefix: str, sessions: SessionFactory) -> NonceStore:
+    """Redis (keys under ``prefix``) when configured, the database otherwise."""
+    return RedisNonces(redis_url, prefix) if redis_url else DatabaseNonces(sessions)

@@ -140,22 +140,28 @@ Fails unless a required Secret name is set. Takes (dict "value" ... "what" "keys
 {{- end -}}
 
 {{/*
-A Redis URL as environment variable: from a Secret, or a plain URL without credentials.
-Takes (dict "name" "FEDHE_AGGREGATOR_REDIS_URL" "redis" <values> "what" "aggregator.redis").
+A Redis URL as environment variable: from a Secret, or a plain URL without credentials; with it,
+the prefix of every key the service writes (redis.keyPrefix, or <namespace>.<release>), so
+releases that share one Redis never read each other's leases, events, nonces or counters.
+Takes (dict "context" $ "prefix" "FEDHE_AGGREGATOR" "redis" <values> "what" "aggregator.redis").
 */}}
 {{- define "fedhe.redisEnv" -}}
 {{- if and .redis.url (contains "@" .redis.url) -}}
 {{- fail (printf "%s.url carries credentials: put the URL in a Secret and set %s.existingSecret instead" .what .what) -}}
 {{- end -}}
 {{- if .redis.existingSecret }}
-- name: {{ .name }}
+- name: {{ .prefix }}_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ .redis.existingSecret | quote }}
       key: {{ .redis.key | quote }}
 {{- else if .redis.url }}
-- name: {{ .name }}
+- name: {{ .prefix }}_REDIS_URL
   value: {{ .redis.url | quote }}
+{{- end }}
+{{- if or .redis.existingSecret .redis.url }}
+- name: {{ .prefix }}_REDIS_KEY_PREFIX
+  value: {{ .redis.keyPrefix | default (printf "%s.%s" .context.Release.Namespace .context.Release.Name) | quote }}
 {{- end }}
 {{- end -}}
 
