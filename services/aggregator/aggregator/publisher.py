@@ -34,11 +34,13 @@ from fedhe.schemas import RoundState
 
 logger = logging.getLogger(__name__)
 
-_WORKER_CODECS: dict[tuple[str, str, str], UpdateCodec] = {}
+# Keyed by the evaluation context's bytes themselves (under 100 bytes for BFV, 1 KiB for CKKS),
+# so two federations' codecs can never be confused.
+_WORKER_CODECS: dict[tuple[str, bytes, str], UpdateCodec] = {}
 
 
 def _sum_in_worker(format_id: str, context: bytes, options: str, index: int, chunks: list[bytes]) -> bytes:
-    key = (format_id, str(zlib.crc32(context)), options)
+    key = (format_id, context, options)
     codec = _WORKER_CODECS.get(key)
     if codec is None:
         settings = PackingSettings.model_validate_json(options) if options else None
