@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from numpy.typing import NDArray
+from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
 
 from client_agent.dp_sgd import ClippingPath, DPParameters, DPSGDRun, choose_clipping_path
+from client_agent.layer_registry import fast_clipping_registry
 from fedhe.dp_randomness import SWITCH, draw_run_secrets
 from fedhe.errors import InvalidRequest
 
@@ -37,6 +39,57 @@ def _with_batch_norm() -> tf.keras.Model:
     hidden = tf.keras.layers.BatchNormalization()(hidden)
     outputs = tf.keras.layers.Dense(3)(tf.keras.layers.Flatten()(tf.keras.layers.ReLU()(hidden)))
     return tf.keras.Model(inputs, outputs)
+
+
+def _with_trained_batch_norm(model: tf.keras.Model) -> tf.keras.Model:
+    """``model`` with every BatchNormalization's statistics taken from a batch of inputs and γ, β
+    away from 1 and 0. Initial statistics (0 and 1) leave a MobileNet's output independent of its
+    input in inference mode, so every example would have the same gradient and a norm computation
+    could be wrong unnoticed."""
+    rng = np.random.default_rng(7)
+    batch_norms = [layer for layer in model.submodules if isinstance(layer, tf.keras.layers.BatchNormalization)]
+    for layer in batch_norms:
+        layer.momentum = 0.0  # the next training-mode pass sets the statistics to its batch's
+    model(rng.normal(size=(64, *model.input_shape[1:])).astype(np.float32) * 3, training=True)
+    for layer in batch_norms:
+        channels = layer.moving_mean.shape
+        if layer.scale:
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+        if layer.center:
+            layer.beta.assign(rng.normal(0, 0.3, channels))
+    return model
+
+
+def _strided_depthwise_cnn() -> tf.keras.Model:
+    inputs = tf.keras.layers.Input((7, 7, 3))
+    hidden = tf.keras.layers.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2)(inputs)
+    hidden = tf.keras.layers.BatchNormalization(center=False)(hidden)
+    hidden = tf.keras.layers.DepthwiseConv2D(2, dilation_rate=2, use_bias=False, activation="relu")(hidden)
+    hidden = tf.keras.layers.BatchNormalization(scale=False)(hidden)
+    outputs = tf.keras.layers.Dense(3)(tf.keras.layers.Flatten()(hidden))
+    return _with_trained_batch_norm(tf.keras.Model(inputs, outputs))
+
+
+def _channels_first_batch_norm() -> tf.keras.Model:
+    inputs = tf.keras.layers.Input((6, 6, 2))
+    hidden = tf.keras.layers.BatchNormalization(axis=1)(inputs)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3)(tf.keras.layers.Flatten()(hidden)))
+
+
+def _mobilenet_v2() -> tf.keras.Model:
+    return _with_trained_batch_norm(
+        tf.keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3, classifier_activation=None
+        )
+    )
+
+
+def _mobilenet_v3_small() -> tf.keras.Model:
+    return _with_trained_batch_norm(
+        tf.keras.applications.MobileNetV3Small(
+            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3, classifier_activation=None
+        )
+    )
 
 
 def _flat(model: tf.keras.Model) -> NDArray[Any]:
@@ -104,25 +157,86 @@ def test_paths_follow_the_layer_registry() -> None:
     assert choose_clipping_path(_mlp()) is ClippingPath.FAST
     assert choose_clipping_path(_cnn()) is ClippingPath.FAST
     assert choose_clipping_path(_strided_cnn()) is ClippingPath.FAST
+    assert choose_clipping_path(_depthwise_cnn()) is ClippingPath.FAST
+    assert choose_clipping_path(_with_batch_norm()) is ClippingPath.FAST
+    assert choose_clipping_path(_strided_depthwise_cnn()) is ClippingPath.FAST
+    assert choose_clipping_path(_mobilenet_v2()) is ClippingPath.FAST
+    assert choose_clipping_path(_mobilenet_v3_small()) is ClippingPath.FAST
     assert choose_clipping_path(_grouped_cnn()) is ClippingPath.VECTORIZED
-    assert choose_clipping_path(_depthwise_cnn()) is ClippingPath.VECTORIZED
-    assert choose_clipping_path(_with_batch_norm()) is ClippingPath.VECTORIZED
+    assert choose_clipping_path(_channels_first_batch_norm()) is ClippingPath.VECTORIZED
 
 
 @pytest.mark.parametrize(
-    "make",
-    [_mlp, _cnn, _strided_cnn, _depthwise_cnn, _with_batch_norm],
-    ids=["fast_dense", "fast_conv", "fast_strided_conv", "vectorized_depthwise", "vectorized_batch_norm"],
+    ("make", "path"),
+    [
+        (_mlp, ClippingPath.FAST),
+        (_cnn, ClippingPath.FAST),
+        (_strided_cnn, ClippingPath.FAST),
+        (_depthwise_cnn, ClippingPath.FAST),
+        (_with_batch_norm, ClippingPath.FAST),
+        (_strided_depthwise_cnn, ClippingPath.FAST),
+        (_mobilenet_v2, ClippingPath.FAST),
+        (_mobilenet_v3_small, ClippingPath.FAST),
+        (_grouped_cnn, ClippingPath.VECTORIZED),
+        (_channels_first_batch_norm, ClippingPath.VECTORIZED),
+    ],
+    ids=[
+        "dense",
+        "conv",
+        "strided_conv",
+        "depthwise",
+        "batch_norm",
+        "strided_dilated_depthwise_and_batch_norm",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "vectorized_grouped_conv",
+        "vectorized_channels_first_batch_norm",
+    ],
 )
-def test_a_noiseless_step_is_the_clipped_sum_over_the_expected_batch(make: Any) -> None:
+def test_a_noiseless_step_is_the_clipped_sum_over_the_expected_batch(make: Any, path: ClippingPath) -> None:
+    """Every example is clipped (its gradient is longer than C), so a wrong per-example norm on
+    either path shows as a wrong step."""
     model = make()
     x, y = _data(model, 11)
     clip, lr, batch, n = 0.05, 1.0, 8, 40
     expected = _reference_clipped_sum(model, x, y, clip)
     before = _trainable(model)
     run = DPSGDRun(model, dp=DPParameters(clip, 0.0), batch_size=batch, num_examples=n, learning_rate=lr)
+    assert run.path is path
     run.step(x, y)
     np.testing.assert_allclose(before - _trainable(model), lr * expected / batch, atol=1e-6)
+
+
+def _loss(labels: Any, logits: tf.Tensor) -> tf.Tensor:
+    return tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_cnn, _with_batch_norm, _strided_depthwise_cnn, _mobilenet_v2, _mobilenet_v3_small],
+    ids=["conv", "batch_norm", "strided_dilated_depthwise_and_batch_norm", "mobilenet_v2", "mobilenet_v3_small"],
+)
+def test_fast_path_norms_are_each_rows_own_gradient_norm(make: Any) -> None:
+    """The registry's per-row norms against one-row-at-a-time gradients. A large model's step
+    coordinates are each far below the step test's tolerance; its norms are not."""
+    model = make()
+    x, y = _data(model, 8, seed=2)
+    reference = []
+    for i in range(len(y)):
+        with tf.GradientTape() as tape:
+            loss = _loss(y[i : i + 1], model(x[i : i + 1], training=False))[0]
+        gradients = tape.gradient(loss, model.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        reference.append(np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in gradients)))
+    norms = clip_grads.compute_gradient_norms(
+        model,
+        fast_clipping_registry(),
+        x,
+        y,
+        per_example_loss_fn=lambda labels, logits, _: _loss(labels, logits),
+        trainable_vars=model.trainable_variables,
+    )
+    assert np.ptp(reference) > 0.1 * np.max(reference)  # rows differ: the model's output depends on its input
+    np.testing.assert_allclose(norms.numpy(), reference, rtol=1e-5, atol=1e-6)
 
 
 def _trainable(model: tf.keras.Model) -> NDArray[Any]:

@@ -11,12 +11,12 @@ make the step's scale depend on the data. A local epoch is n / batch_size steps.
 How per-example gradients are clipped (``choose_clipping_path``)
 -----------------------------------------------------------------
 ``FAST``: every layer with trainable variables is in the layer registry (tensorflow-privacy's
-    Dense and Embedding, and our Conv2D, ``client_agent.layer_registry``) and the model is
-    functional/Sequential. ``clip_grads.
-    compute_gradient_norms`` gets every example's gradient norm from one forward/backward pass
+    Dense and Embedding; our Conv2D, DepthwiseConv2D and BatchNormalization in inference mode,
+    ``client_agent.layer_registry``) and the model is functional/Sequential.
+    ``clip_grads.compute_gradient_norms`` gets every example's gradient norm from one forward/backward pass
     (ghost clipping, arXiv:1510.01799, arXiv:2009.03106); a second backward pass of the loss
     weighted by each example's clip factor yields the sum of clipped gradients.
-``VECTORIZED``: anything else (BatchNormalization, DepthwiseConv2D, ...). Per-example gradients are
+``VECTORIZED``: anything else (grouped convolutions, LayerNormalization, ...). Per-example gradients are
     materialised with ``tf.vectorized_map`` over a chunk of examples, clipped and summed; a
     ``tf.while_loop`` walks the chunks so memory stays at one chunk x the parameter count.
 
@@ -84,7 +84,7 @@ import tensorflow as tf
 from numpy.typing import NDArray
 from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads, gradient_clipping_utils
 
-from client_agent.layer_registry import conv2d_supported, fast_clipping_registry
+from client_agent.layer_registry import fast_clipping_registry, layer_supported
 from fedhe.dp_randomness import RunSecrets, draw_run_secrets
 from fedhe.errors import InvalidRequest
 from fedhe.privacy import sampling_probability, steps_per_epoch
@@ -102,12 +102,16 @@ class ClippingPath(enum.StrEnum):
     VECTORIZED = "vectorized_per_example"
 
 
+def _all_layers(model: tf.keras.Model) -> list[tf.keras.layers.Layer]:
+    """Every layer, nested models' included (the fast path walks into them)."""
+    return [layer for layer in model.submodules if isinstance(layer, tf.keras.layers.Layer)]
+
+
 def choose_clipping_path(model: tf.keras.Model) -> ClippingPath:
     """``FAST`` when the registry covers every trainable layer (and its configuration), else ``VECTORIZED``."""
     functional = gradient_clipping_utils.has_internal_compute_graph(model)
     covered = gradient_clipping_utils.all_trainable_layers_are_registered(model, fast_clipping_registry())
-    convolutions = [layer for layer in model.layers if type(layer) is tf.keras.layers.Conv2D]
-    if functional and covered and all(conv2d_supported(layer) for layer in convolutions):
+    if functional and covered and all(layer_supported(layer) for layer in _all_layers(model)):
         return ClippingPath.FAST
     return ClippingPath.VECTORIZED
 
