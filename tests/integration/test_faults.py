@@ -24,6 +24,7 @@ from fedhe.schemas import FederationCreate, JobCreate
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
 from tests.integration.faults_support import (
     MODEL,
+    REDIS_KEY_PREFIX,
     FaultCluster,
     assert_published_average,
     federation_with_job,
@@ -261,7 +262,7 @@ def test_deadline_fires_after_the_lease_holding_replica_dies(cluster: FaultClust
     job_id, sites = federation_with_job(cluster, 3, min_sites=2, target_sites=3, rounds=1, round_deadline_s=6)
     for site, update in zip(sites[:2], _updates(2, seed=8), strict=True):
         assert site.post(cluster.urls[0], job_id, 0, site.body(*update)).status_code == 201
-    holder = redis.Redis.from_url(redis_server.url).get("fedhe:lease:deadline-watcher")
+    holder = redis.Redis.from_url(redis_server.url).get(f"{REDIS_KEY_PREFIX}:lease:deadline-watcher")
     assert holder is not None
     holder_pid = int(holder.decode().split(":")[1])
     index = next(i for i, (_, p) in enumerate(cluster.replicas) if p.process.pid == holder_pid)
