@@ -525,6 +525,10 @@ class RoundVerification(BaseModel):
     submissions: int
     counters_match: bool
     sum_matches: bool
+    uploads_pruned: bool = Field(
+        default=False,
+        description="the round's uploads were removed by the retention period: its sum cannot be recomputed",
+    )
 
 
 class UpdateAccepted(BaseModel):

@@ -547,6 +547,7 @@ def test_schema_is_draft07_and_closed(chart: helm.Chart) -> None:
         ("keyserver.bootstrapAdmin.name", "Admin"),
         ("keyserver.tls.extraDnsNames", ["not a name"]),
         ("aggregator.membershipCacheSeconds", 301),
+        ("aggregator.uploadRetentionDays", -1),
         ("aggregator.service.externalTrafficPolicy", "Nearest"),
         ("aggregator.keyserverUrl", "ftp://keys.example.org"),
         ("tls.certManager.privateKey.algorithm", "DSA"),
@@ -877,6 +878,15 @@ def test_a_redis_key_prefix_given_is_used_and_a_bad_one_refused(chart: helm.Char
     assert ag["FEDHE_AGGREGATOR_REDIS_KEY_PREFIX"]["value"] == "hospital-trial"
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(with_value(values, "aggregator.redis", {**redis, "keyPrefix": "Bad Prefix:*"}))
+
+
+def test_an_upload_retention_period_is_passed_on_only_when_set(chart: helm.Chart) -> None:
+    values = scenario_values("minimal-values.yaml")
+    unset = env_of(container(deployment(render(chart, values), "aggregator")))
+    assert "FEDHE_AGGREGATOR_UPLOAD_RETENTION_DAYS" not in unset
+    kept = with_value(values, "aggregator.uploadRetentionDays", 14)
+    ag = env_of(container(deployment(render(chart, kept), "aggregator")))
+    assert ag["FEDHE_AGGREGATOR_UPLOAD_RETENTION_DAYS"]["value"] == "14"
 
 
 def test_several_aggregators_need_redis(chart: helm.Chart) -> None:

@@ -49,7 +49,7 @@ class FaultCluster:
     keyserver: ManagedProcess
     replicas: list[tuple[int, ManagedProcess]] = field(default_factory=list)
 
-    def add_replica(self, port: int | None = None, name: str | None = None) -> str:
+    def add_replica(self, port: int | None = None, name: str | None = None, env: dict[str, str] | None = None) -> str:
         port = port or free_port()
         process = start_aggregator(
             port=port,
@@ -63,6 +63,7 @@ class FaultCluster:
                 "FEDHE_AGGREGATOR_REDIS_URL": self.redis_url,
                 "FEDHE_AGGREGATOR_REDIS_KEY_PREFIX": REDIS_KEY_PREFIX,
                 "FEDHE_AGGREGATOR_DEADLINE_CHECK_INTERVAL_S": "0.5",
+                **(env or {}),
             },
         )
         self.replicas.append((port, process))

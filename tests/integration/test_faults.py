@@ -6,6 +6,7 @@ weighted average of exactly the uploads the aggregator acknowledged.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 from collections.abc import Iterator
@@ -272,3 +273,33 @@ def test_deadline_fires_after_the_lease_holding_replica_dies(cluster: FaultClust
     _wait_for_round(cluster, survivor, job_id, 0, "published", timeout_s=30)
     with cluster.admin(survivor) as operator:
         assert operator.round(job_id, 0).num_submissions == 2
+
+
+def test_a_retention_period_removes_finished_rounds_ciphertext_and_nothing_else(cluster: FaultCluster) -> None:
+    _, first = cluster.replicas.pop()
+    first.stop()
+    url = cluster.add_replica(name="aggregator-retention", env={"FEDHE_AGGREGATOR_UPLOAD_RETENTION_DAYS": "0"})
+    job_id, sites = federation_with_job(cluster, 2, min_sites=2, rounds=2)
+    updates = _updates(3, seed=11)
+    for site, (change, n) in zip(sites, updates[:2], strict=True):
+        assert site.post(url, job_id, 0, site.body(change, n)).status_code == 201
+    assert sites[0].post(url, job_id, 1, sites[0].body(*updates[2])).status_code == 201
+    published = round_snapshot(cluster.database_url, job_id, 0)
+    collecting = round_snapshot(cluster.database_url, job_id, 1)
+
+    with cluster.admin(url) as operator:
+        deadline = time.monotonic() + 60  # the new replica takes the watcher lease once the old one's expires
+        while not (verification := operator.verify_round(job_id, 0)).uploads_pruned:
+            assert time.monotonic() < deadline, "the finished round's uploads were not pruned"
+            time.sleep(0.5)
+        events = [e for e in operator.audit_events(200) if e.action == "uploads.prune" and e.subject == job_id]
+        assert operator.verify_round(job_id, 1).uploads_pruned is False
+
+    assert (verification.counters_match, verification.sum_matches) == (True, False)
+    assert [(e.actor, e.detail) for e in events] == [("aggregator", {"round": 0, "attempt": 1, "uploads": 2})]
+    pruned = round_snapshot(cluster.database_url, job_id, 0)
+    empty = hashlib.sha256(b"").hexdigest()
+    assert pruned == {**published, "counted_chunks_sha256": empty}  # submissions and the sum stay
+    assert published["counted_chunks_sha256"] != empty
+    assert round_snapshot(cluster.database_url, job_id, 1) == collecting  # a round still to be summed keeps all
+    assert_published_average(sites[1], url, job_id, 0, updates[:2])  # sites replaying the job still can

@@ -232,17 +232,24 @@ def test_a_new_token_goes_to_its_file_and_quiet_needs_one(
 def test_verify_exits_1_when_the_stored_sum_differs(
     services: Callable[..., Services], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    verdicts = iter([(True, True), (True, False), (False, True)])
+    verdicts = iter([(True, True, False), (True, False, False), (False, True, False), (True, False, True)])
 
     def verify(request: httpx.Request) -> RoundVerification:
-        counters, matches = next(verdicts)
-        return RoundVerification(job_id=JOB_ID, number=1, submissions=3, counters_match=counters, sum_matches=matches)
+        counters, matches, pruned = next(verdicts)
+        return RoundVerification(
+            job_id=JOB_ID, number=1, submissions=3, counters_match=counters, sum_matches=matches, uploads_pruned=pruned
+        )
 
     services({("GET", f"/v1/jobs/{JOB_ID}/rounds/1/verify"): verify})
     assert main(["job", "verify", JOB_ID, "--round", "1", "--field", "sum_matches"]) == 0
     assert capsys.readouterr().out == "true\n"
     assert main(["job", "verify", JOB_ID, "--round", "1"]) == 1  # the sum differs
     assert main(["job", "verify", JOB_ID, "--round", "1"]) == 1  # the counters differ
+    capsys.readouterr()
+    assert main(["job", "verify", JOB_ID, "--round", "1"]) == 1  # nothing left to recompute the sum from
+    assert capsys.readouterr().err == (
+        "fedhe: round 1's uploads were removed by the retention period; its sum cannot be recomputed\n"
+    )
     assert main(["job", "verify", JOB_ID]) == 2  # --round is required
 
 

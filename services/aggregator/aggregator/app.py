@@ -67,7 +67,12 @@ def create_app(
     coordinator = JobCoordinator(sessions, contexts, metrics, coordination, SiteSampler(members))
     publisher = RoundPublisher(sessions, contexts, coordinator, settings.sum_workers or usable_cpus())
     watcher = RoundWatcher(
-        coordinator, publisher, coordination, settings.deadline_check_interval_s, settings.orphan_upload_after_s
+        coordinator,
+        publisher,
+        coordination,
+        settings.deadline_check_interval_s,
+        settings.orphan_upload_after_s,
+        settings.upload_retention_days,
     )
     registry = SiteRegistry(sessions, coordinator.publish_events)
     accounts = AccountService(

@@ -1,9 +1,9 @@
 """Checking a round's published sum against the submissions it was made from.
 
-Every accepted upload is stored chunk by chunk, so a round's sum can always be recomputed from
-them. Operators use this to check a round after an incident
-(``GET /v1/jobs/{id}/rounds/{n}/verify``); the fault tests use it to prove nothing was lost or
-counted twice.
+Every accepted upload is stored chunk by chunk, so a round's sum can be recomputed from them
+until a retention period (``FEDHE_AGGREGATOR_UPLOAD_RETENTION_DAYS``) removes them. Operators use
+this to check a round after an incident (``GET /v1/jobs/{id}/rounds/{n}/verify``); the fault
+tests use it to prove nothing was lost or counted twice.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def verify_round(sessions: SessionFactory, publisher: RoundPublisher, job_id: st
             s.num_samples for s in submissions
         )
         stored_sizes = repo.aggregate_chunk_sizes(row.id)
+        pruned = bool(submissions) and repo.uploads_without_chunks([s.upload_id for s in submissions]) > 0
     sum_matches = False
-    if published and submissions:
+    if published and submissions and not pruned:
         plan = publisher.plan(job_id, round_id, require_state=RoundState.PUBLISHED)
         sum_matches = plan is not None and len(stored_sizes) == plan.num_chunks
         for index, data in publisher.sums(plan) if plan is not None and sum_matches else []:
@@ -44,4 +45,5 @@ def verify_round(sessions: SessionFactory, publisher: RoundPublisher, job_id: st
         submissions=len(submissions),
         counters_match=counters_match,
         sum_matches=sum_matches,
+        uploads_pruned=pruned,
     )

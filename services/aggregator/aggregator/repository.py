@@ -163,6 +163,34 @@ class AggregatorRepository(AuditingRepository):
         self.session.execute(delete(UploadChunkRow).where(UploadChunkRow.upload_id == upload_id))
         self.session.execute(delete(UploadRow).where(UploadRow.id == upload_id))
 
+    def expired_uploads(self, finished_before: datetime, limit: int) -> list[tuple[str, int, int, str]]:
+        """(job id, round number, attempt, upload id) of counted uploads that still hold chunks,
+        of rounds published or failed before ``finished_before`` (never a round still to be summed)."""
+        has_chunks = select(UploadChunkRow.upload_id).where(UploadChunkRow.upload_id == SubmissionRow.upload_id)
+        query = (
+            select(RoundRow.job_id, RoundRow.number, RoundRow.attempt, SubmissionRow.upload_id)
+            .join(RoundRow, RoundRow.id == SubmissionRow.round_id)
+            .where(
+                RoundRow.state.in_([RoundState.PUBLISHED.value, RoundState.FAILED.value]),
+                RoundRow.closed_at < finished_before,
+                has_chunks.exists(),
+            )
+            .order_by(RoundRow.id, SubmissionRow.id)
+            .limit(limit)
+        )
+        return [(job, number, attempt, upload) for job, number, attempt, upload in self.session.execute(query).all()]
+
+    def delete_upload_chunks(self, upload_ids: list[str]) -> None:
+        """Remove the ciphertext of counted uploads; their submission rows (sizes, hashes) stay."""
+        self.session.execute(delete(UploadChunkRow).where(UploadChunkRow.upload_id.in_(upload_ids)))
+
+    def uploads_without_chunks(self, upload_ids: list[str]) -> int:
+        """How many of ``upload_ids`` hold no chunk any more."""
+        with_chunks = select(func.count(func.distinct(UploadChunkRow.upload_id))).where(
+            UploadChunkRow.upload_id.in_(upload_ids)
+        )
+        return len(upload_ids) - int(self.session.scalar(with_chunks) or 0)
+
     def orphan_uploads(self, older_than: datetime) -> list[str]:
         """Uploads no submission refers to, started before ``older_than`` (cut off or refused)."""
         referenced = select(SubmissionRow.upload_id)

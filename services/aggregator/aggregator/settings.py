@@ -28,6 +28,9 @@ class AggregatorSettings(ServiceSettings):
     orphan_upload_after_s: float = Field(
         default=1800, gt=0, description="an upload that never counted is removed after this many seconds"
     )
+    # Counted uploads are the encrypted record of every site's contribution; once their round is
+    # finished, only `job verify` reads them. None keeps them as long as the database does.
+    upload_retention_days: float | None = Field(default=None, ge=0)
 
     def keyserver_secret(self) -> SecretStr:
         """The aggregator's service credential at the keyserver (its ``aggregator`` service account)."""

@@ -8,7 +8,11 @@ that safe) rather than letting deadlines slip. Each tick:
 1. finishes every round past its deadline (closes it, or fails it below ``min_sites``);
 2. sums and publishes every closed round not yet published (rounds closed by a replica that
    died before publishing, and rounds the deadline just closed);
-3. removes uploads that never counted (cut off mid-stream, or refused) once they are old.
+3. removes uploads that never counted (cut off mid-stream, or refused) once they are old;
+4. with a retention period, removes the ciphertext of counted uploads whose round was published
+   or failed longer ago than that (a batch per tick, audited per round). The submission rows
+   (site, samples, size, hash) and the published sums stay: sites replaying the job's rounds
+   still download every aggregate, and ``job verify`` reports the round's uploads as pruned.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import socket
 import threading
 import uuid
+from collections import defaultdict
 from datetime import timedelta
 
 from aggregator.coordination import Coordination, CoordinationUnavailable
@@ -27,6 +32,9 @@ from aggregator.repository import AggregatorRepository
 from fedhe.db import utcnow
 
 logger = logging.getLogger(__name__)
+
+# Uploads whose ciphertext one tick removes at most: a short transaction, the rest next tick.
+_PRUNE_BATCH = 200
 
 
 class RoundWatcher:
@@ -39,12 +47,14 @@ class RoundWatcher:
         coordination: Coordination,
         interval_s: float,
         orphan_after_s: float,
+        retention_days: float | None = None,
     ):
         self._jobs = jobs
         self._publisher = publisher
         self._coordination = coordination
         self._interval_s = interval_s
         self._orphan_after = timedelta(seconds=orphan_after_s)
+        self._retention = timedelta(days=retention_days) if retention_days is not None else None
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lease_ttl_s = max(5.0, 5 * interval_s)
         self._stop = threading.Event()
@@ -80,3 +90,15 @@ class RoundWatcher:
             repo = AggregatorRepository(session)
             for upload_id in repo.orphan_uploads(utcnow() - self._orphan_after):
                 repo.delete_upload(upload_id)
+            if self._retention is not None:
+                self._prune_expired_uploads(repo)
+
+    def _prune_expired_uploads(self, repo: AggregatorRepository) -> None:
+        assert self._retention is not None
+        by_round: dict[tuple[str, int, int], list[str]] = defaultdict(list)
+        for job_id, number, attempt, upload_id in repo.expired_uploads(utcnow() - self._retention, _PRUNE_BATCH):
+            by_round[(job_id, number, attempt)].append(upload_id)
+        for (job_id, number, attempt), upload_ids in by_round.items():
+            repo.delete_upload_chunks(upload_ids)
+            detail = {"round": number, "attempt": attempt, "uploads": len(upload_ids)}
+            repo.audit(actor="aggregator", action="uploads.prune", subject=job_id, detail=detail)

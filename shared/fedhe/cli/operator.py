@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,12 @@ def _job(args: argparse.Namespace) -> int | None:
                 require(args, "round")
                 verification = client.verify_round(args.job_id, args.round)
                 _emit(args, verification, "job_id")
+                if verification.uploads_pruned:
+                    print(
+                        f"fedhe: round {args.round}'s uploads were removed by the retention period; "
+                        "its sum cannot be recomputed",
+                        file=sys.stderr,
+                    )
                 return 0 if verification.counters_match and verification.sum_matches else 1
             else:
                 _emit(args, client.stop_job(args.job_id))
