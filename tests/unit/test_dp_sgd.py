@@ -14,6 +14,8 @@ from client_agent.dp_sgd import ClippingPath, DPParameters, DPSGDRun, choose_cli
 from client_agent.layer_registry import fast_clipping_registry
 from fedhe.dp_randomness import SWITCH, draw_run_secrets
 from fedhe.errors import InvalidRequest
+from fedhe.models import build_model, initial_weights, set_flat_weights
+from fedhe.modelspec import ModelSpec
 
 
 def _mlp(inputs: int = 12, classes: int = 3) -> tf.keras.Model:
@@ -76,20 +78,21 @@ def _channels_first_batch_norm() -> tf.keras.Model:
     return tf.keras.Model(inputs, tf.keras.layers.Dense(3)(tf.keras.layers.Flatten()(hidden)))
 
 
+def _zoo_model(architecture: str) -> tf.keras.Model:
+    """The zoo's model as sites build it, with the job's seeded round-0 weights (so every run of
+    this test sees the same network), then statistics from data."""
+    spec = ModelSpec(architecture=architecture, input_shape=(32, 32, 3), alpha=0.35, num_classes=3)
+    model = build_model(spec)
+    set_flat_weights(model, initial_weights(spec, seed=3))
+    return _with_trained_batch_norm(model)
+
+
 def _mobilenet_v2() -> tf.keras.Model:
-    return _with_trained_batch_norm(
-        tf.keras.applications.MobileNetV2(
-            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3, classifier_activation=None
-        )
-    )
+    return _zoo_model("mobilenet_v2")
 
 
 def _mobilenet_v3_small() -> tf.keras.Model:
-    return _with_trained_batch_norm(
-        tf.keras.applications.MobileNetV3Small(
-            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3, classifier_activation=None
-        )
-    )
+    return _zoo_model("mobilenet_v3_small")
 
 
 def _flat(model: tf.keras.Model) -> NDArray[Any]:
@@ -236,7 +239,9 @@ def test_fast_path_norms_are_each_rows_own_gradient_norm(make: Any) -> None:
         trainable_vars=model.trainable_variables,
     )
     assert np.ptp(reference) > 0.1 * np.max(reference)  # rows differ: the model's output depends on its input
-    np.testing.assert_allclose(norms.numpy(), reference, rtol=1e-5, atol=1e-6)
+    # float32 rounding scales with the batch's largest gradients, so a row far below them is
+    # compared against those.
+    np.testing.assert_allclose(norms.numpy(), reference, rtol=1e-5, atol=1e-6 * np.max(reference))
 
 
 def _trainable(model: tf.keras.Model) -> NDArray[Any]:

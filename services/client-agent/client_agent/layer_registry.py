@@ -78,47 +78,53 @@ def _check_call(
     return input_args[0]
 
 
-def conv2d_layer_computation(
-    layer: tf.keras.layers.Conv2D,
-    input_args: Sequence[Any],
-    input_kwargs: Mapping[str, Any],
-    tape: tf.GradientTape,
-    num_microbatches: Any = None,
-) -> tuple[tf.Tensor, tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
-    """Registry function for ``tf.keras.layers.Conv2D`` (module docstring)."""
-    inputs = _check_call(layer, input_args, input_kwargs, num_microbatches)
-    pre_activation, outputs = _without_activation(layer, inputs, tape)
-
-    def squared_norms(grads: tf.Tensor) -> tf.Tensor:
-        patches = _patches(layer, inputs)
-        grads = tf.reshape(grads, [tf.shape(patches)[0], -1, grads.shape[-1]])
-        kernel = tf.einsum("bpk,bpo->bko", patches, grads)
-        return tf.reduce_sum(tf.square(kernel), axis=[1, 2]) + _bias_norms(layer, grads)
-
-    return pre_activation, outputs, squared_norms
+RegistryFunction = Callable[..., tuple[tf.Tensor, tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]]
 
 
-def depthwise_conv2d_layer_computation(
-    layer: tf.keras.layers.DepthwiseConv2D,
-    input_args: Sequence[Any],
-    input_kwargs: Mapping[str, Any],
-    tape: tf.GradientTape,
-    num_microbatches: Any = None,
-) -> tuple[tf.Tensor, tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
-    """Registry function for ``tf.keras.layers.DepthwiseConv2D`` (module docstring)."""
-    inputs = _check_call(layer, input_args, input_kwargs, num_microbatches)
-    pre_activation, outputs = _without_activation(layer, inputs, tape)
-    channels, multiplier = inputs.shape[-1], layer.depth_multiplier
+def _convolution(kernel_norms: Callable[[Any, tf.Tensor, tf.Tensor], tf.Tensor]) -> RegistryFunction:
+    """A registry function for a convolution whose per-example squared kernel-gradient norms
+    ``kernel_norms(layer, patches, grads)`` gives from patches [batch, positions, k·k·C_in] and
+    output gradients [batch, positions, C_out] (module docstring)."""
 
-    def squared_norms(grads: tf.Tensor) -> tf.Tensor:
-        patches = _patches(layer, inputs)
-        batch = tf.shape(patches)[0]
-        by_channel = tf.reshape(patches, [batch, tf.shape(patches)[1], -1, channels])
-        grads = tf.reshape(grads, [batch, -1, channels * multiplier])
-        kernel = tf.einsum("bpkc,bpcm->bkcm", by_channel, tf.reshape(grads, [batch, -1, channels, multiplier]))
-        return tf.reduce_sum(tf.square(kernel), axis=[1, 2, 3]) + _bias_norms(layer, grads)
+    def computation(
+        layer: tf.keras.layers.Layer,
+        input_args: Sequence[Any],
+        input_kwargs: Mapping[str, Any],
+        tape: tf.GradientTape,
+        num_microbatches: Any = None,
+    ) -> tuple[tf.Tensor, tf.Tensor, Callable[[tf.Tensor], tf.Tensor]]:
+        inputs = _check_call(layer, input_args, input_kwargs, num_microbatches)
+        pre_activation, outputs = _without_activation(layer, inputs, tape)
 
-    return pre_activation, outputs, squared_norms
+        def squared_norms(grads: tf.Tensor) -> tf.Tensor:
+            patches = _patches(layer, inputs)
+            grads = tf.reshape(grads, [tf.shape(patches)[0], -1, grads.shape[-1]])
+            return kernel_norms(layer, patches, grads) + _bias_norms(layer, grads)
+
+        return pre_activation, outputs, squared_norms
+
+    return computation
+
+
+def _conv2d_kernel_norms(layer: tf.keras.layers.Conv2D, patches: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
+    kernel = tf.einsum("bpk,bpo->bko", patches, grads)
+    return tf.reduce_sum(tf.square(kernel), axis=[1, 2])
+
+
+def _depthwise_kernel_norms(layer: tf.keras.layers.DepthwiseConv2D, patches: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
+    multiplier = layer.depth_multiplier
+    channels = grads.shape[-1] // multiplier
+    batch, positions = tf.shape(patches)[0], tf.shape(patches)[1]
+    by_channel = tf.reshape(patches, [batch, positions, -1, channels])
+    kernel = tf.einsum("bpkc,bpcm->bkcm", by_channel, tf.reshape(grads, [batch, positions, channels, multiplier]))
+    return tf.reduce_sum(tf.square(kernel), axis=[1, 2, 3])
+
+
+conv2d_layer_computation = _convolution(_conv2d_kernel_norms)
+"""Registry function for ``tf.keras.layers.Conv2D``."""
+
+depthwise_conv2d_layer_computation = _convolution(_depthwise_kernel_norms)
+"""Registry function for ``tf.keras.layers.DepthwiseConv2D``."""
 
 
 def batch_normalization_layer_computation(
