@@ -23,7 +23,7 @@ import socket
 import threading
 import uuid
 from collections import defaultdict
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from aggregator.coordination import Coordination, CoordinationUnavailable
 from aggregator.jobs import JobCoordinator
@@ -91,12 +91,12 @@ class RoundWatcher:
             for upload_id in repo.orphan_uploads(utcnow() - self._orphan_after):
                 repo.delete_upload(upload_id)
             if self._retention is not None:
-                self._prune_expired_uploads(repo)
+                self._prune_uploads(repo, finished_before=utcnow() - self._retention)
 
-    def _prune_expired_uploads(self, repo: AggregatorRepository) -> None:
-        assert self._retention is not None
+    @staticmethod
+    def _prune_uploads(repo: AggregatorRepository, finished_before: datetime) -> None:
         by_round: dict[tuple[str, int, int], list[str]] = defaultdict(list)
-        for job_id, number, attempt, upload_id in repo.expired_uploads(utcnow() - self._retention, _PRUNE_BATCH):
+        for job_id, number, attempt, upload_id in repo.expired_uploads(finished_before, _PRUNE_BATCH):
             by_round[(job_id, number, attempt)].append(upload_id)
         for (job_id, number, attempt), upload_ids in by_round.items():
             repo.delete_upload_chunks(upload_ids)
