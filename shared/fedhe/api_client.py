@@ -24,6 +24,7 @@ from fedhe.schemas import (
     EndorsementCreate,
     EvaluationCreate,
     FederationCreate,
+    FederationKeys,
     FederationOverview,
     FederationPublic,
     HeartbeatCreate,
@@ -32,6 +33,7 @@ from fedhe.schemas import (
     KeyReleaseRequest,
     MemberCreate,
     MemberPublic,
+    PinnedKeysRequest,
     RoundPublic,
     RoundVerification,
     SiteApproved,
@@ -43,6 +45,7 @@ from fedhe.schemas import (
     UpdateAccepted,
     WhoAmI,
 )
+from fedhe.secagg.messages import AdvertisementCreate, Transcript, UnmaskingAnswer
 from fedhe.tls import ClientTLS
 
 M = TypeVar("M", bound=BaseModel)
@@ -265,6 +268,13 @@ class KeyserverClient(ServiceClient):
         """Aggregator: the keyless evaluation context."""
         return self.request("GET", self._url("/v1/contexts/{key_id}/evaluation", key_id=key_id)).content
 
+    def pinned_keys(self, key_id: str, request: PinnedKeysRequest) -> FederationKeys:
+        """Site: the pinned keys of its federation's active members, against a signed request."""
+        response = self.request(
+            "POST", self._url("/v1/contexts/{key_id}/members", key_id=key_id), json=request.model_dump()
+        )
+        return self.parse(FederationKeys, response)
+
     def secret_context(self, key_id: str, request: KeyReleaseRequest) -> bytes:
         """Site: the secret context, against a signed request."""
         return self.request(
@@ -357,6 +367,32 @@ class AggregatorClient(ServiceClient):
             headers=headers,
         )
         return self.parse(UpdateAccepted, response)
+
+    def advertise_key(self, job_id: str, number: int, advertisement: AdvertisementCreate) -> None:
+        """Site: advertise its X25519 key for the current attempt of a secure round."""
+        self.request(
+            "POST",
+            self._url("/v1/jobs/{job_id}/rounds/{number}/keys", job_id=job_id, number=number),
+            json=advertisement.model_dump(),
+        )
+
+    def transcript(self, job_id: str, number: int, attempt: int | None = None) -> Transcript:
+        """Site or operator: a secure round attempt's roster, signed statements and seeds."""
+        params = {} if attempt is None else {"attempt": attempt}
+        response = self.request(
+            "GET",
+            self._url("/v1/jobs/{job_id}/rounds/{number}/transcript", job_id=job_id, number=number),
+            params=params,
+        )
+        return self.parse(Transcript, response)
+
+    def answer_unmasking(self, job_id: str, number: int, answer: UnmaskingAnswer) -> None:
+        """Site: send the shares it holds of the other roster members' self-mask seeds."""
+        self.request(
+            "POST",
+            self._url("/v1/jobs/{job_id}/rounds/{number}/unmasking", job_id=job_id, number=number),
+            json=answer.model_dump(),
+        )
 
     def heartbeat(self, report: HeartbeatCreate) -> None:
         """Site: report the agent's state, versions and privacy spending."""

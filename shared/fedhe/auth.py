@@ -89,6 +89,7 @@ def parse_public_key(encoded: str) -> Ed25519PublicKey:
 SIGNED_REQUEST_VERSION = "fedhe-signed-request-v1"
 KEY_RELEASE_PURPOSE = "release-secret-context"
 ENDORSE_PURPOSE = "endorse-member"
+PINNED_KEYS_PURPOSE = "list-pinned-keys"
 
 
 def new_nonce() -> str:

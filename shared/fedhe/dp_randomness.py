@@ -23,6 +23,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedhe.errors import InvalidRequest
 
 SWITCH = "FEDHE_INSECURE_DP_SEED"
@@ -70,6 +72,12 @@ def draw_run_secrets(test_stream: str = "") -> RunSecrets:
         )
     _warn_reproducible()
     return _from_test_seed(int(match.group(1)), test_stream)
+
+
+def noise_generator(test_stream: str = "") -> np.random.Generator:
+    """A NumPy generator for Gaussian noise outside DP-SGD (the statistics step): 192 bits of OS
+    entropy, or the test seed's stream under the switch (``draw_run_secrets``)."""
+    return np.random.default_rng(np.random.SeedSequence(list(draw_run_secrets(test_stream).noise_state)))
 
 
 @functools.cache

@@ -5,7 +5,9 @@
     FedheError
     ├── InvalidRequest          400  the request is malformed or breaks a rule
     │   ├── InvalidUpdate       400  an encrypted update cannot be accepted as sent
-    │   └── DataProblem         400  a site's data file cannot be used (names file, row, column)
+    │   ├── DataProblem         400  a site's data file cannot be used (names file, row, column)
+    │   └── AggregateRefused    400  a site will not apply an aggregate its transcript does not prove
+    │       └── ImplausibleAggregate  400  a decrypted sum honest inputs cannot produce (a forged input)
     ├── Unauthenticated         401  no credential, or one that is not valid
     ├── PermissionDenied        403  authenticated, but not allowed (pending/revoked site)
     ├── NotFound                404  no such site, federation, job or round
@@ -62,6 +64,18 @@ class DataProblem(InvalidRequest):
     """A site's data cannot be used as the job needs it; the message names the file and place."""
 
     default_code = "data_problem"
+
+
+class AggregateRefused(InvalidRequest):
+    """A site will not apply a published aggregate: its transcript does not prove an honest sum."""
+
+    default_code = "aggregate_refused"
+
+
+class ImplausibleAggregate(AggregateRefused):
+    """A decrypted aggregate that the round's honest inputs cannot produce (a forged input)."""
+
+    default_code = "implausible_aggregate"
 
 
 class Unauthenticated(FedheError):

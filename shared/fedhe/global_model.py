@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest
-from fedhe.he.codec import UpdateCodec
+from fedhe.he.codec import CoefficientMask, UpdateCodec
 from fedhe.he.envelope import Envelope, decode_envelope, encode_header
 
 RoundKind = Literal["statistics", "training"]
@@ -34,16 +34,20 @@ def aggregate_header(
     num_values: int,
     job_id: str,
     round_number: int,
+    attempt: int,
     kind: RoundKind,
     total_samples: int,
+    num_inputs: int,
     weight_scale: int,
 ) -> bytes:
     """The start of a published aggregate's envelope; its summed chunks follow as they are."""
     meta = {
         "job_id": job_id,
         "round": round_number,
+        "attempt": attempt,
         "kind": kind,
         "total_samples": total_samples,
+        "num_inputs": num_inputs,
         "weight_scale": weight_scale,
     }
     return encode_header(format_id=format_id, key_id=key_id, num_values=num_values, chunk_sizes=chunk_sizes, meta=meta)
@@ -58,6 +62,27 @@ def weighted_update(
 
 
 @dataclass(frozen=True)
+class AggregateFacts:
+    """What a published aggregate's envelope says in the clear about the sum it holds."""
+
+    kind: RoundKind
+    round_number: int
+    attempt: int
+    total_samples: int
+    num_inputs: int
+    weight_scale: int
+
+
+@dataclass(frozen=True)
+class Decryption:
+    """How to decrypt one aggregate: the codec, the masks to remove, how many inputs it sums."""
+
+    codec: UpdateCodec
+    masks: CoefficientMask | None
+    summed_inputs: int
+
+
+@dataclass(frozen=True)
 class DecodedAggregate:
     """A published round, decrypted: the mean update of a training round, or a statistics sum."""
 
@@ -65,18 +90,33 @@ class DecodedAggregate:
     round_number: int
     values: NDArray[Any]
     total_samples: int
+    num_inputs: int
 
 
-def decode_aggregate(data: bytes, codec_for_envelope: Callable[[Envelope], UpdateCodec]) -> DecodedAggregate:
-    """Decrypt a published aggregate; a training round's sum becomes the sample-weighted mean update."""
+def _facts(meta: dict[str, Any]) -> AggregateFacts:
+    kind, number, attempt = meta.get("kind"), meta.get("round"), meta.get("attempt")
+    total, inputs, scale = meta.get("total_samples"), meta.get("num_inputs"), meta.get("weight_scale")
+    if kind not in ("statistics", "training") or not all(isinstance(v, int) for v in (number, attempt)):
+        raise InvalidRequest("aggregate envelope lacks its round, attempt and kind")
+    if not all(isinstance(v, int) and v > 0 for v in (total, inputs, scale)):
+        raise InvalidRequest("aggregate envelope lacks positive total_samples, num_inputs and weight_scale")
+    return AggregateFacts(kind, number, attempt, total, inputs, scale)  # type: ignore[arg-type]
+
+
+def decode_aggregate(data: bytes, prepare: Callable[[Envelope, AggregateFacts], Decryption]) -> DecodedAggregate:
+    """Decrypt a published aggregate as ``prepare`` (which checks it first) says; a training round's
+    sum becomes the sample-weighted mean update."""
     envelope = decode_envelope(data)
-    meta = envelope.meta
-    kind, number = meta.get("kind"), meta.get("round")
-    total, scale = meta.get("total_samples"), meta.get("weight_scale")
-    if kind not in ("statistics", "training") or not isinstance(number, int):
-        raise InvalidRequest("aggregate envelope lacks its round and kind")
-    if not isinstance(total, int) or not isinstance(scale, int) or total <= 0 or scale <= 0:
-        raise InvalidRequest("aggregate envelope lacks positive total_samples and weight_scale")
-    summed = codec_for_envelope(envelope).decrypt_aggregate(envelope.chunks, envelope.num_values)
-    values = summed * (scale / total) if kind == "training" else summed
-    return DecodedAggregate(kind=kind, round_number=number, values=values, total_samples=total)
+    facts = _facts(envelope.meta)
+    how = prepare(envelope, facts)
+    summed = how.codec.decrypt_aggregate(
+        envelope.chunks, envelope.num_values, masks=how.masks, summed_inputs=how.summed_inputs
+    )
+    values = summed * (facts.weight_scale / facts.total_samples) if facts.kind == "training" else summed
+    return DecodedAggregate(
+        kind=facts.kind,
+        round_number=facts.round_number,
+        values=values,
+        total_samples=facts.total_samples,
+        num_inputs=how.summed_inputs,
+    )

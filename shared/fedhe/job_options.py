@@ -75,13 +75,20 @@ class SamplingSettings(BaseModel):
         return min(candidates, max(self.min_sites, math.ceil(self.fraction * candidates)))
 
 
+STATISTICS_NOISE_MULTIPLIER = 4.0
+"""Default noise of the statistics step: ε 0.93 at δ = 1e-5 on its own (PLD accountant)."""
+
+
 class StatisticsSettings(BaseModel):
     """A statistics step before training (round 0): pooled mean and std per input feature.
 
-    Each site encrypts its count and, per feature (per channel for images), the sum and sum of
-    squares of its inputs scaled into [-1, 1] by the public bound ``feature_bounds``; values
-    beyond a bound are clipped and counted. Sites decrypt the sum, derive the mean and std and
-    build the model with them as a fixed normalisation layer, so exported models take raw inputs.
+    Each site encrypts, per feature (per channel for images), the sum and sum of squares of its
+    inputs scaled into [-1, 1] by the public bound ``feature_bounds`` (values beyond a bound are
+    clipped and counted; each row's statistics are clipped to L2 norm ``clip_norm``), with
+    Gaussian noise of ``noise_multiplier`` times the vector's sensitivity to one row: a Gaussian
+    mechanism each site's ledger charges. Sites decrypt the
+    sum, derive the mean and std with the row count Σ n_k and build the model with them as a
+    fixed normalisation layer, so exported models take raw inputs.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +97,18 @@ class StatisticsSettings(BaseModel):
         min_length=1, description="|x| ≤ bound per feature (per channel for images): public, from the data dictionary"
     )
     bits: int = Field(default=36, ge=16, le=40, description="quantisation bits of the packed codec's statistics")
+    noise_multiplier: float = Field(
+        default=STATISTICS_NOISE_MULTIPLIER,
+        ge=0.5,
+        le=1000,
+        description="Gaussian noise std over the vector's sensitivity to one row (charged to each site's ledger)",
+    )
+    clip_norm: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="L2 norm each row's (z, z²) statistics are clipped to (default sqrt(features) / 2)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StatisticsSettings:
@@ -98,8 +117,45 @@ class StatisticsSettings(BaseModel):
         return self
 
     def num_values(self) -> int:
-        """Length of a statistics vector: count, then sums and sums of squares per feature."""
-        return 1 + 2 * len(self.feature_bounds)
+        """Length of a statistics vector: sums, then sums of squares, per feature."""
+        return 2 * len(self.feature_bounds)
+
+    @property
+    def row_clip_norm(self) -> float:
+        """The L2 norm one row's statistics are clipped to (its sensitivity times S)."""
+        return self.clip_norm if self.clip_norm is not None else math.sqrt(len(self.feature_bounds)) / 2
+
+
+SECURE_AGGREGATION_FLOOR = 2
+"""The smallest threshold t: with t = 1 no member may collude with the coordinator at all."""
+
+
+class SecureAggregationSettings(BaseModel):
+    """Masked aggregation (ADR 0010): no coalition of the coordinator with up to t − 1 members
+    learns an honest site's update, and a round needs at least t + 1 uploads.
+
+    Each round attempt runs three phases: sites advertise a fresh key (by the round's deadline),
+    upload masked updates (by ``phase_deadline_s`` after the roster is fixed), then answer the
+    unmasking (by ``phase_deadline_s`` again). Up to roster − t − 1 members may vanish after
+    uploading without failing the round.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: int | None = Field(
+        default=None,
+        ge=SECURE_AGGREGATION_FLOOR,
+        description="t: colluding members tolerated + 1, and shares needed to unmask (default max(2, min_sites // 2))",
+    )
+    phase_deadline_s: float = Field(
+        default=300, gt=0, le=24 * 3600, description="deadline of the upload phase and of the unmasking phase"
+    )
+
+    def resolved(self, min_sites: int) -> SecureAggregationSettings:
+        """These settings with the default threshold filled in for a job of ``min_sites``."""
+        if self.threshold is not None:
+            return self
+        return self.model_copy(update={"threshold": max(SECURE_AGGREGATION_FLOOR, min_sites // 2)})
 
 
 class PublicTestSet(BaseModel):

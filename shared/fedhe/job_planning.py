@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fedhe.he.codec import PACKED_FORMAT_ID
 from fedhe.job_options import PrivacyPlan
-from fedhe.privacy import epsilon_spent, local_training_pass, plan_epsilon
+from fedhe.privacy import TrainingPass, epsilon_spent, local_training_pass, plan_epsilon, statistics_pass
 from fedhe.schemas import JobCreate
 
 # Beyond this ratio of S to the smallest site the packed codec's rounding shows in the average.
@@ -21,7 +21,8 @@ PLANNED_ROUNDS = 100
 
 def privacy_plan(spec: JobCreate, num_samples: int) -> PrivacyPlan:
     """ε after each training round (the first ``PLANNED_ROUNDS``) and after the last, for a site with
-    ``num_samples`` training rows taking part in every round."""
+    ``num_samples`` training rows taking part in every round (and in the statistics step, if any)."""
+    before = job_statistics_passes(spec)
     per_round = plan_epsilon(
         num_samples=num_samples,
         batch_size=spec.batch_size,
@@ -29,6 +30,7 @@ def privacy_plan(spec: JobCreate, num_samples: int) -> PrivacyPlan:
         local_epochs=spec.local_epochs,
         rounds=min(spec.rounds, PLANNED_ROUNDS),
         delta=spec.dp.delta,
+        before=before,
     )
     final = per_round[-1]
     if spec.rounds > PLANNED_ROUNDS:
@@ -38,13 +40,23 @@ def privacy_plan(spec: JobCreate, num_samples: int) -> PrivacyPlan:
             epochs=spec.local_epochs,
             noise_multiplier=spec.dp.noise_multiplier,
         )
-        final = epsilon_spent([one_round] * spec.rounds, spec.dp.delta)
+        final = epsilon_spent([*before, *[one_round] * spec.rounds], spec.dp.delta)
     return PrivacyPlan(num_samples=num_samples, delta=spec.dp.delta, epsilon_per_round=per_round, final_epsilon=final)
+
+
+def job_statistics_passes(spec: JobCreate) -> list[TrainingPass]:
+    """What the job's statistics step charges every site's ledger (nothing without one)."""
+    return [] if spec.statistics is None else [statistics_pass(spec.statistics.noise_multiplier)]
 
 
 def creation_warnings(spec: JobCreate, plan: PrivacyPlan | None) -> list[str]:
     """What an operator should reconsider before the job runs (it still runs)."""
     warnings = []
+    if spec.secure_aggregation is None:
+        warnings.append(
+            "secure aggregation is off: any one member site together with the coordinator can read every "
+            "site's update of this job (only DP-SGD then limits what it reveals)"
+        )
     if plan is None:
         warnings.append("min_site_samples is not set, so the job's privacy cost was not planned")
     elif plan.final_epsilon > spec.epsilon_warning:

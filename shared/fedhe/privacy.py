@@ -68,6 +68,11 @@ def local_training_pass(*, num_samples: int, batch_size: int, epochs: int, noise
     )
 
 
+def statistics_pass(noise_multiplier: float) -> TrainingPass:
+    """The statistics step as a ledger records it: one Gaussian mechanism over all rows (q = 1, one step)."""
+    return TrainingPass(sampling_probability=1.0, noise_multiplier=noise_multiplier, steps=1)
+
+
 def _events(passes: Iterable[TrainingPass]) -> list[tuple[dp_accounting.DpEvent, int]]:
     """Each distinct (q, σ) once with its total step count: composition does not depend on order."""
     import dp_accounting  # scipy behind it takes seconds to import; only accounting needs it
@@ -122,17 +127,21 @@ def plan_epsilon(
     local_epochs: int,
     rounds: int,
     delta: float,
+    before: Iterable[TrainingPass] = (),
 ) -> list[float]:
     """ε at ``delta`` a site with ``num_samples`` training rows will have spent after each round.
 
     Every round is the pass ``local_training_pass`` describes (what the site's ledger records),
-    composed with the PLD accountant; before anything runs, so a job's settings can be judged.
+    composed with the PLD accountant after the passes ``before`` (a statistics step); before
+    anything runs, so a job's settings can be judged.
     """
     one_round = local_training_pass(
         num_samples=num_samples, batch_size=batch_size, epochs=local_epochs, noise_multiplier=noise_multiplier
     )
     ((event, steps),) = _events([one_round])
     accountant = _pld_accountant()
+    for prior, count in _events(before):
+        accountant.compose(prior, count)
     spent = []
     for _ in range(rounds):
         accountant.compose(event, steps)

@@ -13,7 +13,14 @@ from fedhe.he.codec import PACKED_FORMAT_ID
 from fedhe.he.context import BfvParameters, HeParameters
 from fedhe.he.packing import PackingSettings
 from fedhe.identifiers import AccountName, FederationId, JobId, KeyId, Nonce, SiteId, TokenId
-from fedhe.job_options import AlgorithmSettings, PrivacyPlan, PublicTestSet, SamplingSettings, StatisticsSettings
+from fedhe.job_options import (
+    AlgorithmSettings,
+    PrivacyPlan,
+    PublicTestSet,
+    SamplingSettings,
+    SecureAggregationSettings,
+    StatisticsSettings,
+)
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 
@@ -53,6 +60,7 @@ class RoundState(StrEnum):
 
     OPEN = "open"
     COLLECTING = "collecting"
+    UNMASKING = "unmasking"
     CLOSED = "closed"
     PUBLISHED = "published"
     FAILED = "failed"
@@ -261,6 +269,30 @@ class KeyReleaseRequest(SignedRequest):
     """A member site's signed request for the secret context of ``key_id``."""
 
 
+class PinnedKeysRequest(SignedRequest):
+    """A member site's signed request for the pinned keys of its federation's active members."""
+
+
+class PinnedKey(BaseModel):
+    """A member that is or was active, and the Ed25519 key the keyserver pins for it."""
+
+    site_id: SiteId
+    public_key: str = Field(max_length=64)
+    status: Literal["active", "revoked"]
+
+
+class FederationKeys(BaseModel):
+    """The members of the federation that owns ``key_id`` that are or were active, with their pinned keys.
+
+    A site checks a round that is running against the active ones, and a round published
+    earlier (which a site catching up replays) against every one that was ever admitted.
+    """
+
+    federation_id: FederationId
+    key_id: KeyId
+    members: list[PinnedKey]
+
+
 class EndorsementCreate(SignedRequest):
     """An active member's signature over a proposed member's pinned public key (``site_id`` is the endorser)."""
 
@@ -278,7 +310,7 @@ class JobCreate(BaseModel):
     key_id: KeyId
     model: ModelSpec
     rounds: int = Field(default=5, ge=1, le=10_000, description="training rounds (a statistics step comes first)")
-    min_sites: int = Field(default=2, ge=1, description="fewest uploads a round may publish with")
+    min_sites: int = Field(default=3, ge=1, description="fewest uploads a round may publish with")
     target_sites: int | None = Field(
         default=None, ge=1, description="close the round as soon as this many uploads arrived (default min_sites)"
     )
@@ -320,6 +352,13 @@ class JobCreate(BaseModel):
             "(bfv-packed-v1; defaults: R = 1, 16 bits, 128 sites); settings that could overflow are refused"
         ),
     )
+    secure_aggregation: SecureAggregationSettings | None = Field(
+        default_factory=SecureAggregationSettings,
+        description=(
+            "masked aggregation that holds against the coordinator with up to t - 1 colluding members "
+            "(ADR 0010); null runs without it: any one member with the coordinator can then read every update"
+        ),
+    )
     on_round_failure: Literal["retry", "stop"] = "retry"
     max_round_attempts: int = Field(default=3, ge=1, le=100)
     seed: int = Field(default=0, ge=0, description="seed of the public initial weights (not of any DP noise)")
@@ -332,8 +371,32 @@ class JobCreate(BaseModel):
         if self.sampling.mode != "all" and self.sampling.min_sites < self.min_sites:
             raise ValueError("sampling.min_sites must be at least min_sites, or no sampled round could publish")
         self._check_packing(target)
+        self._check_secure_aggregation()
         self._check_data_contract()
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        if self.secure_aggregation is None:
+            return
+        self.secure_aggregation = self.secure_aggregation.resolved(self.min_sites)
+        threshold = self.secure_aggregation.threshold
+        assert threshold is not None
+        if self.min_sites <= threshold:
+            raise ValueError(
+                f"min_sites={self.min_sites} leaves secure aggregation's promise empty: with threshold t={threshold} "
+                f"a round needs at least t + 1 = {threshold + 1} uploads (raise min_sites, lower the threshold to "
+                "at least 2, or set secure_aggregation to null to run without it)"
+            )
+        if self.format_id not in (None, PACKED_FORMAT_ID):
+            raise ValueError(
+                f"secure aggregation needs format {PACKED_FORMAT_ID}; "
+                f"set secure_aggregation to null for {self.format_id}"
+            )
+
+    @property
+    def threshold(self) -> int | None:
+        """t of secure aggregation, or None when the job runs without it."""
+        return None if self.secure_aggregation is None else self.secure_aggregation.threshold
 
     def _check_packing(self, target: int) -> None:
         if self.format_id == PACKED_FORMAT_ID and self.packing is None:
@@ -444,14 +507,21 @@ class EvaluationPublic(EvaluationCreate):
 
 
 class DeclineReason(StrEnum):
-    """Why a site will not upload to a round."""
+    """Why a site will not upload to a round, or will not apply its published aggregate."""
 
     BUDGET_EXHAUSTED = "budget_exhausted"
     REFUSED = "refused"
     DATA_PROBLEM = "data_problem"
     ENVIRONMENT_MISMATCH = "environment_mismatch"
     STALE_KEY = "stale_key"
+    ALREADY_UNMASKED = "already_unmasked"
+    AGGREGATE_REFUSED = "aggregate_refused"
+    IMPLAUSIBLE_AGGREGATE = "implausible_aggregate"
     OTHER = "other"
+
+
+REFUSAL_REASONS = frozenset({DeclineReason.AGGREGATE_REFUSED, DeclineReason.IMPLAUSIBLE_AGGREGATE})
+"""Reasons a site gives for not applying a published aggregate (the rest are for not uploading)."""
 
 
 class DeclineCreate(BaseModel):
@@ -495,6 +565,13 @@ class RoundPublic(BaseModel):
         default=None, description="the sites a sampled round asks for (operators only; null: every member)"
     )
     caller_selected: bool | None = Field(default=None, description="to a site: whether this round asks for it")
+    secure: bool = Field(default=False, description="whether the round runs secure aggregation's phases (ADR 0010)")
+    num_advertised: int = Field(default=0, description="sites that advertised a key for this attempt (secure rounds)")
+    roster: list[SiteId] | None = Field(
+        default=None, description="secure rounds, once advertising closed: the sites whose uploads this attempt sums"
+    )
+    advertised_by_caller: bool | None = Field(default=None, description="to a site: whether it advertised a key")
+    answered_by_caller: bool | None = Field(default=None, description="to a site: whether it answered the unmasking")
     global_metrics: dict[str, float] | None = Field(
         default=None,
         description=(

@@ -30,12 +30,11 @@ from aggregator.jobs import (
     check_selected,
     job_spec,
     round_encoding,
-    rules_for,
 )
 from aggregator.publisher import RoundPublisher
 from aggregator.repository import AggregatorRepository
-from aggregator.rounds import RoundStateMachine
-from aggregator.tables import SubmissionRow, UploadRow
+from aggregator.secure_rounds import check_statement
+from aggregator.tables import RoundRow, SubmissionRow, UploadRow
 from fedhe.environment import differences
 from fedhe.errors import Conflict, FedheError, InvalidUpdate, PayloadTooLarge
 from fedhe.he.codec import UpdateCodec
@@ -43,6 +42,8 @@ from fedhe.he.envelope import PREFIX_BYTES, EnvelopeHeader, header_length, parse
 from fedhe.identifiers import new_id
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import Environment, JobCreate, RoundState, UpdateAccepted, check_metrics
+from fedhe.secagg.messages import UploadStatement
+from fedhe.secagg.statements import ChunkHasher, UploadFacts
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 _INSERT_BATCH = 16
@@ -108,6 +109,23 @@ def check_header(header: EnvelopeHeader, *, spec: JobCreate, encoding: RoundEnco
     return num_samples
 
 
+def check_room(repo: AggregatorRepository, spec: JobCreate, row: RoundRow, site_id: str) -> None:
+    """``Conflict`` unless round ``row`` may still take this site's upload (checked as the upload
+    starts, and again under the job's lock when it counts)."""
+    check_selected(row, site_id)
+    if repo.decline(row.id, site_id) is not None:
+        raise Conflict(f"site declined round {row.number}; it cannot upload to it", code="round_declined")
+    if row.roster is not None and site_id not in {member["site_id"] for member in row.roster}:
+        raise Conflict(
+            f"this site is not in round {row.number} attempt {row.attempt}'s roster; it may take part in a later one",
+            code="not_in_roster",
+        )
+    if spec.packing is not None and row.num_submissions >= spec.packing.max_sites:
+        raise Conflict(
+            f"round {row.number} already has the job's max_sites={spec.packing.max_sites} updates", code="round_full"
+        )
+
+
 class BodyReader:
     """Exact reads from a streamed request body, hashing everything read and counting it."""
 
@@ -152,6 +170,7 @@ class _Admission:
     num_samples: int
     codec: UpdateCodec
     already_submitted: bool
+    statement: UploadStatement | None = None
 
 
 @dataclass(frozen=True)
@@ -231,8 +250,12 @@ class UpdateIntake:
             )
         scoped_key = None if idempotency_key is None else f"{site_id}:{job_id}:{idempotency_key}"
         try:
-            await self._stream_chunks(reader, header, admission.codec, upload_id)
+            chunks_sha256 = await self._stream_chunks(reader, header, admission.codec, upload_id)
             await reader.expect_end()
+            if admission.statement is not None and admission.statement.chunks_sha256 != chunks_sha256:
+                raise InvalidUpdate(
+                    "the ciphertext chunks are not the ones the site's signed statement names", code="invalid_statement"
+                )
             digest = reader.digest.hexdigest()
             await run_in_threadpool(self._check_idempotency_key, scoped_key, digest)
             staged = _Staged(header, admission, upload_id, digest, reader.read_bytes)
@@ -274,20 +297,20 @@ class UpdateIntake:
             if already is not None:
                 # Keep reading: the same bytes again are a replay, other bytes a duplicate.
                 return _Admission(already.round_id, 0, already.num_samples, codec, already_submitted=True)
-            change = JobChange(repo, job)
-            row = self._jobs.accepting_round(change, round_number)
-            check_selected(row, site_id)
-            if repo.decline(row.id, site_id) is not None:
-                raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
-            if spec.packing is not None and row.num_submissions >= spec.packing.max_sites:
-                raise Conflict(
-                    f"round {round_number} already has the job's max_sites={spec.packing.max_sites} updates",
-                    code="round_full",
-                )
+            row = self._jobs.accepting_round(JobChange(repo, job), round_number)
+            check_room(repo, spec, row, site_id)
             num_samples = check_header(header, spec=spec, encoding=encoding)
             check_environment(header.meta, Environment.model_validate(job.environment), spec.model)
             codec.check_count(header.chunk_sizes, codec.num_chunks(encoding.num_values))
-            return _Admission(row.id, row.attempt, num_samples, codec, already_submitted=False)
+            statement = None
+            if spec.secure_aggregation is not None:
+                facts = UploadFacts(
+                    key_id=encoding.key_id, format_id=encoding.format_id, num_values=encoding.num_values
+                )
+                statement = check_statement(
+                    repo, spec, row, site_id, header.meta.get("secagg"), num_samples=num_samples, facts=facts
+                )
+            return _Admission(row.id, row.attempt, num_samples, codec, already_submitted=False, statement=statement)
 
     @staticmethod
     def _earlier_submission(
@@ -304,11 +327,14 @@ class UpdateIntake:
 
     async def _stream_chunks(
         self, reader: BodyReader, header: EnvelopeHeader, codec: UpdateCodec, upload_id: str | None
-    ) -> None:
-        """Read, check and (unless it is a possible replay) store every chunk as it arrives."""
+    ) -> str:
+        """Read, check and (unless it is a possible replay) store every chunk as it arrives;
+        returns the chunks' hash (``fedhe.secagg.statements.chunks_sha256``)."""
+        hasher = ChunkHasher()
         batch: list[tuple[int, bytes]] = []
         for index, size in enumerate(header.chunk_sizes):
             data = await reader.read_exactly(size, f"chunk {index}")
+            hasher.update(data)
             if upload_id is None:
                 continue
             await run_in_threadpool(codec.check_chunk, index, data)
@@ -318,6 +344,7 @@ class UpdateIntake:
                 batch = []
         if batch and upload_id is not None:
             await run_in_threadpool(self._store_chunks, upload_id, batch)
+        return hasher.hexdigest()
 
     def _store_chunks(self, upload_id: str, chunks: list[tuple[int, bytes]]) -> None:
         with self._jobs.sessions.transaction() as session:
@@ -342,12 +369,7 @@ class UpdateIntake:
                 raise Conflict(f"site already uploaded to round {round_number}", code="duplicate_update")
             if row.id != admission.round_id:
                 raise Conflict(f"round {round_number} was reopened while this update streamed in", code="round_closed")
-            check_selected(row, site_id)
-            if repo.decline(row.id, site_id) is not None:
-                raise Conflict(f"site declined round {round_number}; it cannot upload to it", code="round_declined")
-            spec = job_spec(job)
-            if spec.packing is not None and row.num_submissions >= spec.packing.max_sites:
-                raise Conflict(f"round {round_number} already has max_sites updates", code="round_full")
+            check_room(repo, job_spec(job), row, site_id)
             row.num_submissions += 1
             row.total_samples += admission.num_samples
             repo.add(
@@ -359,6 +381,7 @@ class UpdateIntake:
                     num_bytes=staged.num_bytes,
                     sha256=digest,
                     metrics=header.meta.get("metrics", {}),
+                    statement=None if admission.statement is None else admission.statement.model_dump(),
                 )
             )
             detail = {
@@ -375,15 +398,7 @@ class UpdateIntake:
                 num_bytes=staged.num_bytes,
                 **detail,
             )
-            # The statistics step waits for every member (or its deadline): the pooled mean and
-            # std should cover all the data the job will train on, not the first target_sites.
-            statistics = spec.is_statistics_round(round_number)
-            if not statistics and rules_for(spec).after_upload(row.num_submissions) == RoundState.CLOSED:
-                self._jobs.finish_round(change, row, RoundState.CLOSED)
-            else:
-                if row.state == RoundState.OPEN.value:
-                    row.state = RoundStateMachine.transition(RoundState.OPEN, RoundState.COLLECTING).value
-                self._jobs.close_if_everyone_answered(change, row, expected_sites)
+            self._jobs.lifecycle.advance(change, row, expected_sites)
             return UpdateAccepted(
                 job_id=job.id,
                 round=round_number,

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,8 +17,16 @@ from aggregator.contexts import EvaluationContexts
 from aggregator.coordination import Coordination, CoordinationUnavailable, Event
 from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
-from aggregator.rounds import RoundStateMachine
+from aggregator.rounds import ACTIVE, RoundLifecycle, accepts_uploads
 from aggregator.sampling import SiteSampler
+from aggregator.secure_rounds import (
+    fix_roster,
+    rebuild_seeds,
+    record_advertisement,
+    record_answer,
+    round_counts,
+    transcript,
+)
 from aggregator.tables import DeclineRow, EvaluationRow, JobRow, RoundRow
 from aggregator.views import job_public, round_public
 from fedhe.db import SessionFactory, utcnow
@@ -29,7 +37,9 @@ from fedhe.he import PackingSettings, codec_for, format_for, load_evaluation_con
 from fedhe.identifiers import new_id
 from fedhe.job_planning import creation_warnings, privacy_plan
 from fedhe.schemas import (
+    REFUSAL_REASONS,
     DeclineCreate,
+    DeclineReason,
     EvaluationCreate,
     JobCreate,
     JobPublic,
@@ -37,6 +47,7 @@ from fedhe.schemas import (
     RoundPublic,
     RoundState,
 )
+from fedhe.secagg.messages import AdvertisementCreate, Transcript, UnmaskingAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +101,6 @@ def check_selected(row: RoundRow, site_id: str) -> None:
         )
 
 
-def rules_for(spec: JobCreate) -> RoundStateMachine:
-    """The closing rules of a job's rounds."""
-    return RoundStateMachine(min_sites=spec.min_sites, target_sites=spec.target_sites or spec.min_sites)
-
-
 class JobCoordinator:
     """Owns every change to jobs and rounds, each in one transaction under the job's lock.
 
@@ -103,7 +109,9 @@ class JobCoordinator:
     one replica, requests for the same job first queue on an in-process lock, so they wait
     without holding a database connection (fifty concurrent uploads would otherwise drain the
     pool while blocked on the row lock). SQLite has no row locks; in embedded mode one
-    process-wide lock plays that part.
+    process-wide lock plays that part. What a round does next is decided by one place,
+    ``aggregator.rounds``: every method that changes a round ends in ``RoundLifecycle.advance``,
+    and returns the round's id when it left the round closed, so the caller sums and publishes it.
     """
 
     def __init__(
@@ -122,6 +130,14 @@ class JobCoordinator:
         self._embedded_lock = threading.RLock() if sessions.is_sqlite else None
         self._job_locks: dict[str, threading.Lock] = {}
         self._job_locks_guard = threading.Lock()
+        self.lifecycle = RoundLifecycle(
+            counts=lambda change, row, expected: round_counts(change.repo, job_spec(change.job), row, expected),
+            on_roster=lambda change, row: fix_roster(change.repo, row),
+            on_unmasked=lambda change, row: rebuild_seeds(change.repo, job_spec(change.job), row),
+            select=lambda change: self._sampler.select(
+                change.repo, change.job.federation_id, job_spec(change.job).sampling
+            ),
+        )
 
     @property
     def sessions(self) -> SessionFactory:
@@ -177,7 +193,7 @@ class JobCoordinator:
             repo.flush()
             change = JobChange(repo, row)
             change.emit("job.created", name=row.name, warnings=row.warnings)
-            self._open_round(change, number=0, attempt=1)
+            self.lifecycle.open_round(change, number=0, attempt=1)
             detail = {"key_id": spec.key_id, "format_id": spec.format_id, "warnings": row.warnings}
             repo.audit(actor=actor, action="job.create", subject=row.id, detail=detail)
         self.publish_events(change.events)
@@ -207,156 +223,47 @@ class JobCoordinator:
             codec_for(format_id, evaluation, options=spec.round_packing(0)).close()
         return spec
 
-    def _open_round(self, change: JobChange, *, number: int, attempt: int) -> None:
-        now = utcnow()
-        spec = job_spec(change.job)
-        deadline = now + timedelta(seconds=spec.round_deadline_s)
-        selected = None
-        if not spec.is_statistics_round(number):
-            selected = self._sampler.select(change.repo, change.job.federation_id, spec.sampling)
-        change.repo.add(
-            RoundRow(
-                job_id=change.job.id,
-                number=number,
-                attempt=attempt,
-                state=RoundState.OPEN.value,
-                opened_at=now,
-                deadline_at=deadline,
-                selected_sites=selected,
-            )
-        )
-        change.job.current_round = number
-        change.repo.flush()
-        change.emit(
-            "round.opened",
-            round=number,
-            attempt=attempt,
-            deadline_at=deadline.isoformat(),
-            round_kind="statistics" if spec.is_statistics_round(number) else "training",
-            selected_sites=selected,
-        )
-
-    def finish_round(
-        self, change: JobChange, row: RoundRow, target: RoundState, reason: str | None = None, fence: int | None = None
-    ) -> None:
-        """Close a round as ``target``: closed (its sum is computed next, then it is published) or failed.
-
-        ``fence`` is the deadline lease's fencing token when a deadline sweep closes the round;
-        it is recorded in the audit log so an operator can tell which lease holder acted.
-        """
-        repo, job = change.repo, change.job
-        spec = job_spec(job)
-        now = utcnow()
-        state = RoundStateMachine.transition(RoundState(row.state), target)
-        row.closed_at = now
-        detail: dict[str, Any] = {"round": row.number, "attempt": row.attempt, "fence": fence}
-        if state == RoundState.CLOSED:
-            row.state = state.value
-            detail |= {"sites": row.num_submissions, "total_samples": row.total_samples}
-            repo.audit(actor="aggregator", action="round.close", subject=job.id, detail=detail)
-            change.emit("round.closed", **detail)
-            return
-        row.state = state.value
-        row.failure_reason = reason
-        detail["reason"] = reason
-        repo.audit(actor="aggregator", action="round.fail", subject=job.id, detail=detail)
-        change.emit("round.failed", **detail)
-        if spec.on_round_failure == "retry" and row.attempt < spec.max_round_attempts:
-            self._open_round(change, number=row.number, attempt=row.attempt + 1)
-        else:
-            job.status = JobStatus.FAILED.value
-            job.finished_at = now
-            change.emit("job.failed", reason=f"round {row.number} failed {row.attempt} time(s)")
-
     def publish_round(self, job_id: str, round_id: int) -> bool:
         """Publish a closed round whose sum is stored, and open the next round (or complete the job)."""
         with self.locked_job(job_id) as change:
-            repo, job = change.repo, change.job
-            row = repo.round_by_id(round_id)
+            row = change.repo.round_by_id(round_id)
             if row is None or row.state != RoundState.CLOSED.value:
                 return False
-            spec = job_spec(job)
-            now = utcnow()
-            row.state = RoundStateMachine.transition(RoundState.CLOSED, RoundState.PUBLISHED).value
-            row.published_at = now
-            detail = {
-                "round": row.number,
-                "attempt": row.attempt,
-                "sites": row.num_submissions,
-                "total_samples": row.total_samples,
-            }
-            repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
-            change.emit("round.published", duration_s=(now - row.opened_at).total_seconds(), **detail)
-            if job.status == JobStatus.RUNNING.value and row.number + 1 < spec.total_rounds:
-                self._open_round(change, number=row.number + 1, attempt=1)
-            elif job.status == JobStatus.RUNNING.value:
-                job.status = JobStatus.COMPLETED.value
-                job.finished_at = now
-                change.emit("job.completed")
+            self.lifecycle.publish(change, row)
             return True
 
-    def expire_overdue_rounds(self, now: datetime | None = None, fence: int | None = None) -> int:
-        """Close or fail every round whose deadline has passed; returns how many it finished.
+    def expire_overdue_rounds(self, now: datetime | None = None, fence: int | None = None) -> list[tuple[str, int]]:
+        """Advance every round whose phase deadline has passed; returns (job, round id) of those left closed.
 
         Safe to run on every replica at once: each job is re-checked under its row lock.
         """
         moment = now or utcnow()
         with self._sessions.transaction() as session:
             job_ids = AggregatorRepository(session).overdue_job_ids(moment)
-        finished = 0
+        closed = []
         for job_id in job_ids:
             with self.locked_job(job_id) as change:
-                job = change.job
-                row = change.repo.current_round(job.id, job.current_round)
-                if (
-                    row is None
-                    or job.status != JobStatus.RUNNING.value
-                    or not RoundStateMachine.accepts_uploads(RoundState(row.state))
-                    or row.deadline_at > moment
-                ):
-                    continue
-                min_sites = job_spec(job).min_sites
-                target = rules_for(job_spec(job)).at_deadline(row.num_submissions)
-                reason = None
-                if target == RoundState.FAILED:
-                    reason = f"deadline passed with {row.num_submissions} of min_sites={min_sites} uploads"
-                self.finish_round(change, row, target, reason, fence=fence)
-                finished += 1
-        return finished
-
-    def close_if_everyone_answered(self, change: JobChange, row: RoundRow, expected_sites: int) -> None:
-        """Finish a round as soon as every member site has uploaded or declined, not at its deadline.
-
-        It publishes if at least ``min_sites`` uploaded, and fails (then retries or stops, as the
-        job says) if not: waiting for the deadline could not change the outcome.
-        """
-        if row.selected_sites is not None:
-            expected_sites = len(row.selected_sites)
-        if expected_sites <= 0 or not RoundStateMachine.accepts_uploads(RoundState(row.state)):
-            return
-        declined = len(change.repo.declines(row.id))
-        if row.num_submissions + declined < expected_sites:
-            return
-        spec = job_spec(change.job)
-        target = rules_for(spec).at_deadline(row.num_submissions)
-        reason = None
-        if target == RoundState.FAILED:
-            reason = (
-                f"every member answered: {row.num_submissions} uploaded, {declined} declined, "
-                f"fewer than min_sites={spec.min_sites}"
-            )
-        self.finish_round(change, row, target, reason)
+                row = change.repo.current_round(job_id, change.job.current_round)
+                overdue = row is not None and row.deadline_at <= moment and RoundState(row.state) in ACTIVE
+                if overdue and row is not None and self.lifecycle.advance(change, row, 0, now=moment, fence=fence):
+                    closed.append((job_id, row.id))
+        return closed
 
     def record_decline(
         self, job_id: str, number: int, site_id: str, decline: DeclineCreate, *, expected_sites: int
     ) -> int | None:
-        """Record that a site will not upload to round ``number`` (once), and finish the round if all answered.
+        """Record that a site will not upload to round ``number`` (once), or will not apply its
+        published aggregate; returns the round's id when this closed the round (its sum is due).
 
-        Returns the round's id when this decline closed it, so its sum is due; otherwise ``None``.
+        A refusal of a published aggregate as implausible fails the round and the job: every honest
+        member decrypts the same sum and refuses it alike, so no later round could train.
         """
         with self.locked_job(job_id) as change:
             repo, job = change.repo, change.job
-            row = self.accepting_round(change, number)
+            if decline.reason in REFUSAL_REASONS:
+                self._record_refusal(change, number, site_id, decline)
+                return None
+            row = self.waiting_round(change, number)
             check_selected(row, site_id)
             if repo.submission(row.id, site_id) is not None:
                 raise Conflict(f"site already uploaded to round {number}", code="duplicate_update")
@@ -367,12 +274,77 @@ class JobCoordinator:
             detail = {"round": number, "attempt": row.attempt, "reason": decline.reason.value}
             repo.audit(actor=f"site:{site_id}", action="update.decline", subject=job.id, detail=detail)
             change.emit("update.declined", site_id=site_id, message=decline.message, **detail)
-            self.close_if_everyone_answered(change, row, expected_sites)
-            return row.id if row.state == RoundState.CLOSED.value else None
+            return row.id if self.lifecycle.advance(change, row, expected_sites) else None
+
+    def _record_refusal(self, change: JobChange, number: int, site_id: str, decline: DeclineCreate) -> None:
+        repo, job = change.repo, change.job
+        row = repo.published_round(job.id, number)
+        if row is None:
+            raise Conflict(f"round {number} has no published aggregate to refuse", code="round_not_published")
+        if repo.decline(row.id, site_id) is not None:
+            raise Conflict(f"site already refused round {number}'s aggregate", code="duplicate_decline")
+        repo.add(DeclineRow(round_id=row.id, site_id=site_id, reason=decline.reason.value, message=decline.message))
+        repo.flush()
+        detail = {"round": number, "attempt": row.attempt, "reason": decline.reason.value}
+        repo.audit(actor=f"site:{site_id}", action="aggregate.refuse", subject=job.id, detail=detail)
+        change.emit("aggregate.refused", site_id=site_id, message=decline.message, **detail)
+        if decline.reason == DeclineReason.IMPLAUSIBLE_AGGREGATE and job.status == JobStatus.RUNNING.value:
+            following = repo.current_round(job.id, job.current_round)
+            if following is not None and following.id != row.id and RoundState(following.state) in ACTIVE:
+                self.lifecycle.fail(change, following, f"round {number}'s aggregate was refused", retry=False)
+            if job.status == JobStatus.RUNNING.value:
+                reason = f"implausible_aggregate: {site_id} refused it: {decline.message}"[:500]
+                self.lifecycle.fail(change, row, reason, detail, retry=False)
+
+    def advertise(
+        self, job_id: str, number: int, site_id: str, body: AdvertisementCreate, *, expected_sites: int
+    ) -> None:
+        """Store a site's key for the current attempt of a secure round, and close advertising if all have."""
+        with self.locked_job(job_id) as change:
+            row = self.waiting_round(change, number)
+            spec = job_spec(change.job)
+            if spec.secure_aggregation is None:
+                raise Conflict("this job runs without secure aggregation: it takes no keys", code="not_secure")
+            if row.state != RoundState.OPEN.value:
+                raise Conflict(
+                    f"round {number} attempt {row.attempt} closed its roster; wait for the next attempt or round",
+                    code="roster_fixed",
+                )
+            check_selected(row, site_id)
+            if change.repo.decline(row.id, site_id) is not None:
+                raise Conflict(f"site declined round {number}", code="round_declined")
+            record_advertisement(change.repo, row, spec, site_id, body)
+            change.repo.flush()
+            self.lifecycle.advance(change, row, expected_sites)
+
+    def answer_unmasking(self, job_id: str, number: int, site_id: str, answer: UnmaskingAnswer) -> int | None:
+        """Store a roster member's unmasking answer; returns the round's id when this closed the round."""
+        with self.locked_job(job_id) as change:
+            row = self.waiting_round(change, number)
+            spec = job_spec(change.job)
+            record_answer(change.repo, spec, row, site_id, answer)
+            change.repo.flush()
+            detail = {"round": number, "attempt": row.attempt, "shares": len(answer.shares)}
+            change.repo.audit(actor=f"site:{site_id}", action="unmasking.answer", subject=job_id, detail=detail)
+            return row.id if self.lifecycle.advance(change, row, 0) else None
+
+    def transcript(
+        self, job_id: str, number: int, *, caller_site: str | None, attempt: int | None = None
+    ) -> Transcript:
+        """A secure round attempt's transcript (the latest attempt unless ``attempt`` is given)."""
+        with self._sessions.transaction() as session:
+            repo = AggregatorRepository(session)
+            spec = job_spec(repo.job(job_id))
+            row = repo.current_round(job_id, number) if attempt is None else repo.round_attempt(job_id, number, attempt)
+            if row is None:
+                raise NotFound(
+                    f"job {job_id} has no round {number}" + ("" if attempt is None else f" attempt {attempt}")
+                )
+            return transcript(repo, spec, row, caller_site)
 
     @staticmethod
-    def accepting_round(change: JobChange, number: int) -> RoundRow:
-        """The job's open round ``number``, or the ``Conflict`` that says why there is none."""
+    def waiting_round(change: JobChange, number: int) -> RoundRow:
+        """The job's current round ``number`` while it waits for sites, or the ``Conflict`` that says why not."""
         job = change.job
         if job.status != JobStatus.RUNNING.value:
             raise Conflict(f"job is {job.status}; it takes no uploads", code="job_not_running")
@@ -383,9 +355,21 @@ class JobCoordinator:
                 detail={"current_round": job.current_round},
             )
         row = change.repo.current_round(job.id, number)
-        if row is None or not RoundStateMachine.accepts_uploads(RoundState(row.state)):
+        if row is None or RoundState(row.state) not in ACTIVE:
             state = row.state if row is not None else "missing"
             raise Conflict(f"round {number} is {state}; it takes no uploads", code="round_closed")
+        return row
+
+    @staticmethod
+    def accepting_round(change: JobChange, number: int) -> RoundRow:
+        """The job's round ``number`` while it takes uploads, or the ``Conflict`` that says why not."""
+        row = JobCoordinator.waiting_round(change, number)
+        secure = job_spec(change.job).secure_aggregation is not None
+        if not accepts_uploads(RoundState(row.state), secure=secure):
+            if row.state == RoundState.OPEN.value:
+                message = f"round {number} is still taking keys; upload once its roster is fixed"
+                raise Conflict(message, code="no_roster")
+            raise Conflict(f"round {number} is {row.state}; it takes no uploads", code="round_closed")
         return row
 
     def stop_job(self, job_id: str, *, actor: str) -> JobPublic:
@@ -395,7 +379,7 @@ class JobCoordinator:
             if job.status != JobStatus.RUNNING.value:
                 raise Conflict(f"job is {job.status}, not running", code="job_not_running")
             row = change.repo.current_round(job.id, job.current_round)
-            if row is not None and RoundStateMachine.accepts_uploads(RoundState(row.state)):
+            if row is not None and RoundState(row.state) in ACTIVE:
                 row.state = RoundState.FAILED.value
                 row.closed_at = utcnow()
                 row.failure_reason = "job stopped by operator"
@@ -459,8 +443,10 @@ class JobCoordinator:
                 num_values=encoding.num_values,
                 job_id=job.id,
                 round_number=row.number,
+                attempt=row.attempt,
                 kind="statistics" if spec.is_statistics_round(number) else "training",
                 total_samples=row.total_samples,
+                num_inputs=row.num_submissions,
                 weight_scale=spec.max_samples_per_round,
             )
             round_id = row.id

@@ -10,6 +10,7 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from aggregator.tables import (
+    AdvertisementRow,
     AggregateChunkRow,
     AuditRow,
     DeclineRow,
@@ -20,6 +21,7 @@ from aggregator.tables import (
     SiteRow,
     SiteStatusRow,
     SubmissionRow,
+    UnmaskingAnswerRow,
     UploadChunkRow,
     UploadRow,
 )
@@ -104,14 +106,26 @@ class AggregatorRepository(AuditingRepository):
         )
         return self.session.scalars(query).first()
 
+    def round_attempt(self, job_id: str, number: int, attempt: int) -> RoundRow | None:
+        """One attempt of round ``number``."""
+        query = select(RoundRow).where(
+            RoundRow.job_id == job_id, RoundRow.number == number, RoundRow.attempt == attempt
+        )
+        return self.session.scalars(query).first()
+
+    def published_round(self, job_id: str, number: int) -> RoundRow | None:
+        """Round ``number``'s latest attempt if it is published."""
+        row = self.current_round(job_id, number)
+        return row if row is not None and row.state == RoundState.PUBLISHED.value else None
+
     def rounds(self, job_id: str) -> list[RoundRow]:
         """Every attempt of every round of a job, in order."""
         query = select(RoundRow).where(RoundRow.job_id == job_id).order_by(RoundRow.number, RoundRow.attempt)
         return list(self.session.scalars(query))
 
     def overdue_job_ids(self, now: Any) -> list[str]:
-        """Jobs with a round still taking uploads past its deadline."""
-        accepting = (RoundState.OPEN.value, RoundState.COLLECTING.value)
+        """Jobs with a round still waiting for sites past its phase's deadline."""
+        accepting = (RoundState.OPEN.value, RoundState.COLLECTING.value, RoundState.UNMASKING.value)
         query = select(RoundRow.job_id).where(RoundRow.state.in_(accepting), RoundRow.deadline_at <= now).distinct()
         return list(self.session.scalars(query))
 
@@ -134,6 +148,27 @@ class AggregatorRepository(AuditingRepository):
         """A round's declines, in arrival order."""
         query = select(DeclineRow).where(DeclineRow.round_id == round_id).order_by(DeclineRow.id)
         return list(self.session.scalars(query))
+
+    def advertisement(self, round_id: int, site_id: str) -> AdvertisementRow | None:
+        """A site's advertised key in a round attempt."""
+        return self.session.get(AdvertisementRow, (round_id, site_id))
+
+    def advertisements(self, round_id: int) -> list[AdvertisementRow]:
+        """Every key advertised in a round attempt."""
+        return list(self.session.scalars(select(AdvertisementRow).where(AdvertisementRow.round_id == round_id)))
+
+    def count_advertisements(self, round_id: int) -> int:
+        """How many sites advertised a key in a round attempt."""
+        query = select(func.count()).where(AdvertisementRow.round_id == round_id)
+        return int(self.session.scalar(query) or 0)
+
+    def unmasking_answer(self, round_id: int, site_id: str) -> UnmaskingAnswerRow | None:
+        """A roster member's unmasking answer."""
+        return self.session.get(UnmaskingAnswerRow, (round_id, site_id))
+
+    def unmasking_answers(self, round_id: int) -> list[UnmaskingAnswerRow]:
+        """Every unmasking answer of a round attempt."""
+        return list(self.session.scalars(select(UnmaskingAnswerRow).where(UnmaskingAnswerRow.round_id == round_id)))
 
     def site_status(self, site_id: str) -> SiteStatusRow | None:
         """The last heartbeat of a site."""

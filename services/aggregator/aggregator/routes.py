@@ -45,6 +45,7 @@ from fedhe.schemas import (
     SitePublic,
     UpdateAccepted,
 )
+from fedhe.secagg.messages import AdvertisementCreate, Transcript, UnmaskingAnswer
 
 _OCTETS = "application/octet-stream"
 REGISTRATIONS = "registrations-per-address"
@@ -203,6 +204,48 @@ async def upload_update(
     return accepted
 
 
+@jobs.post("/{job_id}/rounds/{number}/keys", status_code=201, responses=CONFLICT)
+def advertise_key(
+    job_id: JobIdPath,
+    number: RoundNumberPath,
+    body: AdvertisementCreate,
+    coordinator: JobsDep,
+    access: AccessDep,
+    caller: JobSiteDep,
+) -> dict[str, str]:
+    """A site advertises its X25519 key for the current attempt of a secure round, signed with its key (ADR 0010)."""
+    assert caller.site_id is not None
+    coordinator.advertise(job_id, number, caller.site_id, body, expected_sites=access.expected_sites(job_id))
+    return {"status": "recorded"}
+
+
+@jobs.get("/{job_id}/rounds/{number}/transcript", response_model=Transcript, responses=CONFLICT)
+def get_transcript(
+    job_id: JobIdPath,
+    number: RoundNumberPath,
+    coordinator: JobsDep,
+    caller: JobParticipantDep,
+    attempt: Annotated[int | None, Query(ge=1, le=100)] = None,
+) -> Transcript:
+    """A secure round attempt's roster, signed upload statements and, once unmasked, self-mask seeds.
+
+    To a site, each statement carries only the share sealed for that site.
+    """
+    return coordinator.transcript(job_id, number, caller_site=caller.site_id, attempt=attempt)
+
+
+@jobs.post("/{job_id}/rounds/{number}/unmasking", status_code=201, responses=CONFLICT)
+def answer_unmasking(
+    job_id: JobIdPath, number: RoundNumberPath, body: UnmaskingAnswer, request: Request, caller: JobSiteDep
+) -> dict[str, str]:
+    """A roster member sends the shares it holds of the other members' self-mask seeds."""
+    assert caller.site_id is not None
+    closed = request.app.state.jobs.answer_unmasking(job_id, number, caller.site_id, body)
+    if closed is not None:
+        request.app.state.publisher.publish(job_id, closed)
+    return {"status": "recorded"}
+
+
 @jobs.post("/{job_id}/rounds/{number}/evaluations", status_code=201, responses=CONFLICT)
 def post_evaluation(
     job_id: JobIdPath,
@@ -227,7 +270,8 @@ def decline_round(
     request: Request,
     caller: JobSiteDep,
 ) -> dict[str, str]:
-    """A site says it will not upload to round ``number`` and why; the round closes once every member answered."""
+    """A site says it will not upload to round ``number`` and why (the round closes once every
+    member answered), or that it will not apply round ``number``'s published aggregate."""
     assert caller.site_id is not None
     closed = coordinator.record_decline(
         job_id, number, caller.site_id, body, expected_sites=access.expected_sites(job_id)

@@ -80,6 +80,34 @@ class RoundRow(AggregatorBase):
     total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
     # Null: every member may upload; else the sites this (sampled) round asks for.
     selected_sites: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # Secure rounds (ADR 0010): the advertisements this attempt sums, fixed when advertising
+    # closed (sorted by site id), and the self-mask seeds rebuilt when unmasking completed.
+    roster: Mapped[list[dict[str, str]] | None] = mapped_column(JSON, nullable=True)
+    self_mask_seeds: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+
+
+class AdvertisementRow(AggregatorBase):
+    """A site's X25519 public key for one secure round attempt, signed with its pinned key."""
+
+    __tablename__ = "advertisements"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(44))
+    signature: Mapped[str] = mapped_column(String(88))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class UnmaskingAnswerRow(AggregatorBase):
+    """A roster member's answer to the unmasking: the shares it holds, each checked against its
+    dealer's commitment before it was stored."""
+
+    __tablename__ = "unmasking_answers"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"), primary_key=True)
+    shares: Mapped[dict[str, str]] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class UploadRow(AggregatorBase):
@@ -133,6 +161,8 @@ class SubmissionRow(AggregatorBase):
     sha256: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Secure rounds: the site's signed statement (``fedhe.secagg.messages.UploadStatement``).
+    statement: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class EvaluationRow(AggregatorBase):

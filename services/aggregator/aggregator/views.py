@@ -87,6 +87,7 @@ def round_public(
     """A round attempt; other sites' submissions, evaluations and the sampled sites only for operators."""
     submissions = repo.submissions(row.id)
     evaluations = repo.evaluations(row.id)
+    roster = None if row.roster is None else [member["site_id"] for member in row.roster]
     return RoundPublic(
         job_id=row.job_id,
         number=row.number,
@@ -131,6 +132,11 @@ def round_public(
         caller_selected=None
         if caller_site is None
         else row.selected_sites is None or caller_site in row.selected_sites,
+        secure=spec.secure_aggregation is not None,
+        num_advertised=repo.count_advertisements(row.id),
+        roster=roster,
+        advertised_by_caller=None if caller_site is None else repo.advertisement(row.id, caller_site) is not None,
+        answered_by_caller=None if caller_site is None else repo.unmasking_answer(row.id, caller_site) is not None,
         # A site that knew the weighted mean could back out another site's metrics from its own.
         global_metrics=global_metrics(evaluations, spec.min_eval_sites) if include_submissions else None,
     )

@@ -1,16 +1,23 @@
 """The site daemon: follows jobs round by round, trains, encrypts, uploads, evaluates, exports.
 
 It never needs an operator: network failures are retried with exponential backoff, a
-restart resumes from the aggregator's view of the round (``submitted_by_caller``) and from the
-global model chain on disk (``client_agent.global_chain``), and the privacy ledger carries the
-budget across restarts. It tells the operator what it does: a heartbeat with its state and
-versions, and a decline with the reason whenever it will not upload to a round (budget spent,
-data unusable, versions that differ, refused), so a round need not wait for its deadline. It
-logs once per round step, not once per poll.
+restart resumes from the aggregator's view of the round (``submitted_by_caller``), from the
+round's record on disk (``client_agent.round_record``: the update it made once, its keys and
+statements) and from the global model chain (``client_agent.global_chain``), and the privacy
+ledger carries the budget across restarts. In a secure round (ADR 0010) it advertises a key,
+uploads its masked update once the roster checks out, answers the unmasking once the
+transcript does, and applies a published aggregate only after ``published_masks`` and the
+codec's bound check accept it (``client_agent.secure_aggregation``).
+
+It tells the operator what it does: a heartbeat with its state and versions, and a decline
+with the reason whenever it will not upload to a round (budget spent, data unusable, versions
+that differ, refused) or will not apply its aggregate, so a round need not wait for its
+deadline. It logs once per round step, not once per poll.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -29,18 +36,31 @@ from client_agent.heartbeat import Heartbeat
 from client_agent.ledger import LedgerEntry, PrivacyLedger
 from client_agent.outcomes import DECLINE_REASONS, JobOutcome, OutcomeStatus
 from client_agent.policy import SitePolicy, load_policy
+from client_agent.round_record import MadeUpdate, RoundRecord
+from client_agent.secure_aggregation import (
+    PublishedRound,
+    check_roster,
+    prepare_upload,
+    published_masks,
+    sign_advertisement,
+    sign_statement,
+    unmasking_answer,
+)
 from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
-from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
+from fedhe.auth import KEY_RELEASE_PURPOSE, PINNED_KEYS_PURPOSE, private_key_from_pem, sign_request
 from fedhe.cpus import usable_cpus
 from fedhe.datasets import Dataset, load_dataset, split
+from fedhe.dp_randomness import noise_generator
 from fedhe.environment import current as current_environment
 from fedhe.environment import differences
 from fedhe.errors import (
+    AggregateRefused,
     BudgetExhausted,
     Conflict,
     DataProblem,
     FedheError,
+    ImplausibleAggregate,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -49,22 +69,27 @@ from fedhe.errors import (
     UpstreamUnavailable,
 )
 from fedhe.files import PRIVATE_FILE, private_dir, write_private
-from fedhe.global_model import decode_aggregate, weighted_update
+from fedhe.global_model import AggregateFacts, Decryption, decode_aggregate, weighted_update
 from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context, quantisation_report
 from fedhe.logs import request_id
 from fedhe.normalisation import statistics_upload
-from fedhe.privacy import local_training_pass
+from fedhe.privacy import TrainingPass, local_training_pass, statistics_pass
 from fedhe.schemas import (
     AgentState,
     DeclineCreate,
+    DeclineReason,
     EvaluationCreate,
+    FederationKeys,
     JobPublic,
     JobStatus,
     KeyReleaseRequest,
+    PinnedKeysRequest,
     PrivacyReport,
     RoundPublic,
     RoundState,
 )
+from fedhe.secagg.messages import AdvertisementCreate, UploadStatement
+from fedhe.secagg.statements import RoundAttempt, UploadFacts, chunks_sha256
 
 logger = logging.getLogger("fedhe.agent")
 
@@ -110,6 +135,8 @@ class SiteAgent:
         self._data: dict[str, tuple[Dataset, Dataset]] = {}
         self._chains: dict[str, GlobalModelChain] = {}
         self._evaluated: dict[str, set[int]] = {}
+        self._pinned: dict[str, FederationKeys] = {}
+        self._sat_out: set[tuple[str, int, int]] = set()
         self._backoff = settings.poll_interval_s
 
     def _secret_context(self, key_id: str) -> ts.Context:
@@ -200,18 +227,18 @@ class SiteAgent:
                 if job.status != JobStatus.RUNNING:
                     return self._finish(job, chain, outcome)
                 current = self._aggregator.round(job.id, job.current_round)
-                if not self._asked_to_upload(current):
+                if not self._has_work(job, current):
                     self._heartbeat.report(AgentState.WAITING, job_id=job.id, round_number=job.current_round)
                     self._wait(failed=False)
                     continue
                 with request_id(f"{job.id}-r{job.current_round}-a{current.attempt}"):
                     self._check_can_train(job)
-                    if job.is_statistics_round(job.current_round):
-                        self._upload(job, current.attempt, partial(self._encrypt_statistics, job))
+                    if job.secure_aggregation is None:
+                        self._upload(job, current.attempt, partial(self._plain_envelope, job, current, chain, outcome))
                     else:
-                        make = partial(self._train_and_encrypt, job, current, chain, outcome)
-                        self._upload(job, current.attempt, make)
-                        outcome.rounds_trained += 1
+                        self._secure_step(job, current, chain, outcome)
+            except AggregateRefused as exc:
+                return self._refuse_aggregate(job, outcome, exc)
             except BudgetExhausted as exc:
                 return self._stop_taking_part(job, outcome, OutcomeStatus.BUDGET_EXHAUSTED, exc)
             except (InvalidRequest, PermissionDenied, Unauthenticated, NotFound) as exc:
@@ -227,13 +254,102 @@ class SiteAgent:
                 logger.warning("job %s: %s; retrying", job.id, exc.message)
                 self._wait(failed=True)
 
-    @staticmethod
-    def _asked_to_upload(current: RoundPublic) -> bool:
-        """Whether the round takes an upload from this site that it has not made yet."""
-        return (
-            current.state in (RoundState.OPEN, RoundState.COLLECTING)
-            and not current.submitted_by_caller
-            and current.caller_selected is not False
+    def _has_work(self, job: JobPublic, current: RoundPublic) -> bool:
+        """Whether the round waits for something from this site that it has not done yet."""
+        if current.state not in (RoundState.OPEN, RoundState.COLLECTING, RoundState.UNMASKING):
+            return False
+        if current.caller_selected is False:
+            return False
+        if job.secure_aggregation is None:
+            return current.state != RoundState.UNMASKING and not current.submitted_by_caller
+        if current.state == RoundState.OPEN:
+            return not current.advertised_by_caller and (job.id, current.number, current.attempt) not in self._sat_out
+        if current.state == RoundState.COLLECTING:
+            return not current.submitted_by_caller and self.settings.site_id in (current.roster or [])
+        return bool(current.submitted_by_caller) and not current.answered_by_caller
+
+    def _round_record(self, job: JobPublic, number: int) -> RoundRecord:
+        return RoundRecord(self._state_file(f"{job.id}-r{number}-round.json"))
+
+    def _pinned_keys(self, job: JobPublic, *, refresh: bool = False) -> FederationKeys:
+        """The keyserver's pinned keys of the job's federation, checked to name this job's federation and this site.
+
+        Fetched with a fresh signed request when ``refresh`` (once per round this site takes part
+        in, before it trains), so a wrong keyserver or a revoked membership stops it before it
+        spends budget.
+        """
+        if refresh or job.id not in self._pinned:
+            timestamp, nonce, signature = sign_request(
+                self._signing_key, PINNED_KEYS_PURPOSE, self.settings.keyserver_audience(), [job.key_id]
+            )
+            request = PinnedKeysRequest(
+                site_id=self.settings.site_id, timestamp=timestamp, nonce=nonce, signature=signature
+            )
+            keys = self._keyserver.pinned_keys(job.key_id, request)
+            if keys.federation_id != job.federation_id or keys.key_id != job.key_id:
+                raise InvalidRequest(
+                    "the keyserver places the job's key in another federation than the coordinator says",
+                    code="federation_mismatch",
+                )
+            self._pinned[job.id] = keys
+        return self._pinned[job.id]
+
+    def _active_keys(self, job: JobPublic) -> dict[str, str]:
+        return {m.site_id: m.public_key for m in self._pinned_keys(job).members if m.status == "active"}
+
+    def _secure_step(self, job: JobPublic, current: RoundPublic, chain: GlobalModelChain, outcome: JobOutcome) -> None:
+        """This site's next step in a secure round: advertise, upload or answer (ADR 0010)."""
+        number, me = job.current_round, self.settings.site_id
+        record = self._round_record(job, number)
+        at = RoundAttempt(job.id, number, current.attempt)
+        if record.answered_attempt not in (None, current.attempt):
+            self._sit_out(job, current, record.answered_attempt)
+            return
+        if current.state == RoundState.OPEN:
+            self._made_update(job, current, chain, outcome, record)
+            key = record.attempt_key(at.attempt)
+            signature = sign_advertisement(self._signing_key, at, me, key)
+            self._aggregator.advertise_key(
+                job.id, number, AdvertisementCreate(attempt=at.attempt, public_key=key.public_key, signature=signature)
+            )
+            logger.info("job %s round %d: key advertised for attempt %d", job.id, number, at.attempt)
+        elif current.state == RoundState.COLLECTING:
+            self._upload(job, current.attempt, partial(self._masked_envelope, job, current, chain, outcome, record))
+        else:
+            mine = record.statement(at.attempt)
+            if mine is None:
+                return
+            transcript = self._aggregator.transcript(job.id, number, attempt=at.attempt)
+            answer = unmasking_answer(
+                transcript,
+                at,
+                me,
+                record.attempt_key(at.attempt),
+                mine,
+                self._active_keys(job),
+                self._facts(job, number),
+            )
+            record.record_answer(at.attempt)
+            self._aggregator.answer_unmasking(job.id, number, answer)
+            logger.info("job %s round %d: unmasking answered (%d shares)", job.id, number, len(answer.shares))
+
+    def _sit_out(self, job: JobPublic, current: RoundPublic, answered: int) -> None:
+        """After answering one attempt's unmasking, this site uploads to no other attempt of the round."""
+        self._sat_out.add((job.id, current.number, current.attempt))
+        message = (
+            f"this site answered attempt {answered}'s unmasking; it re-sends its update to no other attempt "
+            "of this round (ADR 0010) and takes part again in the next round"
+        )
+        logger.warning("job %s round %d: %s", job.id, current.number, message)
+        if current.state == RoundState.OPEN:
+            with contextlib.suppress(Conflict):
+                self._aggregator.decline_round(
+                    job.id, current.number, DeclineCreate(reason=DeclineReason.ALREADY_UNMASKED, message=message)
+                )
+
+    def _facts(self, job: JobPublic, number: int) -> UploadFacts:
+        return UploadFacts(
+            key_id=job.key_id, format_id=job.format_id, num_values=job.round_num_values(number, job.num_parameters)
         )
 
     def _catch_up(self, job: JobPublic, chain: GlobalModelChain) -> None:
@@ -241,22 +357,49 @@ class SiteAgent:
         published = job.total_rounds if job.status == JobStatus.COMPLETED else job.current_round
         while chain.next_round < published:
             number = chain.next_round
-            codec = self._codec(job, number)
-
-            def check(envelope: Envelope, number: int = number, codec: UpdateCodec = codec) -> UpdateCodec:
-                expected = job.round_num_values(number, job.num_parameters)
-                if envelope.key_id != job.key_id or envelope.format_id != job.format_id:
-                    raise InvalidRequest("the aggregate's key or format is not the job's")
-                if envelope.num_values != expected:
-                    raise InvalidRequest(f"round {number}'s aggregate has {envelope.num_values} values, not {expected}")
-                return codec
-
-            chain.apply(decode_aggregate(self._aggregator.aggregate(job.id, number), check))
+            chain.apply(
+                decode_aggregate(self._aggregator.aggregate(job.id, number), partial(self._decryption, job, number))
+            )
+            self._ledger.drop_unreleased(job.id, number)
+            self._round_record(job, number).remove()
             if job.is_statistics_round(number):
                 logger.info("job %s: pooled statistics received; inputs are normalised with them", job.id)
         latest = published - 1
         if latest >= 0 and not job.is_statistics_round(latest) and latest not in self._evaluated.get(job.id, set()):
             self._evaluate(job, latest, chain)
+
+    def _decryption(self, job: JobPublic, number: int, envelope: Envelope, facts: AggregateFacts) -> Decryption:
+        """How to decrypt round ``number``'s published aggregate, once everything about it checks out."""
+        expected = job.round_num_values(number, job.num_parameters)
+        if envelope.key_id != job.key_id or envelope.format_id != job.format_id:
+            raise AggregateRefused("the aggregate's key or format is not the job's", detail={"round": number})
+        if envelope.num_values != expected or facts.round_number != number:
+            raise AggregateRefused(
+                f"round {number}'s aggregate is for another round or length", detail={"round": number}
+            )
+        codec = self._codec(job, number)
+        if job.secure_aggregation is None:
+            return Decryption(codec, None, facts.num_inputs)
+        assert job.threshold is not None
+        at = RoundAttempt(job.id, number, facts.attempt)
+        transcript = self._aggregator.transcript(job.id, number, attempt=facts.attempt)
+        record = self._round_record(job, number)
+        admitted = {m.site_id: m.public_key for m in self._pinned_keys(job).members}
+        try:
+            masks = published_masks(
+                transcript,
+                at,
+                self.settings.site_id,
+                PublishedRound(mine=record.statement(facts.attempt), answered_attempt=record.answered_attempt),
+                admitted,
+                self._facts(job, number),
+                min_statements=max(job.min_sites, job.threshold + 1),
+                total_samples=facts.total_samples,
+            )
+        except AggregateRefused as exc:
+            exc.detail["round"] = number
+            raise
+        return Decryption(codec, masks, len(transcript.statements))
 
     def _check_can_train(self, job: JobPublic) -> None:
         """Refuse, before any privacy budget is spent, a round this site cannot do properly."""
@@ -265,7 +408,34 @@ class SiteAgent:
             raise InvalidRequest(
                 "this site runs other versions than the job: " + "; ".join(mismatched), code="environment_mismatch"
             )
+        threshold = self._policy.min_secure_aggregation_threshold
+        if threshold is not None and (job.threshold or 0) < threshold:
+            raise InvalidRequest(
+                f"the job's secure aggregation threshold is {job.threshold}, below this site's policy of {threshold}",
+                code="threshold_below_policy",
+            )
         self._site_data(job)
+
+    def _refuse_aggregate(self, job: JobPublic, outcome: JobOutcome, exc: AggregateRefused) -> JobOutcome:
+        """Report a refused aggregate to the operator (never applied) and stop taking part."""
+        number = exc.detail.get("round", job.current_round)
+        reason = (
+            DeclineReason.IMPLAUSIBLE_AGGREGATE
+            if isinstance(exc, ImplausibleAggregate)
+            else DeclineReason.AGGREGATE_REFUSED
+        )
+        logger.error(
+            "job %s round %s: %s; this site does not apply it and stops taking part", job.id, number, exc.message
+        )
+        outcome.status = OutcomeStatus.AGGREGATE_REFUSED
+        outcome.notes.append(f"{exc.code}: {exc.message}")
+        outcome.epsilon = self._ledger.epsilon(self._policy.tighten(job.dp).delta)
+        self._heartbeat.report(AgentState.DECLINED, job_id=job.id, round_number=number, message=exc.message[:500])
+        try:
+            self._aggregator.decline_round(job.id, number, DeclineCreate(reason=reason, message=exc.message[:500]))
+        except FedheError as declined:
+            logger.warning("job %s: the refusal was not recorded (%s)", job.id, declined.code)
+        return outcome
 
     def _stop_taking_part(
         self, job: JobPublic, outcome: JobOutcome, status: OutcomeStatus, exc: FedheError
@@ -274,6 +444,7 @@ class SiteAgent:
         logger.error("job %s: %s (%s); this site stops taking part", job.id, exc.message, exc.code)
         outcome.status = status
         outcome.notes.append(f"{exc.code}: {exc.message}")
+        outcome.epsilon = self._ledger.epsilon(self._policy.tighten(job.dp).delta)
         # A data problem's message quotes the site's own cells and file names: it stays in the
         # site's log; the coordinator learns only that the data did not fit.
         told = DATA_PROBLEM_NOTICE if isinstance(exc, DataProblem) else exc.message[:500]
@@ -325,21 +496,22 @@ class SiteAgent:
         return path
 
     def _upload(self, job: JobPublic, attempt: int, make_body: Callable[[], bytes]) -> None:
-        """Upload this round's update, making it only if no encrypted update is already waiting.
+        """Upload this round attempt's envelope, making it only if none is already waiting.
 
-        The encrypted update is written to the state directory before the first upload try, so
-        a lost connection or a restart re-sends the same bytes (the aggregator treats that as a
-        replay) instead of training again and spending privacy budget twice.
+        The envelope is written to the state directory before the first try, so a lost
+        connection or a restart re-sends the same bytes (the aggregator treats that as a
+        replay). The update inside was made once per round (``_made_update``): a new attempt
+        encrypts (and masks) it afresh, but never trains again.
         """
         pending = self._state_file(f"pending-{job.id}-r{job.current_round}-a{attempt}.fedhe")
         if pending.exists():
             body = pending.read_bytes()
             logger.info("job %s round %d: re-sending the saved update", job.id, job.current_round)
         else:
-            self._heartbeat.report(AgentState.TRAINING, job_id=job.id, round_number=job.current_round)
             body = make_body()
             write_private(pending, body)
         self._heartbeat.report(AgentState.UPLOADING, job_id=job.id, round_number=job.current_round)
+        self._ledger.mark_released(job.id, job.current_round)
         try:
             accepted = self._aggregator.upload_update(
                 job.id, job.current_round, body, idempotency_key=f"{job.id}:{job.current_round}:{attempt}"
@@ -357,39 +529,86 @@ class SiteAgent:
             accepted.round_state.value,
         )
 
-    def _envelope(self, job: JobPublic, chunks: list[bytes], num_samples: int, metrics: dict[str, float]) -> bytes:
-        meta = {
-            "num_samples": num_samples,
-            "metrics": metrics,
-            "environment": self._environment.model_dump(),
-            "model_sha256": self._chain(job).architecture_sha256,
-        }
-        return encode_envelope(
-            Envelope(
-                format_id=job.format_id,
-                key_id=job.key_id,
-                num_values=job.round_num_values(job.current_round, job.num_parameters),
-                chunks=chunks,
-                meta=meta,
+    def _made_update(
+        self, job: JobPublic, current: RoundPublic, chain: GlobalModelChain, outcome: JobOutcome, record: RoundRecord
+    ) -> tuple[NDArray[Any], MadeUpdate]:
+        """This round's noised update (training, or the statistics step), made once per round.
+
+        Before anything is computed from the data, the site gets and checks the key and the
+        federation's pinned keys, and checks its budget; what it makes is charged to the ledger
+        at once and kept, so every later attempt of the round re-sends it and spends nothing new.
+        """
+        saved = record.update()
+        if saved is not None:
+            return saved
+        self._codec(job, job.current_round)
+        self._pinned_keys(job, refresh=True)
+        self._heartbeat.report(AgentState.TRAINING, job_id=job.id, round_number=job.current_round)
+        if job.is_statistics_round(job.current_round):
+            values, made = self._noised_statistics(job, current)
+        else:
+            values, made = self._trained_update(job, current, chain, outcome)
+        record.save_update(values, made)
+        return values, made
+
+    def _check_budget(self, job: JobPublic, delta: float, planned: TrainingPass) -> None:
+        if self._policy.max_epsilon is not None:
+            would_be = self._ledger.epsilon(delta, planned)
+            if would_be > self._policy.max_epsilon:
+                raise BudgetExhausted(
+                    f"round {job.current_round} would bring ε to {would_be:.2f}, "
+                    f"over the site's limit {self._policy.max_epsilon}"
+                )
+
+    def _charge(self, job: JobPublic, current: RoundPublic, training: TrainingPass, delta: float) -> float:
+        """Record a pass in the ledger (not yet released) and report the site's ε."""
+        self._ledger.record(
+            LedgerEntry(
+                job_id=job.id, round=job.current_round, attempt=current.attempt, training=training, released=False
             )
         )
+        epsilon = self._ledger.epsilon(delta)
+        self._heartbeat.report(
+            AgentState.UPLOADING,
+            job_id=job.id,
+            round_number=job.current_round,
+            privacy=PrivacyReport(epsilon=epsilon, delta=delta, max_epsilon=self._policy.max_epsilon),
+        )
+        return epsilon
 
-    def _encrypt_statistics(self, job: JobPublic) -> bytes:
-        """The statistics step's upload: count, sums and sums of squares of the training inputs."""
+    def _noised_statistics(self, job: JobPublic, current: RoundPublic) -> tuple[NDArray[Any], MadeUpdate]:
+        """The statistics step's vector: sums and sums of squares of the training inputs, with Gaussian noise."""
         assert job.statistics is not None
         train, _ = self._site_data(job)
+        delta = self._policy.tighten(job.dp).delta
+        charged = statistics_pass(job.statistics.noise_multiplier)
+        self._check_budget(job, delta, charged)
+        stream = f"{self.settings.site_id}/{job.id}/statistics"
         vector, clipped = statistics_upload(
-            np.asarray(train.x), job.statistics.feature_bounds, job.max_samples_per_round
+            np.asarray(train.x),
+            job.statistics.feature_bounds,
+            job.max_samples_per_round,
+            clip_norm=job.statistics.row_clip_norm,
+            noise_multiplier=job.statistics.noise_multiplier,
+            rng=noise_generator(stream),
         )
-        chunks = self._codec(job, job.current_round).encrypt_update(vector)
+        epsilon = self._charge(job, current, charged, delta)
         logger.info(
-            "job %s: statistics of %d rows encrypted (%.2f%% of values clipped)", job.id, len(train), 100 * clipped
+            "job %s: noised statistics of %d rows made (%.2f%% of values beyond their bounds, %.2f%% of rows "
+            "clipped, ε=%.2f at δ=%g)",
+            job.id,
+            len(train),
+            100 * clipped["clipped_fraction"],
+            100 * clipped["rows_clipped_fraction"],
+            epsilon,
+            delta,
         )
-        return self._envelope(job, chunks, len(train), {"clipped_fraction": clipped})
+        return vector, MadeUpdate(num_samples=len(train), metrics={**clipped, "epsilon": epsilon})
 
-    def _train_and_encrypt(
+    def _trained_update(
         self, job: JobPublic, current: RoundPublic, chain: GlobalModelChain, outcome: JobOutcome
-    ) -> bytes:
+    ) -> tuple[NDArray[Any], MadeUpdate]:
+        """Local DP-SGD from the global model: the change (w_k − w) · n_k / S and its plaintext metrics."""
         from client_agent.evaluation import evaluate
         from client_agent.training import LocalTraining, train_dp_sgd
 
@@ -407,13 +626,7 @@ class SiteAgent:
             epochs=job.local_epochs,
             noise_multiplier=dp.noise_multiplier,
         )
-        if self._policy.max_epsilon is not None:
-            would_be = self._ledger.epsilon(dp.delta, planned)
-            if would_be > self._policy.max_epsilon:
-                raise BudgetExhausted(
-                    f"round {job.current_round} would bring ε to {would_be:.2f}, "
-                    f"over the site's limit {self._policy.max_epsilon}"
-                )
+        self._check_budget(job, dp.delta, planned)
         local_training = LocalTraining(
             epochs=job.local_epochs,
             batch_size=job.batch_size,
@@ -421,25 +634,15 @@ class SiteAgent:
             proximal_mu=job.algorithm.proximal_mu,
             momentum=job.algorithm.local_momentum,
             custom_modules=self.settings.custom_modules,
-            test_stream=f"{self.settings.site_id}/{job.id}/{job.current_round}/{current.attempt}",
+            test_stream=f"{self.settings.site_id}/{job.id}/{job.current_round}",
         )
         result = train_dp_sgd(chain.spec, chain.weights, train, local_training, dp=dp)
-        self._ledger.record(
-            LedgerEntry(job_id=job.id, round=job.current_round, attempt=current.attempt, training=result.training)
-        )
-        epsilon = self._ledger.epsilon(dp.delta)
+        epsilon = self._charge(job, current, result.training, dp.delta)
         outcome.epsilon = epsilon
-        self._heartbeat.report(
-            AgentState.UPLOADING,
-            job_id=job.id,
-            round_number=job.current_round,
-            privacy=PrivacyReport(epsilon=epsilon, delta=dp.delta, max_epsilon=self._policy.max_epsilon),
-        )
+        outcome.rounds_trained += 1
         local = evaluate(chain.spec, result.weights, validation, custom_modules=self.settings.custom_modules)
         update = weighted_update(result.weights, chain.weights, result.num_samples, job.max_samples_per_round)
         packing = job.round_packing(job.current_round)
-        started = time.perf_counter()
-        chunks = self._codec(job, job.current_round).encrypt_update(update)
         metrics = {
             "train_loss": result.train_loss,
             "local_val_accuracy": local["accuracy"],
@@ -450,7 +653,6 @@ class SiteAgent:
             "l2_norm_clip": dp.l2_norm_clip,
             "clipped_fraction": quantisation_report(update, packing)["clipped_fraction"] if packing else 0.0,
             "train_seconds": result.seconds,
-            "encrypt_seconds": time.perf_counter() - started,
         }
         logger.info(
             "job %s round %d: trained on n=%d, ε=%.2f at δ=%g",
@@ -460,10 +662,77 @@ class SiteAgent:
             epsilon,
             dp.delta,
         )
-        return self._envelope(job, chunks, result.num_samples, metrics)
+        return update, MadeUpdate(num_samples=result.num_samples, metrics=metrics)
+
+    def _envelope(
+        self, job: JobPublic, chunks: list[bytes], made: MadeUpdate, seconds: float, statement: UploadStatement | None
+    ) -> bytes:
+        meta: dict[str, Any] = {
+            "num_samples": made.num_samples,
+            "metrics": made.metrics | {"encrypt_seconds": seconds},
+            "environment": self._environment.model_dump(),
+            "model_sha256": self._chain(job).architecture_sha256,
+        }
+        if statement is not None:
+            meta["secagg"] = statement.model_dump()
+        return encode_envelope(
+            Envelope(
+                format_id=job.format_id,
+                key_id=job.key_id,
+                num_values=job.round_num_values(job.current_round, job.num_parameters),
+                chunks=chunks,
+                meta=meta,
+            )
+        )
+
+    def _plain_envelope(
+        self, job: JobPublic, current: RoundPublic, chain: GlobalModelChain, outcome: JobOutcome
+    ) -> bytes:
+        """A round without secure aggregation: the update, encrypted (and nothing else)."""
+        values, made = self._made_update(job, current, chain, outcome, self._round_record(job, job.current_round))
+        started = time.perf_counter()
+        chunks = self._codec(job, job.current_round).encrypt_update(values)
+        return self._envelope(job, chunks, made, time.perf_counter() - started, None)
+
+    def _masked_envelope(
+        self, job: JobPublic, current: RoundPublic, chain: GlobalModelChain, outcome: JobOutcome, record: RoundRecord
+    ) -> bytes:
+        """A secure round's upload: the update masked for the checked roster, encrypted, its statement signed."""
+        number, me = job.current_round, self.settings.site_id
+        assert job.threshold is not None
+        at = RoundAttempt(job.id, number, current.attempt)
+        values, made = self._made_update(job, current, chain, outcome, record)
+        key = record.attempt_key(at.attempt)
+        roster = self._aggregator.transcript(job.id, number, attempt=at.attempt).roster
+        check_roster(
+            roster,
+            at,
+            me,
+            key,
+            self._active_keys(job),
+            min_members=max(job.min_sites, job.threshold + 1),
+            threshold=job.threshold,
+        )
+        prepared = prepare_upload(at, me, key, roster)
+        started = time.perf_counter()
+        chunks = self._codec(job, number).encrypt_update(values, masks=prepared.masks)
+        seconds = time.perf_counter() - started
+        statement = sign_statement(
+            self._signing_key,
+            at,
+            self._facts(job, number),
+            me=me,
+            roster=roster,
+            prepared=prepared,
+            num_samples=made.num_samples,
+            chunks_sha256=chunks_sha256(chunks),
+        )
+        record.save_statement(at.attempt, statement)
+        return self._envelope(job, chunks, made, seconds, statement)
 
     def _finish(self, job: JobPublic, chain: GlobalModelChain, outcome: JobOutcome) -> JobOutcome:
         outcome.status = OutcomeStatus(job.status.value)
+        self._ledger.drop_unreleased(job.id)
         self._heartbeat.report(AgentState.FINISHED, job_id=job.id)
         logger.info("job %s ended %s", job.id, job.status.value)
         outcome.epsilon = self._ledger.epsilon(self._policy.tighten(job.dp).delta)

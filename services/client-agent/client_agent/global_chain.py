@@ -29,7 +29,7 @@ from fedhe.errors import InvalidRequest
 from fedhe.files import write_private
 from fedhe.global_model import DecodedAggregate
 from fedhe.modelspec import InputNormalisation, ModelSpec
-from fedhe.normalisation import normalisation_from_sum
+from fedhe.normalisation import StatisticsNoise, normalisation_from_sum
 from fedhe.schemas import JobPublic
 
 
@@ -94,7 +94,18 @@ class GlobalModelChain:
         if aggregate.kind == "statistics":
             if job.statistics is None:
                 raise InvalidRequest("a statistics aggregate for a job without a statistics step")
-            self.state.normalisation = normalisation_from_sum(aggregate.values, job.statistics.feature_bounds)
+            noise = StatisticsNoise(
+                num_inputs=aggregate.num_inputs,
+                noise_multiplier=job.statistics.noise_multiplier,
+                clip_norm=job.statistics.row_clip_norm,
+            )
+            self.state.normalisation = normalisation_from_sum(
+                aggregate.values,
+                job.statistics.feature_bounds,
+                aggregate.total_samples,
+                job.max_samples_per_round,
+                noise,
+            )
         else:
             self.state.server = apply_server_momentum(
                 self.state.server,

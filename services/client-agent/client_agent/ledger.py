@@ -1,7 +1,11 @@
-"""The site's privacy ledger: every DP-SGD pass the site ran, on disk.
+"""The site's privacy ledger: every DP-SGD pass (and statistics step) the site ran, on disk.
 
-A pass is recorded as soon as it finishes, before its update is uploaded: counting a pass
-whose result never left the site overstates ε, never understates it.
+A pass is recorded as soon as it finishes, before anything made from it leaves the site, and
+counts from then on: a crash between training and upload overstates ε, never understates it.
+It is marked released just before its result is first sent. A round that ends without this
+site having sent anything made from a pass (its roster closed without the site, the round
+failed before it uploaded, the job stopped) drops that pass again: nothing was released, so
+nothing was spent, and a retry never trains twice (``client_agent.round_record``).
 
 ε is always recomputed from the whole ledger (PLD composition over every pass on this site's
 data, across rounds and jobs, ``fedhe.privacy.epsilon_spent``), so a restart never forgets budget already spent.
@@ -20,12 +24,13 @@ from fedhe.privacy import TrainingPass, epsilon_spent
 
 
 class LedgerEntry(BaseModel):
-    """One released training pass."""
+    """One training pass (or statistics step) on this site's data."""
 
     job_id: str
     round: int
     attempt: int
     training: TrainingPass
+    released: bool = True
 
 
 class PrivacyLedger:
@@ -49,8 +54,34 @@ class PrivacyLedger:
             passes.append(extra)
         return epsilon_spent(passes, delta)
 
+    def _write(self, entries: list[LedgerEntry]) -> None:
+        write_private_text(self._path, json.dumps([e.model_dump() for e in entries], indent=1))
+
     def record(self, entry: LedgerEntry) -> None:
         """Append a pass; the file is replaced atomically so a crash never truncates it."""
         with self._lock:
-            entries = [*self.entries(), entry]
-            write_private_text(self._path, json.dumps([e.model_dump() for e in entries], indent=1))
+            self._write([*self.entries(), entry])
+
+    def mark_released(self, job_id: str, round_number: int) -> None:
+        """Note that what a round's pass made is about to leave the site (before it is sent)."""
+        with self._lock:
+            entries = self.entries()
+            if any(e.job_id == job_id and e.round == round_number and not e.released for e in entries):
+                self._write(
+                    [
+                        e.model_copy(update={"released": True}) if e.round == round_number and e.job_id == job_id else e
+                        for e in entries
+                    ]
+                )
+
+    def drop_unreleased(self, job_id: str, round_number: int | None = None) -> None:
+        """Forget passes of a finished round (or of every round of a finished job) that released nothing."""
+        with self._lock:
+            entries = self.entries()
+            kept = [
+                e
+                for e in entries
+                if e.released or e.job_id != job_id or (round_number is not None and e.round != round_number)
+            ]
+            if len(kept) != len(entries):
+                self._write(kept)

@@ -9,6 +9,7 @@
 | 13 | failed / stopped | the job itself failed or an operator stopped it |
 | 14 | environment_mismatch | this site's versions differ from the job's (Python, TensorFlow, TenSEAL, …) |
 | 15 | stale_key | the job's key was retired at the keyserver |
+| 16 | aggregate_refused | a published aggregate did not prove an honest sum, or honest inputs cannot make it |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class OutcomeStatus(enum.StrEnum):
     DATA_PROBLEM = "data_problem"
     ENVIRONMENT_MISMATCH = "environment_mismatch"
     STALE_KEY = "stale_key"
+    AGGREGATE_REFUSED = "aggregate_refused"
 
 
 EXIT_CODES: dict[OutcomeStatus, int] = {
@@ -42,6 +44,7 @@ EXIT_CODES: dict[OutcomeStatus, int] = {
     OutcomeStatus.STOPPED: 13,
     OutcomeStatus.ENVIRONMENT_MISMATCH: 14,
     OutcomeStatus.STALE_KEY: 15,
+    OutcomeStatus.AGGREGATE_REFUSED: 16,
 }
 
 DECLINE_REASONS: dict[OutcomeStatus, DeclineReason] = {

@@ -20,6 +20,11 @@ class SitePolicy(BaseModel):
     min_noise_multiplier: float | None = Field(default=None, gt=0)
     max_delta: float | None = Field(default=None, gt=0, lt=1)
     max_epsilon: float | None = Field(default=None, gt=0, description="stop training once the site's ε would pass this")
+    min_secure_aggregation_threshold: int | None = Field(
+        default=None,
+        ge=2,
+        description="refuse jobs whose secure aggregation tolerates fewer colluding members (t - 1) than this minus 1",
+    )
 
     def tighten(self, job: DPSettings) -> DPSettings:
         """The job's DP settings, made at least as strict as this policy."""

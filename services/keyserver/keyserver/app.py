@@ -34,10 +34,12 @@ from fedhe.schemas import (
     ContextInfo,
     EndorsementCreate,
     FederationCreate,
+    FederationKeys,
     FederationPublic,
     KeyReleaseRequest,
     MemberCreate,
     MemberPublic,
+    PinnedKeysRequest,
 )
 from keyserver import migrations
 from keyserver.metrics import KeyserverMetrics
@@ -214,6 +216,16 @@ def secret_context(key_id: KeyIdPath, body: KeyReleaseRequest, service: KeyServi
     return Response(
         service.release_secret_context(key_id, body), media_type=_OCTETS, headers={"Cache-Control": "no-store"}
     )
+
+
+@router.post(
+    "/contexts/{key_id}/members", response_model=FederationKeys, tags=["contexts"], dependencies=[SignedBudget]
+)
+def pinned_keys(key_id: KeyIdPath, body: PinnedKeysRequest, service: KeyServiceDep, request: Request) -> FederationKeys:
+    """The pinned keys of the active members of the key's federation, for an active member presenting a
+    fresh, single-use signature (sites check secure rounds' signatures against these)."""
+    request.app.state.limiter.hit(SIGNED_PER_SITE, body.site_id)
+    return service.pinned_keys(key_id, body)
 
 
 @router.get("/audit", response_model=list[AuditEventPublic], tags=["audit"])

@@ -8,7 +8,7 @@ aggregator says (its site registry, its operators' credentials) can add a member
 
 from __future__ import annotations
 
-from fedhe.auth import ENDORSE_PURPOSE, KEY_RELEASE_PURPOSE, parse_public_key, verify_request
+from fedhe.auth import ENDORSE_PURPOSE, KEY_RELEASE_PURPOSE, PINNED_KEYS_PURPOSE, parse_public_key, verify_request
 from fedhe.db import SessionFactory, utcnow
 from fedhe.errors import Conflict, FedheError, NotFound, PermissionDenied, Unauthenticated
 from fedhe.he.context import BfvParameters, CkksParameters, create_key_material, parameters_from
@@ -18,11 +18,14 @@ from fedhe.schemas import (
     ContextInfo,
     EndorsementCreate,
     FederationCreate,
+    FederationKeys,
     FederationPublic,
     KeyReleaseRequest,
     MemberCreate,
     MemberPublic,
     MemberStatus,
+    PinnedKey,
+    PinnedKeysRequest,
     SignedRequest,
 )
 from keyserver.metrics import KeyserverMetrics
@@ -307,6 +310,19 @@ class KeyService:
         if not self._nonces.claim(request.nonce, 2 * self._max_skew_s):
             raise Unauthenticated("this signed request was already used", code="replayed_request")
 
+    def _active_member_of_key(
+        self, repo: KeyserverRepository, key_id: str, purpose: str, request: SignedRequest
+    ) -> ContextRow:
+        """The context ``key_id``, if ``request`` is a fresh signature by an active member of its federation."""
+        row = repo.find_context(key_id)
+        member = repo.member(row.federation_id, request.site_id) if row is not None else None
+        if row is None or member is None or member.status != MemberStatus.ACTIVE.value:
+            # One answer for an unknown key, a non-member and a revoked member: the route
+            # does not reveal which keys exist or who belongs to which federation.
+            raise PermissionDenied("site is not an active member of this key's federation", code="not_a_member")
+        self._verify(member.public_key, purpose, [key_id], request)
+        return row
+
     def release_secret_context(self, key_id: str, request: KeyReleaseRequest) -> bytes:
         """The secret context, for an active member that signed a fresh, single-use request for it.
 
@@ -315,13 +331,7 @@ class KeyService:
         try:
             with self._sessions.transaction() as session:
                 repo = KeyserverRepository(session)
-                row = repo.find_context(key_id)
-                member = repo.member(row.federation_id, request.site_id) if row is not None else None
-                if row is None or member is None or member.status != MemberStatus.ACTIVE.value:
-                    # One answer for an unknown key, a non-member and a revoked member: the route
-                    # does not reveal which keys exist or who belongs to which federation.
-                    raise PermissionDenied("site is not an active member of this key's federation", code="not_a_member")
-                self._verify(member.public_key, KEY_RELEASE_PURPOSE, [key_id], request)
+                row = self._active_member_of_key(repo, key_id, KEY_RELEASE_PURPOSE, request)
                 if row.retired_at is not None:
                     raise Conflict(f"key {key_id} was retired; fetch the federation's current key", code="stale_key_id")
                 secret = self._sealer.unseal(key_id, row.sealed_secret_context)
@@ -335,6 +345,38 @@ class KeyService:
             return secret
         except FedheError as exc:
             self.audit_refused_release(key_id, request.site_id, exc.code)
+            raise
+
+    def pinned_keys(self, key_id: str, request: PinnedKeysRequest) -> FederationKeys:
+        """The pinned keys of the active members of ``key_id``'s federation, for one of them.
+
+        Sites check every signature a secure round carries against these (ADR 0010), never
+        against anything the coordinator says. Refusals are audited like key releases.
+        """
+        try:
+            with self._sessions.transaction() as session:
+                repo = KeyserverRepository(session)
+                row = self._active_member_of_key(repo, key_id, PINNED_KEYS_PURPOSE, request)
+                members = [
+                    PinnedKey(site_id=member.site_id, public_key=member.public_key, status=member.status)
+                    for member, _ in repo.members_with_endorsers(row.federation_id)
+                    if member.admitted_at is not None
+                ]
+                repo.audit(
+                    actor=f"site:{request.site_id}",
+                    action="members.pinned_keys",
+                    subject=key_id,
+                    detail={"granted": True, "federation_id": row.federation_id, "members": len(members)},
+                )
+            return FederationKeys(federation_id=row.federation_id, key_id=key_id, members=members)
+        except FedheError as exc:
+            with self._sessions.transaction() as session:
+                KeyserverRepository(session).audit(
+                    actor=f"site:{loggable(SITE_ID, request.site_id)}",
+                    action="members.pinned_keys",
+                    subject=loggable(KEY_ID, key_id),
+                    detail={"granted": False, "reason": exc.code},
+                )
             raise
 
     def audit_refused_release(self, key_id: object, site_id: object, reason: str) -> None:

@@ -20,8 +20,8 @@ import tenseal as ts
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
-from fedhe.errors import InvalidRequest
-from fedhe.he.codec import PACKED_FORMAT_ID
+from fedhe.errors import ImplausibleAggregate, InvalidRequest
+from fedhe.he.codec import PACKED_FORMAT_ID, CoefficientMask
 from fedhe.he.context import scheme_of
 from fedhe.he.packing import PackingLayout, PackingSettings, pack, packing_layout, unpack
 from fedhe.he.quantise import dequantise, quantise
@@ -51,6 +51,7 @@ class PackedBfvCodec(SealCodec):
     """
 
     format_id = PACKED_FORMAT_ID
+    supports_masks = True
     _format_checks = "level or size"
 
     def __init__(
@@ -90,13 +91,15 @@ class PackedBfvCodec(SealCodec):
         # A test's seeded rounding generator lives in this process only.
         return self._rng is None
 
-    def _encrypt_block(self, flat: NDArray[np.float64]) -> list[bytes]:
+    def _encrypt_block(self, flat: NDArray[np.float64], masks: CoefficientMask | None, first_chunk: int) -> list[bytes]:
         encryptor = seal.Encryptor(self._seal_context, self._secret_key())
         rng = self._rng if self._rng is not None else np.random.default_rng()
         block = _BLOCK_CHUNKS * self.layout.values_per_chunk
         chunks: list[bytes] = []
         for start in range(0, flat.size, block):
             coefficients = pack(quantise(flat[start : start + block], self.settings, rng), self.layout)
+            if masks is not None:
+                self._add_masks(coefficients, masks, first_chunk + start // self.layout.values_per_chunk)
             for row in coefficients:
                 plain = self.io.load_plaintext(plaintext_bytes(row))
                 chunks.append(compact_ciphertext(self.io.save(encryptor.encrypt_symmetric(plain))))
@@ -117,9 +120,28 @@ class PackedBfvCodec(SealCodec):
         """The wire form of a (summed) ciphertext."""
         return compact_ciphertext(self.io.save(ciphertext))
 
-    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
+    def _add_masks(self, coefficients: NDArray[np.uint64], masks: CoefficientMask, first_chunk: int) -> None:
+        """Add ``masks`` to rows of plaintext coefficients in place, modulo t."""
+        layout = self.layout
+        for start in range(0, coefficients.shape[0], _BLOCK_CHUNKS):
+            rows = coefficients[start : start + _BLOCK_CHUNKS]
+            rows += masks.block(
+                first_chunk + start, rows.shape[0], layout.poly_modulus_degree, layout.plain_modulus_bits
+            )
+            rows &= np.uint64((1 << layout.plain_modulus_bits) - 1)
+
+    def decrypt_aggregate(
+        self,
+        chunks: Sequence[bytes],
+        num_values: int,
+        *,
+        masks: CoefficientMask | None = None,
+        summed_inputs: int | None = None,
+    ) -> NDArray[Any]:
         """The sum of the dequantised updates in ``chunks`` (a sum of any number up to
-        ``max_sites``; no count needed)."""
+        ``max_sites``; no count needed), ``masks`` removed first; with ``summed_inputs`` = k, a
+        slot beyond k·L (what k inputs of at most L levels can sum to, and how a wrap at the
+        packing limit shows) raises ``ImplausibleAggregate``."""
         decryptor = seal.Decryptor(self._seal_context, self._secret_key())
         self.check_count(chunks, self.num_chunks(num_values))
         n = self.layout.poly_modulus_degree
@@ -129,7 +151,24 @@ class PackedBfvCodec(SealCodec):
             decryptor.decrypt(self.load_chunk(index, data), plain)
             words = plaintext_coefficients(self.io.save(plain))
             coefficients[index, : words.size] = words
-        return dequantise(unpack(coefficients, self.layout, num_values), self.settings)
+        if masks is not None:
+            self._add_masks(coefficients, masks, 0)
+        levels = unpack(coefficients, self.layout, num_values)
+        if summed_inputs is not None:
+            self._check_plausible(levels, summed_inputs)
+        return dequantise(levels, self.settings)
+
+    def _check_plausible(self, levels: NDArray[np.int64], summed_inputs: int) -> None:
+        bound = summed_inputs * self.layout.levels
+        beyond = int(np.count_nonzero(np.abs(levels) > bound))
+        if beyond:
+            largest = int(np.abs(levels).max())
+            raise ImplausibleAggregate(
+                f"{beyond} of {levels.size} values of the decrypted sum lie beyond what {summed_inputs} inputs "
+                f"within ±R can add up to (largest {largest * self.settings.step:.4g}, bound "
+                f"{bound * self.settings.step:.4g}): an input was forged or the sum is not the roster's",
+                detail={"values_beyond": beyond, "largest_level": largest, "bound_level": bound},
+            )
 
     def noise_budget(self, chunk: bytes) -> int:
         """SEAL's remaining invariant noise budget (bits) of a chunk (needs the secret key)."""

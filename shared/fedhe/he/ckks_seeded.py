@@ -22,7 +22,7 @@ import tenseal as ts
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
-from fedhe.he.codec import CKKS_FORMAT_ID
+from fedhe.he.codec import CKKS_FORMAT_ID, CoefficientMask
 from fedhe.he.seal_codec import SealCodec
 from fedhe.he.seal_io import SealIO
 
@@ -48,7 +48,7 @@ class SeededCkksCodec(SealCodec):
     def serialise(self, ciphertext: seal.Ciphertext) -> bytes:
         return self.io.save(ciphertext)
 
-    def _encrypt_block(self, flat: NDArray[np.float64]) -> list[bytes]:
+    def _encrypt_block(self, flat: NDArray[np.float64], masks: CoefficientMask | None, first_chunk: int) -> list[bytes]:
         encryptor = seal.Encryptor(self._seal_context, self._secret_key())
         chunks: list[bytes] = []
         plain = seal.Plaintext()
@@ -70,7 +70,15 @@ class SeededCkksCodec(SealCodec):
             and ciphertext.is_ntt_form()
         )
 
-    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
+    def decrypt_aggregate(
+        self,
+        chunks: Sequence[bytes],
+        num_values: int,
+        *,
+        masks: CoefficientMask | None = None,
+        summed_inputs: int | None = None,
+    ) -> NDArray[Any]:
+        self.refuse_masks(masks)
         decryptor = seal.Decryptor(self._seal_context, self._secret_key())
         parsed = self.parse(chunks, self.num_chunks(num_values))
         out = np.empty(len(parsed) * self.slot_count, dtype=np.float64)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence, Sized
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import tenseal as ts
 from numpy.typing import NDArray
 
@@ -21,18 +22,29 @@ if TYPE_CHECKING:
     from fedhe.he.packing import PackingSettings
 
 
+class CoefficientMask(Protocol):
+    """Values added to plaintext coefficients modulo the plain modulus before encryption (or after
+    decryption): secure aggregation's masks (``fedhe.secagg.masks``)."""
+
+    def block(self, start_chunk: int, count: int, degree: int, modulus_bits: int) -> NDArray[np.uint64]:
+        """The mask of ``count`` chunks from ``start_chunk``: one row of ``degree`` coefficients each."""
+        ...
+
+
 class UpdateCodec(abc.ABC):
     """Encrypts, sums and decrypts model updates for one HE context."""
 
     format_id: str
+    supports_masks = False
+    """Whether updates can carry secure aggregation's masks (exact modular plaintexts only)."""
 
     @abc.abstractmethod
     def num_chunks(self, num_values: int) -> int:
         """How many chunks an update of ``num_values`` values has."""
 
     @abc.abstractmethod
-    def encrypt_update(self, values: NDArray[Any]) -> list[bytes]:
-        """Encrypt a flat vector (needs the secret context)."""
+    def encrypt_update(self, values: NDArray[Any], masks: CoefficientMask | None = None) -> list[bytes]:
+        """Encrypt a flat vector (needs the secret context), its plaintext first masked by ``masks``."""
 
     @abc.abstractmethod
     def check_chunk(self, index: int, data: bytes) -> None:
@@ -70,8 +82,28 @@ class UpdateCodec(abc.ABC):
         """Release worker processes or other resources the codec holds."""
 
     @abc.abstractmethod
-    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
-        """Decrypt a (summed) vector of ``num_values`` values (needs the secret context)."""
+    def decrypt_aggregate(
+        self,
+        chunks: Sequence[bytes],
+        num_values: int,
+        *,
+        masks: CoefficientMask | None = None,
+        summed_inputs: int | None = None,
+    ) -> NDArray[Any]:
+        """Decrypt a (summed) vector of ``num_values`` values (needs the secret context).
+
+        ``masks`` are added to the decrypted plaintext first (to remove the self masks);
+        with ``summed_inputs`` = k, a sum that k inputs within the codec's range cannot produce
+        raises ``ImplausibleAggregate`` (codecs without a range check nothing).
+        """
+
+    def refuse_masks(self, masks: CoefficientMask | None) -> None:
+        """``InvalidRequest`` if masks are asked of a codec that cannot carry them."""
+        if masks is not None and not self.supports_masks:
+            raise InvalidRequest(
+                f"format {self.format_id} cannot carry secure aggregation's masks (it needs {PACKED_FORMAT_ID})",
+                code="masking_unsupported",
+            )
 
 
 CKKS_FORMAT_ID = "ckks-seeded-last-v2"

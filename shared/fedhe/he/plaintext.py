@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-from fedhe.he.codec import UpdateCodec
+from fedhe.he.codec import CoefficientMask, UpdateCodec
 
 PLAINTEXT_FORMAT_ID = "plain-f64-insecure-v1"
 SWITCH = "FEDHE_INSECURE_PLAINTEXT_CODEC"
@@ -41,7 +41,8 @@ class PlaintextCodec(UpdateCodec):
     def num_chunks(self, num_values: int) -> int:
         return math.ceil(num_values / _VALUES_PER_CHUNK)
 
-    def encrypt_update(self, values: NDArray[Any]) -> list[bytes]:
+    def encrypt_update(self, values: NDArray[Any], masks: CoefficientMask | None = None) -> list[bytes]:
+        self.refuse_masks(masks)
         flat = np.asarray(values, dtype="<f8").ravel()
         return [flat[i : i + _VALUES_PER_CHUNK].tobytes() for i in range(0, flat.size, _VALUES_PER_CHUNK)]
 
@@ -65,5 +66,13 @@ class PlaintextCodec(UpdateCodec):
             raise InvalidRequest("no chunks to sum")
         return total.astype("<f8").tobytes()
 
-    def decrypt_aggregate(self, chunks: Sequence[bytes], num_values: int) -> NDArray[Any]:
+    def decrypt_aggregate(
+        self,
+        chunks: Sequence[bytes],
+        num_values: int,
+        *,
+        masks: CoefficientMask | None = None,
+        summed_inputs: int | None = None,
+    ) -> NDArray[Any]:
+        self.refuse_masks(masks)
         return self.decode(chunks, num_values)

@@ -21,7 +21,7 @@ import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-from fedhe.he.codec import UpdateCodec
+from fedhe.he.codec import CoefficientMask, UpdateCodec
 
 _WORKER: dict[str, UpdateCodec] = {}
 
@@ -34,8 +34,10 @@ def _start_worker(format_id: str, secret_context: bytes, options: str | None) ->
     _WORKER["codec"] = codec_for(format_id, ts.context_from(secret_context), options=settings)
 
 
-def _encrypt_in_worker(values: NDArray[Any]) -> list[bytes]:
-    return _WORKER["codec"].encrypt_update(values)
+def _encrypt_in_worker(values: NDArray[Any], masks: CoefficientMask | None, first_chunk: int) -> list[bytes]:
+    codec = _WORKER["codec"]
+    assert isinstance(codec, SealCodec)
+    return codec._encrypt_block(values, masks, first_chunk)
 
 
 class SealCodec(UpdateCodec):
@@ -65,8 +67,8 @@ class SealCodec(UpdateCodec):
         """How many values one chunk (one ciphertext) holds."""
 
     @abc.abstractmethod
-    def _encrypt_block(self, flat: NDArray[np.float64]) -> list[bytes]:
-        """Encrypt finite values in this process."""
+    def _encrypt_block(self, flat: NDArray[np.float64], masks: CoefficientMask | None, first_chunk: int) -> list[bytes]:
+        """Encrypt finite values in this process: chunks ``first_chunk`` onwards of an update."""
 
     @abc.abstractmethod
     def _deserialise(self, data: bytes) -> seal.Ciphertext:
@@ -112,15 +114,16 @@ class SealCodec(UpdateCodec):
             raise InvalidRequest("this context has no secret key: it cannot encrypt or decrypt")
         return self._tenseal_context.secret_key().data
 
-    def encrypt_update(self, values: NDArray[Any]) -> list[bytes]:
+    def encrypt_update(self, values: NDArray[Any], masks: CoefficientMask | None = None) -> list[bytes]:
+        self.refuse_masks(masks)
         flat = np.asarray(values, dtype=np.float64).ravel()
         if not np.all(np.isfinite(flat)):
             raise InvalidRequest("an update must contain only finite values")
         if self._parallel_allowed() and self._workers > 1 and flat.size >= 2 * self._workers * self.values_per_chunk:
-            return self._encrypt_parallel(flat)
-        return self._encrypt_block(flat)
+            return self._encrypt_parallel(flat, masks)
+        return self._encrypt_block(flat, masks, 0)
 
-    def _encrypt_parallel(self, flat: NDArray[Any]) -> list[bytes]:
+    def _encrypt_parallel(self, flat: NDArray[Any], masks: CoefficientMask | None) -> list[bytes]:
         if self._pool is None:
             secret = self._tenseal_context.serialize(
                 save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
@@ -133,8 +136,14 @@ class SealCodec(UpdateCodec):
             )
         per_chunk = self.values_per_chunk
         step = math.ceil(math.ceil(flat.size / per_chunk) / (4 * self._workers)) * per_chunk
-        slices = [flat[start : start + step] for start in range(0, flat.size, step)]
-        return [chunk for part in self._pool.map(_encrypt_in_worker, slices) for chunk in part]
+        starts = range(0, flat.size, step)
+        parts = self._pool.map(
+            _encrypt_in_worker,
+            [flat[start : start + step] for start in starts],
+            [masks] * len(starts),
+            [start // per_chunk for start in starts],
+        )
+        return [chunk for part in parts for chunk in part]
 
     def close(self) -> None:
         """Stop the encryption worker processes, if any were started."""
