@@ -520,7 +520,7 @@ class DeclineReason(StrEnum):
     OTHER = "other"
 
 
-REFUSAL_REASONS = frozenset({DeclineReason.AGGREGATE_REFUSED, DeclineReason.IMPLAUSIBLE_AGGREGATE})
+REFUSAL_REASONS = (DeclineReason.AGGREGATE_REFUSED, DeclineReason.IMPLAUSIBLE_AGGREGATE)
 """Reasons a site gives for not applying a published aggregate (the rest are for not uploading)."""
 
 

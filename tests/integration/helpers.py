@@ -8,11 +8,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import tenseal.sealapi as seal
+from numpy.typing import NDArray
 from sqlalchemy import Connection, create_engine, text
 
 from fedhe.api_client import KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, private_key_from_pem, sign_request
-from fedhe.he import PACKED_FORMAT_ID, PackingSettings, UpdateCodec, codec_for, format_for, load_secret_context
+from fedhe.he import (
+    PACKED_FORMAT_ID,
+    PackedBfvCodec,
+    PackingSettings,
+    UpdateCodec,
+    codec_for,
+    format_for,
+    load_secret_context,
+)
+from fedhe.he.seal_format import plaintext_coefficients
 from fedhe.local_cluster import ClusterSecrets, ProvisionedSite
 from fedhe.schemas import DEFAULT_CLIP_RANGE, KeyReleaseRequest
 
@@ -121,3 +133,33 @@ def stored_submissions(database_url: str, job_id: str, number: int) -> list[tupl
             ).all()
             result.append((int(num_samples), [bytes(c.data) for c in chunks]))
     return result
+
+
+def stored_uploads(database_url: str, job_id: str, number: int) -> dict[str, list[bytes]]:
+    """The ciphertext chunks of every counted upload of a round's latest attempt, by site, as the
+    coordinator's database holds them."""
+    with database_connection(database_url) as conn:
+        rows = conn.execute(
+            text(
+                "SELECT s.site_id, c.data FROM submissions s JOIN upload_chunks c ON c.upload_id = s.upload_id "
+                "WHERE s.round_id = (SELECT id FROM rounds WHERE job_id = :job AND number = :n "
+                "ORDER BY attempt DESC LIMIT 1) ORDER BY s.site_id, c.index"
+            ),
+            {"job": job_id, "n": number},
+        ).all()
+    uploads: dict[str, list[bytes]] = {}
+    for site_id, data in rows:
+        uploads.setdefault(site_id, []).append(bytes(data))
+    return uploads
+
+
+def decrypted_coefficients(codec: PackedBfvCodec, chunks: list[bytes]) -> NDArray[np.uint64]:
+    """The plaintext coefficients of stored chunks, decrypted with the federation's secret key (as a member can)."""
+    decryptor = seal.Decryptor(codec._seal_context, codec._secret_key())
+    out = np.zeros((len(chunks), codec.layout.poly_modulus_degree), dtype=np.uint64)
+    plain = seal.Plaintext()
+    for index, chunk in enumerate(chunks):
+        decryptor.decrypt(codec.load_chunk(index, chunk), plain)
+        words = plaintext_coefficients(codec.io.save(plain))
+        out[index, : words.size] = words
+    return out

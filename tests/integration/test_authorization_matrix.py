@@ -21,6 +21,7 @@ import pytest
 from fedhe.auth import (
     ENDORSE_PURPOSE,
     KEY_RELEASE_PURPOSE,
+    PINNED_KEYS_PURPOSE,
     generate_signing_key,
     private_key_from_pem,
     private_key_to_pem,
@@ -107,6 +108,9 @@ AGGREGATOR_RULES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/jobs/{job_id}/rounds/{number}/updates"): aggregator_rule("member", scoped=True),
     ("POST", "/v1/jobs/{job_id}/rounds/{number}/evaluations"): aggregator_rule("member", scoped=True),
     ("POST", "/v1/jobs/{job_id}/rounds/{number}/declines"): aggregator_rule("member", scoped=True),
+    ("POST", "/v1/jobs/{job_id}/rounds/{number}/keys"): aggregator_rule("member", scoped=True),
+    ("GET", "/v1/jobs/{job_id}/rounds/{number}/transcript"): aggregator_rule(*OPERATORS, "member", scoped=True),
+    ("POST", "/v1/jobs/{job_id}/rounds/{number}/unmasking"): aggregator_rule("member", scoped=True),
     ("POST", "/v1/sites/me/heartbeat"): aggregator_rule("member", "non_member"),
     ("GET", "/v1/events"): aggregator_rule(*OPERATORS),
     ("GET", "/v1/audit"): aggregator_rule(*OPERATORS),
@@ -134,6 +138,7 @@ KEYSERVER_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/contexts/{key_id}"): keyserver_rule("keyserver_admin", "service"),
     ("GET", "/v1/contexts/{key_id}/evaluation"): keyserver_rule("service"),
     ("POST", "/v1/contexts/{key_id}/secret"): signed_rule(),
+    ("POST", "/v1/contexts/{key_id}/members"): signed_rule(),
     ("GET", "/v1/audit"): keyserver_rule("keyserver_admin"),
     ("GET", "/v1/whoami"): keyserver_rule("keyserver_admin", "service"),
     ("POST", "/v1/sessions"): keyserver_rule("keyserver_admin"),
@@ -147,6 +152,7 @@ KEYSERVER_RULES: dict[tuple[str, str], Rule] = {
 SIGNED_ROUTES = {
     "/v1/federations/{federation_id}/members/{site_id}/endorsements": ENDORSE_PURPOSE,
     "/v1/contexts/{key_id}/secret": KEY_RELEASE_PURPOSE,
+    "/v1/contexts/{key_id}/members": PINNED_KEYS_PURPOSE,
 }
 
 
@@ -244,7 +250,7 @@ def _signed_body(world: World, actor: str, purpose: str, params: dict[str, str])
         site_id, key = signer.site_id, private_key_from_pem(Path(signer.signing_key_file).read_bytes())
     else:
         site_id, key = world.signers["member"].site_id, generate_signing_key()  # no site key: pose as the member
-    if purpose == KEY_RELEASE_PURPOSE:
+    if purpose in (KEY_RELEASE_PURPOSE, PINNED_KEYS_PURPOSE):
         fields = [params["key_id"]]
     else:
         fields = [params["federation_id"], params["site_id"], world.params["victims"]["candidate_key"]]

@@ -1,13 +1,16 @@
-"""A statistics step and two FedProx rounds with real services, agents (DP-SGD, TenSEAL) and Postgres.
+"""A statistics step and two FedProx rounds with real services, agents (DP-SGD, TenSEAL) and Postgres,
+under secure aggregation (the default, ADR 0010).
 
 Checks the protocol's central promises: the aggregate the aggregator publishes, once a site
-decrypts it, equals the plaintext weighted FedAvg of exactly the updates it accepted; the
-statistics step gives every site the pooled mean and std of all sites' inputs; and every site
-ends with the same global model, the one the published rounds define.
+decrypts it and removes the self masks, is the exact sum of the masked uploads it accepted (so
+the pairwise masks cancelled and nothing else was added); the statistics step gives every site
+the same pooled mean and std, within its Gaussian noise of the true ones; and every site ends
+with the same global model, the one the published rounds define.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -21,19 +24,22 @@ import pytest
 from sqlalchemy import text
 
 from client_agent.server_momentum import apply_server_momentum, initial_state
-from fedhe.api_client import AggregatorClient
 from fedhe.datasets import load_bundled, load_csv, partition_dirichlet, save_csv, split
-from fedhe.global_model import decode_aggregate
+from fedhe.he.packing import unpack
+from fedhe.he.quantise import dequantise
 from fedhe.job_options import Algorithm, AlgorithmSettings, StatisticsSettings
 from fedhe.models import initial_weights
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundState
+from fedhe.secagg.masks import self_masks
+from fedhe.secagg.statements import RoundAttempt
 from tests.conftest import Cluster
-from tests.integration.helpers import database_connection, site_codec, stored_submissions
+from tests.integration.helpers import database_connection, decrypted_coefficients, stored_uploads
+from tests.integration.secure_sites import ProtocolSite
 
-# Individually decrypted uploads are the quantised values the sum adds exactly, so their
-# weighted mean matches the published one up to float64 rounding.
+# The stored uploads, decrypted and summed modulo t with the self masks removed, are the levels the
+# published sum holds exactly, so their weighted mean matches the published one up to float64 rounding.
 FEDAVG_TOLERANCE = 1e-9
 ROUNDS = 2
 WEIGHT_SCALE = 400
@@ -121,20 +127,34 @@ def test_job_completes_with_every_round_published_by_all_sites(cluster: Cluster,
         assert r.global_metrics["accuracy"] == pytest.approx(weighted)
 
 
-def test_published_aggregate_equals_plaintext_weighted_fedavg(cluster: Cluster, finished_federation) -> None:
-    job, site = finished_federation["job"], finished_federation["sites"][0]
-    codec = site_codec(cluster.keyserver_url, cluster.secrets, site, finished_federation["key_id"])
-    with AggregatorClient(cluster.aggregator_url, site.credential, tls=cluster.secrets.tls) as client:
-        for number in range(1, ROUNDS + 1):
-            published = decode_aggregate(client.aggregate(job.id, number), lambda env: codec).values
-            uploads = stored_submissions(cluster.aggregator_database_url, job.id, number)
-            samples = np.array([n for n, _ in uploads])
-            changes = [
-                codec.decrypt_aggregate(chunks, job.num_parameters) * (WEIGHT_SCALE / n) for n, chunks in uploads
-            ]
-            expected = np.average(np.stack(changes), axis=0, weights=samples)
-            assert np.max(np.abs(published - expected)) <= FEDAVG_TOLERANCE
-            assert np.max(np.abs(expected)) > 0.01
+def _member(cluster: Cluster, finished_federation: dict[str, Any]) -> ProtocolSite:
+    """A member as the test plays it: it decrypts published rounds through every check an agent makes."""
+    site = finished_federation["sites"][0]
+    return ProtocolSite(site, cluster.aggregator_url, cluster.keyserver_url, cluster.secrets)
+
+
+def test_published_aggregate_is_the_exact_sum_of_the_accepted_masked_uploads(
+    cluster: Cluster, finished_federation
+) -> None:
+    job, member = finished_federation["job"], _member(cluster, finished_federation)
+    codec = member.codec(job)
+    t_mask = np.uint64((1 << codec.layout.plain_modulus_bits) - 1)
+    for number in range(1, ROUNDS + 1):
+        published = member.decrypt_published(job, number)
+        uploads = stored_uploads(cluster.aggregator_database_url, job.id, number)
+        assert len(uploads) == 3
+        summed = sum(decrypted_coefficients(codec, chunks) for chunks in uploads.values()) & t_mask
+        transcript = member.received_shares(job, number, 1)
+        seeds = {site: base64.b64decode(seed) for site, seed in transcript.self_mask_seeds.items()}
+        codec._add_masks(summed, self_masks(RoundAttempt(job.id, number, 1), seeds).negated(), 0)
+        total = sum(s.num_samples for s in transcript.statements)
+        expected = dequantise(unpack(summed, codec.layout, job.num_parameters), codec.settings) * WEIGHT_SCALE / total
+        assert np.max(np.abs(published - expected)) <= FEDAVG_TOLERANCE
+        assert np.max(np.abs(expected)) > 0.01
+        # Each upload alone, with the member's key, is masked: no slot is a plausible quantised change.
+        for chunks in uploads.values():
+            alone = unpack(decrypted_coefficients(codec, chunks), codec.layout, job.num_parameters)
+            assert np.mean(np.abs(alone) <= codec.layout.levels) < 0.05
 
 
 def _saved_chain_meta(site_dir: Path, job_id: str) -> dict[str, Any]:
@@ -143,41 +163,58 @@ def _saved_chain_meta(site_dir: Path, job_id: str) -> dict[str, Any]:
         return meta
 
 
-def test_statistics_step_gives_every_site_the_pooled_mean_and_std(finished_federation) -> None:
-    site_dirs = sorted(finished_federation["workdir"].glob("it-site*"))
+def test_statistics_step_gives_every_site_the_same_noised_pooled_mean_and_std(finished_federation) -> None:
+    """Every site holds the same normalisation, within the statistics step's noise of the pooled one:
+    means within 6 standard deviations of it, variances within 6 of theirs (or at the noise floor)."""
+    job = finished_federation["job"]
+    site_dirs = _site_dirs(finished_federation)
     training = [split(load_csv(d / "data.csv"), 0.2, seed=0)[0].x for d in site_dirs]
     pooled = np.concatenate(training)
-    for site_dir in site_dirs:
-        normalisation = _saved_chain_meta(site_dir, finished_federation["job"].id)["normalisation"]
-        np.testing.assert_allclose(normalisation["mean"], pooled.mean(axis=0), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(normalisation["std"], pooled.std(axis=0), rtol=1e-5, atol=1e-6)
+    held = [_saved_chain_meta(d, job.id)["normalisation"] for d in site_dirs]
+    assert all(h == held[0] for h in held)
+    bounds = np.asarray(job.statistics.feature_bounds)
+    # One standard deviation of the noise in E[z] and in E[z²]: σ·B·√k / n (``normalisation_from_sum``).
+    noise = job.statistics.noise_multiplier * job.statistics.row_clip_norm * np.sqrt(3) / len(pooled)
+    assert np.all(np.abs(np.array(held[0]["mean"]) - pooled.mean(axis=0)) <= 6 * noise * bounds)
+    variance_z = (np.array(held[0]["std"]) / bounds) ** 2
+    true_z = pooled.var(axis=0) / bounds**2
+    assert np.all(variance_z <= true_z + 6 * noise + 1e-12)
+    assert np.all(variance_z >= np.minimum(true_z - 6 * noise, noise) - 1e-12)
+
+
+def _site_dirs(finished_federation: dict[str, Any]) -> list[Path]:
+    dirs = sorted(finished_federation["workdir"].glob("it-site*"))
+    assert len(dirs) == 3
+    return dirs
 
 
 def test_every_site_holds_the_global_model_the_published_rounds_define(cluster: Cluster, finished_federation) -> None:
-    job, site = finished_federation["job"], finished_federation["sites"][0]
-    codec = site_codec(cluster.keyserver_url, cluster.secrets, site, finished_federation["key_id"])
+    job, member = finished_federation["job"], _member(cluster, finished_federation)
     state = initial_state(initial_weights(job.model, job.seed))
-    with AggregatorClient(cluster.aggregator_url, site.credential, tls=cluster.secrets.tls) as client:
-        for number in range(1, ROUNDS + 1):
-            mean = decode_aggregate(client.aggregate(job.id, number), lambda env: codec).values
-            state = apply_server_momentum(state, mean, momentum=SERVER_MOMENTUM, server_learning_rate=1.0)
-    finals = [
-        np.load(d / "state" / f"{job.id}-final-weights.npy")
-        for d in sorted(finished_federation["workdir"].glob("it-site*"))
-    ]
-    for final in finals:
-        assert final.tobytes() == state.weights.tobytes()
+    for number in range(1, ROUNDS + 1):
+        state = apply_server_momentum(
+            state, member.decrypt_published(job, number), momentum=SERVER_MOMENTUM, server_learning_rate=1.0
+        )
+    for site_dir in _site_dirs(finished_federation):
+        assert np.load(site_dir / "state" / f"{job.id}-final-weights.npy").tobytes() == state.weights.tobytes()
 
 
-def test_epsilon_accumulates_across_rounds_in_each_site_ledger(finished_federation) -> None:
-    for site_dir in sorted(finished_federation["workdir"].glob("it-site*")):
+def test_each_site_ledger_charges_the_statistics_step_and_every_round_once_all_released(finished_federation) -> None:
+    job = finished_federation["job"]
+    for site_dir in _site_dirs(finished_federation):
         ledger = json.loads((site_dir / "state" / "privacy-ledger.json").read_text())
-        assert [entry["round"] for entry in ledger] == list(range(1, ROUNDS + 1))
-        assert (site_dir / "state" / f"{finished_federation['job'].id}-final.keras").exists()
+        assert [(entry["round"], entry["released"]) for entry in ledger] == [(n, True) for n in range(ROUNDS + 1)]
+        assert ledger[0]["training"] == {
+            "sampling_probability": 1.0,
+            "noise_multiplier": job.statistics.noise_multiplier,
+            "steps": 1,
+        }
+        assert (site_dir / "state" / f"{job.id}-final.keras").exists()
+        assert not list((site_dir / "state").glob("*-round.*")), "a finished round's record was kept"
 
 
 def test_site_files_are_private(finished_federation) -> None:
-    for site_dir in sorted(finished_federation["workdir"].glob("it-site*")):
+    for site_dir in _site_dirs(finished_federation):
         state = site_dir / "state"
         assert state.stat().st_mode & 0o777 == 0o700
         files = [path for path in state.iterdir() if path.is_file()]
@@ -194,7 +231,9 @@ def test_every_accepted_update_and_publication_is_audited(cluster: Cluster, fini
     published = ROUNDS + 1  # the statistics step, then the training rounds
     assert dict(actions) == {
         "job.create": 1,
+        "round.roster": published,
         "update.accept": 3 * published,
+        "unmasking.answer": 3 * published,
         "round.close": published,
         "round.publish": published,
     }

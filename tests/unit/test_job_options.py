@@ -16,7 +16,7 @@ from fedhe.errors import InvalidRequest
 from fedhe.he import PACKED_FORMAT_ID, PackingSettings
 from fedhe.job_options import SamplingMode, SamplingSettings
 from fedhe.modelspec import ModelSpec
-from fedhe.normalisation import normalisation_from_sum, statistics_upload
+from fedhe.normalisation import StatisticsNoise, normalisation_from_sum, statistics_upload
 from fedhe.schemas import JobCreate, SiteStatus
 
 KEY = "key-" + "0" * 32
@@ -40,6 +40,11 @@ def _job(**fields: Any) -> JobCreate:
         ({"public_test_set": {"x": [[1.0, 2.0, 3.0]], "y": [2]}}, "class indices 0..1"),
         ({"format_id": "ckks-seeded-last-v2", "packing": {"clip_range": 1.0}}, "apply only to format"),
         ({"min_sites": 200, "format_id": PACKED_FORMAT_ID, "packing": {"clip_range": 1.0}}, "max_sites"),
+        ({"min_sites": 2}, "min_sites=2 leaves secure aggregation's promise empty"),
+        ({"min_sites": 4, "secure_aggregation": {"threshold": 4}}, r"at least t \+ 1 = 5 uploads"),
+        ({"secure_aggregation": {"threshold": 1}}, "greater than or equal to 2"),
+        ({"format_id": "ckks-seeded-last-v2"}, "secure aggregation needs format bfv-packed-v1"),
+        ({"statistics": {"feature_bounds": [1, 1, 1], "noise_multiplier": 0.1}}, "greater than or equal to 0.5"),
     ],
 )
 def test_job_settings_that_cannot_work_are_refused_naming_the_field(fields: dict[str, Any], message: str) -> None:
@@ -53,8 +58,23 @@ def test_the_packed_format_gets_default_packing_and_the_statistics_step_its_own(
     assert job.total_rounds == 5
     assert job.round_packing(0) == PackingSettings(clip_range=1.0, bits=36, max_sites=150)
     assert job.round_packing(1) == job.packing
-    assert (job.round_num_values(0, 8), job.round_num_values(1, 8)) == (7, 8)
+    assert (job.round_num_values(0, 8), job.round_num_values(1, 8)) == (6, 8)
     assert not _job().is_statistics_round(0)
+
+
+@pytest.mark.parametrize(("min_sites", "threshold"), [(3, 2), (5, 2), (6, 3), (40, 20)])
+def test_secure_aggregation_is_on_by_default_with_half_of_min_sites_as_threshold(
+    min_sites: int, threshold: int
+) -> None:
+    job = _job(min_sites=min_sites, packing={"clip_range": 1.0, "max_sites": max(128, min_sites)})
+    assert job.threshold == threshold
+    assert job.secure_aggregation is not None
+    assert job.secure_aggregation.phase_deadline_s == 300
+
+
+def test_a_job_without_secure_aggregation_says_so_and_may_run_with_fewer_sites() -> None:
+    job = _job(min_sites=1, secure_aggregation=None)
+    assert job.threshold is None
 
 
 def test_sampling_counts_a_fraction_with_a_minimum() -> None:
@@ -62,34 +82,67 @@ def test_sampling_counts_a_fraction_with_a_minimum() -> None:
     assert [settings.count(n) for n in (1, 2, 5, 10, 100)] == [1, 2, 2, 3, 30]
 
 
-def test_the_statistics_vector_stays_in_range_and_gives_back_the_pooled_mean_and_std() -> None:
+def test_without_noise_the_statistics_vector_stays_in_range_and_gives_back_the_pooled_mean_and_std() -> None:
     rng = np.random.default_rng(0)
     sites = [rng.normal([5.0, -20.0], [2.0, 7.0], size=(n, 2)) for n in (40, 250, 90)]
     bounds = [20.0, 80.0]
     vectors = []
     for x in sites:
-        vector, clipped = statistics_upload(x, bounds, weight_scale=300)
-        assert clipped == 0.0
+        vector, clipped = statistics_upload(x, bounds, weight_scale=300, clip_norm=2.0, noise_multiplier=0.0, rng=rng)
+        assert clipped == {"clipped_fraction": 0.0, "rows_clipped_fraction": 0.0}
         assert np.all(np.abs(vector) <= 1.0)
         vectors.append(vector)
-    pooled = normalisation_from_sum(np.sum(vectors, axis=0), bounds)
+    noise = StatisticsNoise(num_inputs=3, noise_multiplier=0.0, clip_norm=2.0)
+    pooled = normalisation_from_sum(np.sum(vectors, axis=0), bounds, 380, 300, noise)
     everything = np.concatenate(sites)
     np.testing.assert_allclose(pooled.mean, everything.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(pooled.std, everything.std(axis=0), rtol=1e-9)
+
+
+def test_the_statistics_noise_is_gaussian_at_sigma_times_the_clip_norm_over_s() -> None:
+    x = np.full((50, 3), 2.0)
+    draws = np.stack(
+        [
+            statistics_upload(x, [4.0] * 3, 100, clip_norm=1.5, noise_multiplier=2.0, rng=np.random.default_rng(i))[0]
+            for i in range(2000)
+        ]
+    )
+    exact = statistics_upload(x, [4.0] * 3, 100, clip_norm=1.5, noise_multiplier=0.0, rng=np.random.default_rng(0))[0]
+    np.testing.assert_allclose(draws.mean(axis=0), exact, atol=4 * 0.03 / np.sqrt(2000))
+    np.testing.assert_allclose(draws.std(axis=0), 2.0 * 1.5 / 100, rtol=0.05)
+
+
+def test_rows_longer_than_the_clip_norm_are_scaled_down_and_counted() -> None:
+    x = np.array([[1.0, 1.0], [0.1, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    vector, clipped = statistics_upload(
+        x, [1.0, 1.0], 1, clip_norm=1.0, noise_multiplier=0.0, rng=np.random.default_rng(0)
+    )
+    # Row 0 has norm 2 (z = 1, 1 and z² = 1, 1), row 2 norm sqrt(2): both halve or shrink to norm 1.
+    assert clipped == {"clipped_fraction": 0.0, "rows_clipped_fraction": 0.5}
+    np.testing.assert_allclose(vector, [0.5 + 0.1 + 2**-0.5, 0.5, 0.5 + 0.01 + 2**-0.5, 0.5])
+
+
+def test_a_variance_below_the_noise_level_is_raised_to_it() -> None:
+    noise = StatisticsNoise(num_inputs=4, noise_multiplier=2.0, clip_norm=1.0)
+    # Mean 0 and a noisy negative mean square: the estimate cannot tell that variance from zero.
+    pooled = normalisation_from_sum(np.array([0.0, -0.5]), [10.0], 400, 100, noise)
+    floor = 2.0 * 1.0 * np.sqrt(4) / 400
+    assert pooled.std == pytest.approx([np.sqrt(floor) * 10.0])
 
 
 def test_image_statistics_are_per_channel_and_values_beyond_the_bound_are_clipped_and_counted() -> None:
     images = np.zeros((4, 2, 2, 3))
     images[..., 0] = 100.0
     images[0, 0, 0, 2] = 999.0
-    vector, clipped = statistics_upload(images, [255.0, 255.0, 255.0], weight_scale=4)
-    assert clipped == pytest.approx(1 / 48)
-    assert vector[0] == pytest.approx(1.0)  # 16 pixels of 4 rows at S = 4
-    pooled = normalisation_from_sum(vector, [255.0, 255.0, 255.0])
+    rng = np.random.default_rng(0)
+    vector, clipped = statistics_upload(images, [255.0] * 3, 4, clip_norm=10.0, noise_multiplier=0.0, rng=rng)
+    assert clipped == {"clipped_fraction": pytest.approx(1 / 48), "rows_clipped_fraction": 0.0}
+    assert vector[0] == pytest.approx(100 / 255)  # every pixel of 4 rows at S = 4
+    pooled = normalisation_from_sum(vector, [255.0] * 3, 4, 4, StatisticsNoise(1, 0.0, 10.0))
     assert pooled.mean[0] == pytest.approx(100.0)
     assert pooled.mean[2] == pytest.approx(255.0 / 16)
     with pytest.raises(InvalidRequest, match="features"):
-        statistics_upload(images, [255.0], weight_scale=4)
+        statistics_upload(images, [255.0], 4, clip_norm=1.0, noise_multiplier=0.0, rng=rng)
 
 
 @dataclass

@@ -110,13 +110,13 @@ class RoundRules:
             return self._next_secure(state, counts, deadline_passed)
         return self._next_plain(state, counts, deadline_passed)
 
-    def _enough(self, count: int, what: str, counts: RoundCounts) -> Transition:
+    def _enough(self, count: int, what: str, counts: RoundCounts, deadline_passed: bool) -> Transition:
         if count >= self.min_sites:
             return Transition(RoundState.COLLECTING if self.secure else RoundState.CLOSED)
+        when = "by the deadline" if deadline_passed else f"of {counts.expected} asked"
         return Transition(
             RoundState.FAILED,
-            f"{count} {what} and {counts.declined} declined of {counts.expected} asked, fewer than "
-            f"min_sites={self.min_sites}",
+            f"{count} {what} and {counts.declined} declined {when}, fewer than min_sites={self.min_sites}",
         )
 
     def _next_plain(self, state: RoundState, counts: RoundCounts, deadline_passed: bool) -> Transition | None:
@@ -125,7 +125,7 @@ class RoundRules:
         if not self.waits_for_everyone and counts.uploaded >= self.target_sites:
             return Transition(RoundState.CLOSED)
         if deadline_passed or (counts.expected > 0 and counts.uploaded + counts.declined >= counts.expected):
-            return self._enough(counts.uploaded, "uploaded", counts)
+            return self._enough(counts.uploaded, "uploaded", counts, deadline_passed)
         if state == RoundState.OPEN and counts.uploaded > 0:
             return Transition(RoundState.COLLECTING)
         return None
@@ -141,11 +141,9 @@ class RoundRules:
     def _advertising(self, counts: RoundCounts, deadline_passed: bool) -> Transition | None:
         everyone = counts.expected > 0 and counts.advertised + counts.declined >= counts.expected
         target = not self.waits_for_everyone and counts.advertised >= self.target_sites
-        return (
-            self._enough(counts.advertised, "advertised a key", counts)
-            if target or everyone or deadline_passed
-            else None
-        )
+        if target or everyone or deadline_passed:
+            return self._enough(counts.advertised, "advertised a key", counts, deadline_passed)
+        return None
 
     @staticmethod
     def _uploading(counts: RoundCounts, deadline_passed: bool) -> Transition | None:
