@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 
 from fedhe.api_client import AggregatorClient
 from fedhe.environment import current as current_environment
-from fedhe.global_model import decode_aggregate, weighted_update
+from fedhe.global_model import Decryption, decode_aggregate, weighted_update
 from fedhe.he import Envelope, PackingSettings, UpdateCodec, encode_envelope
 from fedhe.local_cluster import (
     UNLIMITED_RATES,
@@ -125,14 +125,21 @@ class UploadingSite:
     def mean_update(self, base_url: str, job_id: str, number: int) -> NDArray[np.float64]:
         """Round ``number``'s published sum, decrypted: the sample-weighted mean change."""
         with AggregatorClient(base_url, self.site.credential, tls=self.tls) as client:
-            return decode_aggregate(client.aggregate(job_id, number), lambda env: self.codec).values
+            return decode_aggregate(
+                client.aggregate(job_id, number), lambda _, facts: Decryption(self.codec, None, facts.num_inputs)
+            ).values
 
 
 def uploading_federation(
     secrets: ClusterSecrets, keyserver_url: str, aggregator_url: str, directory: Path, num_sites: int, **job: object
 ) -> tuple[str, list[UploadingSite]]:
     """A federation, ``num_sites`` approved sites holding its secret context (their files in
-    ``directory``/job id), and a job on it."""
+    ``directory``/job id), and a job on it.
+
+    The sites upload plain encrypted updates, so the job runs without secure aggregation unless
+    ``job`` says otherwise: these tests exercise the intake, the sum and the round's rules, which
+    secure rounds share; their masks and phases are tested in ``test_secure_aggregation``.
+    """
     with secrets.keyserver_admin(keyserver_url) as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="uploading"))
     spec = JobCreate.model_validate(
@@ -141,6 +148,7 @@ def uploading_federation(
             "key_id": federation.key_id,
             "model": MODEL.model_dump(),
             "max_samples_per_round": WEIGHT_SCALE,
+            "secure_aggregation": None,
             **job,
         }
     )

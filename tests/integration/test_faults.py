@@ -193,7 +193,7 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
     """Two DP-SGD agents keep going through a SIGKILL and restart of the aggregator."""
 
     pool, _ = split(load_bundled("breast_cancer"), 0.2, seed=5)
-    parts = partition_dirichlet(pool.y, 2, alpha=5.0, seed=5, min_size=64)
+    parts = partition_dirichlet(pool.y, 3, alpha=5.0, seed=5, min_size=64)
     url = cluster.urls[0]
 
     with cluster.secrets.keyserver_admin(cluster.keyserver_url) as keyserver:
@@ -206,7 +206,7 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
                 key_id=key_id,
                 model=ModelSpec(input_dim=30, num_classes=2),
                 rounds=3,
-                min_sites=2,
+                min_sites=3,  # secure aggregation (the default): every phase must survive the crash
                 batch_size=16,
                 max_samples_per_round=10_000,
             )
@@ -251,7 +251,8 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
     with cluster.admin(restarted) as operator:
         assert operator.job(job.id).status.value == "completed"
         rounds = operator.rounds(job.id)
-        assert [(r.number, r.state.value, r.num_submissions) for r in rounds] == [(n, "published", 2) for n in range(3)]
+        published = [(r.number, r.num_submissions) for r in rounds if r.state.value == "published"]
+        assert published == [(n, 3) for n in range(3)]
         for number in range(3):
             check = operator.verify_round(job.id, number)
             assert check.counters_match

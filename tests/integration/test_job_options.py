@@ -34,12 +34,17 @@ def test_a_job_takes_its_federations_format_and_the_packed_codec_by_default(clus
     with cluster.aggregator_admin() as operator:
         packed = operator.create_job(_job(bfv.key_id))
         assert (packed.format_id, packed.packing) == (PACKED_FORMAT_ID, PackingSettings(clip_range=1.0))
-        assert operator.create_job(_job(ckks.key_id)).format_id == CKKS_FORMAT_ID
+        with pytest.raises(InvalidRequest) as secure_on_ckks:
+            operator.create_job(_job(ckks.key_id))
+        assert "secure aggregation needs format bfv-packed-v1" in secure_on_ckks.value.message
+        unmasked = operator.create_job(_job(ckks.key_id, secure_aggregation=None))
+        assert unmasked.format_id == CKKS_FORMAT_ID
+        assert unmasked.warnings[0].startswith("secure aggregation is off: any one member site")
         with pytest.raises(InvalidRequest) as packing_on_ckks:
-            operator.create_job(_job(ckks.key_id, packing={"clip_range": 1.0}))
+            operator.create_job(_job(ckks.key_id, packing={"clip_range": 1.0}, secure_aggregation=None))
         assert packing_on_ckks.value.code == "invalid_job"
         with pytest.raises(InvalidRequest) as wrong_scheme:
-            operator.create_job(_job(ckks.key_id, format_id=PACKED_FORMAT_ID))
+            operator.create_job(_job(ckks.key_id, format_id=PACKED_FORMAT_ID, secure_aggregation=None))
         assert wrong_scheme.value.code == "scheme_mismatch"
         jobs_before = len(operator.jobs())
         overflow = httpx.post(
@@ -101,7 +106,14 @@ def test_a_sampled_round_takes_only_the_sites_it_selected(cluster: Cluster, tmp_
     sampling = SamplingSettings(mode=SamplingMode.FRACTION, fraction=0.5, min_sites=2)
     with cluster.aggregator_admin() as operator:
         job = operator.create_job(
-            _job(federation.key_id, rounds=2, min_sites=2, sampling=sampling.model_dump(), max_samples_per_round=100)
+            _job(
+                federation.key_id,
+                rounds=2,
+                min_sites=2,
+                sampling=sampling.model_dump(),
+                max_samples_per_round=100,
+                secure_aggregation=None,  # plain uploads; secure rounds refuse unselected sites' keys alike
+            )
         )
         first = operator.round(job.id, 0)
     selected = set(first.selected_sites or [])

@@ -114,7 +114,7 @@ def test_a_round_fails_at_once_when_too_few_can_upload(cluster: Cluster, tmp_pat
         failed = operator.round(job_id, 0)
         assert operator.job(job_id).status.value == "failed"
     assert failed.state == RoundState.FAILED
-    assert failed.failure_reason == "every member answered: 1 uploaded, 1 declined, fewer than min_sites=2"
+    assert failed.failure_reason == "1 uploaded and 1 declined of 2 asked, fewer than min_sites=2"
 
 
 def _agent_job(cluster: Cluster, tmp_path: Path, num_sites: int) -> tuple[str, list[ProvisionedSite]]:
@@ -130,6 +130,7 @@ def _agent_job(cluster: Cluster, tmp_path: Path, num_sites: int) -> tuple[str, l
         batch_size=16,
         max_samples_per_round=10_000,
         on_round_failure="stop",
+        secure_aggregation=None,  # exit codes with fewer sites than a secure round needs
     )
     with cluster.aggregator_admin() as operator:
         job_id = operator.create_job(request).id
@@ -182,7 +183,7 @@ def test_agent_once_exits_non_zero_and_says_why_when_it_cannot_take_part(cluster
         (broken.site_id, DeclineReason.DATA_PROBLEM),
     }
     assert round_.state == RoundState.FAILED
-    assert round_.failure_reason == "every member answered: 0 uploaded, 2 declined, fewer than min_sites=2"
+    assert round_.failure_reason == "0 uploaded and 2 declined of 2 asked, fewer than min_sites=2"
     # The data problem's details (file, row, cell) stay at the site; the operator hears only the kind.
     told = next(d.message for d in round_.declines if d.site_id == broken.site_id)
     assert told == DATA_PROBLEM_NOTICE
@@ -209,6 +210,7 @@ def test_a_custom_model_trains_only_at_sites_that_allow_its_module(cluster: Clus
         round_deadline_s=3600,
         batch_size=16,
         max_samples_per_round=10_000,
+        secure_aggregation=None,
     )
     with cluster.aggregator_admin() as operator:
         job_id = operator.create_job(with_fingerprint(request, [module])).id

@@ -166,7 +166,11 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, federation) ->
     with cluster.aggregator_admin() as operator:
         operator.create_job(
             JobCreate(
-                name="keyless", key_id=federation.key_id, model=ModelSpec(input_dim=2, num_classes=2), min_sites=1
+                name="keyless",
+                key_id=federation.key_id,
+                model=ModelSpec(input_dim=2, num_classes=2),
+                min_sites=1,
+                secure_aggregation=None,
             )
         )
     with database_connection(cluster.aggregator_database_url) as conn:
@@ -289,7 +293,7 @@ def test_sites_see_only_their_federations_jobs(cluster: Cluster, tmp_path: Path)
         fed_a = keyserver.create_federation(FederationCreate(name="fed-a"))
         fed_b = keyserver.create_federation(FederationCreate(name="fed-b"))
     member_a = cluster.provision_site(tmp_path, "member-a", fed_a.id)
-    spec = {"model": ModelSpec(input_dim=2, num_classes=2), "min_sites": 1}
+    spec = {"model": ModelSpec(input_dim=2, num_classes=2), "min_sites": 1, "secure_aggregation": None}
     with cluster.aggregator_admin() as operator:
         job_a = operator.create_job(JobCreate(name="job-a", key_id=fed_a.key_id, **spec))
         job_b = operator.create_job(JobCreate(name="job-b", key_id=fed_b.key_id, **spec))

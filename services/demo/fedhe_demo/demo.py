@@ -35,7 +35,15 @@ from fedhe.datasets import (
     write_image_folder,
 )
 from fedhe.he import DEFAULT_FORMAT_ID
-from fedhe.job_options import Algorithm, AlgorithmSettings, SamplingMode, SamplingSettings, StatisticsSettings
+from fedhe.errors import InvalidRequest
+from fedhe.job_options import (
+    SECURE_AGGREGATION_FLOOR,
+    Algorithm,
+    AlgorithmSettings,
+    SamplingMode,
+    SamplingSettings,
+    StatisticsSettings,
+)
 from fedhe.local_cluster import (
     ClusterSecrets,
     ManagedProcess,
@@ -140,6 +148,12 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset, site_rows: l
         sampling = SamplingSettings(mode=SamplingMode.FRACTION, fraction=options.sample_fraction, min_sites=1)
         sites_per_round = sampling.count(options.num_sites)
         sampling = sampling.model_copy(update={"min_sites": sites_per_round})
+    if sites_per_round < SECURE_AGGREGATION_FLOOR + 1:
+        raise InvalidRequest(
+            f"secure aggregation needs at least {SECURE_AGGREGATION_FLOOR + 1} sites per round, and "
+            f"{options.num_sites} site(s) at a sample fraction of {options.sample_fraction or 1} give "
+            f"{sites_per_round}: raise --sites or --sample-fraction"
+        )
     momentum = preset.get("local_momentum", 0.0)
     algorithm = AlgorithmSettings(local_momentum=momentum)
     if options.algorithm == Algorithm.FEDPROX:
