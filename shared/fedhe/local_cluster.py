@@ -125,15 +125,16 @@ class ClusterSecrets:
 
 
 class ManagedProcess:
-    """A fedhe subcommand run as a child process with its output in a log file."""
+    """A fedhe subcommand (or another ``module``'s command line) run as a child process with its
+    output in a log file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, module: str = "fedhe.cli"):
         self.name = name
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 (argv is fedhe's own CLI, no shell)
-            [sys.executable, "-m", "fedhe.cli", *args],
+            [sys.executable, "-m", module, *args],
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -216,8 +217,13 @@ def start_aggregator(
     log_dir: Path,
     name: str = "aggregator",
     extra_env: dict[str, str] | None = None,
+    command: tuple[str, str] = ("fedhe.cli", "aggregator"),
 ) -> ManagedProcess:
-    """Start an aggregator on 127.0.0.1:``port`` over TLS and wait until it is healthy."""
+    """Start an aggregator on 127.0.0.1:``port`` over TLS and wait until it is healthy.
+
+    ``command`` is the module run with ``-m`` and its first argument (a test's patched aggregator
+    takes the same settings and flags).
+    """
     env = {
         "FEDHE_AGGREGATOR_DATABASE_URL": database_url,
         "FEDHE_AGGREGATOR_KEYSERVER_URL": keyserver_url,
@@ -227,7 +233,8 @@ def start_aggregator(
         **secrets.tls_env("FEDHE_AGGREGATOR"),
         **(extra_env or {}),
     }
-    process = ManagedProcess(name, ["aggregator", "--host", "127.0.0.1", "--port", str(port)], env, log_dir)
+    module, first = command
+    process = ManagedProcess(name, [first, "--host", "127.0.0.1", "--port", str(port)], env, log_dir, module=module)
     process.wait_healthy(url(port), secrets.tls)
     return process
 

@@ -278,8 +278,8 @@ class JobCoordinator:
 
     def _record_refusal(self, change: JobChange, number: int, site_id: str, decline: DeclineCreate) -> None:
         repo, job = change.repo, change.job
-        row = repo.published_round(job.id, number)
-        if row is None:
+        row = repo.current_round(job.id, number)
+        if row is None or row.published_at is None:
             raise Conflict(f"round {number} has no published aggregate to refuse", code="round_not_published")
         if repo.decline(row.id, site_id) is not None:
             raise Conflict(f"site already refused round {number}'s aggregate", code="duplicate_decline")
@@ -288,13 +288,12 @@ class JobCoordinator:
         detail = {"round": number, "attempt": row.attempt, "reason": decline.reason.value}
         repo.audit(actor=f"site:{site_id}", action="aggregate.refuse", subject=job.id, detail=detail)
         change.emit("aggregate.refused", site_id=site_id, message=decline.message, **detail)
-        if decline.reason == DeclineReason.IMPLAUSIBLE_AGGREGATE and job.status == JobStatus.RUNNING.value:
+        if decline.reason == DeclineReason.IMPLAUSIBLE_AGGREGATE and row.state == RoundState.PUBLISHED.value:
             following = repo.current_round(job.id, job.current_round)
             if following is not None and following.id != row.id and RoundState(following.state) in ACTIVE:
-                self.lifecycle.fail(change, following, f"round {number}'s aggregate was refused", retry=False)
-            if job.status == JobStatus.RUNNING.value:
-                reason = f"implausible_aggregate: {site_id} refused it: {decline.message}"[:500]
-                self.lifecycle.fail(change, row, reason, detail, retry=False)
+                self.lifecycle.abandon(following, f"round {number}'s aggregate was refused as implausible")
+            reason = f"implausible_aggregate: {site_id} refused it: {decline.message}"[:500]
+            self.lifecycle.fail(change, row, reason, detail, retry=False)
 
     def advertise(
         self, job_id: str, number: int, site_id: str, body: AdvertisementCreate, *, expected_sites: int
@@ -380,9 +379,7 @@ class JobCoordinator:
                 raise Conflict(f"job is {job.status}, not running", code="job_not_running")
             row = change.repo.current_round(job.id, job.current_round)
             if row is not None and RoundState(row.state) in ACTIVE:
-                row.state = RoundState.FAILED.value
-                row.closed_at = utcnow()
-                row.failure_reason = "job stopped by operator"
+                self.lifecycle.abandon(row, "job stopped by operator")
             job.status = JobStatus.STOPPED.value
             job.finished_at = utcnow()
             change.repo.audit(actor=actor, action="job.stop", subject=job_id)

@@ -113,11 +113,6 @@ class AggregatorRepository(AuditingRepository):
         )
         return self.session.scalars(query).first()
 
-    def published_round(self, job_id: str, number: int) -> RoundRow | None:
-        """Round ``number``'s latest attempt if it is published."""
-        row = self.current_round(job_id, number)
-        return row if row is not None and row.state == RoundState.PUBLISHED.value else None
-
     def rounds(self, job_id: str) -> list[RoundRow]:
         """Every attempt of every round of a job, in order."""
         query = select(RoundRow).where(RoundRow.job_id == job_id).order_by(RoundRow.number, RoundRow.attempt)

@@ -311,6 +311,13 @@ class RoundLifecycle:
             job.finished_at = now
             change.emit("job.failed", reason=f"round {row.number} failed {row.attempt} time(s): {reason}")
 
+    @staticmethod
+    def abandon(row: RoundRow, reason: str) -> None:
+        """Fail a round that waits for sites because its job ends (stopped, or failed elsewhere): no retry."""
+        row.state = transition(RoundState(row.state), RoundState.FAILED).value
+        row.closed_at = utcnow()
+        row.failure_reason = reason
+
     def publish(self, change: JobChange, row: RoundRow) -> None:
         """Publish a closed round whose sum is stored, and open the next round (or complete the job)."""
         job, spec, now = change.job, self.spec(change), utcnow()

@@ -34,8 +34,8 @@ from fedhe.datasets import (
     split,
     write_image_folder,
 )
-from fedhe.he import DEFAULT_FORMAT_ID
 from fedhe.errors import InvalidRequest
+from fedhe.he import DEFAULT_FORMAT_ID
 from fedhe.job_options import (
     SECURE_AGGREGATION_FLOOR,
     Algorithm,
@@ -289,7 +289,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             options.num_sites,
             options.alpha,
             seed=options.seed,
-            min_size=_PRESETS[options.dataset]["min_site_rows"],
+            # More sites than the preset was sized for share the rows: each gets at least 80 % of its share.
+            min_size=min(_PRESETS[options.dataset]["min_site_rows"], int(0.8 * len(pool) / options.num_sites)),
         )
         with secrets.keyserver_admin(ks_url) as keyserver:
             federation = keyserver.create_federation(FederationCreate(name=f"demo-{options.dataset}"))

@@ -1,0 +1,144 @@
+"""The privacy budget is a hard cap on everything a site releases: the ledger moves only when something is.
+
+Real agents over TLS: a site that cannot get and check its key trains nothing; a site whose cap
+a statistics step would pass sends no statistics. (A failing round's retry re-sends the update
+it already made: ``test_dishonest_coordinator::test_a_false_dropout_claim_costs_an_attempt_not_a_second_training_run``
+and ``test_federation``'s ledger test.)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhe.datasets import load_bundled, save_csv, split
+from fedhe.job_options import StatisticsSettings
+from fedhe.local_cluster import ProvisionedSite, free_port, start_agent, url
+from fedhe.modelspec import ModelSpec
+from fedhe.schemas import DeclineReason, FederationCreate, JobCreate
+from tests.conftest import Cluster, PostgresDatabases, start_test_keyserver
+
+pytestmark = pytest.mark.integration
+
+
+def _job(cluster: Cluster, tmp_path: Path) -> tuple[str, list[ProvisionedSite], Path]:
+    """A secure job with a statistics step on three members; one site's data on disk."""
+    pool, _ = split(load_bundled("breast_cancer"), 0.5, seed=2)
+    data = tmp_path / "data.csv"
+    save_csv(pool, data)
+    with cluster.keyserver_admin() as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name=tmp_path.name[:60]))
+    request = JobCreate(
+        name="budget",
+        key_id=federation.key_id,
+        model=ModelSpec(input_dim=30, num_classes=2),
+        rounds=1,
+        min_sites=3,
+        round_deadline_s=3600,
+        batch_size=16,
+        max_samples_per_round=1000,
+        statistics=StatisticsSettings(feature_bounds=(np.abs(pool.x).max(axis=0) * 1.5).tolist()),
+    )
+    with cluster.aggregator_admin() as operator:
+        job_id = operator.create_job(request).id
+    sites = [cluster.provision_site(tmp_path, f"b{index}", federation.id) for index in range(3)]
+    return job_id, sites, data
+
+
+def _spent_nothing(state_dir: Path, log: str) -> None:
+    assert not (state_dir / "privacy-ledger.json").exists(), "budget spent"
+    assert "trained on" not in log
+    assert "noised statistics" not in log
+
+
+def _nothing_reached(cluster: Cluster, job_id: str, site: ProvisionedSite) -> None:
+    with cluster.aggregator_admin() as operator:
+        round_ = operator.round(job_id, 0)
+    assert round_.num_advertised == 0
+    assert site.site_id not in {s.site_id for s in round_.submissions}
+
+
+def test_an_agent_that_cannot_reach_the_keyserver_trains_nothing_and_spends_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    job_id, sites, data = _job(cluster, tmp_path)
+    closed = url(free_port())  # nothing listens there
+    agent = start_agent(
+        site=sites[0],
+        name="no-keyserver",
+        aggregator_url=cluster.aggregator_url,
+        keyserver_url=closed,
+        secrets=cluster.secrets,
+        data_path=data,
+        state_dir=tmp_path / "state",
+        job_id=job_id,
+        log_dir=tmp_path / "logs",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "retrying" not in agent.log_path.read_text(encoding="utf-8"):
+            time.sleep(0.5)
+        time.sleep(5)  # several retries: none of them may train
+        assert agent.process.poll() is None, agent.tail()
+    finally:
+        agent.stop()
+    log = agent.log_path.read_text(encoding="utf-8")
+    assert f"POST {closed}/v1/contexts/" in log
+    _spent_nothing(tmp_path / "state", log)
+    _nothing_reached(cluster, job_id, sites[0])
+
+
+def test_an_agent_pointed_at_another_keyserver_stops_before_training(
+    cluster: Cluster, postgres: PostgresDatabases, tmp_path: Path
+) -> None:
+    job_id, sites, data = _job(cluster, tmp_path)
+    _, other, other_url = start_test_keyserver(postgres, tmp_path / "other", "fedhe_other_keyserver")
+    try:
+        agent = start_agent(
+            site=sites[0],
+            name="wrong-keyserver",
+            aggregator_url=cluster.aggregator_url,
+            keyserver_url=other_url,
+            secrets=cluster.secrets,
+            data_path=data,
+            state_dir=tmp_path / "state",
+            job_id=job_id,
+            log_dir=tmp_path / "logs",
+        )
+        assert agent.process.wait(timeout=180) == 11, agent.tail()  # refused
+    finally:
+        other.stop()
+    log = agent.log_path.read_text(encoding="utf-8")
+    assert "not_a_member" in log
+    _spent_nothing(tmp_path / "state", log)
+    _nothing_reached(cluster, job_id, sites[0])
+
+
+def test_a_site_over_its_cap_declines_the_statistics_step_and_sends_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    """The statistics step costs ε 0.93 at σ = 4 (PLD, δ = 1e-5): a cap of 0.5 refuses it."""
+    job_id, sites, data = _job(cluster, tmp_path)
+    (tmp_path / "policy.json").write_text(json.dumps({"max_epsilon": 0.5}), encoding="utf-8")
+    agent = start_agent(
+        site=sites[0],
+        name="capped",
+        aggregator_url=cluster.aggregator_url,
+        keyserver_url=cluster.keyserver_url,
+        secrets=cluster.secrets,
+        data_path=data,
+        state_dir=tmp_path / "state",
+        job_id=job_id,
+        log_dir=tmp_path / "logs",
+        extra_env={"FEDHE_AGENT_POLICY_FILE": str(tmp_path / "policy.json")},
+    )
+    assert agent.process.wait(timeout=180) == 10, agent.tail()  # budget exhausted
+    log = agent.log_path.read_text(encoding="utf-8")
+    assert "round 0 would bring ε to 0.93, over the site's limit 0.5" in log
+    _spent_nothing(tmp_path / "state", log)
+    _nothing_reached(cluster, job_id, sites[0])
+    with cluster.aggregator_admin() as operator:
+        declines = operator.round(job_id, 0).declines
+    assert [(d.site_id, d.reason) for d in declines] == [(sites[0].site_id, DeclineReason.BUDGET_EXHAUSTED)]
