@@ -91,11 +91,19 @@ def _first_submission(coordinator: JobCoordinator, job_id: str, number: int) -> 
         return repo.submissions(row.id)[0].num_samples
 
 
+def _published(coordinator: JobCoordinator, job_id: str, number: int) -> bool:
+    with coordinator.sessions.transaction() as session:
+        row = AggregatorRepository(session).current_round(job_id, number)
+        return row is not None and row.state == RoundState.PUBLISHED.value
+
+
 def _single_upload() -> None:
     _sum_subset(lambda uploads: uploads[:1])
 
     def cut(self: JobCoordinator, honest: Any, job_id: str, number: int, kwargs: dict[str, Any]) -> Transcript:
         full: Transcript = honest(self, job_id, number, **kwargs)
+        if not _published(self, job_id, number):
+            return full  # the unmasking sees the honest roster: the lie is about what was published
         return full.model_copy(update={"statements": full.statements[:1]})
 
     def one(self: JobCoordinator, honest: Any, job_id: str, number: int) -> list[bytes]:
@@ -117,6 +125,8 @@ def _inflated_total() -> None:
 
 
 def _replay() -> None:
+    """Once round n ≥ 1 is published, serve round n − 1's sum and transcript for it."""
+
     def previous_sum(self: JobCoordinator, honest: Any, job_id: str, number: int) -> list[bytes]:
         if number == 0:
             return list(honest(self, job_id, number))
@@ -124,9 +134,9 @@ def _replay() -> None:
         return [_rewrite_header(prefix, round=number), *chunks]
 
     def previous(self: JobCoordinator, honest: Any, job_id: str, number: int, kwargs: dict[str, Any]) -> Transcript:
-        if number == 0:
+        if number == 0 or not _published(self, job_id, number):
             return honest(self, job_id, number, **kwargs)  # type: ignore[no-any-return]
-        return honest(self, job_id, number - 1)  # type: ignore[no-any-return]
+        return honest(self, job_id, number - 1, caller_site=kwargs["caller_site"])  # type: ignore[no-any-return]
 
     _patch_aggregate(previous_sum)
     _patch_transcript(previous)

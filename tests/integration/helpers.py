@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,3 +164,9 @@ def decrypted_coefficients(codec: PackedBfvCodec, chunks: list[bytes]) -> NDArra
         words = plaintext_coefficients(codec.io.save(plain))
         out[index, : words.size] = words
     return out
+
+
+def log_messages(log_path: Path) -> str:
+    """A service's or agent's log messages, one per line (their logs are JSON lines; other lines are skipped)."""
+    lines = log_path.read_text(encoding="utf-8").splitlines()
+    return "\n".join(json.loads(line)["message"] for line in lines if line.startswith('{"time"'))

@@ -113,6 +113,23 @@ class ProtocolSite:
         With ``forge_levels`` the site skips quantisation and clipping and packs those integer
         levels directly: a member forging its input.
         """
+        statement, chunks = self.masked(job, number, attempt, values, num_samples, forge_levels=forge_levels)
+        with self.client() as client:
+            client.upload_update(job.id, number, envelope_bytes(job, statement, chunks, len(values)))
+        self.statements[(number, attempt)] = statement
+        return statement
+
+    def masked(
+        self,
+        job: JobPublic,
+        number: int,
+        attempt: int,
+        values: NDArray[Any],
+        num_samples: int,
+        *,
+        forge_levels: NDArray[np.int64] | None = None,
+    ) -> tuple[UploadStatement, list[bytes]]:
+        """The signed statement and masked ciphertext chunks of an upload, not sent."""
         at = RoundAttempt(job.id, number, attempt)
         assert job.threshold is not None
         with self.client() as client:
@@ -137,22 +154,8 @@ class ProtocolSite:
             num_samples=num_samples,
             chunks_sha256=chunks_sha256(chunks),
         )
-        envelope = Envelope(
-            format_id=job.format_id,
-            key_id=job.key_id,
-            num_values=len(values),
-            chunks=chunks,
-            meta={
-                "num_samples": num_samples,
-                "environment": current_environment().model_dump(),
-                "secagg": statement.model_dump(),
-            },
-        )
-        with self.client() as client:
-            client.upload_update(job.id, number, encode_envelope(envelope))
-        self.statements[(number, attempt)] = statement
         self.prepared[(number, attempt)] = prepared
-        return statement
+        return statement, chunks
 
     def answer(self, job: JobPublic, number: int, attempt: int) -> bool:
         """Answer the unmasking of ``attempt``, as an honest site does once the transcript checks out;
@@ -207,6 +210,22 @@ class ProtocolSite:
 
         with self.client() as client:
             return decode_aggregate(client.aggregate(job.id, number), prepare).values
+
+
+def envelope_bytes(
+    job: JobPublic,
+    statement: UploadStatement | None,
+    chunks: list[bytes],
+    num_values: int,
+    num_samples: int | None = None,
+) -> bytes:
+    """An upload's envelope as an agent sends it (``statement`` None: a secure round's upload without one)."""
+    samples = statement.num_samples if statement is not None else num_samples
+    meta: dict[str, Any] = {"num_samples": samples, "environment": current_environment().model_dump()}
+    if statement is not None:
+        meta["secagg"] = statement.model_dump()
+    envelope = Envelope(format_id=job.format_id, key_id=job.key_id, num_values=num_values, chunks=chunks, meta=meta)
+    return encode_envelope(envelope)
 
 
 def forged_chunks(codec: PackedBfvCodec, levels: NDArray[np.int64], prepared: PreparedUpload) -> list[bytes]:

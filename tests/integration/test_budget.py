@@ -17,10 +17,11 @@ import pytest
 
 from fedhe.datasets import load_bundled, save_csv, split
 from fedhe.job_options import StatisticsSettings
-from fedhe.local_cluster import ProvisionedSite, free_port, start_agent, url
+from fedhe.local_cluster import UNLIMITED_RATES, ProvisionedSite, free_port, start_agent, start_keyserver, url
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import DeclineReason, FederationCreate, JobCreate
-from tests.conftest import Cluster, PostgresDatabases, start_test_keyserver
+from tests.conftest import Cluster, PostgresDatabases
+from tests.integration.helpers import log_messages
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +87,7 @@ def test_an_agent_that_cannot_reach_the_keyserver_trains_nothing_and_spends_noth
         assert agent.process.poll() is None, agent.tail()
     finally:
         agent.stop()
-    log = agent.log_path.read_text(encoding="utf-8")
+    log = log_messages(agent.log_path)
     assert f"POST {closed}/v1/contexts/" in log
     _spent_nothing(tmp_path / "state", log)
     _nothing_reached(cluster, job_id, sites[0])
@@ -96,7 +97,15 @@ def test_an_agent_pointed_at_another_keyserver_stops_before_training(
     cluster: Cluster, postgres: PostgresDatabases, tmp_path: Path
 ) -> None:
     job_id, sites, data = _job(cluster, tmp_path)
-    _, other, other_url = start_test_keyserver(postgres, tmp_path / "other", "fedhe_other_keyserver")
+    port = free_port()  # a keyserver of the same CA, with its own database: it never heard of this key or site
+    other = start_keyserver(
+        port=port,
+        database_url=postgres.create("fedhe_other_keyserver"),
+        secrets=cluster.secrets,
+        log_dir=tmp_path / "logs",
+        extra_env=UNLIMITED_RATES,
+    )
+    other_url = url(port)
     try:
         agent = start_agent(
             site=sites[0],
@@ -112,7 +121,7 @@ def test_an_agent_pointed_at_another_keyserver_stops_before_training(
         assert agent.process.wait(timeout=180) == 11, agent.tail()  # refused
     finally:
         other.stop()
-    log = agent.log_path.read_text(encoding="utf-8")
+    log = log_messages(agent.log_path)
     assert "not_a_member" in log
     _spent_nothing(tmp_path / "state", log)
     _nothing_reached(cluster, job_id, sites[0])
@@ -135,7 +144,7 @@ def test_a_site_over_its_cap_declines_the_statistics_step_and_sends_nothing(clus
         extra_env={"FEDHE_AGENT_POLICY_FILE": str(tmp_path / "policy.json")},
     )
     assert agent.process.wait(timeout=180) == 10, agent.tail()  # budget exhausted
-    log = agent.log_path.read_text(encoding="utf-8")
+    log = log_messages(agent.log_path)
     assert "round 0 would bring ε to 0.93, over the site's limit 0.5" in log
     _spent_nothing(tmp_path / "state", log)
     _nothing_reached(cluster, job_id, sites[0])

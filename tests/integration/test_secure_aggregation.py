@@ -11,6 +11,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -24,8 +25,8 @@ from fedhe.secagg.masks import CoefficientMasks, MaskTerm, pairwise_sign, self_m
 from fedhe.secagg.shares import combine_shares
 from fedhe.secagg.statements import RoundAttempt, positions, self_mask_commitment
 from tests.conftest import Cluster
-from tests.integration.helpers import decrypted_coefficients, stored_uploads
-from tests.integration.secure_sites import ProtocolSite, in_state, wait_for_round
+from tests.integration.helpers import decrypted_coefficients, round_snapshot, stored_uploads
+from tests.integration.secure_sites import ProtocolSite, envelope_bytes, in_state, wait_for_round
 
 pytestmark = pytest.mark.integration
 
@@ -281,3 +282,53 @@ def test_a_forged_input_is_refused_by_every_member_as_implausible(
         with pytest.raises(ImplausibleAggregate) as refused:
             site.decrypt_published(job, 0)
         assert refused.value.detail["values_beyond"] >= (100 if forgery == "beyond_range" else 3)
+
+
+def test_a_bad_secure_upload_is_refused_by_name_and_changes_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    key_id, sites = _federation(cluster, tmp_path, 4)
+    job = _job(cluster, key_id, min_sites=3, threshold=2)  # target 3: the fourth site misses the roster
+    values, n = _updates(1, seed=6)[0]
+    a, b, c, outsider = sites
+
+    def refused(site: ProtocolSite, body: bytes, status: int, code: str) -> str:
+        before = round_snapshot(cluster.aggregator_database_url, job.id, 0)
+        response = httpx.post(
+            f"{cluster.aggregator_url}/v1/jobs/{job.id}/rounds/0/updates",
+            content=body,
+            headers={"Authorization": f"Bearer {site.site.credential}"},
+            verify=cluster.secrets.tls.ssl_context(),
+            timeout=60,
+        )
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
+        assert round_snapshot(cluster.aggregator_database_url, job.id, 0) == before
+        return str(response.json()["error"]["message"])
+
+    a.advertise(job, 0, 1)
+    early = envelope_bytes(job, None, a.codec(job).encrypt_update(values), len(values), num_samples=n)
+    assert "roster is fixed" in refused(a, early, 409, "no_roster")
+    for site in (b, c):
+        site.advertise(job, 0, 1)
+    with a.client() as client:
+        wait_for_round(client, job.id, 0, in_state(RoundState.COLLECTING))
+    statement, chunks = a.masked(job, 0, 1, values, n)
+    assert "meta.secagg" in refused(
+        a, envelope_bytes(job, None, chunks, len(values), num_samples=n), 400, "invalid_statement"
+    )
+    other_chunks = a.codec(job).encrypt_update(values)  # valid ciphertexts, not the signed ones
+    says = refused(a, envelope_bytes(job, statement, other_chunks, len(values)), 400, "invalid_statement")
+    assert "not the ones the site's signed statement names" in says
+    assert "names another site" in refused(
+        b, envelope_bytes(job, statement, chunks, len(values)), 400, "invalid_statement"
+    )
+    inflated = statement.model_copy(update={"num_samples": n + 1})
+    assert "signature does not verify" in refused(
+        a, envelope_bytes(job, inflated, chunks, len(values)), 400, "invalid_statement"
+    )
+    other_roster = statement.model_copy(update={"roster_sha256": "0" * 64})
+    says = refused(a, envelope_bytes(job, other_roster, chunks, len(values)), 400, "invalid_statement")
+    assert "masked for another roster" in says
+    outsider_body = envelope_bytes(job, statement.model_copy(update={"site_id": outsider.site_id}), chunks, len(values))
+    assert "not in round 0 attempt 1's roster" in refused(outsider, outsider_body, 409, "not_in_roster")
+    with a.client() as client:
+        client.upload_update(job.id, 0, envelope_bytes(job, statement, chunks, len(values)))
+    assert round_snapshot(cluster.aggregator_database_url, job.id, 0)["num_submissions"] == 1

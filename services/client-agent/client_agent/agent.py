@@ -357,9 +357,18 @@ class SiteAgent:
         published = job.total_rounds if job.status == JobStatus.COMPLETED else job.current_round
         while chain.next_round < published:
             number = chain.next_round
-            chain.apply(
-                decode_aggregate(self._aggregator.aggregate(job.id, number), partial(self._decryption, job, number))
-            )
+            try:
+                published_sum = self._aggregator.aggregate(job.id, number)
+            except Conflict:
+                if job.status == JobStatus.RUNNING:
+                    raise
+                break  # the job ended: a round after its last published one never will be
+            try:
+                decoded = decode_aggregate(published_sum, partial(self._decryption, job, number))
+            except AggregateRefused as exc:
+                exc.detail["round"] = number  # so the refusal names the round, not the one now open
+                raise
+            chain.apply(decoded)
             self._ledger.drop_unreleased(job.id, number)
             self._round_record(job, number).remove()
             if job.is_statistics_round(number):
@@ -372,11 +381,9 @@ class SiteAgent:
         """How to decrypt round ``number``'s published aggregate, once everything about it checks out."""
         expected = job.round_num_values(number, job.num_parameters)
         if envelope.key_id != job.key_id or envelope.format_id != job.format_id:
-            raise AggregateRefused("the aggregate's key or format is not the job's", detail={"round": number})
+            raise AggregateRefused("the aggregate's key or format is not the job's")
         if envelope.num_values != expected or facts.round_number != number:
-            raise AggregateRefused(
-                f"round {number}'s aggregate is for another round or length", detail={"round": number}
-            )
+            raise AggregateRefused(f"round {number}'s aggregate is for another round or length")
         codec = self._codec(job, number)
         if job.secure_aggregation is None:
             return Decryption(codec, None, facts.num_inputs)
@@ -385,20 +392,16 @@ class SiteAgent:
         transcript = self._aggregator.transcript(job.id, number, attempt=facts.attempt)
         record = self._round_record(job, number)
         admitted = {m.site_id: m.public_key for m in self._pinned_keys(job).members}
-        try:
-            masks = published_masks(
-                transcript,
-                at,
-                self.settings.site_id,
-                PublishedRound(mine=record.statement(facts.attempt), answered_attempt=record.answered_attempt),
-                admitted,
-                self._facts(job, number),
-                min_statements=max(job.min_sites, job.threshold + 1),
-                total_samples=facts.total_samples,
-            )
-        except AggregateRefused as exc:
-            exc.detail["round"] = number
-            raise
+        masks = published_masks(
+            transcript,
+            at,
+            self.settings.site_id,
+            PublishedRound(mine=record.statement(facts.attempt), answered_attempt=record.answered_attempt),
+            admitted,
+            self._facts(job, number),
+            min_statements=max(job.min_sites, job.threshold + 1),
+            total_samples=facts.total_samples,
+        )
         return Decryption(codec, masks, len(transcript.statements))
 
     def _check_can_train(self, job: JobPublic) -> None:
