@@ -131,13 +131,30 @@ def test_statements_cannot_smuggle_fields_and_signatures_bind_the_attempt() -> N
     assert roster.members[0].signature != signature
 
 
-def test_any_t_of_the_shares_rebuild_a_seed_and_t_minus_1_do_not() -> None:
+def test_any_t_of_the_shares_rebuild_a_seed_and_t_minus_1_or_a_wrong_one_do_not() -> None:
     seed = os.urandom(16)
     holders = {f"h{i}": i for i in range(1, 6)}
     shares = split_seed(seed, 3, holders, 6)
+    assert all(len(share) == 17 for share in shares.values())
     assert combine_shares({holders[h]: shares[h] for h in ("h1", "h3", "h5")}) == seed
     assert combine_shares({holders[h]: shares[h] for h in ("h2", "h4", "h5")}) == seed
     assert combine_shares({holders[h]: shares[h] for h in ("h1", "h2")}) != seed
+    wrong = (int.from_bytes(shares["h2"], "big") ^ 1).to_bytes(17, "big")
+    assert combine_shares({1: shares["h1"], 2: wrong, 3: shares["h3"]}) != seed
+
+
+def test_t_minus_1_shares_say_nothing_of_the_seed() -> None:
+    """With t = 2 one share is the seed plus a uniform multiple of its x: over many splits of two
+    different seeds, the first share's values are spread alike (no bit leans towards the seed)."""
+
+    def first_share_bits(seed: bytes) -> np.ndarray:
+        bits = [
+            np.unpackbits(np.frombuffer(split_seed(seed, 2, {"h": 1}, 2)["h"], dtype=np.uint8)) for _ in range(2000)
+        ]
+        return np.mean(bits, axis=0)
+
+    zeros, ones = first_share_bits(bytes(16)), first_share_bits(b"\xff" * 16)
+    assert np.max(np.abs(zeros[8:] - ones[8:])) < 0.1  # the top bits of a 130-bit element are rarely set
 
 
 def test_a_site_refuses_a_roster_it_must_not_mask_against_naming_each_problem() -> None:

@@ -35,13 +35,14 @@ from fedhe.datasets import (
     write_image_folder,
 )
 from fedhe.errors import InvalidRequest
-from fedhe.he import DEFAULT_FORMAT_ID
+from fedhe.he import DEFAULT_FORMAT_ID, PACKED_FORMAT_ID
 from fedhe.job_options import (
     SECURE_AGGREGATION_FLOOR,
     Algorithm,
     AlgorithmSettings,
     SamplingMode,
     SamplingSettings,
+    SecureAggregationSettings,
     StatisticsSettings,
 )
 from fedhe.local_cluster import (
@@ -148,7 +149,7 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset, site_rows: l
         sampling = SamplingSettings(mode=SamplingMode.FRACTION, fraction=options.sample_fraction, min_sites=1)
         sites_per_round = sampling.count(options.num_sites)
         sampling = sampling.model_copy(update={"min_sites": sites_per_round})
-    if sites_per_round < SECURE_AGGREGATION_FLOOR + 1:
+    if options.format_id == PACKED_FORMAT_ID and sites_per_round < SECURE_AGGREGATION_FLOOR + 1:
         raise InvalidRequest(
             f"secure aggregation needs at least {SECURE_AGGREGATION_FLOOR + 1} sites per round, and "
             f"{options.num_sites} site(s) at a sample fraction of {options.sample_fraction or 1} give "
@@ -179,6 +180,8 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset, site_rows: l
         max_samples_per_round=max(site_rows),
         seed=options.seed,
         format_id=options.format_id,
+        # Masks need the packed codec's exact plaintexts; the benchmark's plaintext rounds go without.
+        secure_aggregation=SecureAggregationSettings() if options.format_id == PACKED_FORMAT_ID else None,
     )
 
 

@@ -15,12 +15,14 @@ from fedhe.identifiers import JobId, SiteId
 B64_32 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{43}=$")]
 """Base64 of 32 bytes (an X25519 public key)."""
 B64_16 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{22}==$")]
-"""Base64 of 16 bytes (a Shamir share or a self-mask seed)."""
+"""Base64 of 16 bytes (a self-mask seed)."""
+B64_17 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{23}=$")]
+"""Base64 of 17 bytes (a Shamir share: an element of GF(2^130 − 5))."""
 SIGNATURE = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{86}==$")]
 """Base64 of a 64-byte Ed25519 signature."""
 SHA256_HEX = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-SEALED_SHARE = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{59}=$")]
-"""Base64 of a share sealed for its holder: 12-byte nonce, 16-byte share, 16-byte tag."""
+SEALED_SHARE = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{60}$")]
+"""Base64 of a share sealed for its holder: 12-byte nonce, 17-byte share, 16-byte tag."""
 
 
 class AdvertisementCreate(BaseModel):
@@ -87,4 +89,4 @@ class UnmaskingAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     attempt: int = Field(ge=1, le=100)
-    shares: dict[SiteId, B64_16]
+    shares: dict[SiteId, B64_17]

@@ -21,7 +21,7 @@ import {
 import {
   DECLINE_REASONS,
   ENVIRONMENT_LABELS,
-  acceptsUploads,
+  waitsForSites,
   byId,
   currentAttempt,
   globalScores,
@@ -140,7 +140,7 @@ function liveRound(job, rounds, members, sitesById) {
   const target = job.target_sites ?? job.min_sites;
   const answers = memberAnswers(round, members, sitesById);
   const count = (answer) => answers.filter((a) => a.answer === answer).length;
-  const open = job.status === "running" && acceptsUploads(round);
+  const open = job.status === "running" && waitsForSites(round);
   const title =
     job.status === "running" ? `Live round ${round.number}` : `Job ${job.status}: last round ${round.number}`;
   return [
@@ -221,8 +221,8 @@ function answerRow({ siteId, site, answer, upload, decline }, round) {
       h("span", { class: "muted" }, ` (${fmtTime(decline.at)})`),
     ];
   } else if (answer === "waiting") {
-    status = chip(acceptsUploads(round) ? "not answered yet" : "did not answer", "waiting");
-    details = h("span", { class: "muted" }, acceptsUploads(round) ? "may still upload or decline" : "");
+    status = chip(waitsForSites(round) ? "not answered yet" : "did not answer", "waiting");
+    details = h("span", { class: "muted" }, waitsForSites(round) ? "may still upload or decline" : "");
   } else {
     status = chip("cannot answer", "neutral");
     details = h("span", { class: "muted" }, `member at the keyserver, but ${site ? site.status : "unknown"} here`);

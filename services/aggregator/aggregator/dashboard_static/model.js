@@ -72,8 +72,10 @@ export function roundSeconds(round) {
   return end ? (Date.parse(end) - Date.parse(round.opened_at)) / 1000 : null;
 }
 
-export function acceptsUploads(round) {
-  return round.state === "open" || round.state === "collecting";
+/** Whether a round attempt still waits for sites: advertising keys or uploading (open,
+ * collecting), or, in a secure round, answering the unmasking. */
+export function waitsForSites(round) {
+  return round.state === "open" || round.state === "collecting" || round.state === "unmasking";
 }
 
 /**

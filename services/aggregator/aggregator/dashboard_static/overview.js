@@ -1,7 +1,7 @@
 // Overview: federations, sites by status and how many are online, running jobs and their rounds.
 
 import { chip, fmtBytes, fmtTime, h, liveText, progress, renderIfChanged, routeLink, table } from "./dom.js";
-import { acceptsUploads, byId, memberAnswers, publishedRounds, roundBytes, siteName } from "./model.js";
+import { waitsForSites, byId, memberAnswers, publishedRounds, roundBytes, siteName } from "./model.js";
 
 const STATUSES = ["approved", "pending", "rejected", "revoked"];
 const ANSWER_KINDS = { uploaded: "uploaded", declined: "declined", waiting: "waiting", unable: "neutral" };
@@ -176,7 +176,7 @@ function runningJob(job, round, federationsById, sitesById) {
           declined ? h("span", null, ` · ${declined} declined`) : null,
           h("span", null, ` · ${Math.max(0, expected - uploads - declined)} not answered`),
           h("span", null, ` · ${fmtBytes(roundBytes(round))} received`),
-          acceptsUploads(round) ? h("span", null, " · ", liveText("countdown", round.deadline_at)) : null,
+          waitsForSites(round) ? h("span", null, " · ", liveText("countdown", round.deadline_at)) : null,
           h(
             "div",
             { class: "member-answers" },
