@@ -17,7 +17,15 @@ import pytest
 
 from fedhe.datasets import load_bundled, save_csv, split
 from fedhe.job_options import StatisticsSettings
-from fedhe.local_cluster import UNLIMITED_RATES, ProvisionedSite, free_port, start_agent, start_keyserver, url
+from fedhe.local_cluster import (
+    UNLIMITED_RATES,
+    ManagedProcess,
+    ProvisionedSite,
+    free_port,
+    start_agent,
+    start_keyserver,
+    url,
+)
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import DeclineReason, FederationCreate, JobCreate
 from tests.conftest import Cluster, PostgresDatabases
@@ -50,6 +58,31 @@ def _job(cluster: Cluster, tmp_path: Path) -> tuple[str, list[ProvisionedSite], 
     return job_id, sites, data
 
 
+def _agent(
+    cluster: Cluster,
+    site: ProvisionedSite,
+    name: str,
+    job_id: str,
+    data: Path,
+    tmp_path: Path,
+    *,
+    keyserver_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> ManagedProcess:
+    return start_agent(
+        site=site,
+        name=name,
+        aggregator_url=cluster.aggregator_url,
+        keyserver_url=keyserver_url or cluster.keyserver_url,
+        secrets=cluster.secrets,
+        data_path=data,
+        state_dir=tmp_path / "state",
+        job_id=job_id,
+        log_dir=tmp_path / "logs",
+        extra_env=env,
+    )
+
+
 def _spent_nothing(state_dir: Path, log: str) -> None:
     assert not (state_dir / "privacy-ledger.json").exists(), "budget spent"
     assert "trained on" not in log
@@ -68,17 +101,7 @@ def test_an_agent_that_cannot_reach_the_keyserver_trains_nothing_and_spends_noth
 ) -> None:
     job_id, sites, data = _job(cluster, tmp_path)
     closed = url(free_port())  # nothing listens there
-    agent = start_agent(
-        site=sites[0],
-        name="no-keyserver",
-        aggregator_url=cluster.aggregator_url,
-        keyserver_url=closed,
-        secrets=cluster.secrets,
-        data_path=data,
-        state_dir=tmp_path / "state",
-        job_id=job_id,
-        log_dir=tmp_path / "logs",
-    )
+    agent = _agent(cluster, sites[0], "no-keyserver", job_id, data, tmp_path, keyserver_url=closed)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "retrying" not in agent.log_path.read_text(encoding="utf-8"):
@@ -107,17 +130,7 @@ def test_an_agent_pointed_at_another_keyserver_stops_before_training(
     )
     other_url = url(port)
     try:
-        agent = start_agent(
-            site=sites[0],
-            name="wrong-keyserver",
-            aggregator_url=cluster.aggregator_url,
-            keyserver_url=other_url,
-            secrets=cluster.secrets,
-            data_path=data,
-            state_dir=tmp_path / "state",
-            job_id=job_id,
-            log_dir=tmp_path / "logs",
-        )
+        agent = _agent(cluster, sites[0], "wrong-keyserver", job_id, data, tmp_path, keyserver_url=other_url)
         assert agent.process.wait(timeout=180) == 11, agent.tail()  # refused
     finally:
         other.stop()
@@ -131,18 +144,8 @@ def test_a_site_over_its_cap_declines_the_statistics_step_and_sends_nothing(clus
     """The statistics step costs ε 0.93 at σ = 4 (PLD, δ = 1e-5): a cap of 0.5 refuses it."""
     job_id, sites, data = _job(cluster, tmp_path)
     (tmp_path / "policy.json").write_text(json.dumps({"max_epsilon": 0.5}), encoding="utf-8")
-    agent = start_agent(
-        site=sites[0],
-        name="capped",
-        aggregator_url=cluster.aggregator_url,
-        keyserver_url=cluster.keyserver_url,
-        secrets=cluster.secrets,
-        data_path=data,
-        state_dir=tmp_path / "state",
-        job_id=job_id,
-        log_dir=tmp_path / "logs",
-        extra_env={"FEDHE_AGENT_POLICY_FILE": str(tmp_path / "policy.json")},
-    )
+    policy = {"FEDHE_AGENT_POLICY_FILE": str(tmp_path / "policy.json")}
+    agent = _agent(cluster, sites[0], "capped", job_id, data, tmp_path, env=policy)
     assert agent.process.wait(timeout=180) == 10, agent.tail()  # budget exhausted
     log = log_messages(agent.log_path)
     assert "round 0 would bring ε to 0.93, over the site's limit 0.5" in log

@@ -259,7 +259,7 @@ class JobCoordinator:
         member decrypts the same sum and refuses it alike, so no later round could train.
         """
         with self.locked_job(job_id) as change:
-            repo, job = change.repo, change.job
+            repo = change.repo
             if decline.reason in REFUSAL_REASONS:
                 self._record_refusal(change, number, site_id, decline)
                 return None
@@ -267,27 +267,31 @@ class JobCoordinator:
             check_selected(row, site_id)
             if repo.submission(row.id, site_id) is not None:
                 raise Conflict(f"site already uploaded to round {number}", code="duplicate_update")
-            if repo.decline(row.id, site_id) is not None:
-                raise Conflict(f"site already declined round {number}", code="duplicate_decline")
-            repo.add(DeclineRow(round_id=row.id, site_id=site_id, reason=decline.reason.value, message=decline.message))
-            repo.flush()
-            detail = {"round": number, "attempt": row.attempt, "reason": decline.reason.value}
-            repo.audit(actor=f"site:{site_id}", action="update.decline", subject=job.id, detail=detail)
-            change.emit("update.declined", site_id=site_id, message=decline.message, **detail)
+            self._add_decline(change, row, site_id, decline, "update.decline", "update.declined")
             return row.id if self.lifecycle.advance(change, row, expected_sites) else None
+
+    @staticmethod
+    def _add_decline(
+        change: JobChange, row: RoundRow, site_id: str, decline: DeclineCreate, action: str, event: str
+    ) -> dict[str, Any]:
+        """Store a site's decline (or refusal) of a round attempt once, audited and streamed."""
+        if change.repo.decline(row.id, site_id) is not None:
+            raise Conflict(f"site already declined round {row.number}", code="duplicate_decline")
+        change.repo.add(
+            DeclineRow(round_id=row.id, site_id=site_id, reason=decline.reason.value, message=decline.message)
+        )
+        change.repo.flush()
+        detail = {"round": row.number, "attempt": row.attempt, "reason": decline.reason.value}
+        change.repo.audit(actor=f"site:{site_id}", action=action, subject=change.job.id, detail=detail)
+        change.emit(event, site_id=site_id, message=decline.message, **detail)
+        return detail
 
     def _record_refusal(self, change: JobChange, number: int, site_id: str, decline: DeclineCreate) -> None:
         repo, job = change.repo, change.job
         row = repo.current_round(job.id, number)
         if row is None or row.published_at is None:
             raise Conflict(f"round {number} has no published aggregate to refuse", code="round_not_published")
-        if repo.decline(row.id, site_id) is not None:
-            raise Conflict(f"site already refused round {number}'s aggregate", code="duplicate_decline")
-        repo.add(DeclineRow(round_id=row.id, site_id=site_id, reason=decline.reason.value, message=decline.message))
-        repo.flush()
-        detail = {"round": number, "attempt": row.attempt, "reason": decline.reason.value}
-        repo.audit(actor=f"site:{site_id}", action="aggregate.refuse", subject=job.id, detail=detail)
-        change.emit("aggregate.refused", site_id=site_id, message=decline.message, **detail)
+        detail = self._add_decline(change, row, site_id, decline, "aggregate.refuse", "aggregate.refused")
         if decline.reason == DeclineReason.IMPLAUSIBLE_AGGREGATE and row.state == RoundState.PUBLISHED.value:
             following = repo.current_round(job.id, job.current_round)
             if following is not None and following.id != row.id and RoundState(following.state) in ACTIVE:

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from aggregator.tables import RoundRow
 from fedhe.db import utcnow
 from fedhe.errors import Conflict
 from fedhe.schemas import JobCreate, JobStatus, RoundState
 
 if TYPE_CHECKING:
     from aggregator.jobs import JobChange
-    from aggregator.tables import RoundRow
 
 _ALLOWED: dict[RoundState, frozenset[RoundState]] = {
     RoundState.OPEN: frozenset({RoundState.COLLECTING, RoundState.CLOSED, RoundState.FAILED}),
@@ -197,8 +197,6 @@ class RoundLifecycle:
 
     def open_round(self, change: JobChange, *, number: int, attempt: int) -> RoundRow:
         """Open attempt ``attempt`` of round ``number`` (a training round draws its sites first)."""
-        from aggregator.tables import RoundRow
-
         spec = self.spec(change)
         now = utcnow()
         deadline = now + timedelta(seconds=spec.round_deadline_s)

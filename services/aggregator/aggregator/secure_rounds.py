@@ -39,8 +39,10 @@ def round_attempt(row: RoundRow) -> RoundAttempt:
 
 
 def roster_of(spec: JobCreate, row: RoundRow) -> Roster:
-    """A round's fixed roster; ``Conflict`` if advertising has not closed yet."""
-    if row.roster is None or spec.threshold is None:
+    """A round's fixed roster; ``Conflict`` if the job has none or advertising has not closed yet."""
+    if spec.threshold is None:
+        raise Conflict("this job runs without secure aggregation: its rounds have no roster", code="not_secure")
+    if row.roster is None:
         raise Conflict(f"round {row.number} has no roster yet (sites are still advertising keys)", code="no_roster")
     return Roster(
         job_id=row.job_id,

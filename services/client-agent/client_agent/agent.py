@@ -373,7 +373,7 @@ class SiteAgent:
             self._round_record(job, number).remove()
             if job.is_statistics_round(number):
                 logger.info("job %s: pooled statistics received; inputs are normalised with them", job.id)
-        latest = published - 1
+        latest = chain.next_round - 1  # the newest round this site applied
         if latest >= 0 and not job.is_statistics_round(latest) and latest not in self._evaluated.get(job.id, set()):
             self._evaluate(job, latest, chain)
 
