@@ -333,12 +333,16 @@ class AggregatorClient(ServiceClient):
         """Operator or site: every round attempt of a job."""
         return self.parse_list(RoundPublic, self.request("GET", self._url("/v1/jobs/{job_id}/rounds", job_id=job_id)))
 
-    def round(self, job_id: str, number: int) -> RoundPublic:
-        """Operator or site: the latest attempt of round ``number``."""
-        return self.parse(
-            RoundPublic,
-            self.request("GET", self._url("/v1/jobs/{job_id}/rounds/{number}", job_id=job_id, number=number)),
-        )
+    def round(
+        self, job_id: str, number: int, *, changed_from: RoundPublic | None = None, wait_s: float = 0
+    ) -> RoundPublic:
+        """Operator or site: the latest attempt of round ``number``; with ``changed_from``, as soon as its
+        state or attempt differs from that one's (or after ``wait_s`` seconds)."""
+        params: dict[str, str | int | float] = {}
+        if changed_from is not None:
+            params = {"after_state": changed_from.state.value, "after_attempt": changed_from.attempt, "wait_s": wait_s}
+        path = self._url("/v1/jobs/{job_id}/rounds/{number}", job_id=job_id, number=number)
+        return self.parse(RoundPublic, self.request("GET", path, params=params))
 
     def verify_round(self, job_id: str, number: int) -> RoundVerification:
         """Admin or viewer: rebuild a round's sum from its submissions and compare with the stored one."""

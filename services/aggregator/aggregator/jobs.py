@@ -17,6 +17,7 @@ from aggregator.contexts import EvaluationContexts
 from aggregator.coordination import Coordination, CoordinationUnavailable, Event
 from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
+from aggregator.round_waiters import RoundWaiters
 from aggregator.rounds import ACTIVE, RoundLifecycle, accepts_uploads
 from aggregator.sampling import SiteSampler
 from aggregator.secure_rounds import (
@@ -121,8 +122,10 @@ class JobCoordinator:
         metrics: Metrics,
         coordination: Coordination,
         sampler: SiteSampler,
+        waiters: RoundWaiters | None = None,
     ):
         self._sessions = sessions
+        self.waiters = waiters or RoundWaiters()
         self._contexts = contexts
         self._sampler = sampler
         self.metrics = metrics
@@ -160,7 +163,10 @@ class JobCoordinator:
         self.publish_events(change.events)
 
     def publish_events(self, events: list[Event]) -> None:
-        """Send committed changes to the live stream (best effort: the database is the record)."""
+        """Wake this replica's requests waiting on the changed jobs, and send committed changes to
+        the live stream (best effort: the database is the record)."""
+        for job_id in {event["job_id"] for event in events if "job_id" in event}:
+            self.waiters.changed(job_id)
         for event in events:
             self.metrics.observe(event)
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -39,6 +40,7 @@ from fedhe.schemas import (
     JobCreate,
     JobPublic,
     RoundPublic,
+    RoundState,
     RoundVerification,
     SiteApproved,
     SiteCreate,
@@ -48,6 +50,8 @@ from fedhe.schemas import (
 from fedhe.secagg.messages import AdvertisementCreate, Transcript, UnmaskingAnswer
 
 _OCTETS = "application/octet-stream"
+WAIT_LIMIT_S = 25
+RECHECK_S = 0.5
 REGISTRATIONS = "registrations-per-address"
 UPLOAD_PATH = r"/v1/jobs/[^/]+/rounds/[^/]+/updates"
 
@@ -139,11 +143,28 @@ def list_rounds(job_id: JobIdPath, coordinator: JobsDep, caller: JobParticipantD
 
 
 @jobs.get("/{job_id}/rounds/{number}", response_model=RoundPublic)
-def get_round(
-    job_id: JobIdPath, number: RoundNumberPath, coordinator: JobsDep, caller: JobParticipantDep
+async def get_round(
+    job_id: JobIdPath,
+    number: RoundNumberPath,
+    coordinator: JobsDep,
+    caller: JobParticipantDep,
+    after_state: Annotated[RoundState | None, Query(description="answer once the state differs from this")] = None,
+    after_attempt: Annotated[int | None, Query(ge=1, le=100, description="… or the attempt from this")] = None,
+    wait_s: Annotated[float, Query(ge=0, le=WAIT_LIMIT_S, description="how long to wait for that")] = 0,
 ) -> RoundPublic:
-    """The latest attempt of one round."""
-    return coordinator.round(job_id, number, operator=caller.site_id is None, caller_site=caller.site_id)
+    """The latest attempt of one round; with ``after_state`` (and ``after_attempt``) and ``wait_s``,
+    as soon as it differs from what the caller saw, or after ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        current = await run_in_threadpool(
+            coordinator.round, job_id, number, operator=caller.site_id is None, caller_site=caller.site_id
+        )
+        moved = current.state != after_state or (after_attempt is not None and current.attempt != after_attempt)
+        remaining = deadline - time.monotonic()
+        if after_state is None or moved or remaining <= 0:
+            return current
+        # Woken at once by a change committed here; a change on another replica is seen at the re-check.
+        await coordinator.waiters.wait(job_id, min(remaining, RECHECK_S))
 
 
 @jobs.get("/{job_id}/rounds/{number}/verify", response_model=RoundVerification)

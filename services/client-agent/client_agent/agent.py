@@ -229,7 +229,7 @@ class SiteAgent:
                 current = self._aggregator.round(job.id, job.current_round)
                 if not self._has_work(job, current):
                     self._heartbeat.report(AgentState.WAITING, job_id=job.id, round_number=job.current_round)
-                    self._wait(failed=False)
+                    self._wait_for_change(job, current)
                     continue
                 with request_id(f"{job.id}-r{job.current_round}-a{current.attempt}"):
                     self._check_can_train(job)
@@ -253,6 +253,15 @@ class SiteAgent:
             except (UpstreamUnavailable, TooManyRequests) as exc:
                 logger.warning("job %s: %s; retrying", job.id, exc.message)
                 self._wait(failed=True)
+
+    def _wait_for_change(self, job: JobPublic, current: RoundPublic) -> None:
+        """Until the round the site waits on moves on: the aggregator answers as soon as it does
+        (a long poll, up to ``round_wait_s``), so a phase change reaches the site at once."""
+        if current.state in (RoundState.OPEN, RoundState.COLLECTING, RoundState.UNMASKING):
+            self._aggregator.round(job.id, current.number, changed_from=current, wait_s=self.settings.round_wait_s)
+            self._backoff = self.settings.poll_interval_s
+        else:
+            self._wait(failed=False)
 
     def _has_work(self, job: JobPublic, current: RoundPublic) -> bool:
         """Whether the round waits for something from this site that it has not done yet."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedhe.settings import resolve_secret
@@ -34,6 +34,8 @@ class AgentSettings(BaseSettings):
     job_id: str | None = None
     once: bool = False
     poll_interval_s: float = 0.5
+    # A site waiting on a round asks the aggregator to answer once it changes, for up to this long.
+    round_wait_s: float = Field(default=20.0, ge=0, le=25)
     heartbeat_interval_s: float = 15.0
     max_backoff_s: float = 30.0
     request_timeout_s: float = 60.0
