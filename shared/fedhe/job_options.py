@@ -134,10 +134,10 @@ class SecureAggregationSettings(BaseModel):
     """Masked aggregation (ADR 0010): no coalition of the coordinator with up to t − 1 members
     learns an honest site's update, and a round needs at least t + 1 uploads.
 
-    Each round attempt runs three phases: sites advertise a fresh key (by the round's deadline),
-    upload masked updates (by ``phase_deadline_s`` after the roster is fixed), then answer the
-    unmasking (by ``phase_deadline_s`` again). Up to roster − t − 1 members may vanish after
-    uploading without failing the round.
+    Each round attempt runs three phases: sites advertise a fresh key before they train (by the
+    round's deadline), train and upload masked updates (by the round's deadline again, counted
+    from the roster), then answer the unmasking (by ``phase_deadline_s``). Up to
+    roster − t − 1 members may vanish after uploading without failing the round.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -148,7 +148,7 @@ class SecureAggregationSettings(BaseModel):
         description="t: colluding members tolerated + 1, and shares needed to unmask (default max(2, min_sites // 2))",
     )
     phase_deadline_s: float = Field(
-        default=300, gt=0, le=24 * 3600, description="deadline of the upload phase and of the unmasking phase"
+        default=300, gt=0, le=24 * 3600, description="deadline of the unmasking phase, from the last upload"
     )
 
     def resolved(self, min_sites: int) -> SecureAggregationSettings:

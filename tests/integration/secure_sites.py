@@ -68,9 +68,9 @@ class ProtocolSite:
         """An aggregator client holding the site's credential."""
         return AggregatorClient(self.aggregator_url, self.site.credential, tls=self.secrets.tls)
 
-    def codec(self, job: JobPublic) -> PackedBfvCodec:
-        """The job's codec with the federation's secret key, released to this site as to an agent."""
-        codec = site_codec(self.keyserver_url, self.secrets, self.site, job.key_id, job.packing)
+    def codec(self, job: JobPublic, number: int = 0) -> PackedBfvCodec:
+        """Round ``number``'s codec with the federation's secret key, released to this site as to an agent."""
+        codec = site_codec(self.keyserver_url, self.secrets, self.site, job.key_id, job.round_packing(number))
         assert isinstance(codec, PackedBfvCodec)
         return codec
 
@@ -139,7 +139,7 @@ class ProtocolSite:
             roster, at, self.site_id, key, self.pinned(job), min_members=job.min_sites, threshold=job.threshold
         )
         prepared = prepare_upload(at, self.site_id, key, roster)
-        codec = self.codec(job)
+        codec = self.codec(job, number)
         if forge_levels is None:
             chunks = codec.encrypt_update(values, masks=prepared.masks)
         else:
@@ -188,7 +188,7 @@ class ProtocolSite:
 
     def decrypt_published(self, job: JobPublic, number: int) -> NDArray[Any]:
         """Round ``number``'s published mean change, through every check an agent makes."""
-        codec = self.codec(job)
+        codec = self.codec(job, number)
         assert job.threshold is not None
 
         def prepare(envelope: Envelope, facts: AggregateFacts) -> Decryption:

@@ -8,6 +8,7 @@ protocol is tested in ``test_federation`` and ``test_dishonest_coordinator``.
 from __future__ import annotations
 
 import base64
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ from fedhe.errors import ImplausibleAggregate
 from fedhe.he.packing import unpack
 from fedhe.local_cluster import ProvisionedSite
 from fedhe.modelspec import ModelSpec
-from fedhe.schemas import FederationCreate, JobCreate, JobPublic, RoundState
+from fedhe.schemas import (
+    DeclineCreate,
+    DeclineReason,
+    FederationCreate,
+    JobCreate,
+    JobPublic,
+    JobStatus,
+    RoundPublic,
+    RoundState,
+)
 from fedhe.secagg.masks import CoefficientMasks, MaskTerm, pairwise_sign, self_mask_key
 from fedhe.secagg.shares import combine_shares
 from fedhe.secagg.statements import RoundAttempt, positions, self_mask_commitment
@@ -62,13 +72,13 @@ def _job(
         return operator.create_job(request)
 
 
-def _updates(count: int, seed: int = 0) -> list[tuple[NDArray[Any], int]]:
-    """What each site uploads: (w_k − w)·n_k/S for a random change and n_k."""
+def _updates(count: int, seed: int = 0, length: int = MODEL.num_parameters()) -> list[tuple[NDArray[Any], int]]:
+    """What each site uploads: (w_k − w)·n_k/S for a random change (or a statistics vector) and n_k."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
         n = int(rng.integers(50, S))
-        out.append((rng.normal(0, 0.05, MODEL.num_parameters()) * n / S, n))
+        out.append((rng.normal(0, 0.05, length) * n / S, n))
     return out
 
 
@@ -115,7 +125,7 @@ def _coalition_view(
     """What the coordinator and ``colluders`` make of ``honest``'s stored upload: decrypted with the
     member's key, its self mask removed once it is published, every mask a colluder shares with it removed."""
     at = RoundAttempt(job.id, 0, attempt)
-    codec = colluders[0].codec(job)
+    codec = colluders[0].codec(job, 0)
     transcript = colluders[0].received_shares(job, 0, attempt)
     keys = {m.site_id: m.public_key for m in transcript.roster.members}
     terms = []
@@ -127,21 +137,27 @@ def _coalition_view(
         terms.append(MaskTerm(self_mask_key(at, honest.site_id, base64.b64decode(seed)), -1))
     coefficients = decrypted_coefficients(codec, upload)
     codec._add_masks(coefficients, CoefficientMasks(tuple(terms)), 0)
-    return unpack(coefficients, codec.layout, job.num_parameters)
+    return unpack(coefficients, codec.layout, job.round_num_values(0, job.num_parameters))
 
 
 def _levels_of(job: JobPublic, values: NDArray[Any]) -> NDArray[Any]:
-    assert job.packing is not None
-    return values / job.packing.step
+    packing = job.round_packing(0)
+    assert packing is not None
+    return values / packing.step
 
 
-def test_the_coordinator_with_t_minus_1_members_learns_no_honest_update(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["statistics", "training"])
+def test_the_coordinator_with_t_minus_1_members_learns_no_honest_update(
+    cluster: Cluster, tmp_path: Path, kind: str
+) -> None:
     """5 members, t = 3: the coordinator (every stored row, every seed it rebuilt) with 2 members (the
-    federation's secret key, their X25519 keys, the shares sealed for them) reads no honest upload; the
-    same view with the honest members' masks also known reads each upload exactly (so the test can fail)."""
+    federation's secret key, their X25519 keys, the shares sealed for them) reads no honest upload,
+    a statistics vector or a training update; the same view with the honest members' masks also
+    known reads each upload exactly (so the test can fail)."""
     key_id, sites = _federation(cluster, tmp_path, 5)
-    job = _job(cluster, key_id, min_sites=4, threshold=3, target_sites=5)
-    updates = _updates(5, seed=1)
+    statistics = {"statistics": {"feature_bounds": [1.0] * 200}} if kind == "statistics" else {}
+    job = _job(cluster, key_id, min_sites=4, threshold=3, target_sites=5, **statistics)
+    updates = _updates(5, seed=1, length=job.round_num_values(0, job.num_parameters))
     _run_to_unmasking(job, sites, updates)
     colluders, honest = sites[:2], sites[2:]
     at = RoundAttempt(job.id, 0, 1)
@@ -166,7 +182,7 @@ def test_the_coordinator_with_t_minus_1_members_learns_no_honest_update(cluster:
     for target, (values, _) in zip(honest, updates[2:], strict=True):
         seen = _coalition_view(job, target, colluders, stored[target.site_id], 1)
         truth = _levels_of(job, values)
-        assert np.mean(np.abs(seen - truth) <= 1) < 0.01  # chance: 3 of 2^23 levels
+        assert np.mean(np.abs(seen - truth) <= 1) < 0.01  # chance: 3 levels of a 2^23 (or 2^46) slot
         assert abs(np.corrcoef(seen, truth)[0, 1]) < 0.1
         # Positive control: with the honest members' masks too, the same view is the update itself.
         everyone = _coalition_view(job, target, [s for s in sites if s is not target], stored[target.site_id], 1)
@@ -282,6 +298,13 @@ def test_a_forged_input_is_refused_by_every_member_as_implausible(
         with pytest.raises(ImplausibleAggregate) as refused:
             site.decrypt_published(job, 0)
         assert refused.value.detail["values_beyond"] >= (100 if forgery == "beyond_range" else 3)
+    with sites[0].client() as client:  # as an agent reports it
+        client.decline_round(job.id, 0, DeclineCreate(reason=DeclineReason.IMPLAUSIBLE_AGGREGATE, message="forged"))
+    with cluster.aggregator_admin() as operator:
+        failed, status = operator.round(job.id, 0), operator.job(job.id).status
+    assert (failed.state, status) == (RoundState.FAILED, JobStatus.FAILED)
+    assert failed.failure_reason is not None
+    assert failed.failure_reason.startswith("implausible_aggregate")
 
 
 def test_a_bad_secure_upload_is_refused_by_name_and_changes_nothing(cluster: Cluster, tmp_path: Path) -> None:
@@ -332,3 +355,24 @@ def test_a_bad_secure_upload_is_refused_by_name_and_changes_nothing(cluster: Clu
     with a.client() as client:
         client.upload_update(job.id, 0, envelope_bytes(job, statement, chunks, len(values)))
     assert round_snapshot(cluster.aggregator_database_url, job.id, 0)["num_submissions"] == 1
+
+
+def test_a_site_waiting_on_its_round_is_answered_when_the_phase_changes(cluster: Cluster, tmp_path: Path) -> None:
+    key_id, sites = _federation(cluster, tmp_path, 3)
+    job = _job(cluster, key_id, min_sites=3, threshold=2)
+    with sites[0].client() as client:
+        seen = client.round(job.id, 0)
+        unchanged = client.round(job.id, 0, changed_from=seen, wait_s=0.5)
+    assert (seen.state, unchanged.state, unchanged.attempt) == (RoundState.OPEN, RoundState.OPEN, 1)
+    answered: list[RoundPublic] = []
+
+    def wait() -> None:
+        with sites[0].client() as waiting:
+            answered.append(waiting.round(job.id, 0, changed_from=seen, wait_s=20))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    for site in sites:
+        site.advertise(job, 0, 1)
+    waiter.join(timeout=60)
+    assert [(r.state, r.roster is not None) for r in answered] == [(RoundState.COLLECTING, True)]

@@ -33,15 +33,17 @@ class RoundWaiters:
             for event in events:
                 self._loop.call_soon_threadsafe(event.set)
 
-    async def wait(self, job_id: str, timeout_s: float) -> None:
-        """Return when ``job_id`` changes here, or after ``timeout_s``."""
+    async def wait(self, job_id: str, timeout_s: float) -> bool:
+        """Return when ``job_id`` changes here (True), or after ``timeout_s`` (False)."""
         event = asyncio.Event()
         with self._lock:
             self._waiting.setdefault(job_id, set()).add(event)
         try:
             await asyncio.wait_for(event.wait(), timeout_s)
         except TimeoutError:
-            pass
+            return False
+        else:
+            return True
         finally:
             with self._lock:
                 waiting = self._waiting.get(job_id, set())

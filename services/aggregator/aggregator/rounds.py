@@ -8,7 +8,7 @@ Rounds without secure aggregation::
 Secure rounds (ADR 0010), each phase with its own deadline::
 
     open ──roster fixed──▶ collecting ──every roster member uploaded──▶ unmasking ──seeds rebuilt──▶ closed
-    (sites advertise keys)  (masked uploads)                              (shares)                    │ sum
+    (sites advertise keys)  (sites train, upload masked updates)          (shares)                    │ sum
       │ < min_sites advertised   │ a member missing or declining            │ too few answers          ▼
       ▼                          ▼                                          ▼                      published
     failed                     failed                                     failed
@@ -264,9 +264,9 @@ class RoundLifecycle:
             return
         phase_deadline = spec.secure_aggregation.phase_deadline_s if spec.secure_aggregation is not None else None
         if state == RoundState.COLLECTING and spec.secure_aggregation is not None:
+            # The sites train in this phase (they advertised before training): it gets a round's deadline.
             self._on_roster(change, row)
-            assert phase_deadline is not None
-            row.deadline_at = now + timedelta(seconds=phase_deadline)
+            row.deadline_at = now + timedelta(seconds=spec.round_deadline_s)
             row.state = state.value
             detail |= {"roster": [m["site_id"] for m in row.roster or []]}
             change.repo.audit(actor="aggregator", action="round.roster", subject=change.job.id, detail=detail)

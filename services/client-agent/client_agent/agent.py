@@ -315,7 +315,9 @@ class SiteAgent:
             self._sit_out(job, current, record.answered_attempt)
             return
         if current.state == RoundState.OPEN:
-            self._made_update(job, current, chain, outcome, record)
+            # The key goes out before training: the roster closes as soon as every site has said
+            # it takes part, and each site then uploads the moment it has trained.
+            self._ready_to_make(job, record)
             key = record.attempt_key(at.attempt)
             signature = sign_advertisement(self._signing_key, at, me, key)
             self._aggregator.advertise_key(
@@ -553,8 +555,7 @@ class SiteAgent:
         saved = record.update()
         if saved is not None:
             return saved
-        self._codec(job, job.current_round)
-        self._pinned_keys(job, refresh=True)
+        self._ready_to_make(job, record)
         self._heartbeat.report(AgentState.TRAINING, job_id=job.id, round_number=job.current_round)
         if job.is_statistics_round(job.current_round):
             values, made = self._noised_statistics(job, current)
@@ -563,14 +564,41 @@ class SiteAgent:
         record.save_update(values, made)
         return values, made
 
-    def _check_budget(self, job: JobPublic, delta: float, planned: TrainingPass) -> None:
+    def _ready_to_make(self, job: JobPublic, record: RoundRecord) -> None:
+        """What must hold before anything is computed from the data for this round (unless it was
+        made already): the key and the federation's pinned keys fetched and checked, the site's
+        rows fitting the job, and the budget left for the pass it would make."""
+        if record.update() is not None:
+            return
+        self._codec(job, job.current_round)
+        self._pinned_keys(job, refresh=True)
+        planned = self._planned_pass(job)
         if self._policy.max_epsilon is not None:
-            would_be = self._ledger.epsilon(delta, planned)
+            would_be = self._ledger.epsilon(self._policy.tighten(job.dp).delta, planned)
             if would_be > self._policy.max_epsilon:
                 raise BudgetExhausted(
                     f"round {job.current_round} would bring ε to {would_be:.2f}, "
                     f"over the site's limit {self._policy.max_epsilon}"
                 )
+
+    def _planned_pass(self, job: JobPublic) -> TrainingPass:
+        """The pass this round would charge: the statistics step, or local DP-SGD on the site's rows."""
+        if job.is_statistics_round(job.current_round):
+            assert job.statistics is not None
+            return statistics_pass(job.statistics.noise_multiplier)
+        train, _ = self._site_data(job)
+        if len(train) > job.max_samples_per_round:
+            raise InvalidRequest(
+                f"this site has {len(train)} training rows, more than the job's "
+                f"max_samples_per_round={job.max_samples_per_round}; ask the operator to raise it",
+                code="too_many_samples",
+            )
+        return local_training_pass(
+            num_samples=len(train),
+            batch_size=job.batch_size,
+            epochs=job.local_epochs,
+            noise_multiplier=self._policy.tighten(job.dp).noise_multiplier,
+        )
 
     def _charge(self, job: JobPublic, current: RoundPublic, training: TrainingPass, delta: float) -> float:
         """Record a pass in the ledger (not yet released) and report the site's ε."""
@@ -593,8 +621,6 @@ class SiteAgent:
         assert job.statistics is not None
         train, _ = self._site_data(job)
         delta = self._policy.tighten(job.dp).delta
-        charged = statistics_pass(job.statistics.noise_multiplier)
-        self._check_budget(job, delta, charged)
         stream = f"{self.settings.site_id}/{job.id}/statistics"
         vector, clipped = statistics_upload(
             np.asarray(train.x),
@@ -604,7 +630,7 @@ class SiteAgent:
             noise_multiplier=job.statistics.noise_multiplier,
             rng=noise_generator(stream),
         )
-        epsilon = self._charge(job, current, charged, delta)
+        epsilon = self._charge(job, current, statistics_pass(job.statistics.noise_multiplier), delta)
         logger.info(
             "job %s: noised statistics of %d rows made (%.2f%% of values beyond their bounds, %.2f%% of rows "
             "clipped, ε=%.2f at δ=%g)",
@@ -625,20 +651,7 @@ class SiteAgent:
         from client_agent.training import LocalTraining, train_dp_sgd
 
         train, validation = self._site_data(job)
-        if len(train) > job.max_samples_per_round:
-            raise InvalidRequest(
-                f"this site has {len(train)} training rows, more than the job's "
-                f"max_samples_per_round={job.max_samples_per_round}; ask the operator to raise it",
-                code="too_many_samples",
-            )
         dp = self._policy.tighten(job.dp)
-        planned = local_training_pass(
-            num_samples=len(train),
-            batch_size=job.batch_size,
-            epochs=job.local_epochs,
-            noise_multiplier=dp.noise_multiplier,
-        )
-        self._check_budget(job, dp.delta, planned)
         local_training = LocalTraining(
             epochs=job.local_epochs,
             batch_size=job.batch_size,
