@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tenseal as ts
@@ -91,6 +91,9 @@ from fedhe.schemas import (
 from fedhe.secagg.messages import AdvertisementCreate, UploadStatement
 from fedhe.secagg.statements import RoundAttempt, UploadFacts, chunks_sha256
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 logger = logging.getLogger("fedhe.agent")
 
 DATA_PROBLEM_NOTICE = "this site's data does not fit the job (the site's agent log names the file, row and column)"
@@ -135,7 +138,8 @@ class SiteAgent:
         self._data: dict[str, tuple[Dataset, Dataset]] = {}
         self._chains: dict[str, GlobalModelChain] = {}
         self._evaluated: dict[str, set[int]] = {}
-        self._pinned: dict[str, FederationKeys] = {}
+        self._evaluation_models: dict[str, tuple[str, tf.keras.Model]] = {}
+        self._pinned: dict[str, tuple[int, FederationKeys]] = {}
         self._sat_out: set[tuple[str, int, int]] = set()
         self._backoff = settings.poll_interval_s
 
@@ -225,9 +229,13 @@ class SiteAgent:
                 chain = self._chain(job)
                 self._catch_up(job, chain)
                 if job.status != JobStatus.RUNNING:
+                    self._evaluate_newest(job, chain)
                     return self._finish(job, chain, outcome)
                 current = self._aggregator.round(job.id, job.current_round)
                 if not self._has_work(job, current):
+                    if not self._trains_next(job, current):
+                        # While the round waits on others, evaluating delays nothing.
+                        self._evaluate_newest(job, chain)
                     self._heartbeat.report(AgentState.WAITING, job_id=job.id, round_number=job.current_round)
                     self._wait_for_change(job, current)
                     continue
@@ -257,11 +265,20 @@ class SiteAgent:
     def _wait_for_change(self, job: JobPublic, current: RoundPublic) -> None:
         """Until the round the site waits on moves on: the aggregator answers as soon as it does
         (a long poll, up to ``round_wait_s``), so a phase change reaches the site at once."""
-        if current.state in (RoundState.OPEN, RoundState.COLLECTING, RoundState.UNMASKING):
+        if current.state in (RoundState.OPEN, RoundState.COLLECTING, RoundState.UNMASKING, RoundState.CLOSED):
             self._aggregator.round(job.id, current.number, changed_from=current, wait_s=self.settings.round_wait_s)
             self._backoff = self.settings.poll_interval_s
         else:
             self._wait(failed=False)
+
+    @staticmethod
+    def _trains_next(job: JobPublic, current: RoundPublic) -> bool:
+        """Whether this site trains as soon as the secure round's roster closes (it advertised a key)."""
+        return (
+            job.secure_aggregation is not None
+            and current.state == RoundState.OPEN
+            and bool(current.advertised_by_caller)
+        )
 
     def _has_work(self, job: JobPublic, current: RoundPublic) -> bool:
         """Whether the round waits for something from this site that it has not done yet."""
@@ -280,14 +297,15 @@ class SiteAgent:
     def _round_record(self, job: JobPublic, number: int) -> RoundRecord:
         return RoundRecord(self._state_file(f"{job.id}-r{number}-round.json"))
 
-    def _pinned_keys(self, job: JobPublic, *, refresh: bool = False) -> FederationKeys:
+    def _pinned_keys(self, job: JobPublic, *, for_round: int | None = None) -> FederationKeys:
         """The keyserver's pinned keys of the job's federation, checked to name this job's federation and this site.
 
-        Fetched with a fresh signed request when ``refresh`` (once per round this site takes part
-        in, before it trains), so a wrong keyserver or a revoked membership stops it before it
-        spends budget.
+        Fetched with a fresh signed request once in each round ``for_round`` this site takes part
+        in, before it trains, so a wrong keyserver or a revoked membership stops it before it
+        spends budget; otherwise the last keys fetched serve.
         """
-        if refresh or job.id not in self._pinned:
+        cached = self._pinned.get(job.id)
+        if cached is None or (for_round is not None and cached[0] != for_round):
             timestamp, nonce, signature = sign_request(
                 self._signing_key, PINNED_KEYS_PURPOSE, self.settings.keyserver_audience(), [job.key_id]
             )
@@ -300,8 +318,9 @@ class SiteAgent:
                     "the keyserver places the job's key in another federation than the coordinator says",
                     code="federation_mismatch",
                 )
-            self._pinned[job.id] = keys
-        return self._pinned[job.id]
+            cached = (job.current_round if for_round is None else for_round, keys)
+            self._pinned[job.id] = cached
+        return cached[1]
 
     def _active_keys(self, job: JobPublic) -> dict[str, str]:
         return {m.site_id: m.public_key for m in self._pinned_keys(job).members if m.status == "active"}
@@ -364,7 +383,7 @@ class SiteAgent:
         )
 
     def _catch_up(self, job: JobPublic, chain: GlobalModelChain) -> None:
-        """Apply every published round the chain has not seen, then evaluate the newest model once."""
+        """Apply every published round the chain has not seen, scoring each model it replaces first."""
         published = job.total_rounds if job.status == JobStatus.COMPLETED else job.current_round
         while chain.next_round < published:
             number = chain.next_round
@@ -379,12 +398,16 @@ class SiteAgent:
             except AggregateRefused as exc:
                 exc.detail["round"] = number  # so the refusal names the round, not the one now open
                 raise
+            self._evaluate_newest(job, chain)  # every model is scored before the next replaces it
             chain.apply(decoded)
             self._ledger.drop_unreleased(job.id, number)
             self._round_record(job, number).remove()
             if job.is_statistics_round(number):
                 logger.info("job %s: pooled statistics received; inputs are normalised with them", job.id)
-        latest = chain.next_round - 1  # the newest round this site applied
+
+    def _evaluate_newest(self, job: JobPublic, chain: GlobalModelChain) -> None:
+        """Evaluate the newest model this site applied, once."""
+        latest = chain.next_round - 1
         if latest >= 0 and not job.is_statistics_round(latest) and latest not in self._evaluated.get(job.id, set()):
             self._evaluate(job, latest, chain)
 
@@ -475,10 +498,9 @@ class SiteAgent:
     def _evaluate(self, job: JobPublic, number: int, chain: GlobalModelChain) -> None:
         """Score round ``number``'s published model on the validation split (and the public test set) and report it."""
         from client_agent.evaluation import evaluate_model
-        from client_agent.training import load_model
 
         _, validation = self._site_data(job)
-        model = load_model(chain.spec, chain.weights, custom_modules=self.settings.custom_modules)
+        model = self._evaluation_model(job, chain)
         metrics = evaluate_model(model, validation)
         if job.public_test_set is not None:
             public = Dataset(
@@ -501,6 +523,20 @@ class SiteAgent:
             metrics["accuracy"],
             len(validation),
         )
+
+    def _evaluation_model(self, job: JobPublic, chain: GlobalModelChain) -> tf.keras.Model:
+        """The job's model holding the chain's weights, built once per job and model spec."""
+        from client_agent.training import load_model
+        from fedhe.models import set_flat_weights
+
+        spec = chain.spec.model_dump_json()
+        built = self._evaluation_models.get(job.id)
+        if built is None or built[0] != spec:
+            built = (spec, load_model(chain.spec, chain.weights, custom_modules=self.settings.custom_modules))
+            self._evaluation_models[job.id] = built
+        else:
+            set_flat_weights(built[1], chain.weights)
+        return built[1]
 
     def _state_file(self, name: str) -> Path:
         """A file directly inside the state directory; a name that would leave it is refused."""
@@ -571,7 +607,7 @@ class SiteAgent:
         if record.update() is not None:
             return
         self._codec(job, job.current_round)
-        self._pinned_keys(job, refresh=True)
+        self._pinned_keys(job, for_round=job.current_round)
         planned = self._planned_pass(job)
         if self._policy.max_epsilon is not None:
             would_be = self._ledger.epsilon(self._policy.tighten(job.dp).delta, planned)

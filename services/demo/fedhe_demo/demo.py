@@ -58,6 +58,7 @@ from fedhe.local_cluster import (
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import FederationCreate, JobCreate, JobPublic, JobStatus, RoundPublic, RoundState
+from fedhe.settings import ServiceSettings
 
 MODELS = ("logistic", "mlp", "cnn")
 
@@ -81,6 +82,8 @@ class DemoOptions:
     format_id: str = DEFAULT_FORMAT_ID
     hidden_units: tuple[int, ...] | None = None
     local_epochs: int | None = None
+    secure_aggregation: bool = True
+    """With the packed codec: masked secure aggregation (ADR 0010); off only to measure its cost."""
 
 
 # Each preset's noise keeps every site's planned ε under 3 at δ = 1e-5 (PLD; the job's plan
@@ -149,7 +152,8 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset, site_rows: l
         sampling = SamplingSettings(mode=SamplingMode.FRACTION, fraction=options.sample_fraction, min_sites=1)
         sites_per_round = sampling.count(options.num_sites)
         sampling = sampling.model_copy(update={"min_sites": sites_per_round})
-    if options.format_id == PACKED_FORMAT_ID and sites_per_round < SECURE_AGGREGATION_FLOOR + 1:
+    secure = options.secure_aggregation and options.format_id == PACKED_FORMAT_ID
+    if secure and sites_per_round < SECURE_AGGREGATION_FLOOR + 1:
         raise InvalidRequest(
             f"secure aggregation needs at least {SECURE_AGGREGATION_FLOOR + 1} sites per round, and "
             f"{options.num_sites} site(s) at a sample fraction of {options.sample_fraction or 1} give "
@@ -181,8 +185,15 @@ def _job_request(options: DemoOptions, key_id: str, train: Dataset, site_rows: l
         seed=options.seed,
         format_id=options.format_id,
         # Masks need the packed codec's exact plaintexts; the benchmark's plaintext rounds go without.
-        secure_aggregation=SecureAggregationSettings() if options.format_id == PACKED_FORMAT_ID else None,
+        secure_aggregation=SecureAggregationSettings() if secure else None,
     )
+
+
+def _shared_address_limits(num_sites: int) -> dict[str, str]:
+    """Every demo site calls from loopback: the per-address limit allows each the default one's share
+    (and the demo's own watcher one more)."""
+    per_address = ServiceSettings.model_fields["rate_limit_per_address"].default
+    return {"FEDHE_AGGREGATOR_RATE_LIMIT_PER_ADDRESS": str(per_address * (num_sites + 1))}
 
 
 def _baseline_accuracy(spec: ModelSpec, train: Dataset, test: Dataset, epochs: int, seed: int) -> float:
@@ -280,6 +291,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 keyserver_url=ks_url,
                 secrets=secrets,
                 log_dir=logs,
+                extra_env=_shared_address_limits(options.num_sites),
             )
         )
         images = (options.model or _PRESETS[options.dataset]["model"]) == "cnn"
