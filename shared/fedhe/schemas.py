@@ -570,6 +570,12 @@ class RoundPublic(BaseModel):
     roster: list[SiteId] | None = Field(
         default=None, description="secure rounds, once advertising closed: the sites whose uploads this attempt sums"
     )
+    advertised: list[SiteId] = Field(
+        default_factory=list, description="operators only, secure rounds: the sites that advertised a key this attempt"
+    )
+    answered: list[SiteId] = Field(
+        default_factory=list, description="operators only, secure rounds: the sites that answered this unmasking"
+    )
     advertised_by_caller: bool | None = Field(default=None, description="to a site: whether it advertised a key")
     answered_by_caller: bool | None = Field(default=None, description="to a site: whether it answered the unmasking")
     global_metrics: dict[str, float] | None = Field(

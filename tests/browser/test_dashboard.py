@@ -296,7 +296,7 @@ def set_up_federation(cluster: Cluster, workdir: Path) -> Federation:
         key_id=federation.key_id,
         model=spec,
         rounds=ROUNDS,
-        min_sites=2,
+        min_sites=3,  # secure aggregation (the default) sums no fewer than t + 1 = 3 members
         target_sites=3,
         round_deadline_s=300,
         batch_size=16,
@@ -389,19 +389,21 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             with cluster.aggregator_admin() as admin:
                 assert admin.site(lakeside.site_id).status == SiteStatus.APPROVED
 
-            # The three approved hospitals start; Harbour's budget is too small and it declines.
+            # The three approved hospitals start; Harbour's budget is too small and it declines. The
+            # other two advertise their keys and wait: the secure round's roster needs a third member.
             for spec in (ST_MARYS, NORTHFIELD, HARBOUR):
                 federation.start_agent(spec.key, spec)
             page.click("#nav a[data-section=jobs]")
             page.click(f"a[href='#jobs/{federation.job_id}']")
             expect(page.locator("#live-round-title")).to_have_attribute("data-round", "0", timeout=WAIT_MS)
             expect(page.locator("#countdown")).to_contain_text("left")
+            expect(page.get_by_text("t = 2: the coordinator with fewer than t members reads no update")).to_be_visible()
             page.evaluate("() => { window.noReloadSince = Date.now(); }")
             wait_for_answers(
                 tab,
                 {
-                    sites[ST_MARYS.key].site_id: "uploaded",
-                    sites[NORTHFIELD.key].site_id: "uploaded",
+                    sites[ST_MARYS.key].site_id: "advertised",
+                    sites[NORTHFIELD.key].site_id: "advertised",
                     sites[HARBOUR.key].site_id: "declined",
                     lakeside.site_id: "waiting",
                 },
@@ -409,12 +411,17 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             declined = page.locator(f"#live-round tr[data-site-id={sites[HARBOUR.key].site_id}]")
             expect(declined).to_contain_text("privacy budget exhausted")
             expect(declined).to_contain_text("over the site's limit 0.5")
-            expect(page.locator("#figure-bytes .figure-value")).not_to_have_text("0 B")
+            advertised = page.locator(f"#live-round tr[data-site-id={sites[ST_MARYS.key].site_id}]")
+            expect(advertised).to_contain_text("key advertised")
+            expect(advertised).to_contain_text("waiting for the roster to close")
+            expect(page.locator("#figure-advertised .figure-value")).to_have_text("2")
+            expect(page.locator("#figure-bytes .figure-value")).to_have_text("0 B")  # nothing uploads before the roster
             countdown = page.locator("#countdown").inner_text()
             expect(page.locator("#countdown")).not_to_have_text(countdown, timeout=3_000)  # it ticks
             tab.screenshot_section("dashboard-round.png", ".topbar", "#live-round")
 
-            # Lakeside's admin installs the credential from the dialog; its upload completes round 0.
+            # Lakeside's admin installs the credential from the dialog; its key closes the roster and
+            # the three members' uploads and unmasking answers complete round 0.
             give_credential(lakeside, credential)
             federation.start_agent(LAKESIDE.key, LAKESIDE)
             page.wait_for_function(f"() => ({LIVE_ROUND})() >= 1", timeout=ROUND_MS, polling=250)

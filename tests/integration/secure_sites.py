@@ -68,7 +68,7 @@ class ProtocolSite:
         """An aggregator client holding the site's credential."""
         return AggregatorClient(self.aggregator_url, self.site.credential, tls=self.secrets.tls)
 
-    def codec(self, job: JobPublic, number: int = 0) -> PackedBfvCodec:
+    def codec(self, job: JobPublic, number: int) -> PackedBfvCodec:
         """Round ``number``'s codec with the federation's secret key, released to this site as to an agent."""
         codec = site_codec(self.keyserver_url, self.secrets, self.site, job.key_id, job.round_packing(number))
         assert isinstance(codec, PackedBfvCodec)
@@ -170,7 +170,11 @@ class ProtocolSite:
                 self.keys[(number, attempt)],
                 self.statements[(number, attempt)],
                 self.pinned(job),
-                UploadFacts(key_id=job.key_id, format_id=job.format_id, num_values=job.num_parameters),
+                UploadFacts(
+                    key_id=job.key_id,
+                    format_id=job.format_id,
+                    num_values=job.round_num_values(number, job.num_parameters),
+                ),
             )
             self.answered[number] = attempt
             try:

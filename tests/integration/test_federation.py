@@ -137,9 +137,9 @@ def test_published_aggregate_is_the_exact_sum_of_the_accepted_masked_uploads(
     cluster: Cluster, finished_federation
 ) -> None:
     job, member = finished_federation["job"], _member(cluster, finished_federation)
-    codec = member.codec(job)
-    t_mask = np.uint64((1 << codec.layout.plain_modulus_bits) - 1)
     for number in range(1, ROUNDS + 1):
+        codec = member.codec(job, number)
+        t_mask = np.uint64((1 << codec.layout.plain_modulus_bits) - 1)
         published = member.decrypt_published(job, number)
         uploads = stored_uploads(cluster.aggregator_database_url, job.id, number)
         assert len(uploads) == 3

@@ -279,7 +279,7 @@ def test_a_forged_input_is_refused_by_every_member_as_implausible(
     with sites[0].client() as client:
         wait_for_round(client, job.id, 0, in_state(RoundState.COLLECTING))
     forger = sites[3]
-    codec = forger.codec(job)
+    codec = forger.codec(job, 0)
     levels = np.zeros(job.num_parameters, dtype=np.int64)
     if forgery == "beyond_range":
         levels[:100] = 4_000_000 * np.where(np.arange(100) % 2, 1, -1)
@@ -327,7 +327,7 @@ def test_a_bad_secure_upload_is_refused_by_name_and_changes_nothing(cluster: Clu
         return str(response.json()["error"]["message"])
 
     a.advertise(job, 0, 1)
-    early = envelope_bytes(job, None, a.codec(job).encrypt_update(values), len(values), num_samples=n)
+    early = envelope_bytes(job, None, a.codec(job, 0).encrypt_update(values), len(values), num_samples=n)
     assert "roster is fixed" in refused(a, early, 409, "no_roster")
     for site in (b, c):
         site.advertise(job, 0, 1)
@@ -337,7 +337,7 @@ def test_a_bad_secure_upload_is_refused_by_name_and_changes_nothing(cluster: Clu
     assert "meta.secagg" in refused(
         a, envelope_bytes(job, None, chunks, len(values), num_samples=n), 400, "invalid_statement"
     )
-    other_chunks = a.codec(job).encrypt_update(values)  # valid ciphertexts, not the signed ones
+    other_chunks = a.codec(job, 0).encrypt_update(values)  # valid ciphertexts, not the signed ones
     says = refused(a, envelope_bytes(job, statement, other_chunks, len(values)), 400, "invalid_statement")
     assert "not the ones the site's signed statement names" in says
     assert "names another site" in refused(

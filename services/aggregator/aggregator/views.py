@@ -135,6 +135,8 @@ def round_public(
         secure=spec.secure_aggregation is not None,
         num_advertised=repo.count_advertisements(row.id),
         roster=roster,
+        advertised=sorted(a.site_id for a in repo.advertisements(row.id)) if include_submissions else [],
+        answered=sorted(a.site_id for a in repo.unmasking_answers(row.id)) if include_submissions else [],
         advertised_by_caller=None if caller_site is None else repo.advertisement(row.id, caller_site) is not None,
         answered_by_caller=None if caller_site is None else repo.unmasking_answer(row.id, caller_site) is not None,
         # A site that knew the weighted mean could back out another site's metrics from its own.

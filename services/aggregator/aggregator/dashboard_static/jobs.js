@@ -116,6 +116,13 @@ function jobHeader(job, federation) {
     ["Model", `${model.architecture} ${layers} · ${job.num_parameters.toLocaleString()} parameters`],
     ["Algorithm", `${algorithm} · server momentum ${job.algorithm.server_momentum} · sites: ${sampling}`],
     ["Encryption", `${job.format_id}${job.statistics ? " · encrypted statistics step first" : ""}`],
+    [
+      "Secure aggregation",
+      job.secure_aggregation
+        ? `on · t = ${job.secure_aggregation.threshold}: the coordinator with fewer than t members reads no update · ` +
+          `unmasking deadline ${fmtSeconds(job.secure_aggregation.phase_deadline_s)}`
+        : "off: any one member with the coordinator can read an update",
+    ],
     ["Training", `${job.local_epochs} epoch(s) · batch ${job.batch_size} · learning rate ${job.learning_rate}`],
     ["DP-SGD", `noise ${job.dp.noise_multiplier} · clip ${job.dp.l2_norm_clip} · δ ${fmtProbability(job.dp.delta)}`],
     [
@@ -171,6 +178,8 @@ function liveRound(job, rounds, members, sitesById) {
         "div",
         { class: "live-figures" },
         figure("uploaded", count("uploaded"), "uploaded"),
+        round.secure ? figure("key advertised", count("advertised"), "advertised") : null,
+        round.secure ? figure("unmasking answered", round.answered.length, "unmasked") : null,
         figure("declined", count("declined"), "declined"),
         figure("not answered", count("waiting"), "waiting"),
         figure("received", fmtBytes(roundBytes(round)), "bytes"),
@@ -202,7 +211,7 @@ function figure(label, value, id) {
   );
 }
 
-function answerRow({ siteId, site, answer, upload, decline }, round) {
+function answerRow({ siteId, site, answer, upload, decline, unmasked }, round) {
   let status;
   let details;
   if (answer === "uploaded") {
@@ -212,7 +221,15 @@ function answerRow({ siteId, site, answer, upload, decline }, round) {
       `${fmtTime(upload.received_at)} · ${fmtBytes(upload.num_bytes)} · ${upload.num_samples} samples`,
       typeof epsilon === "number" ? ` · ε ${fmtNumber(epsilon)}` : "",
       typeof upload.metrics.train_loss === "number" ? ` · train loss ${fmtNumber(upload.metrics.train_loss, 3)}` : "",
+      unmasked ? " · unmasking answered" : "",
     ].join("");
+  } else if (answer === "advertised") {
+    status = chip("key advertised", "advertised");
+    details = h(
+      "span",
+      { class: "muted" },
+      round.state === "open" ? "waiting for the roster to close" : "in the roster; training and uploading",
+    );
   } else if (answer === "declined") {
     status = chip("declined", "declined");
     details = [

@@ -79,23 +79,35 @@ export function waitsForSites(round) {
 }
 
 /**
- * Each member site's answer to a round: uploaded, declined, waiting (may still answer) or
- * unable (a member at the keyserver that is not approved here, so it cannot upload).
- * Sites that answered without being listed as members (membership changed) are kept too.
+ * Each member site's answer to a round: uploaded, declined, advertised (a secure round's key
+ * advertised, its upload still to come), waiting (may still answer) or unable (a member at the
+ * keyserver that is not approved here, so it cannot upload). An uploaded site of a secure round
+ * also says whether it answered the unmasking. Sites that answered without being listed as
+ * members (membership changed) are kept too.
  */
 export function memberAnswers(round, memberIds, sitesById) {
   const uploads = new Map(round.submissions.map((s) => [s.site_id, s]));
   const declines = new Map(round.declines.map((d) => [d.site_id, d]));
-  const ids = [...new Set([...memberIds, ...uploads.keys(), ...declines.keys()])];
+  const advertised = new Set(round.advertised ?? []);
+  const unmasked = new Set(round.answered ?? []);
+  const ids = [...new Set([...memberIds, ...uploads.keys(), ...declines.keys(), ...advertised])];
   const answers = ids.map((siteId) => {
     const site = sitesById.get(siteId) ?? null;
     let answer = "waiting";
     if (uploads.has(siteId)) answer = "uploaded";
     else if (declines.has(siteId)) answer = "declined";
+    else if (advertised.has(siteId)) answer = "advertised";
     else if (site?.status !== "approved") answer = "unable";
-    return { siteId, site, answer, upload: uploads.get(siteId), decline: declines.get(siteId) };
+    return {
+      siteId,
+      site,
+      answer,
+      upload: uploads.get(siteId),
+      decline: declines.get(siteId),
+      unmasked: unmasked.has(siteId),
+    };
   });
-  const order = { uploaded: 0, declined: 1, waiting: 2, unable: 3 };
+  const order = { uploaded: 0, advertised: 1, declined: 2, waiting: 3, unable: 4 };
   return answers.sort(
     (a, b) => order[a.answer] - order[b.answer] || (a.site?.name ?? a.siteId).localeCompare(b.site?.name ?? b.siteId),
   );
