@@ -107,8 +107,7 @@ def test_every_member_decrypts_the_exact_weighted_mean_of_the_roster(cluster: Cl
     job = _job(cluster, key_id, min_sites=4, threshold=2)
     updates = _updates(4)
     _run_to_unmasking(job, sites, updates)
-    for site in sites:
-        site.answer(job, 0, 1)
+    answered = sorted(site.site_id for site in sites if site.answer(job, 0, 1))
     with sites[0].client() as client:
         published = wait_for_round(client, job.id, 0, in_state(RoundState.PUBLISHED))
     assert published.total_samples == sum(n for _, n in updates)
@@ -117,6 +116,13 @@ def test_every_member_decrypts_the_exact_weighted_mean_of_the_roster(cluster: Cl
         np.testing.assert_allclose(site.decrypt_published(job, 0), expected, rtol=0, atol=_tolerance(job, updates))
     with cluster.aggregator_admin() as operator:
         assert operator.verify_round(job.id, 0).sum_matches
+        seen = operator.round(job.id, 0)
+    # Operators see who advertised and who answered; a site sees neither. The round closed as soon
+    # as every seed had t shares from members other than its owner: after t or t + 1 answers.
+    assert (seen.advertised, seen.answered) == (sorted(site.site_id for site in sites), answered)
+    assert job.threshold is not None
+    assert job.threshold <= len(answered) <= job.threshold + 1
+    assert (published.advertised, published.answered) == ([], [])
 
 
 def _coalition_view(
