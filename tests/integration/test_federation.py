@@ -256,9 +256,20 @@ def test_a_member_site_exports_the_final_model_with_normalisation_inside(cluster
     assert out.is_dir(), result.stdout + result.stderr
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(
-        [f"{job.id}.keras", f"{job.id}.savedmodel", f"{job.id}-float16.tflite", f"{job.id}-int8.tflite"]
+        [
+            f"{job.id}.keras",
+            f"{job.id}.savedmodel",
+            f"{job.id}-float16.tflite",
+            f"{job.id}-int8.tflite",
+            f"{job.id}-export-report.json",
+        ]
     )
     assert all((out / name).stat().st_mode & 0o777 in (0o600, 0o700) for name in files)
+    printed = json.loads(result.stdout)
+    assert (printed["refused"], printed["report"]) == ([], str(out / f"{job.id}-export-report.json"))
+    report = json.loads((out / f"{job.id}-export-report.json").read_text())
+    assert [(v["flavour"], v["kept"]) for v in report["tflite"]] == [("float16", True), ("int8", True)]
+    assert "float16 TFLite kept" in result.stderr
 
     import tensorflow as tf
 

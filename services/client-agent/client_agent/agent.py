@@ -94,6 +94,8 @@ from fedhe.secagg.statements import RoundAttempt, UploadFacts, chunks_sha256
 if TYPE_CHECKING:
     import tensorflow as tf
 
+    from client_agent.export import ExportedModels
+
 logger = logging.getLogger("fedhe.agent")
 
 DATA_PROBLEM_NOTICE = "this site's data does not fit the job (the site's agent log names the file, row and column)"
@@ -812,8 +814,9 @@ class SiteAgent:
         logger.info("job %s completed; final model saved to %s", job.id, outcome.exported_model)
         return outcome
 
-    def export(self, job_id: str, directory: Path) -> list[Path]:
-        """``fedhe export``: the completed job's model as .keras, SavedModel and TFLite, each checked."""
+    def export(self, job_id: str, directory: Path) -> ExportedModels:
+        """``fedhe export``: the completed job's model as .keras and SavedModel, and each TFLite
+        flavour that agrees with it on the site's validation rows."""
         from client_agent.export import export_all
 
         job = self._aggregator.job(job_id)
@@ -824,7 +827,7 @@ class SiteAgent:
         chain = self._chain(job)
         self._catch_up(job, chain)
         _, validation = self._site_data(job)
-        exported = export_all(
+        return export_all(
             chain.spec,
             chain.weights,
             directory,
@@ -832,7 +835,6 @@ class SiteAgent:
             name=job.id,
             custom_modules=self.settings.custom_modules,
         )
-        return [exported.keras, exported.saved_model, exported.tflite_float16, exported.tflite_int8]
 
 
 def _npy(weights: NDArray[Any]) -> bytes:

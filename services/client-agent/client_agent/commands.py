@@ -56,8 +56,17 @@ def _export(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, f"export:{settings.site_id}")
     agent = SiteAgent(settings)
-    paths = agent.export(args.job_id, args.out or settings.state_dir / f"{args.job_id}-export")
-    print_json({"job_id": args.job_id, "files": [str(p) for p in paths]})
+    exported = agent.export(args.job_id, args.out or settings.state_dir / f"{args.job_id}-export")
+    for check in exported.tflite:
+        print(check.summary(), file=sys.stderr)
+    print_json(
+        {
+            "job_id": args.job_id,
+            "files": [str(p) for p in exported.files()],
+            "refused": [check.flavour for check in exported.tflite if not check.kept],
+            "report": str(exported.report),
+        }
+    )
     return 0
 
 

@@ -1,20 +1,23 @@
-"""Exporting a trained model for use outside fedhe: Keras, SavedModel and TFLite, all checked.
+"""Exporting a trained model for use outside fedhe: Keras, SavedModel and TFLite, each checked.
 
 Every export takes raw inputs (the spec's normalisation layer is inside) and outputs class
 probabilities (a softmax after the logits). Written files are mode 0600 and SavedModel
 directories 0700: a model trained on a site's data is the site's to share.
 
-TFLite comes in two flavours: float16 weights, and dynamic-range int8 (weights int8,
-activations float). Each is run on sample inputs and compared with the Keras model; if
-the largest probability difference exceeds its tolerance or the predicted classes agree on
-fewer than the stated share of samples, ``ExportMismatch`` is raised and nothing is kept.
+The .keras file and the SavedModel are always written (they are the model itself). TFLite comes
+in two flavours: float16 weights, and dynamic-range int8 (weights int8, activations float). Each
+is run on sample inputs and compared with the Keras model; a flavour whose largest probability
+difference exceeds its tolerance, or whose predicted classes agree on fewer than the stated
+share of samples, is refused on its own: it is not written, the others are. What was measured
+and decided for each flavour goes to a JSON report beside the files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,6 @@ import tensorflow as tf
 from numpy.typing import NDArray
 
 from client_agent.training import load_model
-from fedhe.errors import FedheError
 from fedhe.modelspec import ModelSpec
 
 
@@ -39,20 +41,45 @@ FLOAT16_TOLERANCE = Tolerance(max_probability_difference=0.01, min_argmax_agreem
 INT8_TOLERANCE = Tolerance(max_probability_difference=0.1, min_argmax_agreement=0.95)
 
 
-class ExportMismatch(FedheError):
-    """An exported model does not agree with the model it was made from."""
+@dataclass(frozen=True)
+class VariantCheck:
+    """One TFLite flavour measured against the Keras model, and whether it was kept."""
 
-    default_code = "export_mismatch"
+    flavour: str
+    max_probability_difference: float | None
+    argmax_agreement: float | None
+    tolerance: Tolerance
+    path: Path | None
+
+    @property
+    def kept(self) -> bool:
+        return self.path is not None
+
+    def summary(self) -> str:
+        """One line a site admin reads: what was measured against what was allowed, and the outcome."""
+        if self.max_probability_difference is None or self.argmax_agreement is None:
+            return f"{self.flavour} TFLite refused: there were no sample inputs to check it on"
+        verdict = f"kept as {self.path}" if self.path is not None else "refused (not written)"
+        return (
+            f"{self.flavour} TFLite {verdict}: largest probability difference "
+            f"{self.max_probability_difference:.4f} (allowed {self.tolerance.max_probability_difference}), "
+            f"same class on {self.argmax_agreement:.1%} of samples (needed {self.tolerance.min_argmax_agreement:.0%})"
+        )
 
 
 @dataclass(frozen=True)
 class ExportedModels:
-    """Paths of every export of one model."""
+    """Every file one export wrote, and each TFLite flavour's check."""
 
     keras: Path
     saved_model: Path
-    tflite_float16: Path
-    tflite_int8: Path
+    tflite: tuple[VariantCheck, ...]
+    report: Path
+
+    def files(self) -> list[Path]:
+        """What was written: the model files first, then each kept TFLite file, then the report."""
+        kept = [check.path for check in self.tflite if check.path is not None]
+        return [self.keras, self.saved_model, *kept, self.report]
 
 
 def probability_model(
@@ -96,16 +123,13 @@ def tflite_probabilities(model_bytes: bytes, x: NDArray[Any]) -> NDArray[Any]:
     return np.stack(rows)
 
 
-def check_agreement(name: str, expected: NDArray[Any], actual: NDArray[Any], tolerance: Tolerance) -> None:
-    """Raise ``ExportMismatch`` unless ``actual`` probabilities agree with ``expected`` within ``tolerance``."""
+def within(expected: NDArray[Any], actual: NDArray[Any], tolerance: Tolerance) -> tuple[float, float, bool]:
+    """The largest probability difference of ``actual`` from ``expected``, the share of rows whose
+    predicted class agrees, and whether both are within ``tolerance``."""
     difference = float(np.abs(expected - actual).max())
     agreement = float((expected.argmax(axis=1) == actual.argmax(axis=1)).mean())
-    if difference > tolerance.max_probability_difference or agreement < tolerance.min_argmax_agreement:
-        raise ExportMismatch(
-            f"{name} disagrees with the Keras model: largest probability difference {difference:.4f} "
-            f"(allowed {tolerance.max_probability_difference}), same class on {agreement:.1%} of samples "
-            f"(needed {tolerance.min_argmax_agreement:.0%})"
-        )
+    ok = difference <= tolerance.max_probability_difference and agreement >= tolerance.min_argmax_agreement
+    return difference, agreement, ok
 
 
 def _tflite(model: tf.keras.Model, *, float16: bool) -> bytes:
@@ -117,6 +141,9 @@ def _tflite(model: tf.keras.Model, *, float16: bool) -> bytes:
     return converted
 
 
+_FLAVOURS = (("float16", True, FLOAT16_TOLERANCE), ("int8", False, INT8_TOLERANCE))
+
+
 def export_all(
     spec: ModelSpec,
     weights: NDArray[Any],
@@ -126,31 +153,47 @@ def export_all(
     name: str = "model",
     custom_modules: Collection[str] = (),
 ) -> ExportedModels:
-    """Write ``name``.keras, ``name``.savedmodel/, ``name``-float16.tflite and ``name``-int8.tflite.
-
-    Both TFLite models are checked against the Keras model on ``sample_inputs`` (raw rows, e.g.
-    the site's validation split) before they are written.
-    """
-    if len(sample_inputs) == 0:
-        raise ExportMismatch("exports are checked on sample inputs; none were given")
+    """Write ``name``.keras and ``name``.savedmodel/, then ``name``-float16.tflite and
+    ``name``-int8.tflite where each agrees with the Keras model on ``sample_inputs`` (raw rows,
+    e.g. the site's validation split), and ``name``-export-report.json saying what each measured."""
     model = probability_model(spec, weights, custom_modules=custom_modules)
-    expected = model.predict(np.asarray(sample_inputs, dtype=np.float32), batch_size=256, verbose=0)
-    converted = {}
-    for flavour, float16, tolerance in (("float16", True, FLOAT16_TOLERANCE), ("int8", False, INT8_TOLERANCE)):
-        converted[flavour] = _tflite(model, float16=float16)
-        actual = tflite_probabilities(converted[flavour], sample_inputs)
-        check_agreement(f"the {flavour} TFLite model", expected, actual, tolerance)
     directory.mkdir(parents=True, exist_ok=True)
-    exported = ExportedModels(
-        keras=directory / f"{name}.keras",
-        saved_model=directory / f"{name}.savedmodel",
-        tflite_float16=directory / f"{name}-float16.tflite",
-        tflite_int8=directory / f"{name}-int8.tflite",
-    )
-    model.save(exported.keras)
-    tf.saved_model.save(model, str(exported.saved_model))
-    exported.tflite_float16.write_bytes(converted["float16"])
-    exported.tflite_int8.write_bytes(converted["int8"])
-    for path in (exported.keras, exported.saved_model, exported.tflite_float16, exported.tflite_int8):
+    keras, saved_model = directory / f"{name}.keras", directory / f"{name}.savedmodel"
+    model.save(keras)
+    tf.saved_model.save(model, str(saved_model))
+    samples = np.asarray(sample_inputs, dtype=np.float32)
+    expected = model.predict(samples, batch_size=256, verbose=0) if len(samples) else None
+    checks = []
+    for flavour, float16, tolerance in _FLAVOURS:
+        if expected is None:
+            checks.append(VariantCheck(flavour, None, None, tolerance, None))
+            continue
+        converted = _tflite(model, float16=float16)
+        difference, agreement, ok = within(expected, tflite_probabilities(converted, samples), tolerance)
+        path = directory / f"{name}-{flavour}.tflite" if ok else None
+        if path is not None:
+            path.write_bytes(converted)
+        checks.append(VariantCheck(flavour, difference, agreement, tolerance, path))
+    report = directory / f"{name}-export-report.json"
+    report.write_text(json.dumps(_report(keras, saved_model, checks, len(samples)), indent=2))
+    exported = ExportedModels(keras=keras, saved_model=saved_model, tflite=tuple(checks), report=report)
+    for path in exported.files():
         _private(path)
     return exported
+
+
+def _report(keras: Path, saved_model: Path, checks: list[VariantCheck], num_samples: int) -> dict[str, Any]:
+    return {
+        "keras": str(keras),
+        "saved_model": str(saved_model),
+        "checked_on_samples": num_samples,
+        "tflite": [
+            {
+                **asdict(check),
+                "path": None if check.path is None else str(check.path),
+                "kept": check.kept,
+                "summary": check.summary(),
+            }
+            for check in checks
+        ],
+    }
