@@ -49,8 +49,9 @@ def job_statistics_passes(spec: JobCreate) -> list[TrainingPass]:
     return [] if spec.statistics is None else [statistics_pass(spec.statistics.noise_multiplier)]
 
 
-def creation_warnings(spec: JobCreate, plan: PrivacyPlan | None) -> list[str]:
-    """What an operator should reconsider before the job runs (it still runs)."""
+def creation_warnings(spec: JobCreate, plan: PrivacyPlan | None, largest: PrivacyPlan | None = None) -> list[str]:
+    """What an operator should reconsider before the job runs (it still runs), given the plans of
+    the smallest site and, if declared, the largest."""
     warnings = []
     if spec.secure_aggregation is None:
         warnings.append(
@@ -59,12 +60,18 @@ def creation_warnings(spec: JobCreate, plan: PrivacyPlan | None) -> list[str]:
         )
     if plan is None:
         warnings.append("min_site_samples is not set, so the job's privacy cost was not planned")
-    elif plan.final_epsilon > spec.epsilon_warning:
-        warnings.append(
-            f"a site of {plan.num_samples} training rows would reach ε={plan.final_epsilon:.2f} at "
-            f"δ={plan.delta:g} after {spec.rounds} rounds, over epsilon_warning={spec.epsilon_warning:g}; "
-            "raise dp.noise_multiplier or lower rounds, local_epochs or batch_size"
-        )
+    for site in (plan, largest):
+        if site is not None and site.final_epsilon > spec.epsilon_warning:
+            warnings.append(
+                f"a site of {site.num_samples} training rows would reach ε={site.final_epsilon:.2f} at "
+                f"δ={site.delta:g} after {spec.rounds} rounds, over epsilon_warning={spec.epsilon_warning:g}; "
+                "raise dp.noise_multiplier or lower rounds, local_epochs or batch_size"
+            )
+        if site is not None and site.delta >= 1 / site.num_samples:
+            warnings.append(
+                f"a site of {site.num_samples} training rows refuses this job: δ={site.delta:g} is not below "
+                f"1/n = {1 / site.num_samples:.3g}"
+            )
     if (
         spec.format_id == PACKED_FORMAT_ID
         and spec.min_site_samples is not None

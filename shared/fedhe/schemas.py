@@ -331,6 +331,11 @@ class JobCreate(BaseModel):
     min_site_samples: int | None = Field(
         default=None, ge=1, description="the smallest site's training rows: the privacy plan is made for it"
     )
+    max_site_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="the largest site's training rows: planned too, and dp.delta must stay below 1 / it",
+    )
     epsilon_warning: float = Field(
         default=10.0, gt=0, description="warn at creation when the planned ε of the smallest site exceeds this"
     )
@@ -371,9 +376,28 @@ class JobCreate(BaseModel):
         if self.sampling.mode != "all" and self.sampling.min_sites < self.min_sites:
             raise ValueError("sampling.min_sites must be at least min_sites, or no sampled round could publish")
         self._check_packing(target)
+        self._check_site_sizes()
         self._check_secure_aggregation()
         self._check_data_contract()
         return self
+
+    def _check_site_sizes(self) -> None:
+        smallest, largest = self.min_site_samples, self.max_site_samples
+        if smallest is not None and largest is not None and largest < smallest:
+            raise ValueError(f"max_site_samples={largest} is below min_site_samples={smallest}")
+        if largest is not None and largest > self.max_samples_per_round:
+            raise ValueError(
+                f"max_site_samples={largest} is over max_samples_per_round={self.max_samples_per_round}: "
+                "a site that large would be refused every round; raise max_samples_per_round"
+            )
+        declared = largest or smallest
+        if declared is not None and self.dp.delta >= 1 / declared:
+            field = "max_site_samples" if largest is not None else "min_site_samples"
+            raise ValueError(
+                f"dp.delta={self.dp.delta:g} is not below 1/n = {1 / declared:.3g} for a site of {field}={declared} "
+                "rows: at that δ the guarantee allows a row of every site to be released in the clear; "
+                f"set dp.delta well below {1 / declared:.3g} (1e-5 or less is usual)"
+            )
 
     def _check_secure_aggregation(self) -> None:
         if self.secure_aggregation is None:
@@ -467,6 +491,9 @@ class JobPublic(JobCreate):
     num_parameters: int
     privacy_plan: PrivacyPlan | None = Field(
         default=None, description="ε per round for a site of min_site_samples training rows, planned at creation"
+    )
+    largest_site_plan: PrivacyPlan | None = Field(
+        default=None, description="ε per round for a site of max_site_samples training rows, planned at creation"
     )
     warnings: list[str] = Field(default_factory=list, description="what the aggregator found doubtful at creation")
 

@@ -27,6 +27,7 @@ from fedhe.local_cluster import (
     url,
 )
 from fedhe.modelspec import ModelSpec
+from fedhe.privacy import DPSettings
 from fedhe.schemas import DeclineReason, FederationCreate, JobCreate
 from tests.conftest import Cluster, PostgresDatabases
 from tests.integration.helpers import log_messages
@@ -34,7 +35,7 @@ from tests.integration.helpers import log_messages
 pytestmark = pytest.mark.integration
 
 
-def _job(cluster: Cluster, tmp_path: Path) -> tuple[str, list[ProvisionedSite], Path]:
+def _job(cluster: Cluster, tmp_path: Path, *, delta: float = 1e-5) -> tuple[str, list[ProvisionedSite], Path]:
     """A secure job with a statistics step on three members; one site's data on disk."""
     pool, _ = split(load_bundled("breast_cancer"), 0.5, seed=2)
     data = tmp_path / "data.csv"
@@ -49,6 +50,7 @@ def _job(cluster: Cluster, tmp_path: Path) -> tuple[str, list[ProvisionedSite], 
         min_sites=3,
         round_deadline_s=3600,
         batch_size=16,
+        dp=DPSettings(delta=delta),
         max_samples_per_round=1000,
         statistics=StatisticsSettings(feature_bounds=(np.abs(pool.x).max(axis=0) * 1.5).tolist()),
     )
@@ -154,3 +156,18 @@ def test_a_site_over_its_cap_declines_the_statistics_step_and_sends_nothing(clus
     with cluster.aggregator_admin() as operator:
         declines = operator.round(job_id, 0).declines
     assert [(d.site_id, d.reason) for d in declines] == [(sites[0].site_id, DeclineReason.BUDGET_EXHAUSTED)]
+
+
+def test_a_site_whose_rows_make_delta_too_large_refuses_before_anything(cluster: Cluster, tmp_path: Path) -> None:
+    """The job declared no site sizes, so only the site can check δ < 1/n for its 227 training rows."""
+    job_id, sites, data = _job(cluster, tmp_path, delta=0.01)
+    agent = _agent(cluster, sites[0], "small", job_id, data, tmp_path)
+    assert agent.process.wait(timeout=180) == 11, agent.tail()  # refused
+    log = log_messages(agent.log_path)
+    assert "δ=0.01 is not below 1/n = 0.00441 for this site's 227 training rows" in log
+    _spent_nothing(tmp_path / "state", log)
+    _nothing_reached(cluster, job_id, sites[0])
+    with cluster.aggregator_admin() as operator:
+        declines = operator.round(job_id, 0).declines
+    assert [(d.site_id, d.reason) for d in declines] == [(sites[0].site_id, DeclineReason.REFUSED)]
+    assert "δ=0.01 is not below 1/n = 0.00441" in declines[0].message

@@ -86,13 +86,37 @@ def test_job_creation_plans_privacy_and_warns_over_the_threshold(cluster: Cluste
     dp = DPSettings(noise_multiplier=0.8, delta=1e-5)
     with cluster.aggregator_admin() as operator:
         risky = operator.create_job(
-            _job(federation.key_id, rounds=20, batch_size=16, local_epochs=2, dp=dp.model_dump(), min_site_samples=100)
+            _job(
+                federation.key_id,
+                rounds=20,
+                batch_size=16,
+                local_epochs=2,
+                dp=dp.model_dump(),
+                min_site_samples=100,
+                max_site_samples=900,
+            )
         )
         unplanned = operator.create_job(_job(federation.key_id))
+        jobs_before = len(operator.jobs())
+        refused = httpx.post(
+            f"{cluster.aggregator_url}/v1/jobs",
+            json={**_job(federation.key_id).model_dump(mode="json"), "min_site_samples": 100, "dp": {"delta": 0.01}},
+            headers={"Authorization": f"Bearer {cluster.secrets.aggregator_admin_token}"},
+            verify=cluster.secrets.tls.ssl_context(),
+        )
+        assert len(operator.jobs()) == jobs_before
+    assert refused.status_code == 400, refused.text
+    assert "dp.delta=0.01 is not below 1/n = 0.01 for a site of min_site_samples=100 rows" in refused.text
     expected = plan_epsilon(num_samples=100, batch_size=16, noise_multiplier=0.8, local_epochs=2, rounds=20, delta=1e-5)
+    largest = plan_epsilon(num_samples=900, batch_size=16, noise_multiplier=0.8, local_epochs=2, rounds=20, delta=1e-5)
     assert risky.privacy_plan is not None
     assert risky.privacy_plan.epsilon_per_round == pytest.approx(expected)
     assert risky.privacy_plan.final_epsilon == pytest.approx(expected[-1])
+    assert risky.largest_site_plan is not None
+    assert (risky.largest_site_plan.num_samples, risky.largest_site_plan.final_epsilon) == (
+        900,
+        pytest.approx(largest[-1]),
+    )
     assert expected[-1] > 10
     assert any(f"ε={expected[-1]:.2f}" in warning for warning in risky.warnings), risky.warnings
     assert unplanned.privacy_plan is None

@@ -15,8 +15,10 @@ from fedhe.db import utcnow
 from fedhe.errors import InvalidRequest
 from fedhe.he import PACKED_FORMAT_ID, PackingSettings
 from fedhe.job_options import SamplingMode, SamplingSettings
+from fedhe.job_planning import creation_warnings, privacy_plan
 from fedhe.modelspec import ModelSpec
 from fedhe.normalisation import StatisticsNoise, normalisation_from_sum, statistics_upload
+from fedhe.privacy import epsilon_spent, local_training_pass
 from fedhe.schemas import JobCreate, SiteStatus
 
 KEY = "key-" + "0" * 32
@@ -45,6 +47,16 @@ def _job(**fields: Any) -> JobCreate:
         ({"secure_aggregation": {"threshold": 1}}, "greater than or equal to 2"),
         ({"format_id": "ckks-seeded-last-v2"}, "secure aggregation needs format bfv-packed-v1"),
         ({"statistics": {"feature_bounds": [1, 1, 1], "noise_multiplier": 0.1}}, "greater than or equal to 0.5"),
+        (
+            {"min_site_samples": 116, "dp": {"delta": 0.05}},
+            r"dp.delta=0.05 is not below 1/n = 0.00862 for a site of min_site_samples=116 rows",
+        ),
+        (
+            {"min_site_samples": 116, "max_site_samples": 50_000, "dp": {"delta": 1e-4}},
+            r"dp.delta=0.0001 is not below 1/n = 2e-05 for a site of max_site_samples=50000 rows",
+        ),
+        ({"min_site_samples": 100, "max_site_samples": 50}, "max_site_samples=50 is below min_site_samples=100"),
+        ({"max_site_samples": 200_000}, "max_site_samples=200000 is over max_samples_per_round=100000"),
     ],
 )
 def test_job_settings_that_cannot_work_are_refused_naming_the_field(fields: dict[str, Any], message: str) -> None:
@@ -237,3 +249,22 @@ def test_an_update_from_another_model_build_or_other_versions_is_refused_naming_
         f"tensorflow: job has {environment.tensorflow}, site has 2.16.1",
         "model: job has architecture aaaaaaaaaaaa, site built cccccccccccc",
     ]
+
+
+def test_the_plan_of_the_largest_site_counts_its_own_steps() -> None:
+    """Sites of 116 and 300 rows take ceil(n / batch) steps at their own sampling rate: each plan is
+    what that site's ledger will say (the larger site's ε is not the smaller one's)."""
+    spec = _job(min_site_samples=116, max_site_samples=300, rounds=3, batch_size=16, dp={"noise_multiplier": 1.1})
+    for rows in (116, 300):
+        plan = privacy_plan(spec, rows)
+        one_round = local_training_pass(num_samples=rows, batch_size=16, epochs=1, noise_multiplier=1.1)
+        assert plan.final_epsilon == pytest.approx(epsilon_spent([one_round] * 3, spec.dp.delta))
+    assert privacy_plan(spec, 300).final_epsilon != pytest.approx(privacy_plan(spec, 116).final_epsilon)
+    warned = creation_warnings(spec.model_copy(update={"epsilon_warning": 0.01}), None, privacy_plan(spec, 300))
+    assert any(w.startswith("a site of 300 training rows would reach") for w in warned), warned
+
+
+def test_planning_a_site_too_small_for_the_jobs_delta_says_it_would_refuse() -> None:
+    spec = _job(dp={"delta": 0.05})
+    warned = creation_warnings(spec, privacy_plan(spec, 50))
+    assert "a site of 50 training rows refuses this job: δ=0.05 is not below 1/n = 0.02" in warned

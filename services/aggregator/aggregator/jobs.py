@@ -182,6 +182,7 @@ class JobCoordinator:
             context_row = self._contexts.ensure(repo, request.key_id)
             spec = self._resolved(request, context_row.context)
             plan = None if spec.min_site_samples is None else privacy_plan(spec, spec.min_site_samples)
+            largest = None if spec.max_site_samples is None else privacy_plan(spec, spec.max_site_samples)
             row = JobRow(
                 id=new_id("job"),
                 name=spec.name,
@@ -193,7 +194,8 @@ class JobCoordinator:
                 num_parameters=spec.model.num_parameters(),
                 environment=current_environment().model_dump(),
                 privacy_plan=None if plan is None else plan.model_dump(),
-                warnings=creation_warnings(spec, plan),
+                largest_site_plan=None if largest is None else largest.model_dump(),
+                warnings=creation_warnings(spec, plan, largest),
             )
             repo.add(row)
             repo.flush()

@@ -59,6 +59,7 @@ class JobRow(AggregatorBase):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # Planned at creation (PLD composition is too slow to repeat on every read).
     privacy_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    largest_site_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 

@@ -69,6 +69,7 @@ def job_public(row: JobRow) -> JobPublic:
             "finished_at": row.finished_at,
             "num_parameters": row.num_parameters,
             "privacy_plan": row.privacy_plan,
+            "largest_site_plan": row.largest_site_plan,
             "warnings": row.warnings or [],
         }
     )

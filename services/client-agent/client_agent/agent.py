@@ -610,6 +610,7 @@ class SiteAgent:
             return
         self._codec(job, job.current_round)
         self._pinned_keys(job, for_round=job.current_round)
+        self._check_delta(job)
         planned = self._planned_pass(job)
         if self._policy.max_epsilon is not None:
             would_be = self._ledger.epsilon(self._policy.tighten(job.dp).delta, planned)
@@ -618,6 +619,18 @@ class SiteAgent:
                     f"round {job.current_round} would bring ε to {would_be:.2f}, "
                     f"over the site's limit {self._policy.max_epsilon}"
                 )
+
+    def _check_delta(self, job: JobPublic) -> None:
+        """Refuse a δ that is not below 1/n for this site's training rows (the job checked only the sizes declared)."""
+        delta = self._policy.tighten(job.dp).delta
+        rows = len(self._site_data(job)[0])
+        if delta >= 1 / rows:
+            raise InvalidRequest(
+                f"the job's δ={delta:g} is not below 1/n = {1 / rows:.3g} for this site's {rows} training rows: at "
+                "that δ the DP guarantee allows rows to be released in the clear; ask the operator for a smaller "
+                "dp.delta, or set max_delta in this site's policy",
+                code="delta_too_large",
+            )
 
     def _planned_pass(self, job: JobPublic) -> TrainingPass:
         """The pass this round would charge: the statistics step, or local DP-SGD on the site's rows."""
