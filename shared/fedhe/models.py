@@ -171,13 +171,68 @@ def initial_weights(spec: ModelSpec, seed: int, *, custom_modules: Collection[st
         weights = flatten_weights(spec.initial_weights(seed))
     else:
         with _keras_seeds(seed):
-            weights = flat_weights(build_model(spec, custom_modules=custom_modules))
+            model = build_model(spec, custom_modules=custom_modules)
+        _estimate_batch_statistics(spec, model, seed, custom_modules)
+        weights = flat_weights(model)
     if spec.fingerprint is not None and _sha256(weights) != spec.fingerprint.initial_weights_sha256:
         raise InvalidRequest(
             "this site's initial weights differ from the job creator's; check fedhe and TensorFlow versions",
             code="model_fingerprint_mismatch",
         )
     return weights
+
+
+BATCH_STATISTICS_SAMPLES = 64
+"""Synthetic inputs the round-0 BatchNormalization statistics are estimated from."""
+
+_STATISTICS_MANTISSA_BITS = 12
+"""Estimated statistics keep this many significant bits: float64 results that differ in their
+last bits between CPUs (summation order) round to the same value, so every site's round-0
+weights, and their hash, agree."""
+
+
+def _estimate_batch_statistics(
+    spec: ModelSpec, model: tf.keras.Model, seed: int, custom_modules: Collection[str]
+) -> None:
+    """Give every BatchNormalization layer of ``model`` moving statistics of its own inputs.
+
+    DP-SGD runs BatchNormalization in inference mode (batch statistics would mix examples), so
+    its moving statistics are fixed from round 0; Keras' placeholders (mean 0, variance 1) leave
+    a deep network's output independent of its input. The statistics are measured in float64 on
+    seeded standard-normal inputs, which is what the body sees after the spec's normalisation
+    layer, with each layer normalising by its batch's statistics as the pass goes (momentum 0).
+    """
+    targets = _batch_normalisations(model)
+    if not targets:
+        return
+    previous = tf.keras.backend.floatx()
+    tf.keras.backend.set_floatx("float64")
+    try:
+        with _keras_seeds(seed):
+            inputs = tf.keras.layers.Input(shape=spec.input_shape, dtype="float64")
+            body = tf.keras.Model(inputs, _body(spec, inputs, custom_modules))
+    finally:
+        tf.keras.backend.set_floatx(previous)
+    # The normalisation layer holds constants, not weights: the body has the model's weights.
+    body.set_weights([np.asarray(w, dtype=np.float64) for w in model.get_weights()])
+    measured = _batch_normalisations(body)
+    for layer in measured:
+        layer.momentum = 0.0
+    samples = np.random.default_rng(seed).standard_normal((BATCH_STATISTICS_SAMPLES, *spec.input_shape))
+    body(samples, training=True)
+    for target, source in zip(targets, measured, strict=True):
+        target.moving_mean.assign(_rounded(source.moving_mean.numpy()))
+        target.moving_variance.assign(_rounded(source.moving_variance.numpy()))
+
+
+def _batch_normalisations(model: tf.keras.Model) -> list[tf.keras.layers.BatchNormalization]:
+    return [layer for layer in model.submodules if isinstance(layer, tf.keras.layers.BatchNormalization)]
+
+
+def _rounded(values: NDArray[Any]) -> NDArray[np.float32]:
+    mantissa, exponent = np.frexp(np.asarray(values, dtype=np.float64))
+    scale = float(1 << _STATISTICS_MANTISSA_BITS)
+    return np.ldexp(np.round(mantissa * scale) / scale, exponent).astype(np.float32)
 
 
 def _sha256(weights: NDArray[Any]) -> str:
