@@ -170,16 +170,21 @@ def initial_weights(spec: ModelSpec, seed: int, *, custom_modules: Collection[st
     if spec.architecture in DENSE_ARCHITECTURES:
         weights = flatten_weights(spec.initial_weights(seed))
     else:
-        with _keras_seeds(seed):
-            model = build_model(spec, custom_modules=custom_modules)
-        _estimate_batch_statistics(spec, model, seed, custom_modules)
-        weights = flat_weights(model)
+        weights = flat_weights(_round_zero_model(spec, seed, custom_modules))
     if spec.fingerprint is not None and _sha256(weights) != spec.fingerprint.initial_weights_sha256:
         raise InvalidRequest(
             "this site's initial weights differ from the job creator's; check fedhe and TensorFlow versions",
             code="model_fingerprint_mismatch",
         )
     return weights
+
+
+def _round_zero_model(spec: ModelSpec, seed: int, custom_modules: Collection[str]) -> tf.keras.Model:
+    """The round-0 Keras model of a spec the NumPy initialisation does not cover."""
+    with _keras_seeds(seed):
+        model = build_model(spec, custom_modules=custom_modules)
+    _estimate_batch_statistics(spec, model, seed, custom_modules)
+    return model
 
 
 BATCH_STATISTICS_SAMPLES = 64
@@ -289,10 +294,12 @@ def architecture_sha256(model: tf.keras.Model) -> str:
 def fingerprint(spec: ModelSpec, seed: int, *, custom_modules: Collection[str] = ()) -> ModelFingerprint:
     """What the job creator puts in ``spec.fingerprint`` (any existing one is ignored)."""
     bare = spec.model_copy(update={"fingerprint": None})
-    with _keras_seeds(seed):
+    if bare.architecture in DENSE_ARCHITECTURES:
         model = build_model(bare, custom_modules=custom_modules)
-    dense = bare.architecture in DENSE_ARCHITECTURES
-    weights = flatten_weights(bare.initial_weights(seed)) if dense else flat_weights(model)
+        weights = flatten_weights(bare.initial_weights(seed))
+    else:
+        model = _round_zero_model(bare, seed, custom_modules)
+        weights = flat_weights(model)
     return ModelFingerprint(
         architecture_sha256=architecture_sha256(model),
         num_parameters=num_parameters(model),

@@ -133,6 +133,7 @@ def test_keras_applications_need_the_job_creators_fingerprint() -> None:
     assert caught.value.code == "missing_model_fingerprint"
     pinned = spec.model_copy(update={"fingerprint": fingerprint(spec, seed=3)})
     assert pinned.num_parameters() == num_parameters(build_model(pinned))
+    assert initial_weights(pinned, 3).size == pinned.num_parameters()  # the round-0 weights the fingerprint pins
     assert ModelSpec.model_validate(pinned.model_dump(mode="json")) == pinned
 
 
