@@ -300,7 +300,8 @@ def test_a_retention_period_removes_finished_rounds_ciphertext_and_nothing_else(
     assert [(e.actor, e.detail) for e in events] == [("aggregator", {"round": 0, "attempt": 1, "uploads": 2})]
     pruned = round_snapshot(cluster.database_url, job_id, 0)
     empty = hashlib.sha256(b"").hexdigest()
+    # The watcher may prune before the first snapshot is read; the audit event's two uploads show that
+    # something was removed, this shows that nothing else was.
     assert pruned == {**published, "counted_chunks_sha256": empty}  # submissions and the sum stay
-    assert published["counted_chunks_sha256"] != empty
     assert round_snapshot(cluster.database_url, job_id, 1) == collecting  # a round still to be summed keeps all
     assert_published_average(sites[1], url, job_id, 0, updates[:2])  # sites replaying the job still can
