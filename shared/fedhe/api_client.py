@@ -13,7 +13,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from fedhe.errors import InvalidRequest, UpstreamUnavailable, error_from_body
-from fedhe.identifiers import ACCOUNT_NAME, FEDERATION_ID, JOB_ID, KEY_ID, SITE_ID, TOKEN_ID, checked
+from fedhe.identifiers import ACCOUNT_NAME, FEDERATION_ID, JOB_ID, KEY_ID, SHA256, SITE_ID, TOKEN_ID, checked
 from fedhe.logs import REQUEST_ID_HEADER, current_request_id, new_request_id
 from fedhe.schemas import (
     AccountCreate,
@@ -28,6 +28,7 @@ from fedhe.schemas import (
     FederationOverview,
     FederationPublic,
     HeartbeatCreate,
+    InitialWeightsPublic,
     JobCreate,
     JobPublic,
     KeyReleaseRequest,
@@ -59,7 +60,17 @@ _ID_PATTERNS = {
     "token_id": TOKEN_ID,
     "account": ACCOUNT_NAME,
     "name": ACCOUNT_NAME,
+    "sha256": SHA256,
 }
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        raise error_from_body(response.status_code, body)
 
 
 def _carry_request_id(request: httpx.Request) -> None:
@@ -148,13 +159,26 @@ class ServiceClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"{method} {self._http.base_url}{path} failed: {type(exc).__name__}") from exc
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-            except ValueError:
-                body = None
-            raise error_from_body(response.status_code, body)
+        _raise_for_status(response)
         return response
+
+    def download(self, path: str, max_bytes: int) -> bytes:
+        """GET a binary body, refused as soon as it runs past ``max_bytes`` (a peer cannot fill memory)."""
+        body = bytearray()
+        try:
+            with self._http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _raise_for_status(response)
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise InvalidRequest(
+                            f"GET {path} sent more than the {max_bytes} bytes expected", code="response_too_large"
+                        )
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"GET {self._http.base_url}{path} failed: {type(exc).__name__}") from exc
+        return bytes(body)
 
     def audit_events(self, limit: int = 100) -> list[AuditEventPublic]:
         """Admin or viewer: the newest audit events."""
@@ -356,6 +380,16 @@ class AggregatorClient(ServiceClient):
         return self.request(
             "GET", self._url("/v1/jobs/{job_id}/rounds/{number}/aggregate", job_id=job_id, number=number)
         ).content
+
+    def upload_initial_weights(self, vector: bytes, sha256: str) -> InitialWeightsPublic:
+        """Admin: store a job's given round-0 weights (flat float64 little-endian) under their sha256."""
+        path = self._url("/v1/initial-weights/{sha256}", sha256=sha256)
+        headers = {"Content-Type": "application/octet-stream"}
+        return self.parse(InitialWeightsPublic, self.request("PUT", path, content=vector, headers=headers))
+
+    def initial_weights(self, sha256: str, num_values: int) -> bytes:
+        """Member site or operator: the stored round-0 weights named ``sha256``, at most ``num_values`` values."""
+        return self.download(self._url("/v1/initial-weights/{sha256}", sha256=sha256), max_bytes=8 * num_values)
 
     def upload_update(
         self, job_id: str, number: int, envelope: bytes, idempotency_key: str | None = None

@@ -24,6 +24,7 @@ JOB_ID = r"^job-[0-9a-f]{16}$"
 TOKEN_ID = r"^tok-[0-9a-f]{16}$"  # noqa: S105 (a pattern for token ids, not a secret)
 ACCOUNT_NAME = r"^[a-z][a-z0-9-]{0,62}$"
 NONCE = r"^[0-9a-f]{32,64}$"
+SHA256 = r"^[0-9a-f]{64}$"
 
 _RANDOM_HEX = {"site": 16, "fed": 16, "key": 32, "job": 16, "tok": 16, "upl": 24}
 
@@ -42,6 +43,7 @@ KeyIdPath = Annotated[str, Path(pattern=KEY_ID, description="a key id, key-<32 h
 JobIdPath = Annotated[str, Path(pattern=JOB_ID, description="a job id, job-<16 hex>")]
 TokenIdPath = Annotated[str, Path(pattern=TOKEN_ID, description="a token id, tok-<16 hex>")]
 AccountNamePath = Annotated[str, Path(pattern=ACCOUNT_NAME, description="an account name")]
+Sha256Path = Annotated[str, Path(pattern=SHA256, description="a sha256 digest, 64 lower-case hex digits")]
 RoundNumberPath = Annotated[int, Path(ge=0, le=100_000, description="a round number")]
 
 

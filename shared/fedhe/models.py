@@ -12,20 +12,30 @@ and the agent all build models here, so every site builds the same thing.
   initialisation the aggregator serves (``ModelSpec.initial_weights``); the others are built
   with every unseeded Keras initializer drawing its seed from ``random.Random(seed)``, so each
   site builds the same weights without touching any global random state.
+  A spec with ``initial_weights_sha256`` starts instead from the given vector, checked
+  against that hash; its BatchNormalization statistics are the given ones.
+* ``spec.trainable`` freezes every other layer (``layer.trainable = False``), so DP-SGD clips,
+  noises and changes only the trainable variables; ``trainable_mask`` marks their values in the
+  flat vector, the only ones an update carries.
 * ``fingerprint(spec, seed)``: sha256 of a canonical description of the build (layer types,
   configs without names, connections, weight shapes; the normalisation's values are left out
-  since they may be agreed after the job is created), the parameter count, and sha256 of the
-  initial weights.
+  since they may be agreed after the job is created), the parameter count, sha256 of the
+  initial weights and, with trainable layers, how many values train.
+* ``weights_from_file(spec, path)``: the flat vector of a ``.keras`` model file, a legacy
+  ``.h5`` weights file or a ``.npy`` flat vector, for the spec's architecture.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib
 import json
 import random
+import re
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +43,7 @@ import tensorflow as tf
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, PermissionDenied
-from fedhe.modelspec import DENSE_ARCHITECTURES, ModelFingerprint, ModelSpec, flatten_weights
+from fedhe.modelspec import DENSE_ARCHITECTURES, ModelFingerprint, ModelSpec, TrainableLayers, flatten_weights
 
 # Config keys that name things rather than shape them (Keras numbers auto-generated names per process).
 _NAME_KEYS = frozenset({"name"})
@@ -108,18 +118,88 @@ def build_model(spec: ModelSpec, *, custom_modules: Collection[str] = ()) -> tf.
     )
     if model.output_shape != (None, spec.num_classes):
         raise InvalidRequest(f"the model outputs shape {model.output_shape}, not (None, {spec.num_classes})")
+    if spec.trainable is not None:
+        _freeze_all_but(model, spec.trainable)
     expected = spec.fingerprint.num_parameters if spec.fingerprint is not None else None
     if spec.architecture in DENSE_ARCHITECTURES or spec.architecture == "cnn":
         expected = spec.num_parameters()
     if expected is not None and num_parameters(model) != expected:
         raise InvalidRequest(f"Keras built {num_parameters(model)} parameters, the spec says {expected}")
-    if spec.fingerprint is not None and architecture_sha256(model) != spec.fingerprint.architecture_sha256:
+    pinned = spec.fingerprint
+    if pinned is not None and architecture_sha256(model) != pinned.architecture_sha256:
         raise InvalidRequest(
             "this site's Keras build of the model differs from the job creator's (architecture hash); "
             "check that every site runs the same fedhe, TensorFlow and custom model code",
             code="model_fingerprint_mismatch",
         )
+    if pinned is not None and spec.trainable is not None and pinned.num_trainable_parameters != num_trainable(model):
+        raise InvalidRequest(
+            f"this site's build trains {num_trainable(model)} values, the job creator's "
+            f"{pinned.num_trainable_parameters}; check that every site runs the same fedhe and TensorFlow",
+            code="model_fingerprint_mismatch",
+        )
     return model
+
+
+# A MobileNet block's layers share this name prefix (Keras applications' naming).
+_NAMED_BLOCK = re.compile(r"^(block_\d+|expanded_conv(?:_\d+)?)(?=[_/])")
+# A layer's batch normalisation is named after it.
+_NORMALISATION_SUFFIX = re.compile(r"(_bn|/BatchNorm|_BN)$")
+
+
+def _weighted_layers(model: tf.keras.Model) -> list[tf.keras.layers.Layer]:
+    """Layers holding weights, nested models opened, in the order their weights appear."""
+    layers: list[tf.keras.layers.Layer] = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            layers.extend(_weighted_layers(layer))
+        elif layer.weights:
+            layers.append(layer)
+    return layers
+
+
+def _block_of(name: str) -> str:
+    named = _NAMED_BLOCK.match(name)
+    return named.group(1) if named else _NORMALISATION_SUFFIX.sub("", name)
+
+
+def _freeze_all_but(model: tf.keras.Model, trainable: TrainableLayers) -> None:
+    """Freeze every layer with weights but the head, the last ``trainable.last_blocks`` blocks
+    and the layers ``trainable.layers`` names (``fedhe.modelspec.TrainableLayers``)."""
+    layers = _weighted_layers(model)
+    *body, head = layers
+    blocks: list[str] = []
+    for layer in reversed(body):
+        if not blocks or blocks[-1] != _block_of(layer.name):
+            blocks.append(_block_of(layer.name))
+    if trainable.last_blocks > len(blocks):
+        raise InvalidRequest(
+            f"trainable.last_blocks={trainable.last_blocks}, but the model has {len(blocks)} blocks before its head",
+            code="invalid_trainable_layers",
+        )
+    chosen = set(blocks[: trainable.last_blocks])
+    for pattern in trainable.layers:
+        if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in layers):
+            raise InvalidRequest(
+                f"trainable.layers pattern {pattern!r} matches no layer with weights of this model",
+                code="invalid_trainable_layers",
+            )
+    for layer in body:
+        layer.trainable = _block_of(layer.name) in chosen or any(
+            fnmatch.fnmatchcase(layer.name, pattern) for pattern in trainable.layers
+        )
+    head.trainable = True
+
+
+def trainable_mask(model: tf.keras.Model) -> NDArray[np.bool_]:
+    """Which values of the flat weight vector train (BatchNormalization's statistics never do)."""
+    trainable = {variable.ref() for variable in model.trainable_weights}
+    return np.concatenate([np.full(int(np.prod(w.shape)), w.ref() in trainable, dtype=np.bool_) for w in model.weights])
+
+
+def num_trainable(model: tf.keras.Model) -> int:
+    """Values an update of ``model`` carries when its spec names trainable layers."""
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
 def num_parameters(model: tf.keras.Model) -> int:
@@ -165,18 +245,45 @@ def _keras_seeds(seed: int) -> Iterator[None]:
         holder.generator = previous
 
 
-def initial_weights(spec: ModelSpec, seed: int, *, custom_modules: Collection[str] = ()) -> NDArray[Any]:
-    """The round-0 flat weight vector, the same at every site for the same (spec, seed)."""
+def initial_weights(
+    spec: ModelSpec, seed: int, *, custom_modules: Collection[str] = (), given: NDArray[Any] | None = None
+) -> NDArray[Any]:
+    """The round-0 flat weight vector, the same at every site for the same (spec, seed).
+
+    ``given``: the vector a spec with ``initial_weights_sha256`` starts from (fetched or found
+    locally by the caller), refused unless it is that vector.
+    """
+    if spec.initial_weights_sha256 is not None:
+        if given is None:
+            raise InvalidRequest("this job starts from given initial weights; none were supplied")
+        weights = np.asarray(given, dtype=np.float64)
+        check_given_weights(weights, spec.initial_weights_sha256, spec.num_parameters())
+        return weights
     if spec.architecture in DENSE_ARCHITECTURES:
         weights = flatten_weights(spec.initial_weights(seed))
     else:
         weights = flat_weights(_round_zero_model(spec, seed, custom_modules))
-    if spec.fingerprint is not None and _sha256(weights) != spec.fingerprint.initial_weights_sha256:
+    if spec.fingerprint is not None and weights_sha256(weights) != spec.fingerprint.initial_weights_sha256:
         raise InvalidRequest(
             "this site's initial weights differ from the job creator's; check fedhe and TensorFlow versions",
             code="model_fingerprint_mismatch",
         )
     return weights
+
+
+def check_given_weights(weights: NDArray[Any], sha256: str, num_values: int) -> None:
+    """Refuse a given round-0 vector of the wrong length, or one that is not the job's."""
+    if weights.size != num_values:
+        raise InvalidRequest(
+            f"the given initial weights hold {weights.size} values, the job's model {num_values}",
+            code="initial_weights_mismatch",
+        )
+    if weights_sha256(weights) != sha256:
+        raise InvalidRequest(
+            f"the given initial weights' sha256 is {weights_sha256(weights)}, the job's {sha256}: "
+            "not the job's weights",
+            code="initial_weights_mismatch",
+        )
 
 
 def _round_zero_model(spec: ModelSpec, seed: int, custom_modules: Collection[str]) -> tf.keras.Model:
@@ -240,8 +347,59 @@ def _rounded(values: NDArray[Any]) -> NDArray[np.float32]:
     return np.ldexp(np.round(mantissa * scale) / scale, exponent).astype(np.float32)
 
 
-def _sha256(weights: NDArray[Any]) -> str:
+def weights_sha256(weights: NDArray[Any]) -> str:
+    """sha256 of a flat vector as float64 little-endian bytes: how jobs name round-0 weights."""
     return hashlib.sha256(np.asarray(weights, dtype="<f8").tobytes()).hexdigest()
+
+
+WEIGHT_FILE_SUFFIXES = (".keras", ".h5", ".npy")
+
+
+def weights_from_file(spec: ModelSpec, path: Path, *, custom_modules: Collection[str] = ()) -> NDArray[Any]:
+    """The flat weight vector ``path`` holds for ``spec``'s architecture.
+
+    ``.keras``: a whole Keras model file (loaded with ``safe_mode``, no code runs), whose
+    weights are taken in order and must have the spec's shapes; ``.h5``: weights saved with
+    ``model.save_weights`` (Keras' legacy HDF5 layout, by layer order); ``.npy``: the flat
+    vector itself.
+    """
+    model = build_model(spec.model_copy(update={"fingerprint": None, "trainable": None}), custom_modules=custom_modules)
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        raise InvalidRequest(f"{path}: weights files end in {', '.join(WEIGHT_FILE_SUFFIXES)}")
+    try:
+        vector = _read_weights(model, path)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"{path}: cannot read weights ({exc})", code="initial_weights_mismatch") from exc
+    if vector.size != num_parameters(model):
+        raise InvalidRequest(
+            f"{path}: holds {vector.size} values, the model has {num_parameters(model)}",
+            code="initial_weights_mismatch",
+        )
+    if not np.all(np.isfinite(vector)):
+        raise InvalidRequest(f"{path}: holds NaN or infinite weights", code="initial_weights_mismatch")
+    return vector
+
+
+def _read_weights(model: tf.keras.Model, path: Path) -> NDArray[Any]:
+    if path.suffix == ".npy":
+        vector = np.load(path, allow_pickle=False)
+        if vector.ndim != 1:
+            raise InvalidRequest(f"{path}: a .npy weights file holds one flat vector, not shape {vector.shape}")
+        return np.asarray(vector, dtype=np.float64)
+    if path.suffix == ".h5":
+        model.load_weights(path)
+        return flat_weights(model)
+    arrays = tf.keras.models.load_model(path, compile=False, safe_mode=True).get_weights()
+    shapes, expected = [tuple(a.shape) for a in arrays], [tuple(w.shape) for w in model.weights]
+    if shapes != expected:
+        differ = [i for i, (got, want) in enumerate(zip(shapes, expected, strict=False)) if got != want]
+        where = f"; array {differ[0]} is {shapes[differ[0]]}, the spec's {expected[differ[0]]}" if differ else ""
+        raise InvalidRequest(
+            f"{path}: its {len(shapes)} weight arrays do not fit the spec's {len(expected)}{where}; "
+            "is it the same architecture, width and number of classes?",
+            code="initial_weights_mismatch",
+        )
+    return flatten_weights(arrays)
 
 
 def _without_names(value: Any) -> Any:
@@ -291,17 +449,21 @@ def architecture_sha256(model: tf.keras.Model) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def fingerprint(spec: ModelSpec, seed: int, *, custom_modules: Collection[str] = ()) -> ModelFingerprint:
-    """What the job creator puts in ``spec.fingerprint`` (any existing one is ignored)."""
+def fingerprint(
+    spec: ModelSpec, seed: int, *, custom_modules: Collection[str] = (), given: NDArray[Any] | None = None
+) -> ModelFingerprint:
+    """What the job creator puts in ``spec.fingerprint`` (any existing one is ignored); ``given``
+    as for ``initial_weights``."""
     bare = spec.model_copy(update={"fingerprint": None})
-    if bare.architecture in DENSE_ARCHITECTURES:
+    if bare.initial_weights_sha256 is not None or bare.architecture in DENSE_ARCHITECTURES:
         model = build_model(bare, custom_modules=custom_modules)
-        weights = flatten_weights(bare.initial_weights(seed))
+        weights = initial_weights(bare, seed, given=given)
     else:
         model = _round_zero_model(bare, seed, custom_modules)
         weights = flat_weights(model)
     return ModelFingerprint(
         architecture_sha256=architecture_sha256(model),
         num_parameters=num_parameters(model),
-        initial_weights_sha256=_sha256(weights),
+        initial_weights_sha256=weights_sha256(weights),
+        num_trainable_parameters=None if bare.trainable is None else num_trainable(model),
     )

@@ -20,6 +20,18 @@ For the last three the parameter count (and the architecture's identity) is what
 builds, so the job creator computes a ``ModelFingerprint`` with ``fedhe.models.fingerprint``
 and puts it in the spec; sites refuse a model whose build does not match it.
 
+Transfer learning:
+
+* ``initial_weights_sha256``: round 0 starts from given weights (a pre-trained backbone, say)
+  instead of the seeded initialisation: the sha256 of their flat float64 little-endian vector
+  (``fedhe.models.flat_weights``' layout). The aggregator stores that vector, public to
+  members as round-0 weights always are; every site fetches it (or finds it locally) and
+  refuses it unless the hash matches.
+* ``trainable``: only the head (the last layer with weights), plus the last ``last_blocks``
+  blocks and any layer matching ``layers``, train; the rest stay frozen. Uploads then carry
+  only the trainable values (``num_update_values``), which the fingerprint counts, since only
+  Keras knows which values those are.
+
 ``input_dim: n`` is still accepted as shorthand for ``input_shape: [n]``.
 """
 
@@ -61,12 +73,42 @@ class InputNormalisation(BaseModel):
         return self
 
 
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
 class ModelFingerprint(BaseModel):
     """What the job creator's Keras build of a spec produced; every site's build must match."""
 
-    architecture_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    architecture_sha256: str = Field(pattern=SHA256_PATTERN)
     num_parameters: int = Field(ge=1)
-    initial_weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    initial_weights_sha256: str = Field(pattern=SHA256_PATTERN)
+    num_trainable_parameters: int | None = Field(
+        default=None, ge=1, description="values an update carries when the spec freezes some layers"
+    )
+
+
+class TrainableLayers(BaseModel):
+    """Which layers train; every other layer keeps its round-0 weights for the whole job.
+
+    The head (the last layer with weights) always trains. A block is a MobileNet block
+    (``block_N_*``, ``expanded_conv_N/*``), a layer together with its batch normalisation
+    (``Conv_1`` and ``Conv_1_bn``), or else one layer with weights, counted back from the head.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    last_blocks: int = Field(default=0, ge=0, le=1000, description="blocks before the head that also train")
+    layers: list[str] = Field(
+        default_factory=list,
+        max_length=200,
+        description="shell-style patterns (fnmatch) of layer names that also train; each must match a layer",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainableLayers:
+        if any(not 0 < len(pattern) <= 200 for pattern in self.layers):
+            raise ValueError("trainable.layers patterns must be 1 to 200 characters")
+        return self
 
 
 class ModelSpec(BaseModel):
@@ -87,6 +129,12 @@ class ModelSpec(BaseModel):
     options: dict[str, int | float | str | bool] = Field(default_factory=dict)
     normalisation: InputNormalisation | None = None
     fingerprint: ModelFingerprint | None = None
+    initial_weights_sha256: str | None = Field(
+        default=None,
+        pattern=SHA256_PATTERN,
+        description="round 0 starts from these given weights (stored at the aggregator) instead of the seeded ones",
+    )
+    trainable: TrainableLayers | None = Field(default=None, description="only these layers train (None: all)")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,7 +162,21 @@ class ModelSpec(BaseModel):
             raise ValueError("feature_names must have one name per input feature")
         if self.normalisation is not None and len(self.normalisation.mean) != self.input_shape[-1]:
             raise ValueError("normalisation needs one mean/std per input feature (per channel for images)")
+        self._check_transfer()
         return self
+
+    def _check_transfer(self) -> None:
+        given, pinned = self.initial_weights_sha256, self.fingerprint
+        if given is not None and pinned is not None and pinned.initial_weights_sha256 != given:
+            raise ValueError(
+                "fingerprint.initial_weights_sha256 must be initial_weights_sha256 when round 0 starts from given "
+                "weights (fedhe job create --initial-weights computes both)"
+            )
+        if pinned is not None and pinned.num_trainable_parameters is not None:
+            if self.trainable is None:
+                raise ValueError("fingerprint.num_trainable_parameters applies only to a spec with trainable layers")
+            if pinned.num_trainable_parameters > pinned.num_parameters:
+                raise ValueError("fingerprint.num_trainable_parameters is over num_parameters")
 
     def _check_shape(self) -> None:
         if any(size < 1 for size in self.input_shape) or math.prod(self.input_shape) > _MAX_INPUT_VALUES:
@@ -192,6 +254,18 @@ class ModelSpec(BaseModel):
             )
         return self.fingerprint.num_parameters
 
+    def num_update_values(self) -> int:
+        """Values a training update carries: every parameter, or only the trainable ones."""
+        if self.trainable is None:
+            return self.num_parameters()
+        if self.fingerprint is None or self.fingerprint.num_trainable_parameters is None:
+            raise InvalidRequest(
+                "a spec with trainable layers needs the fingerprint of its Keras build, trainable count included "
+                "(fedhe job create computes it)",
+                code="missing_model_fingerprint",
+            )
+        return self.fingerprint.num_trainable_parameters
+
     def _cnn_parameters(self) -> int:
         height, width, channels = self.input_shape
         total = 0
@@ -217,17 +291,3 @@ class ModelSpec(BaseModel):
 def flatten_weights(weights: list[NDArray[Any]]) -> NDArray[Any]:
     """Concatenate weight arrays into one float64 vector."""
     return np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in weights])
-
-
-def unflatten_weights(vector: NDArray[Any], shapes: list[tuple[int, ...]]) -> list[NDArray[Any]]:
-    """Split a flat vector back into arrays of ``shapes``."""
-    total = int(sum(np.prod(shape) for shape in shapes))
-    if vector.size != total:
-        raise ValueError(f"vector has {vector.size} values, the shapes need {total}")
-    out: list[NDArray[Any]] = []
-    offset = 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        out.append(vector[offset : offset + size].reshape(shape))
-        offset += size
-    return out

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedhe.he.codec import PACKED_FORMAT_ID
 from fedhe.he.context import BfvParameters, HeParameters
 from fedhe.he.packing import PackingSettings
-from fedhe.identifiers import AccountName, FederationId, JobId, KeyId, Nonce, SiteId, TokenId
+from fedhe.identifiers import SHA256, AccountName, FederationId, JobId, KeyId, Nonce, SiteId, TokenId
 from fedhe.job_options import (
     AlgorithmSettings,
     PrivacyPlan,
@@ -468,11 +468,12 @@ class JobCreate(BaseModel):
             self.statistics_packing() if self.packing is not None and self.is_statistics_round(number) else self.packing
         )
 
-    def round_num_values(self, number: int, num_parameters: int) -> int:
-        """How many values an upload to round ``number`` carries."""
+    def round_num_values(self, number: int) -> int:
+        """How many values an upload to round ``number`` carries (only the trainable ones when the
+        model freezes some layers)."""
         if self.statistics is not None and number == 0:
             return self.statistics.num_values()
-        return num_parameters
+        return self.model.num_update_values()
 
 
 class JobPublic(JobCreate):
@@ -651,6 +652,15 @@ class UpdateAccepted(BaseModel):
     num_submissions: int
     sha256: str
     replayed: bool = Field(default=False, description="true when this exact upload had already been accepted")
+
+
+class InitialWeightsPublic(BaseModel):
+    """Given round-0 weights stored at the aggregator: a flat float64 vector named by its sha256."""
+
+    sha256: str = Field(pattern=SHA256)
+    num_values: int
+    created_by: str
+    created_at: datetime
 
 
 class AccountCreate(BaseModel):

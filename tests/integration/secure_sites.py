@@ -173,7 +173,7 @@ class ProtocolSite:
                 UploadFacts(
                     key_id=job.key_id,
                     format_id=job.format_id,
-                    num_values=job.round_num_values(number, job.num_parameters),
+                    num_values=job.round_num_values(number),
                 ),
             )
             self.answered[number] = attempt

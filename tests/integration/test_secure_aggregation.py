@@ -143,7 +143,7 @@ def _coalition_view(
         terms.append(MaskTerm(self_mask_key(at, honest.site_id, base64.b64decode(seed)), -1))
     coefficients = decrypted_coefficients(codec, upload)
     codec._add_masks(coefficients, CoefficientMasks(tuple(terms)), 0)
-    return unpack(coefficients, codec.layout, job.round_num_values(0, job.num_parameters))
+    return unpack(coefficients, codec.layout, job.round_num_values(0))
 
 
 def _levels_of(job: JobPublic, values: NDArray[Any]) -> NDArray[Any]:
@@ -163,7 +163,7 @@ def test_the_coordinator_with_t_minus_1_members_learns_no_honest_update(
     key_id, sites = _federation(cluster, tmp_path, 5)
     statistics = {"statistics": {"feature_bounds": [1.0] * 200}} if kind == "statistics" else {}
     job = _job(cluster, key_id, min_sites=4, threshold=3, target_sites=5, **statistics)
-    updates = _updates(5, seed=1, length=job.round_num_values(0, job.num_parameters))
+    updates = _updates(5, seed=1, length=job.round_num_values(0))
     _run_to_unmasking(job, sites, updates)
     colluders, honest = sites[:2], sites[2:]
     at = RoundAttempt(job.id, 0, 1)

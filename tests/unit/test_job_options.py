@@ -70,7 +70,7 @@ def test_the_packed_format_gets_default_packing_and_the_statistics_step_its_own(
     assert job.total_rounds == 5
     assert job.round_packing(0) == PackingSettings(clip_range=1.0, bits=36, max_sites=150)
     assert job.round_packing(1) == job.packing
-    assert (job.round_num_values(0, 8), job.round_num_values(1, 8)) == (6, 8)
+    assert (job.round_num_values(0), job.round_num_values(1)) == (6, 8)  # 3 × 2 + 2 parameters
     assert not _job().is_statistics_round(0)
 
 

@@ -16,13 +16,14 @@ from aggregator.access import JobAccess
 from aggregator.contexts import EvaluationContexts, EvaluationContextSource
 from aggregator.coordination import coordination_for
 from aggregator.dashboard import router as dashboard
+from aggregator.initial_weights import InitialWeightsStore
 from aggregator.intake import UpdateIntake
 from aggregator.jobs import JobCoordinator
 from aggregator.membership import FederationMembers, MembershipSource
 from aggregator.metrics import Metrics
 from aggregator.publisher import RoundPublisher
 from aggregator.repository import AggregatorRepository
-from aggregator.routes import REGISTRATIONS, UPLOAD_PATH, audit, events, federations, jobs, sites
+from aggregator.routes import REGISTRATIONS, STREAMED_PATHS, audit, events, federations, initial_weights, jobs, sites
 from aggregator.sampling import SiteSampler
 from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
@@ -108,16 +109,18 @@ def create_app(
     app.state.limiter = limiter
     app.state.authenticator = Authenticator(accounts, limiter, sites=registry.authenticate)
     app.state.max_upload_bytes = settings.max_upload_bytes
+    app.state.initial_weights = InitialWeightsStore(sessions)
+    app.state.max_initial_weights_bytes = settings.max_initial_weights_bytes
     app.state.metrics = metrics
     app.add_middleware(
         RequestLimits,
         max_body_bytes=settings.max_body_bytes,
         limiter=limiter,
-        streamed_paths=UPLOAD_PATH,
+        streamed_paths=STREAMED_PATHS,
     )
     install_error_handlers(app)
     app.add_middleware(RequestLogging, observe=metrics.http.request)
-    for router in (sites, federations, jobs, events, audit, accounts_router, dashboard):
+    for router in (sites, federations, jobs, initial_weights, events, audit, accounts_router, dashboard):
         app.include_router(router)
 
     add_health_routes(app, engine)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from aggregator.contexts import EvaluationContexts
 from aggregator.coordination import Coordination, CoordinationUnavailable, Event
+from aggregator.initial_weights import require_initial_weights
 from aggregator.metrics import Metrics
 from aggregator.repository import AggregatorRepository
 from aggregator.round_waiters import RoundWaiters
@@ -89,7 +90,7 @@ def round_encoding(job: JobRow, number: int) -> RoundEncoding:
         key_id=job.key_id,
         format_id=spec.format_id,
         packing=spec.round_packing(number),
-        num_values=spec.round_num_values(number, job.num_parameters),
+        num_values=spec.round_num_values(number),
     )
 
 
@@ -181,6 +182,8 @@ class JobCoordinator:
             repo = AggregatorRepository(session)
             context_row = self._contexts.ensure(repo, request.key_id)
             spec = self._resolved(request, context_row.context)
+            if spec.model.initial_weights_sha256 is not None:
+                require_initial_weights(repo, spec.model.initial_weights_sha256, spec.model.num_parameters())
             plan = None if spec.min_site_samples is None else privacy_plan(spec, spec.min_site_samples)
             largest = None if spec.max_site_samples is None else privacy_plan(spec, spec.max_site_samples)
             row = JobRow(

@@ -16,6 +16,7 @@ from aggregator.tables import (
     DeclineRow,
     EvaluationContextRow,
     EvaluationRow,
+    InitialWeightsRow,
     JobRow,
     RoundRow,
     SiteRow,
@@ -82,6 +83,10 @@ class AggregatorRepository(AuditingRepository):
     def evaluation_context(self, key_id: str) -> EvaluationContextRow | None:
         """A cached keyless context."""
         return self.session.get(EvaluationContextRow, key_id)
+
+    def initial_weights(self, sha256: str) -> InitialWeightsRow | None:
+        """Stored given round-0 weights, if any."""
+        return self.session.get(InitialWeightsRow, sha256)
 
     def job(self, job_id: str, *, for_update: bool = False) -> JobRow:
         """The job, or ``NotFound``; ``for_update`` locks its row until the transaction ends."""

@@ -26,10 +26,11 @@ from aggregator.deps import (
     SiteDep,
     SitesDep,
 )
+from aggregator.initial_weights import InitialWeightsStore, read_limited
 from aggregator.recovery import verify_round
 from aggregator.repository import AggregatorRepository
 from fedhe.http_limits import client_address
-from fedhe.identifiers import JOB_ID, JobIdPath, RoundNumberPath, SiteIdPath
+from fedhe.identifiers import JOB_ID, JobIdPath, RoundNumberPath, Sha256Path, SiteIdPath
 from fedhe.openapi import CONFLICT, ERRORS, binary_request, binary_response
 from fedhe.schemas import (
     AuditEventPublic,
@@ -37,6 +38,7 @@ from fedhe.schemas import (
     EvaluationCreate,
     FederationOverview,
     HeartbeatCreate,
+    InitialWeightsPublic,
     JobCreate,
     JobPublic,
     RoundPublic,
@@ -53,7 +55,8 @@ _OCTETS = "application/octet-stream"
 WAIT_LIMIT_S = 25
 RECHECK_S = 0.5
 REGISTRATIONS = "registrations-per-address"
-UPLOAD_PATH = r"/v1/jobs/[^/]+/rounds/[^/]+/updates"
+# Bodies these routes stream themselves, each under its own limit (not the generic body limit).
+STREAMED_PATHS = r"/v1/jobs/[^/]+/rounds/[^/]+/updates|/v1/initial-weights/[^/]+"
 
 sites = APIRouter(prefix="/v1/sites", tags=["sites"], responses=ERRORS)
 jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
@@ -309,6 +312,37 @@ def heartbeat(body: HeartbeatCreate, registry: SitesDep, request: Request, calle
     registry.heartbeat(caller.site_id, body)
     request.app.state.metrics.heartbeats.inc()
     return {"status": "recorded"}
+
+
+initial_weights = APIRouter(prefix="/v1/initial-weights", tags=["initial weights"], responses=ERRORS)
+
+
+@initial_weights.put(
+    "/{sha256}",
+    status_code=201,
+    response_model=InitialWeightsPublic,
+    responses={200: {"model": InitialWeightsPublic, "description": "these weights were stored before"}},
+    openapi_extra=binary_request("the flat float64 little-endian weight vector whose sha256 is in the path"),
+)
+async def store_initial_weights(
+    sha256: Sha256Path, request: Request, response: Response, caller: AdminDep
+) -> InitialWeightsPublic:
+    """Store given round-0 weights for jobs to start from (``model.initial_weights_sha256``)."""
+    store: InitialWeightsStore = request.app.state.initial_weights
+    data = await read_limited(request.stream().__aiter__(), request.app.state.max_initial_weights_bytes)
+    stored, new = await run_in_threadpool(store.put, sha256, data, actor=caller.actor)
+    if not new:
+        response.status_code = 200
+    return stored
+
+
+@initial_weights.get(
+    "/{sha256}", response_class=Response, responses=binary_response("the flat float64 little-endian weight vector")
+)
+def get_initial_weights(sha256: Sha256Path, request: Request, _: ParticipantDep) -> Response:
+    """Stored round-0 weights (public to members, as every job's round-0 weights are)."""
+    store: InitialWeightsStore = request.app.state.initial_weights
+    return Response(store.get(sha256), media_type=_OCTETS)
 
 
 events = APIRouter(prefix="/v1/events", tags=["events"], responses=ERRORS)

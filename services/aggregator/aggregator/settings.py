@@ -22,6 +22,9 @@ class AggregatorSettings(ServiceSettings):
     keyserver_token_file: Path | None = None
     membership_cache_s: float = Field(default=10.0, ge=0, le=300)
     max_upload_bytes: int = 256 * 1024 * 1024
+    max_initial_weights_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=8, description="largest given round-0 weights file (8 bytes per value)"
+    )
     registrations_per_address: int = Field(default=20, ge=1, description="site registrations per hour per address")
     deadline_check_interval_s: float = 1.0
     sum_workers: int = Field(default=0, ge=0, description="processes summing a closed round; 0: one per CPU core")

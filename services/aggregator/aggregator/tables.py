@@ -43,6 +43,18 @@ class EvaluationContextRow(AggregatorBase):
     fetched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class InitialWeightsRow(AggregatorBase):
+    """Given round-0 weights (public to members): a flat float64 little-endian vector, by sha256."""
+
+    __tablename__ = "initial_weights"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    num_values: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class JobRow(AggregatorBase):
     __tablename__ = "jobs"
 

@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 
 from client_agent.global_chain import GlobalModelChain
 from client_agent.heartbeat import Heartbeat
+from client_agent.initial_weights import InitialWeightsSource
 from client_agent.ledger import LedgerEntry, PrivacyLedger
 from client_agent.outcomes import DECLINE_REASONS, JobOutcome, OutcomeStatus
 from client_agent.policy import SitePolicy, load_policy
@@ -176,8 +177,17 @@ class SiteAgent:
 
     def _chain(self, job: JobPublic) -> GlobalModelChain:
         if job.id not in self._chains:
+            given = InitialWeightsSource(
+                self._aggregator.initial_weights,
+                self._state_dir,
+                local_dir=self.settings.initial_weights_dir,
+                custom_modules=self.settings.custom_modules,
+            )
             self._chains[job.id] = GlobalModelChain(
-                job, self._state_file(f"{job.id}-global.npz"), custom_modules=self.settings.custom_modules
+                job,
+                self._state_file(f"{job.id}-global.npz"),
+                custom_modules=self.settings.custom_modules,
+                given_weights=given,
             )
         return self._chains[job.id]
 
@@ -380,9 +390,7 @@ class SiteAgent:
                 )
 
     def _facts(self, job: JobPublic, number: int) -> UploadFacts:
-        return UploadFacts(
-            key_id=job.key_id, format_id=job.format_id, num_values=job.round_num_values(number, job.num_parameters)
-        )
+        return UploadFacts(key_id=job.key_id, format_id=job.format_id, num_values=job.round_num_values(number))
 
     def _catch_up(self, job: JobPublic, chain: GlobalModelChain) -> None:
         """Apply every published round the chain has not seen, scoring each model it replaces first."""
@@ -415,7 +423,7 @@ class SiteAgent:
 
     def _decryption(self, job: JobPublic, number: int, envelope: Envelope, facts: AggregateFacts) -> Decryption:
         """How to decrypt round ``number``'s published aggregate, once everything about it checks out."""
-        expected = job.round_num_values(number, job.num_parameters)
+        expected = job.round_num_values(number)
         if envelope.key_id != job.key_id or envelope.format_id != job.format_id:
             raise AggregateRefused("the aggregate's key or format is not the job's")
         if envelope.num_values != expected or facts.round_number != number:
@@ -717,7 +725,9 @@ class SiteAgent:
         outcome.epsilon = epsilon
         outcome.rounds_trained += 1
         local = evaluate(chain.spec, result.weights, validation, custom_modules=self.settings.custom_modules)
-        update = weighted_update(result.weights, chain.weights, result.num_samples, job.max_samples_per_round)
+        update = chain.update_values(
+            weighted_update(result.weights, chain.weights, result.num_samples, job.max_samples_per_round)
+        )
         packing = job.round_packing(job.current_round)
         metrics = {
             "train_loss": result.train_loss,
@@ -755,7 +765,7 @@ class SiteAgent:
             Envelope(
                 format_id=job.format_id,
                 key_id=job.key_id,
-                num_values=job.round_num_values(job.current_round, job.num_parameters),
+                num_values=job.round_num_values(job.current_round),
                 chunks=chunks,
                 meta=meta,
             )

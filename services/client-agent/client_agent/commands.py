@@ -1,4 +1,4 @@
-"""``fedhe agent``: run a site's agent."""
+"""``fedhe agent``, ``fedhe export`` and ``fedhe pretrain``: what runs TensorFlow."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def _settings(args: argparse.Namespace) -> AgentSettings:
         "policy_file": args.policy,
         "state_dir": args.state_dir,
         "custom_modules": args.custom_modules,
+        "initial_weights_dir": args.initial_weights_dir,
         "job_id": getattr(args, "job", None),
         "once": getattr(args, "once", False) or None,
     }
@@ -70,6 +71,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from client_agent.pretraining import pretrain
+    from fedhe.datasets import load_dataset
+    from fedhe.errors import InvalidRequest
+    from fedhe.schemas import JobCreate
+
+    if args.out.suffix != ".keras":
+        raise InvalidRequest(f"--out {args.out}: pre-trained models are written as .keras files")
+    spec = JobCreate.model_validate_json(args.spec.read_text(encoding="utf-8")).model
+    data = load_dataset(args.data, args.label_column, spec.data_schema())
+    done = pretrain(
+        spec, data, args.out, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate
+    )
+    print_json({**done.__dict__, "path": str(done.path)})
+    return 0
+
+
 def _site_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregator", "--server-address", dest="aggregator")
     parser.add_argument("--keyserver")
@@ -85,6 +103,11 @@ def _site_flags(parser: argparse.ArgumentParser) -> None:
         dest="custom_modules",
         action="append",
         help="a module jobs' custom models may be imported from (repeat for several)",
+    )
+    parser.add_argument(
+        "--initial-weights-dir",
+        type=Path,
+        help="weights this site holds (.keras, .h5, .npy), used instead of a download",
     )
 
 
@@ -107,3 +130,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export.add_argument("--out", type=Path, help="directory to write to (default: STATE_DIR/JOB-export)")
     _site_flags(export)
     export.set_defaults(func=_export)
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="train a job's model without DP on public data (never a site's): the .keras file a job starts from",
+    )
+    pretrain.add_argument("--spec", type=Path, required=True, help="the job definition (JSON) whose model to train")
+    pretrain.add_argument("--data", required=True, help="public data: CSV, NPZ, an image folder or sklearn:NAME")
+    pretrain.add_argument("--label-column", default="label")
+    pretrain.add_argument("--out", type=Path, required=True, help="the .keras file to write (0600)")
+    pretrain.add_argument("--epochs", type=int, default=5)
+    pretrain.add_argument("--batch-size", type=int, default=64)
+    pretrain.add_argument("--learning-rate", type=float, default=1e-3)
+    pretrain.set_defaults(func=_pretrain)

@@ -6,6 +6,9 @@ and, after each published round, decrypts the mean update and applies it with se
 (``client_agent.server_momentum``); a statistics round instead fixes the input normalisation.
 The arithmetic is element-wise float64, so every site holds bit-identical weights.
 
+A job that trains only some layers publishes aggregates of those layers' values alone
+(``trainable_mask``); the frozen values keep their round-0 weights (and zero momentum).
+
 The chain is saved (0600) after every round so a restart resumes where it stopped; a site
 without it (new, or its state lost) replays the published rounds from the start.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -45,10 +48,18 @@ class ChainState:
 class GlobalModelChain:
     """One job's global model at this site, advanced round by round and kept on disk."""
 
-    def __init__(self, job: JobPublic, path: Path, *, custom_modules: Collection[str] = ()):
+    def __init__(
+        self,
+        job: JobPublic,
+        path: Path,
+        *,
+        custom_modules: Collection[str] = (),
+        given_weights: Callable[[ModelSpec], NDArray[Any]] | None = None,
+    ):
         self._job = job
         self._path = path
         self._custom_modules = custom_modules
+        self._given_weights = given_weights
         self.state = self._load() or self._start()
 
     @property
@@ -68,6 +79,20 @@ class GlobalModelChain:
 
         return architecture_sha256(build_model(self._job.model, custom_modules=self._custom_modules))
 
+    @cached_property
+    def trainable_mask(self) -> NDArray[np.bool_] | None:
+        """Which values of the weights an update carries; None when every value does."""
+        if self._job.model.trainable is None:
+            return None
+        from fedhe.models import build_model, trainable_mask
+
+        return trainable_mask(build_model(self._job.model, custom_modules=self._custom_modules))
+
+    def update_values(self, change: NDArray[Any]) -> NDArray[Any]:
+        """The part of a whole-model change an upload carries (only trainable values, if the job says so)."""
+        mask = self.trainable_mask
+        return change if mask is None else change[mask]
+
     @property
     def spec(self) -> ModelSpec:
         """The job's model spec with the normalisation the statistics step found, if it had one."""
@@ -78,7 +103,13 @@ class GlobalModelChain:
     def _start(self) -> ChainState:
         from fedhe.models import initial_weights
 
-        weights = initial_weights(self._job.model, self._job.seed, custom_modules=self._custom_modules)
+        spec = self._job.model
+        given = None
+        if spec.initial_weights_sha256 is not None:
+            if self._given_weights is None:
+                raise InvalidRequest("this job starts from given initial weights and this site cannot fetch them")
+            given = self._given_weights(spec)
+        weights = initial_weights(spec, self._job.seed, custom_modules=self._custom_modules, given=given)
         if weights.size != self._job.num_parameters:
             raise InvalidRequest(
                 f"the model builds {weights.size} weights here, the job says {self._job.num_parameters}",
@@ -107,9 +138,14 @@ class GlobalModelChain:
                 noise,
             )
         else:
+            values = aggregate.values
+            mask = self.trainable_mask
+            if mask is not None:
+                values = np.zeros(mask.size)
+                values[mask] = aggregate.values
             self.state.server = apply_server_momentum(
                 self.state.server,
-                aggregate.values,
+                values,
                 momentum=job.algorithm.server_momentum,
                 server_learning_rate=job.algorithm.server_learning_rate,
             )

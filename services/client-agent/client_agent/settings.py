@@ -43,6 +43,9 @@ class AgentSettings(BaseSettings):
     # Modules (and their submodules) a job's ``custom`` model may be imported from. Importing
     # runs code, so only the site admin names them; a job naming another module is refused.
     custom_modules: list[str] = []
+    # Weights this site already holds (.keras, .h5, .npy): a job starting from given weights uses
+    # the file whose weights have the job's hash instead of downloading them.
+    initial_weights_dir: Path | None = None
     log_level: str = "INFO"
 
     def client_tls(self) -> ClientTLS:

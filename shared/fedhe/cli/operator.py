@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from fedhe.api_client import AggregatorClient, KeyserverClient, ServiceClient
 from fedhe.cli.output import Column, emit_listing, emit_object, plain
 from fedhe.cli.settings import CliSettings
@@ -51,20 +54,36 @@ def refuse_existing(*paths: Path) -> None:
             raise InvalidRequest(f"{path} exists; refusing to overwrite it")
 
 
-def with_fingerprint(request: JobCreate, custom_modules: Sequence[str] = ()) -> JobCreate:
-    """``request`` with its model's fingerprint computed, when the architecture needs one and it has none.
+def with_fingerprint(
+    request: JobCreate, custom_modules: Sequence[str] = (), given: NDArray[Any] | None = None
+) -> JobCreate:
+    """``request`` with its model's fingerprint computed, when the model needs one and it has none.
 
     Logistic, mlp and cnn models have a parameter count the spec alone gives; the Keras
-    applications and custom models need the job creator's build (``fedhe.models.fingerprint``,
-    with TensorFlow) so that every site can check its own build against it.
+    applications, custom models and any model that freezes layers need the job creator's build
+    (``fedhe.models.fingerprint``, with TensorFlow) so that every site can check its own build
+    against it. ``given``: the round-0 weights the job starts from (always fingerprinted anew).
     """
     model = request.model
-    if model.architecture in _COUNTED_ARCHITECTURES or model.fingerprint is not None:
+    needed = model.architecture not in _COUNTED_ARCHITECTURES or model.trainable is not None
+    if given is None and (not needed or model.fingerprint is not None):
         return request
-    from fedhe.models import fingerprint
+    from fedhe.models import fingerprint, weights_sha256
 
-    computed = fingerprint(model, request.seed, custom_modules=tuple(custom_modules))
+    if given is not None:
+        model = model.model_copy(update={"initial_weights_sha256": weights_sha256(given), "fingerprint": None})
+    computed = fingerprint(model, request.seed, custom_modules=tuple(custom_modules), given=given)
     return request.model_copy(update={"model": model.model_copy(update={"fingerprint": computed})})
+
+
+def _weights_file(request: JobCreate, path: str, custom_modules: Sequence[str]) -> NDArray[Any]:
+    """The flat round-0 vector a ``--initial-weights`` file holds for the job's model."""
+    from fedhe.models import weights_from_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidRequest(f"--initial-weights {file}: no such file")
+    return weights_from_file(request.model, file, custom_modules=tuple(custom_modules))
 
 
 def round_accuracy(round_: RoundPublic) -> float | None:
@@ -262,13 +281,18 @@ def _job(args: argparse.Namespace) -> int | None:
 
         require(args, "job_id")
         return watch(args)
-    request = None
+    request, given = None, None
     if args.action == "create":
         require(args, "spec")
         spec = JobCreate.model_validate_json(Path(args.spec).read_text(encoding="utf-8"))
-        request = with_fingerprint(spec, args.custom_module)
+        if args.initial_weights:
+            given = _weights_file(spec, args.initial_weights, args.custom_module)
+        request = with_fingerprint(spec, args.custom_module, given)
     with aggregator(args) as client:
         if request is not None:
+            if given is not None and request.model.initial_weights_sha256 is not None:
+                vector = np.asarray(given, dtype="<f8").tobytes()
+                client.upload_initial_weights(vector, request.model.initial_weights_sha256)
             _emit(args, client.create_job(request))
         elif args.action == "list":
             emit_listing(args.json, "jobs", JOB_COLUMNS, client.jobs())
@@ -438,6 +462,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         default=[],
         help="create: a module a custom model may be imported from, to compute its fingerprint (repeatable)",
+    )
+    job.add_argument(
+        "--initial-weights",
+        help="create: start round 0 from this model's weights (.keras model, .h5 weights, or a .npy flat vector)",
     )
     job.add_argument("--interval", type=float, default=1.0, help="watch: seconds between refreshes")
     job.add_argument("--round", type=int, help="verify: the round to rebuild and compare")
