@@ -455,9 +455,15 @@ def fingerprint(
     """What the job creator puts in ``spec.fingerprint`` (any existing one is ignored); ``given``
     as for ``initial_weights``."""
     bare = spec.model_copy(update={"fingerprint": None})
-    if bare.initial_weights_sha256 is not None or bare.architecture in DENSE_ARCHITECTURES:
+    if bare.initial_weights_sha256 is not None:
         model = build_model(bare, custom_modules=custom_modules)
-        weights = initial_weights(bare, seed, given=given)
+        if given is None:
+            raise InvalidRequest("this job starts from given initial weights; none were supplied")
+        weights = np.asarray(given, dtype=np.float64)
+        check_given_weights(weights, bare.initial_weights_sha256, num_parameters(model))
+    elif bare.architecture in DENSE_ARCHITECTURES:
+        model = build_model(bare, custom_modules=custom_modules)
+        weights = flatten_weights(bare.initial_weights(seed))
     else:
         model = _round_zero_model(bare, seed, custom_modules)
         weights = flat_weights(model)

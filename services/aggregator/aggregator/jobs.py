@@ -182,6 +182,7 @@ class JobCoordinator:
             repo = AggregatorRepository(session)
             context_row = self._contexts.ensure(repo, request.key_id)
             spec = self._resolved(request, context_row.context)
+            spec.model.num_update_values()  # a spec that freezes layers must say how many values train
             if spec.model.initial_weights_sha256 is not None:
                 require_initial_weights(repo, spec.model.initial_weights_sha256, spec.model.num_parameters())
             plan = None if spec.min_site_samples is None else privacy_plan(spec, spec.min_site_samples)
