@@ -67,3 +67,10 @@ def test_server_momentum_is_fedavg_at_zero_and_accumulates_otherwise() -> None:
         apply_server_momentum(start, mean_update, momentum=1.0, server_learning_rate=1.0)
     with pytest.raises(InvalidRequest):
         apply_server_momentum(start, np.zeros(3), momentum=0.5, server_learning_rate=1.0)
+
+
+def test_a_diverged_model_is_named_as_such_not_left_to_a_library_error() -> None:
+    logits = np.array([[0.0, 1.0], [np.nan, 0.0], [2.0, -np.inf]])
+    with pytest.raises(InvalidRequest, match="not finite numbers: its training diverged") as caught:
+        metrics_from_logits(np.array([1, 0, 0]), logits)
+    assert caught.value.code == "model_diverged"

@@ -50,6 +50,11 @@ def metrics_from_logits(labels: NDArray[Any], logits: NDArray[Any]) -> dict[str,
     if labels.size == 0:
         raise InvalidRequest("cannot evaluate on no examples")
     logits = np.asarray(logits, dtype=np.float64)
+    if not np.all(np.isfinite(logits)):
+        raise InvalidRequest(
+            "the model's outputs are not finite numbers: its training diverged (lower the job's learning_rate)",
+            code="model_diverged",
+        )
     predicted = logits.argmax(axis=1)
     probabilities = _probabilities(logits)
     loss = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy().mean()
