@@ -112,6 +112,8 @@ AGGREGATOR_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/jobs/{job_id}/rounds/{number}/transcript"): aggregator_rule(*OPERATORS, "member", scoped=True),
     ("POST", "/v1/jobs/{job_id}/rounds/{number}/unmasking"): aggregator_rule("member", scoped=True),
     ("POST", "/v1/sites/me/heartbeat"): aggregator_rule("member", "non_member"),
+    ("PUT", "/v1/initial-weights/{sha256}"): aggregator_rule("operator"),
+    ("GET", "/v1/initial-weights/{sha256}"): aggregator_rule(*OPERATORS, "member", "non_member"),
     ("GET", "/v1/events"): aggregator_rule(*OPERATORS),
     ("GET", "/v1/audit"): aggregator_rule(*OPERATORS),
     ("GET", "/v1/whoami"): aggregator_rule(*OPERATORS, "member", "non_member"),
@@ -231,6 +233,7 @@ def world(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> World:
         "job_id": job.id,
         "number": "0",
         "name": "matrix-target",
+        "sha256": "a" * 64,
     }
     params = {
         "aggregator": common | {"site_id": victim_pending.site_id, "token_id": aggregator_target_token},
