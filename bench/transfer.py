@@ -91,7 +91,7 @@ def _spec(architecture: str, trainable: dict[str, Any] | None = None, **fields: 
 
 
 def setups(quick: bool) -> list[Setup]:
-    rounds = 2 if quick else 5
+    rounds = 2 if quick else 4
     scratch = FederatedSettings(rounds=rounds, local_epochs=2, batch_size=32, learning_rate=0.5, dp=DP)
     fine_tune = FederatedSettings(rounds=rounds, local_epochs=2, batch_size=32, learning_rate=0.2, dp=DP)
     both = ("IID", "Dirichlet α=0.5")
