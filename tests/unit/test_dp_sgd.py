@@ -241,8 +241,9 @@ def test_fast_path_norms_are_each_rows_own_gradient_norm(make: Any) -> None:
     )
     assert np.ptp(reference) > 0.1 * np.max(reference)  # rows differ: the model's output depends on its input
     # float32 rounding scales with the batch's largest gradients, so a row far below them is
-    # compared against those.
-    np.testing.assert_allclose(norms.numpy(), reference, rtol=1e-5, atol=1e-6 * np.max(reference))
+    # compared against those; the two computations sum in different orders, with kernels that differ
+    # between CPUs (2e-4 apart on an AMD EPYC), while a layer left out or counted twice is off by far more.
+    np.testing.assert_allclose(norms.numpy(), reference, rtol=1e-3, atol=1e-6 * np.max(reference))
 
 
 def _trainable(model: tf.keras.Model) -> NDArray[Any]:

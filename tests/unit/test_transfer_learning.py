@@ -56,7 +56,14 @@ def test_the_head_and_the_last_blocks_train_and_nothing_else() -> None:
     ]
     named = ModelSpec(**MOBILENET, trainable={"layers": ["block_15_project*"]})
     assert _trainable_names(named) == ["block_15_project", "block_15_project_BN", "predictions"]
-    assert _trainable_names(ModelSpec(**CNN, trainable={"last_blocks": 1})) == ["dense", "dense_1"]
+    cnn = build_model(ModelSpec(**CNN, trainable={"last_blocks": 1}))
+    weighted = [layer for layer in cnn.layers if layer.weights]
+    assert [(type(layer).__name__, layer.trainable) for layer in weighted] == [
+        ("Conv2D", False),
+        ("Conv2D", False),
+        ("Dense", True),
+        ("Dense", True),
+    ]
 
 
 @pytest.mark.parametrize(

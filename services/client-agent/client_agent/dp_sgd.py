@@ -17,8 +17,10 @@ How per-example gradients are clipped (``choose_clipping_path``)
     (ghost clipping, arXiv:1510.01799, arXiv:2009.03106); a second backward pass of the loss
     weighted by each example's clip factor yields the sum of clipped gradients.
 ``VECTORIZED``: anything else (grouped convolutions, LayerNormalization, ...). Per-example gradients are
-    materialised with ``tf.vectorized_map`` over a chunk of examples, clipped and summed; a
-    ``tf.while_loop`` walks the chunks so memory stays at one chunk x the parameter count.
+    materialised with ``tf.vectorized_map`` over a chunk of examples (``tf.map_fn``, one example
+    after another, for models with grouped convolutions, which TensorFlow cannot vectorise on
+    every CPU), clipped and summed; a ``tf.while_loop`` walks the chunks so memory stays at one
+    chunk x the parameter count.
 
 Either way a batch is padded with masked rows (to a multiple of 8, or of the chunk size) and
 the step is traced once with an unknown batch dimension: no retracing as sizes vary, and an
@@ -160,6 +162,10 @@ class _Step:
         self._momentum = float(momentum)
         self._velocity = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables] if momentum > 0 else []
         self._registry = fast_clipping_registry()
+        # TensorFlow's vectorisation of a grouped convolution's kernel gradient fails on some CPUs
+        # ("filter_size does not have enough elements"); those models compute each example's
+        # gradient in turn instead, the same values at a chunk's worth of steps.
+        self._one_at_a_time = any(getattr(layer, "groups", 1) > 1 for layer in _all_layers(model))
         spec = tf.TensorSpec([None, None, *model.input_shape[1:]], tf.float32)
         rows = tf.TensorSpec([None, None], tf.float32)
         labels = tf.TensorSpec([None, None], tf.int64)
@@ -215,7 +221,11 @@ class _Step:
             grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return grads, loss
 
-        per_example, losses = tf.vectorized_map(one_example, (x, y))
+        if self._one_at_a_time:
+            signature = ([tf.TensorSpec(v.shape, v.dtype) for v in variables], tf.TensorSpec([], tf.float32))
+            per_example, losses = tf.map_fn(one_example, (x, y), fn_output_signature=signature)
+        else:
+            per_example, losses = tf.vectorized_map(one_example, (x, y))
         squares = tf.add_n([tf.reduce_sum(tf.reshape(g * g, [tf.shape(g)[0], -1]), axis=1) for g in per_example])
         factors = mask * clip / tf.maximum(clip, tf.sqrt(squares))
         return [tf.tensordot(factors, g, axes=1) for g in per_example], tf.reduce_sum(losses * mask)
