@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import dp_accuracy, dp_speed, e2e, he_bench, load, publish, secagg
+from bench import dp_accuracy, dp_speed, e2e, he_bench, load, publish, secagg, transfer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     load.main(out + (["--sites", "10", "--rounds", "2", "--params", "20000"] if args.quick else []))
     dp_speed.main(out + quick)
     e2e.main(out + (["--rounds", "3"] if args.quick else []))
+    transfer.main(out + quick)
     if not args.quick:
         dp_accuracy.main(out)
         publish.main(["--results", str(args.out)])

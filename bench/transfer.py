@@ -10,7 +10,9 @@ without DP (Adam), and with tensorflow-privacy's own ``VectorizedDPKerasSGDOptim
 noise multiplier chosen so that its ε equals the federation's largest per-site ε.
 
 Bytes per round are one site's upload under the packed codec (measured: the update encrypted
-with a real BFV key); seconds per round are the three sites' training, run one after another.
+with a real BFV key) of the values an update carries: every value of a model without trainable
+layers, only the trainable ones otherwise; seconds per round are the three sites' training,
+run one after another.
 
     FEDHE_INSECURE_DP_SEED=test-only:1 python -m bench.transfer --out bench/results
 """
@@ -41,7 +43,7 @@ from fedhe.datasets import Dataset, digits_as_images, partition_dirichlet, parti
 from fedhe.dp_randomness import SWITCH
 from fedhe.errors import InvalidRequest
 from fedhe.he import BfvParameters, PackingSettings, codec_for, create_key_material, load_secret_context
-from fedhe.models import build_model, initial_weights, num_trainable, weights_from_file
+from fedhe.models import build_model, initial_weights, num_parameters, num_trainable, weights_from_file
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings, epsilon_spent, local_training_pass
 
@@ -57,7 +59,7 @@ COLUMNS = [
     "DP",
     "accuracy",
     "ε per site",
-    "trainable values",
+    "values per upload",
     "bytes per round",
     "s per round",
 ]
@@ -208,14 +210,16 @@ def measure(quick: bool, workdir: Path) -> list[dict[str, Any]]:
             "partition": "central",
             "DP": "no",
             "accuracy": done.validation_accuracy,
-            "trainable values": done.num_parameters,
+            "values per upload": done.num_parameters,
         }
     ]
     for setup in setups(quick):
         start = backbone if setup.pretrained else initial_weights(setup.spec, 0)
         origin = "pre-trained on digits 0-4" if setup.pretrained else "scratch"
-        trainable = num_trainable(build_model(setup.spec))
-        common = {"model": setup.name, "start": origin, "trains": _trains(setup), "trainable values": trainable}
+        model = build_model(setup.spec)
+        # Without trainable layers an update carries every value, BatchNormalization's statistics too.
+        sent = num_parameters(model) if setup.spec.trainable is None else num_trainable(model)
+        common = {"model": setup.name, "start": origin, "trains": _trains(setup), "values per upload": sent}
         epsilons: list[float] = []
         for partition, parts in partitions.items():
             sites = [pool.subset(part) for part in parts]
@@ -235,7 +239,7 @@ def measure(quick: bool, workdir: Path) -> list[dict[str, Any]]:
                         "DP": "yes" if private else "no",
                         "accuracy": _accuracy(setup.spec, run.weights, test),
                         "ε per site": ", ".join(f"{e:.2f}" for e in run.epsilons) if private else "",
-                        "bytes per round": upload_bytes(trainable),
+                        "bytes per round": upload_bytes(sent),
                         "s per round": run.seconds / settings.rounds,
                     }
                 )

@@ -213,6 +213,6 @@ def test_weights_that_are_not_whole_or_not_stored_are_refused_by_name(
         assert caught.value.code == "initial_weights_not_found"
     anonymous = httpx.get(
         f"{cluster.aggregator_url}/v1/initial-weights/{job.model.initial_weights_sha256}",
-        verify=str(cluster.secrets.ca_file),
+        verify=cluster.secrets.tls.ssl_context(),
     )
     assert anonymous.status_code == 401
