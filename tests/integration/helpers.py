@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from fedhe.he import (
     load_secret_context,
 )
 from fedhe.he.seal_format import plaintext_coefficients
-from fedhe.local_cluster import ClusterSecrets, ProvisionedSite
+from fedhe.local_cluster import ClusterSecrets, ManagedProcess, ProvisionedSite
 from fedhe.schemas import DEFAULT_CLIP_RANGE, KeyReleaseRequest
 
 DEFAULT_PACKING = PackingSettings(clip_range=DEFAULT_CLIP_RANGE)
@@ -170,3 +171,16 @@ def log_messages(log_path: Path) -> str:
     """A service's or agent's log messages, one per line (their logs are JSON lines; other lines are skipped)."""
     lines = log_path.read_text(encoding="utf-8").splitlines()
     return "\n".join(json.loads(line)["message"] for line in lines if line.startswith('{"time"'))
+
+
+def finish_agents(agents: list[ManagedProcess], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for every agent to exit, assert each exited 0, and stop any left."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(a.process.poll() is None for a in agents):
+            time.sleep(1)
+        for agent in agents:
+            assert agent.process.returncode == 0, agent.tail()
+    finally:
+        for agent in agents:
+            agent.stop()

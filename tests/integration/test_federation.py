@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundState
 from fedhe.secagg.masks import self_masks
 from fedhe.secagg.statements import RoundAttempt
 from tests.conftest import Cluster
-from tests.integration.helpers import database_connection, decrypted_coefficients, stored_uploads
+from tests.integration.helpers import database_connection, decrypted_coefficients, finish_agents, stored_uploads
 from tests.integration.secure_sites import ProtocolSite
 
 # The stored uploads, decrypted and summed modulo t with the self masks removed, are the levels the
@@ -89,15 +88,7 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
                 log_dir=workdir / "logs",
             )
         )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and any(a.process.poll() is None for a in agents):
-            time.sleep(1)
-        for agent in agents:
-            assert agent.process.returncode == 0, agent.tail()
-    finally:
-        for agent in agents:
-            agent.stop()
+    finish_agents(agents, timeout_s=300)
     return {"job": job, "sites": sites, "workdir": workdir, "key_id": federation.key_id}
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import httpx
@@ -26,7 +25,7 @@ from fedhe.errors import InvalidRequest, NotFound
 from fedhe.models import build_model, trainable_mask, weights_from_file, weights_sha256
 from fedhe.schemas import FederationCreate, JobCreate, JobPublic, JobStatus
 from tests.conftest import Cluster
-from tests.integration.helpers import stored_uploads
+from tests.integration.helpers import finish_agents, stored_uploads
 
 CLASSES = [str(digit) for digit in range(10)]
 MODEL = {
@@ -116,15 +115,7 @@ def transfer(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict
                 extra_env={"FEDHE_AGENT_INITIAL_WEIGHTS_DIR": str(own)},
             )
         )
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and any(a.process.poll() is None for a in agents):
-            time.sleep(1)
-        for agent in agents:
-            assert agent.process.returncode == 0, agent.tail()
-    finally:
-        for agent in agents:
-            agent.stop()
+    finish_agents(agents, timeout_s=600)
     return {
         "job": job,
         "workdir": workdir,
