@@ -130,7 +130,7 @@ KEYSERVER_RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
     ("POST", "/v1/federations"): keyserver_rule("keyserver_admin"),
-    ("GET", "/v1/federations"): keyserver_rule("keyserver_admin"),
+    ("GET", "/v1/federations"): keyserver_rule("keyserver_admin", "service"),
     ("GET", "/v1/federations/{federation_id}"): keyserver_rule("keyserver_admin", "service"),
     ("POST", "/v1/federations/{federation_id}/rotate"): keyserver_rule("keyserver_admin"),
     ("GET", "/v1/federations/{federation_id}/members"): keyserver_rule("keyserver_admin", "service"),

@@ -51,6 +51,9 @@ class _Keyserver:
     def federation(self, federation_id: str) -> FederationPublic:
         raise NotImplementedError
 
+    def federations(self) -> list[FederationPublic]:
+        raise NotImplementedError
+
 
 class _Clock:
     def __init__(self) -> None:
@@ -119,3 +122,46 @@ def test_a_failed_fetch_fails_its_waiters_and_the_next_lookup_fetches_again(monk
     assert all(isinstance(lookup.exception(), ConnectionError) for lookup in lookups)
     keyserver.fail = False
     assert members.active(FEDERATION) == _site(3)
+
+
+class _Listing:
+    """A keyserver with two federations, counting how often it is asked for the list."""
+
+    def __init__(self) -> None:
+        self.listings = 0
+
+    def members(self, federation_id: str) -> list[MemberPublic]:
+        return []
+
+    def federation(self, federation_id: str) -> FederationPublic:
+        raise AssertionError("the names come with the list")
+
+    def federations(self) -> list[FederationPublic]:
+        self.listings += 1
+        return [
+            FederationPublic(
+                id=f"fed-{n:016x}",
+                name=f"network {n}",
+                key_id=f"key-{n:032x}",
+                created_at=utcnow(),
+                endorsements_required=1,
+                bootstrap_complete=True,
+                contexts=[],
+            )
+            for n in (2, 1)
+        ]
+
+
+def test_the_federation_list_is_fetched_once_per_ttl_with_the_names() -> None:
+    keyserver = _Listing()
+    clock = _Clock()
+    members = FederationMembers(keyserver, ttl_s=10, clock=clock)
+
+    assert members.federation_ids() == [f"fed-{1:016x}", f"fed-{2:016x}"]
+    assert members.name(f"fed-{2:016x}") == "network 2"
+    clock.now = 9
+    members.federation_ids()
+    assert keyserver.listings == 1
+    clock.now = 11
+    members.federation_ids()
+    assert keyserver.listings == 2

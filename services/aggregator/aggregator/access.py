@@ -38,10 +38,10 @@ class JobAccess:
             return len(eligible_members(repo, self._members, repo.job(job_id).federation_id))
 
     def federations(self) -> list[FederationOverview]:
-        """Every federation the coordinator has jobs for, with its active members and jobs."""
+        """Every federation at the keyserver (and any with jobs here), with its active members and jobs."""
         with self._sessions.transaction() as session:
             jobs = AggregatorRepository(session).jobs()
-        by_federation: dict[str, list[str]] = {}
+        by_federation: dict[str, list[str]] = {federation_id: [] for federation_id in self._members.federation_ids()}
         for job in jobs:
             if job.federation_id:
                 by_federation.setdefault(job.federation_id, []).append(job.id)

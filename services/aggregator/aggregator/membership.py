@@ -27,6 +27,10 @@ class MembershipSource(Protocol):
         """A federation's name and keys."""
         ...
 
+    def federations(self) -> list[FederationPublic]:
+        """Every federation."""
+        ...
+
 
 class FederationMembers:
     """Active members and their pinned keys per federation, cached for ``ttl_s`` seconds."""
@@ -39,6 +43,7 @@ class FederationMembers:
         # One keyserver call per federation in flight; concurrent lookups wait for its result.
         self._fetches: dict[str, Future[dict[str, str]]] = {}
         self._names: dict[str, str] = {}
+        self._listed: tuple[float, list[str]] | None = None
         self._lock = threading.Lock()
 
     def _active(self, federation_id: str) -> dict[str, str]:
@@ -83,6 +88,19 @@ class FederationMembers:
             with self._lock:
                 self._names[federation_id] = known
         return known
+
+    def federation_ids(self) -> list[str]:
+        """Every federation at the keyserver, so operators see one (and its members) before it has a job."""
+        now = self._clock()
+        with self._lock:
+            listed = self._listed
+        if listed is not None and now - listed[0] < self._ttl_s:
+            return list(listed[1])
+        federations = self._source.federations()
+        with self._lock:
+            self._names.update((f.id, f.name) for f in federations)
+            self._listed = (now, sorted(f.id for f in federations))
+        return sorted(f.id for f in federations)
 
     def is_member(self, federation_id: str, site_id: str, public_key: str) -> bool:
         """Whether the keyserver lists ``site_id`` as an active member with ``public_key``."""

@@ -110,8 +110,8 @@ def create_federation(body: FederationCreate, service: KeyServiceDep, caller: Ad
 
 
 @router.get("/federations", response_model=list[FederationPublic], tags=["federations"])
-def list_federations(service: KeyServiceDep, _: Reader) -> list[FederationPublic]:
-    """All federations."""
+def list_federations(service: KeyServiceDep, _: MemberReader) -> list[FederationPublic]:
+    """All federations (admins, viewers, and the aggregator, whose operators see federations before their first job)."""
     return service.federations()
 
 
