@@ -330,6 +330,7 @@ class JobCoordinator:
                 raise Conflict(f"site declined round {number}", code="round_declined")
             record_advertisement(change.repo, row, spec, site_id, body)
             change.repo.flush()
+            change.emit("round.key_advertised", site_id=site_id, round=number, attempt=row.attempt)
             self.lifecycle.advance(change, row, expected_sites)
 
     def answer_unmasking(self, job_id: str, number: int, site_id: str, answer: UnmaskingAnswer) -> int | None:
@@ -341,6 +342,7 @@ class JobCoordinator:
             change.repo.flush()
             detail = {"round": number, "attempt": row.attempt, "shares": len(answer.shares)}
             change.repo.audit(actor=f"site:{site_id}", action="unmasking.answer", subject=job_id, detail=detail)
+            change.emit("round.unmasking_answered", site_id=site_id, **detail)
             return row.id if self.lifecycle.advance(change, row, 0) else None
 
     def transcript(
@@ -484,3 +486,4 @@ class JobCoordinator:
                     round_id=row.id, site_id=site_id, num_examples=evaluation.num_examples, metrics=evaluation.metrics
                 )
             )
+            change.emit("round.evaluated", site_id=site_id, round=number, attempt=row.attempt)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from typing import Any
 
 from aggregator.coordination import Event
 from aggregator.repository import AggregatorRepository
 from aggregator.tables import SiteRow, SiteStatusRow
-from aggregator.views import site_public
+from aggregator.views import site_public, site_status
 from fedhe.accounts import Principal
 from fedhe.auth import SITE_CREDENTIAL_PREFIX, hash_token, new_token, parse_public_key
 from fedhe.db import SessionFactory, utcnow
@@ -41,6 +42,7 @@ class SiteRegistry:
             repo = AggregatorRepository(session)
             repo.add(row)
             repo.audit(actor=f"site:{row.id}", action="site.register", subject=row.id, detail={"name": row.name})
+        self._publish([_site_event("site.registered", row.id)])
         return site_public(row)
 
     def _decide(
@@ -60,6 +62,7 @@ class SiteRegistry:
             if credential is not None:
                 row.credential_sha256 = hash_token(credential)
             repo.audit(actor=actor, action=f"site.{to.value}", subject=site_id)
+        self._publish([_site_event(f"site.{to.value}", site_id, actor=actor)])
         return row, credential
 
     def approve(self, site_id: str, *, actor: str) -> SiteApproved:
@@ -111,17 +114,21 @@ class SiteRegistry:
             if report.data_size is not None:
                 row.data_size = report.data_size
             row.last_seen_at = utcnow()
+            # The whole report, nested so it wakes no round waiter: the dashboard shows it as it
+            # comes instead of asking for every site again.
+            events = [_site_event("site.heartbeat", site_id, agent=site_status(row).model_dump(mode="json"))]
         if changed:
-            event: Event = {
-                "kind": "site.state",
-                "site_id": site_id,
-                "state": report.state.value,
-                "job_id": report.job_id,
-                "round": report.round,
-                "message": report.message,
-                "at": utcnow().isoformat(),
-            }
-            self._publish([event])
+            events.append(
+                _site_event(
+                    "site.state",
+                    site_id,
+                    state=report.state.value,
+                    job_id=report.job_id,
+                    round=report.round,
+                    message=report.message,
+                )
+            )
+        self._publish(events)
 
     def public_key(self, site_id: str) -> str:
         """The Ed25519 public key a site registered (to compare with the keyserver's pinned key)."""
@@ -138,3 +145,7 @@ class SiteRegistry:
         if row.status != SiteStatus.APPROVED.value:
             raise PermissionDenied(f"site {row.id} is {row.status}", code="site_not_approved")
         return Principal(role=SITE_ROLE, name=row.id, site_id=row.id)
+
+
+def _site_event(kind: str, site_id: str, **data: Any) -> Event:
+    return {"kind": kind, "site_id": site_id, "at": utcnow().isoformat(), **data}
