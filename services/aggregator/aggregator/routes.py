@@ -29,6 +29,7 @@ from aggregator.deps import (
 from aggregator.initial_weights import InitialWeightsStore, read_limited
 from aggregator.recovery import verify_round
 from aggregator.repository import AggregatorRepository
+from fedhe.errors import InvalidRequest
 from fedhe.http_limits import client_address
 from fedhe.identifiers import JOB_ID, JobIdPath, RoundNumberPath, Sha256Path, SiteIdPath
 from fedhe.openapi import CONFLICT, ERRORS, binary_request, binary_response
@@ -66,9 +67,33 @@ def _registration_budget(request: Request) -> None:
     request.app.state.limiter.hit(REGISTRATIONS, client_address(request))
 
 
-@sites.post("", status_code=201, response_model=SitePublic, dependencies=[Depends(_registration_budget)])
+def _json_body(request: Request) -> None:
+    """Refuse a body not sent as JSON, saying so, before it fails validation as "not a valid dictionary".
+
+    Registration is the one call site admins may make by hand (curl sends ``--data`` as a form).
+    """
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        sent = f"Content-Type: {media_type}" if media_type else "no Content-Type"
+        raise InvalidRequest(
+            f"the body must be JSON sent with the header Content-Type: application/json; this request had {sent} "
+            "(with curl, add -H 'Content-Type: application/json')",
+            code="unsupported_media_type",
+        )
+
+
+@sites.post(
+    "",
+    status_code=201,
+    response_model=SitePublic,
+    responses=CONFLICT,
+    dependencies=[Depends(_json_body), Depends(_registration_budget)],
+)
 def register_site(body: SiteCreate, registry: SitesDep) -> SitePublic:
-    """A site admin registers a site (no credential); it stays pending until an admin approves it."""
+    """A site admin registers a site (no credential); it stays pending until an admin approves it.
+
+    409 ``site_already_registered`` (naming the site) if a pending or approved site has this name and key.
+    """
     return registry.register(body)
 
 

@@ -6,6 +6,8 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
+
 from aggregator.coordination import Event
 from aggregator.repository import AggregatorRepository
 from aggregator.tables import SiteRow, SiteStatusRow
@@ -20,6 +22,22 @@ from fedhe.schemas import HeartbeatCreate, SiteApproved, SiteCreate, SitePublic,
 SITE_ROLE = "site"
 
 
+def _already_registered(existing: SiteRow) -> Conflict:
+    """The refusal of a second registration of ``existing``, saying what to do instead."""
+    if existing.status == SiteStatus.APPROVED.value:
+        advice = (
+            "use that site id with the credential issued at its approval; if the credential is lost, "
+            f"ask the aggregator admin to revoke {existing.id} and register again with a new signing key"
+        )
+    else:
+        advice = "it awaits an operator's decision: send that site id to your operators instead of registering again"
+    return Conflict(
+        f"{existing.name!r} is already registered with this public key as {existing.id} ({existing.status}): {advice}",
+        code="site_already_registered",
+        detail={"site_id": existing.id, "status": existing.status},
+    )
+
+
 class SiteRegistry:
     """Sites move pending → approved (credential issued) → revoked, or pending → rejected."""
 
@@ -28,7 +46,13 @@ class SiteRegistry:
         self._publish = publish
 
     def register(self, request: SiteCreate) -> SitePublic:
-        """Record a registration; the site stays pending until an operator decides."""
+        """Record a registration; the site stays pending until an operator decides.
+
+        A registration with the name and public key of a site that is pending or approved is
+        refused (409 ``site_already_registered``, naming that site), not recorded as a second
+        pending site an operator could approve by mistake. The same name and key after a
+        rejection or revocation (both final) is a new registration.
+        """
         parse_public_key(request.public_key)
         row = SiteRow(
             id=new_id("site"),
@@ -39,6 +63,17 @@ class SiteRegistry:
             status=SiteStatus.PENDING.value,
         )
         with self._sessions.transaction() as session:
+            existing = session.scalars(
+                select(SiteRow)
+                .where(
+                    SiteRow.name == request.name,
+                    SiteRow.public_key == request.public_key,
+                    SiteRow.status.in_([SiteStatus.PENDING.value, SiteStatus.APPROVED.value]),
+                )
+                .order_by(SiteRow.created_at)
+            ).first()
+            if existing is not None:
+                raise _already_registered(existing)
             repo = AggregatorRepository(session)
             repo.add(row)
             repo.audit(actor=f"site:{row.id}", action="site.register", subject=row.id, detail={"name": row.name})
