@@ -1,4 +1,4 @@
-"""What every fedhe service app shares: error mapping (once, for all) and health routes."""
+"""What every fedhe service app shares: error mapping (once, for all), refusal audit and health routes."""
 
 from __future__ import annotations
 
@@ -10,22 +10,41 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedhe.errors import FedheError, InvalidRequest, UpstreamUnavailable
-from fedhe.http_limits import error_response
+from fedhe.http_limits import client_address, error_response
 from fedhe.openapi import ERRORS
+from fedhe.refusals import Refusal, RefusalAudit, requester_of
 
 logger = logging.getLogger(__name__)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Make every error leave the service as a JSON body ``{"error": {"code", "message"}}``."""
+def install_error_handlers(app: FastAPI, refusals: RefusalAudit | None = None) -> None:
+    """Make every error leave the service as a JSON body ``{"error": {"code", "message"}}``,
+    and have ``refusals`` audit the refused requests among them."""
+
+    async def audit(request: Request, status: int, reason: str) -> None:
+        if refusals is None:
+            return
+        route = request.scope.get("route")
+        refusal = Refusal(
+            method=request.method,
+            route=getattr(route, "path", None),
+            path_params=request.path_params,
+            status=status,
+            reason=reason,
+            client=client_address(request),
+            requester=requester_of(request),
+        )
+        await run_in_threadpool(refusals.record, refusal)
 
     @app.exception_handler(FedheError)
     async def _fedhe_error(request: Request, exc: FedheError) -> JSONResponse:
         if exc.status_code >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.code)
+        await audit(request, exc.status_code, exc.code)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -35,6 +54,7 @@ def install_error_handlers(app: FastAPI) -> None:
             for err in exc.errors()
         ]
         error = InvalidRequest("request did not validate", detail={"problems": problems})
+        await audit(request, 400, error.code)
         return JSONResponse(status_code=400, content=error.to_body())
 
     @app.exception_handler(SQLAlchemyOperationalError)

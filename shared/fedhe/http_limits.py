@@ -24,14 +24,17 @@ from fedhe.settings import ServiceSettings
 PER_ADDRESS = "requests-per-address"
 PER_CREDENTIAL = "requests-per-credential"
 AUTH_FAILURES = "auth-failures-per-address"
+AUTH_FAILURES_PER_CREDENTIAL = "auth-failures-per-credential"
 
 
 def base_limits(settings: ServiceSettings) -> dict[str, Limit]:
-    """The per-minute budgets every service enforces: per address, per credential, failed logins."""
+    """The per-minute budgets every service enforces: requests per address and per credential, and
+    failed authentications per address and per presented credential (the same number for both)."""
     return {
         PER_ADDRESS: Limit(settings.rate_limit_per_address, 60),
         PER_CREDENTIAL: Limit(settings.rate_limit_per_credential, 60),
         AUTH_FAILURES: Limit(settings.auth_failures_per_address, 60),
+        AUTH_FAILURES_PER_CREDENTIAL: Limit(settings.auth_failures_per_address, 60),
     }
 
 

@@ -38,10 +38,6 @@ class Counters(Protocol):
         """Count one event under ``key``; the count in the current window and seconds until it ends."""
         ...
 
-    def peek(self, key: str) -> tuple[int, int]:
-        """The count in the current window and seconds until it ends, without counting."""
-        ...
-
 
 class MemoryCounters:
     """Window counters of one process."""
@@ -64,12 +60,6 @@ class MemoryCounters:
             self._windows[key] = (count + 1, ends)
             return count + 1, max(1, int(ends - now + 0.999))
 
-    def peek(self, key: str) -> tuple[int, int]:
-        with self._lock:
-            now = time.monotonic()
-            current = self._current(key, now)
-            return (0, 0) if current is None else (current[0], max(1, int(current[1] - now + 0.999)))
-
 
 class RedisCounters:
     """Window counters shared by every replica through Redis (INCR with an expiry)."""
@@ -87,14 +77,6 @@ class RedisCounters:
         count, _, ttl = pipe.execute()
         return int(count), max(1, int(ttl))
 
-    def peek(self, key: str) -> tuple[int, int]:
-        name = f"{self._prefix}:{key}"
-        pipe = self._redis.pipeline()
-        pipe.get(name)
-        pipe.ttl(name)
-        count, ttl = pipe.execute()
-        return (0, 0) if count is None else (int(count), max(1, int(ttl)))
-
 
 class RateLimiter:
     """Named limits over hashed keys (a credential, a client address, a site id)."""
@@ -108,30 +90,32 @@ class RateLimiter:
     def _key(name: str, subject: str) -> str:
         return name + ":" + hashlib.sha256(subject.encode()).hexdigest()[:32]
 
-    def _call(self, method: str, *args: object) -> tuple[int, int]:
+    def _add(self, key: str, window_s: int) -> tuple[int, int]:
         try:
-            return getattr(self._counters, method)(*args)  # type: ignore[no-any-return]
+            return self._counters.add(key, window_s)
         except redis.RedisError as exc:
             logger.warning("rate-limit counters unavailable (%s); counting in this process", type(exc).__name__)
-            return getattr(self._fallback, method)(*args)  # type: ignore[no-any-return]
+            return self._fallback.add(key, window_s)
+
+    def spend(self, name: str, subject: str) -> tuple[int, int]:
+        """Count one ``name`` event for ``subject``: how many are left in the window (negative once
+        over the limit) and the seconds until the window ends."""
+        limit = self._limits[name]
+        count, retry_after = self._add(self._key(name, subject), limit.window_s)
+        return limit.requests - count, retry_after
 
     def hit(self, name: str, subject: str) -> None:
         """Count one ``name`` event for ``subject``; ``TooManyRequests`` once over the limit."""
-        limit = self._limits[name]
-        count, retry_after = self._call("add", self._key(name, subject), limit.window_s)
-        if count > limit.requests:
-            raise TooManyRequests(
-                f"too many requests ({name}); retry in {retry_after} s", retry_after_s=retry_after, code="rate_limited"
-            )
+        left, retry_after = self.spend(name, subject)
+        if left < 0:
+            raise too_many(name, retry_after)
 
-    def check(self, name: str, subject: str) -> None:
-        """``TooManyRequests`` if ``subject`` already used up its ``name`` budget (counts nothing)."""
-        limit = self._limits[name]
-        count, retry_after = self._call("peek", self._key(name, subject))
-        if count >= limit.requests:
-            raise TooManyRequests(
-                f"too many requests ({name}); retry in {retry_after} s", retry_after_s=retry_after, code="rate_limited"
-            )
+
+def too_many(name: str, retry_after_s: int) -> TooManyRequests:
+    """The refusal of a request over the ``name`` budget."""
+    return TooManyRequests(
+        f"too many requests ({name}); retry in {retry_after_s} s", retry_after_s=retry_after_s, code="rate_limited"
+    )
 
 
 def counters_for(redis_url: str | None, prefix: str) -> Counters:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import event
 
 from fedhe.db import SessionFactory, make_engine, utcnow
+from fedhe.ratelimit import RateLimiter
 from fedhe.schemas import MemberStatus
 from keyserver.metrics import KeyserverMetrics
 from keyserver.nonces import nonce_store_for
@@ -65,6 +66,7 @@ def test_members_come_with_their_endorsers_from_one_query_whatever_their_number(
         audience="https://keyserver.test",
         max_skew_s=60,
         metrics=KeyserverMetrics(),
+        limiter=RateLimiter({}),
     )
     statements: list[str] = []
 

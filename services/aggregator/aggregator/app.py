@@ -41,8 +41,13 @@ from fedhe.logs import RequestLogging
 from fedhe.migrations import upgrade
 from fedhe.openapi import ERRORS
 from fedhe.ratelimit import Limit, RateLimiter, counters_for
+from fedhe.refusals import RefusalAudit
+from fedhe.security_headers import SecurityHeaders
 
 logger = logging.getLogger(__name__)
+
+# Every refusal of an upload is audited (not only 401, 403 and 429).
+AUDITED_ROUTES = {"POST /v1/jobs/{job_id}/rounds/{number}/updates": "update.upload"}
 
 
 def create_app(
@@ -61,6 +66,7 @@ def create_app(
         settings.keyserver_secret().get_secret_value(),
         tls=settings.client_tls(),
         timeout=30,
+        url_setting=settings.variable("keyserver_url"),
     )
     contexts = EvaluationContexts(sessions, context_source or keyserver)
     metrics = Metrics()
@@ -83,9 +89,9 @@ def create_app(
     bootstrap = settings.bootstrap_admin_secret()
     if bootstrap is not None:
         accounts.ensure_bootstrap(settings.bootstrap_admin, Role.ADMIN, bootstrap.get_secret_value())
+    counters = counters_for(settings.redis_url, f"{settings.redis_key_prefix}:aggregator:rate")
     limiter = RateLimiter(
-        {**base_limits(settings), REGISTRATIONS: Limit(settings.registrations_per_address, 3600)},
-        counters_for(settings.redis_url, f"{settings.redis_key_prefix}:aggregator:rate"),
+        {**base_limits(settings), REGISTRATIONS: Limit(settings.registrations_per_address, 3600)}, counters
     )
 
     @asynccontextmanager
@@ -118,8 +124,17 @@ def create_app(
         limiter=limiter,
         streamed_paths=STREAMED_PATHS,
     )
-    install_error_handlers(app)
-    app.add_middleware(RequestLogging, observe=metrics.http.request)
+    refusals = RefusalAudit(
+        sessions,
+        AggregatorRepository,
+        per_minute=settings.refusal_audits_per_minute,
+        counters=counters,
+        registry=metrics.registry,
+        routes=AUDITED_ROUTES,
+    )
+    install_error_handlers(app, refusals)
+    app.add_middleware(RequestLogging, service="aggregator", observe=metrics.http.request)
+    app.add_middleware(SecurityHeaders, hsts_max_age_s=settings.hsts_max_age_s)
     for router in (sites, federations, jobs, initial_weights, events, audit, accounts_router, dashboard):
         app.include_router(router)
 

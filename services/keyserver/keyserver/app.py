@@ -2,21 +2,18 @@
 
 Roles: ``admin`` (federations, members, accounts), ``viewer`` (reads), ``service`` (the
 aggregator: keyless contexts and membership reads). Sites hold no keyserver token: they sign
-each request with their pinned Ed25519 key.
+each request with their pinned Ed25519 key. A signed request is limited per client address
+before it is read, and per site only once its signature verified (``KeyService``); every refusal
+of a signed route is audited, with the site it names as a claim until the signature verified.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.concurrency import run_in_threadpool
 
 from fedhe.accounts import AccountService, Principal, Role
 from fedhe.accounts_api import router as accounts_router
@@ -29,6 +26,7 @@ from fedhe.logs import RequestLogging
 from fedhe.migrations import upgrade
 from fedhe.openapi import CONFLICT, ERRORS, binary_response
 from fedhe.ratelimit import Limit, RateLimiter, counters_for
+from fedhe.refusals import RefusalAudit, Requester, requester_of
 from fedhe.schemas import (
     AuditEventPublic,
     ContextInfo,
@@ -41,18 +39,27 @@ from fedhe.schemas import (
     MemberPublic,
     PinnedKeysRequest,
 )
+from fedhe.security_headers import SecurityHeaders
 from keyserver import migrations
-from keyserver.metrics import KeyserverMetrics
+from keyserver.metrics import RELEASE_ACTION, KeyserverMetrics
 from keyserver.nonces import nonce_store_for
 from keyserver.repository import KeyserverRepository
 from keyserver.sealing import SecretSealer
-from keyserver.service import KeyService
+from keyserver.service import SIGNED_PER_SITE, KeyService
 from keyserver.settings import KeyserverSettings
 from keyserver.tables import AccountRow, ApiTokenRow
 
 _OCTETS = "application/octet-stream"
 SIGNED_PER_ADDRESS = "signed-requests-per-address"
-SIGNED_PER_SITE = "signed-requests-per-site"
+RELEASE_PATH = "/contexts/{key_id}/secret"
+PINNED_KEYS_PATH = "/contexts/{key_id}/members"
+ENDORSE_PATH = "/federations/{federation_id}/members/{site_id}/endorsements"
+# Every refusal of these is audited (not only 401, 403 and 429), under these actions.
+AUDITED_ROUTES = {
+    f"POST /v1{RELEASE_PATH}": RELEASE_ACTION,
+    f"POST /v1{PINNED_KEYS_PATH}": "members.pinned_keys",
+    f"POST /v1{ENDORSE_PATH}": "member.endorse",
+}
 
 
 def _service(request: Request) -> KeyService:
@@ -65,6 +72,13 @@ def _signed_request_budget(request: Request) -> None:
     limiter.hit(SIGNED_PER_ADDRESS, client_address(request))
 
 
+def _signer(request: Request, claimed_site: str) -> Requester:
+    """Who sent a signed request: the site it names, as a claim until its signature verifies."""
+    requester = requester_of(request)
+    requester.claims["claimed_site"] = claimed_site
+    return requester
+
+
 KeyServiceDep = Annotated[KeyService, Depends(_service)]
 Admin = Annotated[Principal, allow(Role.ADMIN)]
 Reader = Annotated[Principal, allow(Role.ADMIN, Role.VIEWER)]
@@ -73,34 +87,8 @@ Aggregator = Annotated[Principal, allow(Role.SERVICE)]
 SignedBudget = Depends(_signed_request_budget)
 
 
-class _AuditedKeyRelease(APIRoute):
-    """The key-release route: a request refused before it reaches ``KeyService`` is audited too."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def audited(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError:
-                try:
-                    body = json.loads(await request.body())
-                except ValueError:
-                    body = None
-                site_id = body.get("site_id") if isinstance(body, dict) else None
-                await run_in_threadpool(
-                    request.app.state.key_service.audit_refused_release,
-                    request.path_params.get("key_id"),
-                    site_id,
-                    "invalid_request",
-                )
-                raise
-
-        return audited
-
-
 router = APIRouter(prefix="/v1", responses=ERRORS)
-release = APIRouter(prefix="/v1", responses=ERRORS, route_class=_AuditedKeyRelease)
+release = APIRouter(prefix="/v1", responses=ERRORS)
 
 
 @router.post("/federations", status_code=201, response_model=FederationPublic, tags=["federations"])
@@ -167,7 +155,7 @@ def revoke_member(
 
 
 @router.post(
-    "/federations/{federation_id}/members/{site_id}/endorsements",
+    ENDORSE_PATH,
     status_code=201,
     response_model=MemberPublic,
     tags=["members"],
@@ -182,8 +170,7 @@ def endorse_member(
     request: Request,
 ) -> MemberPublic:
     """An active member endorses a proposed member's pinned key, signing it (no bearer token)."""
-    request.app.state.limiter.hit(SIGNED_PER_SITE, body.site_id)
-    return service.endorse(federation_id, site_id, body)
+    return service.endorse(federation_id, site_id, body, _signer(request, body.site_id))
 
 
 @router.get("/contexts/{key_id}", response_model=ContextInfo, tags=["contexts"])
@@ -204,7 +191,7 @@ def evaluation_context(key_id: KeyIdPath, service: KeyServiceDep, caller: Aggreg
 
 
 @release.post(
-    "/contexts/{key_id}/secret",
+    RELEASE_PATH,
     tags=["contexts"],
     response_class=Response,
     responses=binary_response("the federation's secret context") | CONFLICT,
@@ -212,20 +199,18 @@ def evaluation_context(key_id: KeyIdPath, service: KeyServiceDep, caller: Aggreg
 )
 def secret_context(key_id: KeyIdPath, body: KeyReleaseRequest, service: KeyServiceDep, request: Request) -> Response:
     """The secret context, for an active member presenting a fresh, single-use signature for this keyserver."""
-    request.app.state.limiter.hit(SIGNED_PER_SITE, body.site_id)
     return Response(
-        service.release_secret_context(key_id, body), media_type=_OCTETS, headers={"Cache-Control": "no-store"}
+        service.release_secret_context(key_id, body, _signer(request, body.site_id)),
+        media_type=_OCTETS,
+        headers={"Cache-Control": "no-store"},
     )
 
 
-@router.post(
-    "/contexts/{key_id}/members", response_model=FederationKeys, tags=["contexts"], dependencies=[SignedBudget]
-)
+@router.post(PINNED_KEYS_PATH, response_model=FederationKeys, tags=["contexts"], dependencies=[SignedBudget])
 def pinned_keys(key_id: KeyIdPath, body: PinnedKeysRequest, service: KeyServiceDep, request: Request) -> FederationKeys:
     """The pinned keys of the active members of the key's federation, for an active member presenting a
     fresh, single-use signature (sites check secure rounds' signatures against these)."""
-    request.app.state.limiter.hit(SIGNED_PER_SITE, body.site_id)
-    return service.pinned_keys(key_id, body)
+    return service.pinned_keys(key_id, body, _signer(request, body.site_id))
 
 
 @router.get("/audit", response_model=list[AuditEventPublic], tags=["audit"])
@@ -253,13 +238,14 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
     aggregator = settings.aggregator_secret()
     if aggregator is not None:
         accounts.ensure_bootstrap("aggregator", Role.SERVICE, aggregator.get_secret_value())
+    counters = counters_for(settings.redis_url, f"{settings.redis_key_prefix}:keyserver:rate")
     limiter = RateLimiter(
         {
             **base_limits(settings),
             SIGNED_PER_ADDRESS: Limit(settings.key_releases_per_site * 4, 60),
             SIGNED_PER_SITE: Limit(settings.key_releases_per_site, 60),
         },
-        counters_for(settings.redis_url, f"{settings.redis_key_prefix}:keyserver:rate"),
+        counters,
     )
     app = FastAPI(title="fedhe keyserver", version="0.1.0")
     metrics = KeyserverMetrics()
@@ -270,12 +256,23 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
         audience=settings.audience(),
         max_skew_s=settings.key_release_max_skew_s,
         metrics=metrics,
+        limiter=limiter,
     )
     app.state.authenticator = Authenticator(accounts, limiter)
     app.state.limiter = limiter
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, limiter=limiter)
-    install_error_handlers(app)
-    app.add_middleware(RequestLogging, observe=metrics.http.request)
+    refusals = RefusalAudit(
+        sessions,
+        KeyserverRepository,
+        per_minute=settings.refusal_audits_per_minute,
+        counters=counters,
+        registry=metrics.registry,
+        routes=AUDITED_ROUTES,
+        observe=metrics.refusal,
+    )
+    install_error_handlers(app, refusals)
+    app.add_middleware(RequestLogging, service="keyserver", observe=metrics.http.request)
+    app.add_middleware(SecurityHeaders, hsts_max_age_s=settings.hsts_max_age_s)
     for router_ in (router, release, accounts_router):
         app.include_router(router_)
     add_health_routes(app, engine)

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from fedhe.http_metrics import HttpMetrics
 
+RELEASE_ACTION = "context.release_secret"
+
 
 class KeyserverMetrics:
     """Every metric of one keyserver process, in its own registry."""
@@ -23,6 +25,11 @@ class KeyserverMetrics:
     def release(self, outcome: str) -> None:
         """Count one key-release attempt (``granted`` or the refusal's error code)."""
         self.releases.labels(outcome=outcome).inc()
+
+    def refusal(self, action: str, reason: str) -> None:
+        """Count a refused request; key releases are counted by outcome (``fedhe.refusals`` calls this)."""
+        if action == RELEASE_ACTION:
+            self.release(reason)
 
     def render(self) -> bytes:
         """The text exposition."""

@@ -4,15 +4,22 @@ The keyserver decides alone who may hold a federation's secret key. Its own memb
 pins each member's Ed25519 public key; it changes only by the keyserver's admin accounts, or,
 for a federation with an endorsement rule, by the signatures of k existing members. Nothing the
 aggregator says (its site registry, its operators' credentials) can add a member.
+
+A signed request speaks for the site it names only once its signature verified: until then it
+is the client address's, so it is limited per address (by the routes) and only a verified one
+spends its site's budget or is recorded under the site; refusals are audited by the routes'
+error handlers (``fedhe.refusals``) with the named site as a claim.
 """
 
 from __future__ import annotations
 
 from fedhe.auth import ENDORSE_PURPOSE, KEY_RELEASE_PURPOSE, PINNED_KEYS_PURPOSE, parse_public_key, verify_request
 from fedhe.db import SessionFactory, utcnow
-from fedhe.errors import Conflict, FedheError, NotFound, PermissionDenied, Unauthenticated
+from fedhe.errors import Conflict, NotFound, PermissionDenied, Unauthenticated
 from fedhe.he.context import BfvParameters, CkksParameters, create_key_material, parameters_from
-from fedhe.identifiers import KEY_ID, SITE_ID, loggable, new_id
+from fedhe.identifiers import new_id
+from fedhe.ratelimit import RateLimiter
+from fedhe.refusals import Requester
 from fedhe.schemas import (
     AuditEventPublic,
     ContextInfo,
@@ -33,6 +40,8 @@ from keyserver.nonces import NonceStore
 from keyserver.repository import KeyserverRepository
 from keyserver.sealing import SecretSealer
 from keyserver.tables import ContextRow, EndorsementRow, FederationRow, MemberRow
+
+SIGNED_PER_SITE = "signed-requests-per-site"
 
 
 def _context_info(row: ContextRow) -> ContextInfo:
@@ -76,8 +85,10 @@ class KeyService:
         audience: str,
         max_skew_s: int,
         metrics: KeyserverMetrics,
+        limiter: RateLimiter,
     ):
         self._metrics = metrics
+        self._limiter = limiter
         self._sessions = sessions
         self._sealer = sealer
         self._nonces = nonces
@@ -228,7 +239,9 @@ class KeyService:
             )
             return _one_member_public(repo, member)
 
-    def endorse(self, federation_id: str, candidate: str, request: EndorsementCreate) -> MemberPublic:
+    def endorse(
+        self, federation_id: str, candidate: str, request: EndorsementCreate, requester: Requester
+    ) -> MemberPublic:
         """Record an active member's signature over a proposed member's pinned key; admit at k."""
         actor = f"site:{request.site_id}"
         with self._sessions.transaction() as session:
@@ -241,7 +254,7 @@ class KeyService:
             # The signature covers the key the endorser was shown; verify it before saying anything
             # about the candidate, so only a member learns who is proposed.
             pinned = member.public_key if member is not None else ""
-            self._verify(endorser.public_key, ENDORSE_PURPOSE, [federation_id, candidate, pinned], request)
+            self._verify(endorser.public_key, ENDORSE_PURPOSE, [federation_id, candidate, pinned], request, requester)
             if member is None or member.status != MemberStatus.PROPOSED.value:
                 raise Conflict(f"{candidate} is not a proposed member of {federation_id}", code="not_proposed")
             if repo.endorsement(federation_id, candidate, request.site_id, member.public_key) is not None:
@@ -296,7 +309,10 @@ class KeyService:
 
     # ---- key release ------------------------------------------------------------------------
 
-    def _verify(self, public_key: str, purpose: str, fields: list[str], request: SignedRequest) -> None:
+    def _verify(
+        self, public_key: str, purpose: str, fields: list[str], request: SignedRequest, requester: Requester
+    ) -> None:
+        """Check ``request``'s signature, freshness and single use; from then on it is the site's."""
         verify_request(
             public_key,
             purpose,
@@ -309,9 +325,11 @@ class KeyService:
         )
         if not self._nonces.claim(request.nonce, 2 * self._max_skew_s):
             raise Unauthenticated("this signed request was already used", code="replayed_request")
+        requester.actor = f"site:{request.site_id}"
+        self._limiter.hit(SIGNED_PER_SITE, request.site_id)
 
     def _active_member_of_key(
-        self, repo: KeyserverRepository, key_id: str, purpose: str, request: SignedRequest
+        self, repo: KeyserverRepository, key_id: str, purpose: str, request: SignedRequest, requester: Requester
     ) -> ContextRow:
         """The context ``key_id``, if ``request`` is a fresh signature by an active member of its federation."""
         row = repo.find_context(key_id)
@@ -320,72 +338,45 @@ class KeyService:
             # One answer for an unknown key, a non-member and a revoked member: the route
             # does not reveal which keys exist or who belongs to which federation.
             raise PermissionDenied("site is not an active member of this key's federation", code="not_a_member")
-        self._verify(member.public_key, purpose, [key_id], request)
+        self._verify(member.public_key, purpose, [key_id], request, requester)
         return row
 
-    def release_secret_context(self, key_id: str, request: KeyReleaseRequest) -> bytes:
-        """The secret context, for an active member that signed a fresh, single-use request for it.
+    def release_secret_context(self, key_id: str, request: KeyReleaseRequest, requester: Requester) -> bytes:
+        """The secret context, for an active member that signed a fresh, single-use request for it
+        (audited; a refusal is audited by the route's error handler)."""
+        with self._sessions.transaction() as session:
+            repo = KeyserverRepository(session)
+            row = self._active_member_of_key(repo, key_id, KEY_RELEASE_PURPOSE, request, requester)
+            if row.retired_at is not None:
+                raise Conflict(f"key {key_id} was retired; fetch the federation's current key", code="stale_key_id")
+            secret = self._sealer.unseal(key_id, row.sealed_secret_context)
+            repo.audit(
+                actor=f"site:{request.site_id}",
+                action="context.release_secret",
+                subject=key_id,
+                detail={"granted": True, "federation_id": row.federation_id},
+            )
+        self._metrics.release("granted")
+        return secret
 
-        Every attempt that reaches here, granted or refused, is audited.
-        """
-        try:
-            with self._sessions.transaction() as session:
-                repo = KeyserverRepository(session)
-                row = self._active_member_of_key(repo, key_id, KEY_RELEASE_PURPOSE, request)
-                if row.retired_at is not None:
-                    raise Conflict(f"key {key_id} was retired; fetch the federation's current key", code="stale_key_id")
-                secret = self._sealer.unseal(key_id, row.sealed_secret_context)
-                repo.audit(
-                    actor=f"site:{request.site_id}",
-                    action="context.release_secret",
-                    subject=key_id,
-                    detail={"granted": True, "federation_id": row.federation_id},
-                )
-            self._metrics.release("granted")
-            return secret
-        except FedheError as exc:
-            self.audit_refused_release(key_id, request.site_id, exc.code)
-            raise
-
-    def pinned_keys(self, key_id: str, request: PinnedKeysRequest) -> FederationKeys:
+    def pinned_keys(self, key_id: str, request: PinnedKeysRequest, requester: Requester) -> FederationKeys:
         """The pinned keys of the active members of ``key_id``'s federation, for one of them.
 
         Sites check every signature a secure round carries against these (ADR 0010), never
         against anything the coordinator says. Refusals are audited like key releases.
         """
-        try:
-            with self._sessions.transaction() as session:
-                repo = KeyserverRepository(session)
-                row = self._active_member_of_key(repo, key_id, PINNED_KEYS_PURPOSE, request)
-                members = [
-                    PinnedKey(site_id=member.site_id, public_key=member.public_key, status=member.status)
-                    for member, _ in repo.members_with_endorsers(row.federation_id)
-                    if member.admitted_at is not None
-                ]
-                repo.audit(
-                    actor=f"site:{request.site_id}",
-                    action="members.pinned_keys",
-                    subject=key_id,
-                    detail={"granted": True, "federation_id": row.federation_id, "members": len(members)},
-                )
-            return FederationKeys(federation_id=row.federation_id, key_id=key_id, members=members)
-        except FedheError as exc:
-            with self._sessions.transaction() as session:
-                KeyserverRepository(session).audit(
-                    actor=f"site:{loggable(SITE_ID, request.site_id)}",
-                    action="members.pinned_keys",
-                    subject=loggable(KEY_ID, key_id),
-                    detail={"granted": False, "reason": exc.code},
-                )
-            raise
-
-    def audit_refused_release(self, key_id: object, site_id: object, reason: str) -> None:
-        """Audit a refused key release; identifiers that do not match their pattern are not echoed."""
-        self._metrics.release(reason)
         with self._sessions.transaction() as session:
-            KeyserverRepository(session).audit(
-                actor=f"site:{loggable(SITE_ID, site_id)}",
-                action="context.release_secret",
-                subject=loggable(KEY_ID, key_id),
-                detail={"granted": False, "reason": reason},
+            repo = KeyserverRepository(session)
+            row = self._active_member_of_key(repo, key_id, PINNED_KEYS_PURPOSE, request, requester)
+            members = [
+                PinnedKey(site_id=member.site_id, public_key=member.public_key, status=member.status)
+                for member, _ in repo.members_with_endorsers(row.federation_id)
+                if member.admitted_at is not None
+            ]
+            repo.audit(
+                actor=f"site:{request.site_id}",
+                action="members.pinned_keys",
+                subject=key_id,
+                detail={"granted": True, "federation_id": row.federation_id, "members": len(members)},
             )
+        return FederationKeys(federation_id=row.federation_id, key_id=key_id, members=members)
