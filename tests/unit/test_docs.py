@@ -5,7 +5,11 @@
 2. Every field of every settings class appears in docs/configuration.md under its environment
    variable, and every ``FEDHE_*`` name there is a real setting or one of the known switches.
    The classes are found by importing every ``settings.py`` of the packages, so a new field (or
-   a new settings module) fails this test until it is documented.
+   a new settings module) fails this test until it is documented. So does every ``FEDHE_*``
+   variable the code of ``shared/`` and ``services/`` reads straight from ``os.environ`` (found
+   with ``ast``: ``os.environ.get``, ``os.getenv``, ``os.environ[...]``, ``... in os.environ``),
+   and every ``FEDHE_*`` name written anywhere in that code (a message or docstring naming a
+   variable names a documented one).
 3. Every relative link in the docs and the README points at a file that exists, and an anchor
    at a heading (GitHub's slug rules) or an explicit ``<a id>`` of the target.
 4. docs/performance.md shows exactly the committed benchmark tables (``bench/results/``).
@@ -39,6 +43,12 @@ SWITCHES = {
     "FEDHE_CHROMIUM": "tests/browser/test_dashboard.py",
     "FEDHE_SCREENSHOT_DIR": "tests/browser/test_dashboard.py",
 }
+
+# Code whose direct reads of the environment are checked, and whose every FEDHE_* name must be documented.
+SOURCE_ROOTS = (ROOT / "shared", ROOT / "services")
+# A whole variable name: not a prefix (``FEDHE_AGENT_``) or a pattern (``FEDHE_AGENT_*``,
+# ``FEDHE_<SERVICE>_<FIELD>``, ``f"FEDHE_{service}_..."``).
+FEDHE_VARIABLE = re.compile(r"\bFEDHE_[A-Z0-9_]*[A-Z0-9](?![A-Za-z0-9_{<*])")
 
 TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)::(\w+)(?:::(\w+))?")
 FEDHE_NAME = re.compile(r"FEDHE_[A-Z0-9_]*")
@@ -164,7 +174,7 @@ def test_settings_classes_are_found() -> None:
 
 def test_every_setting_is_documented_and_every_documented_variable_exists() -> None:
     documented, prefixes = _documented_names()
-    real: set[str] = set()
+    real: set[str] = set(direct_reads())
     problems = []
     for settings_class in settings_classes():
         source = f"{settings_class.__module__}.{settings_class.__name__}"
@@ -180,6 +190,132 @@ def test_every_setting_is_documented_and_every_documented_variable_exists() -> N
     for switch in sorted(set(SWITCHES) - documented):
         problems.append(f"docs/configuration.md does not document the switch {switch}")
     assert not problems, "\n".join(problems)
+
+
+def _source_files() -> list[Path]:
+    return sorted(path for root in SOURCE_ROOTS for path in root.rglob("*.py"))
+
+
+def _is_environ(node: ast.expr) -> bool:
+    """``os.environ`` or a bare ``environ``."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "environ"
+    return isinstance(node, ast.Name) and node.id == "environ"
+
+
+def _is_getenv(func: ast.expr) -> bool:
+    """``os.getenv``/``getenv``, or ``os.environ.get``."""
+    if isinstance(func, ast.Attribute):
+        return func.attr == "getenv" or (func.attr == "get" and _is_environ(func.value))
+    return isinstance(func, ast.Name) and func.id == "getenv"
+
+
+def _read_names(tree: ast.Module) -> Iterator[ast.expr]:
+    """The name argument of every read of the environment in a module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _is_getenv(node.func) and node.args:
+            yield node.args[0]
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_environ(node.value):
+            yield node.slice
+        elif (
+            isinstance(node, ast.Compare)
+            and any(isinstance(op, ast.In | ast.NotIn) for op in node.ops)
+            and any(_is_environ(right) for right in node.comparators)
+        ):
+            yield node.left
+
+
+def environment_reads(source: str, filename: str = "<source>") -> tuple[set[str], list[str]]:
+    """The variables a module reads straight from the environment, and the reads it names by an
+    expression this test cannot resolve (only those that look like ``FEDHE_*`` are kept).
+
+    A name is a string literal or a module-level constant (``SWITCH = "FEDHE_..."``).
+    """
+    tree = ast.parse(source, filename=filename)
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    names: set[str] = set()
+    unresolved: list[str] = []
+    for expression in _read_names(tree):
+        if isinstance(expression, ast.Constant) and isinstance(expression.value, str):
+            names.add(expression.value)
+        elif isinstance(expression, ast.Name) and expression.id in constants:
+            names.add(constants[expression.id])
+        elif "FEDHE_" in ast.unparse(expression):
+            unresolved.append(f"{filename}:{expression.lineno}: {ast.unparse(expression)}")
+    return {name for name in names if name.startswith("FEDHE_")}, unresolved
+
+
+@cache
+def direct_reads() -> dict[str, str]:
+    """Every FEDHE_* variable ``shared/`` and ``services/`` read without a settings class, with a reader."""
+    found: dict[str, str] = {}
+    for path in _source_files():
+        names, _ = environment_reads(path.read_text(encoding="utf-8"), _relative(path))
+        for name in names:
+            found.setdefault(name, _relative(path))
+    return found
+
+
+def test_environment_reads_are_found() -> None:
+    source = (
+        "import os\n"
+        "SWITCH = 'FEDHE_A'\n"
+        "os.environ.get(SWITCH)\n"
+        "os.getenv('FEDHE_B', '')\n"
+        "x = os.environ['FEDHE_C']\n"
+        "y = 'FEDHE_D' in os.environ\n"
+        "os.environ['FEDHE_WRITTEN'] = '1'\n"
+        "os.environ.get('HOME')\n"
+        "os.environ.get(f'FEDHE_{name}')\n"
+    )
+    names, unresolved = environment_reads(source)
+    assert names == {"FEDHE_A", "FEDHE_B", "FEDHE_C", "FEDHE_D"}
+    assert unresolved == ["<source>:9: f'FEDHE_{name}'"]
+    # The CLI's URL variables are read this way; they are what configuration.md once left out.
+    assert {"FEDHE_AGGREGATOR_URL", "FEDHE_KEYSERVER_URL"} <= set(direct_reads())
+
+
+def test_every_variable_the_code_reads_directly_is_documented() -> None:
+    documented, _ = _documented_names()
+    problems = [
+        f"docs/configuration.md does not document {name}, which {reader} reads from the environment"
+        for name, reader in sorted(direct_reads().items())
+        if name not in documented
+    ]
+    for path in _source_files():
+        _, unresolved = environment_reads(path.read_text(encoding="utf-8"), _relative(path))
+        problems.extend(
+            f"{where} reads a FEDHE_* variable by a computed name: use a constant, and document it"
+            for where in unresolved
+        )
+    assert not problems, "\n".join(problems)
+
+
+def test_every_fedhe_variable_named_in_the_code_is_documented() -> None:
+    """A message, docstring or literal in the code that names a variable names a documented one."""
+    documented, prefixes = _documented_names()
+    problems = []
+    seen = 0
+    for path in _source_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for name in FEDHE_VARIABLE.findall(line):
+                seen += 1
+                # A documented prefix passed without its underscore (``tls_env("FEDHE_KEYSERVER")``) is fine.
+                if name not in documented and f"{name}_" not in prefixes:
+                    problems.append(f"{_relative(path)}:{number} names {name}, which docs/configuration.md does not")
+    assert not problems, "\n".join(problems)
+    assert seen >= 30, "the scan should find the variables local_cluster.py and the CLI name"
+
+
+def test_variable_pattern_keeps_whole_names_only() -> None:
+    text = "FEDHE_AGENT_* FEDHE_<SERVICE>_<FIELD> f'FEDHE_{service}_TOKEN' FEDHE_AGENT_ `FEDHE_CA_FILE` FEDHE_X1."
+    assert FEDHE_VARIABLE.findall(text) == ["FEDHE_CA_FILE", "FEDHE_X1"]
 
 
 @pytest.mark.parametrize(("switch", "reader"), sorted(SWITCHES.items()))
