@@ -35,7 +35,7 @@ ANONYMOUS = "anonymous"
 AUDIT_BUDGET = "refusal-audits"
 # What a refusal is audited as on routes a service does not name.
 BY_STATUS = {401: "auth.refused", 403: "access.refused", 429: "request.throttled"}
-_IDENTIFIERS = (SITE_ID, FEDERATION_ID, KEY_ID, JOB_ID, TOKEN_ID, ACCOUNT_NAME)
+_IDENTIFIERS = (SITE_ID, FEDERATION_ID, KEY_ID, JOB_ID, TOKEN_ID, ACCOUNT_NAME, r"^[0-9]{1,9}$")  # and round numbers
 _STATE = "fedhe_requester"
 
 
@@ -75,7 +75,6 @@ class Refusal:
         named = [
             value if any(is_valid(p, value) for p in _IDENTIFIERS) else "<invalid>"
             for value in self.path_params.values()
-            if not isinstance(value, int)
         ]
         return "/".join(named) if named else (self.route or "<unmatched>")
 
