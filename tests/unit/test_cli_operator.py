@@ -25,6 +25,8 @@ from fedhe.schemas import (
     ContextInfo,
     FederationPublic,
     JobCreate,
+    MemberPublic,
+    MemberStatus,
     RoundVerification,
     SiteApproved,
     SitePublic,
@@ -305,3 +307,146 @@ def test_job_create_computes_a_missing_fingerprint(services: Callable[..., Servi
     expected = fingerprint(ModelSpec.model_validate(model), 0, custom_modules=["tests.unit.custom_models"])
     assert sent == expected.model_dump()
     assert sent["num_parameters"] == 4 * 3 + 3 + 3 * 2 + 2
+
+
+# Real-looking listings: what the trial of the operator guide shows, with names as long as real sites'.
+SITE_NAMES = ["Hospital A", "Hospital B", "Hospital D oncology", "Hospital E radiology"]
+SITE_KEYS = [base64.b64encode(bytes([i]) * 32).decode() for i in range(1, 5)]
+SITE_IDS = [f"site-{i:016x}" for i in (0x3D1C94BEDE834E16, 0x9D1268216146816A, 0x6A747A1EDC1B8B5F, 0x1BBED098AED82E19)]
+
+
+def _listed_sites() -> list[dict[str, Any]]:
+    statuses = [SiteStatus.APPROVED, SiteStatus.APPROVED, SiteStatus.PENDING, SiteStatus.REJECTED]
+    return [
+        SitePublic(
+            id=site_id,
+            name=name,
+            organisation=f"{name} NHS Foundation Trust",
+            contact=f"fl-admin@{name.lower().replace(' ', '-')}.example",
+            public_key=key,
+            status=status,
+            created_at=NOW,
+        ).model_dump(mode="json")
+        for site_id, name, key, status in zip(SITE_IDS, SITE_NAMES, SITE_KEYS, statuses, strict=True)
+    ]
+
+
+def _listed_members() -> list[dict[str, Any]]:
+    return [
+        MemberPublic(
+            federation_id=FED_ID,
+            site_id=site_id,
+            name=name.lower().replace(" ", "-"),
+            public_key=key,
+            status=MemberStatus.ACTIVE if i < 3 else MemberStatus.PROPOSED,
+            proposed_at=NOW,
+            admitted_at=NOW if i < 3 else None,
+            endorsed_by=SITE_IDS[:2] if i == 3 else [],
+        ).model_dump(mode="json")
+        for i, (site_id, name, key) in enumerate(zip(SITE_IDS, SITE_NAMES, SITE_KEYS, strict=True))
+    ]
+
+
+def _listed_jobs() -> list[dict[str, Any]]:
+    spec = {
+        "name": "wine-logistic",
+        "key_id": KEY_ID,
+        "model": {"architecture": "logistic", "input_dim": 13, "num_classes": 3},
+    }
+    request = httpx.Request("POST", "/v1/jobs", json=JobCreate.model_validate(spec).model_dump(mode="json"))
+    return [_created(request) | {"id": f"job-{i:016x}", "name": name} for i, name in ((1, "wine"), (2, "wine-dp"))]
+
+
+def _listed_tokens() -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"tok-{i:016x}",
+            "account": "alice",
+            "label": label,
+            "created_at": NOW.isoformat(),
+            "expires_at": NOW.isoformat(),
+            "last_used_at": NOW.isoformat(),
+        }
+        for i, label in ((1, "laptop"), (2, "nightly export job"))
+    ]
+
+
+LISTINGS = {
+    "sites": (["site", "list"], ("GET", "/v1/sites"), _listed_sites, SITE_IDS),
+    "members": (
+        ["federation", "members", FED_ID],
+        ("GET", f"/v1/federations/{FED_ID}/members"),
+        _listed_members,
+        SITE_IDS,
+    ),
+    "federations": (
+        ["federation", "list"],
+        ("GET", "/v1/federations"),
+        lambda: [_federation().model_dump(mode="json")],
+        [FED_ID],
+    ),
+    "jobs": (["job", "list"], ("GET", "/v1/jobs"), _listed_jobs, [f"job-{1:016x}", f"job-{2:016x}"]),
+    "tokens": (
+        ["token", "list", "alice", "--service", "aggregator"],
+        ("GET", "/v1/accounts/alice/tokens"),
+        _listed_tokens,
+        [f"tok-{1:016x}", f"tok-{2:016x}"],
+    ),
+}
+
+
+@pytest.mark.parametrize("listing", sorted(LISTINGS))
+def test_a_listing_fits_80_columns_with_every_id_whole_on_one_line(
+    services: Callable[..., Services],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    listing: str,
+) -> None:
+    argv, route, rows, ids = LISTINGS[listing]
+    services({route: lambda r: rows()})
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for row_id in ids:
+        assert sum(line.startswith(row_id + " ") for line in lines) == 1, row_id
+
+
+def test_site_list_abbreviates_keys_at_80_columns_and_shows_them_whole_with_wide(
+    services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    services({("GET", "/v1/sites"): lambda r: _listed_sites()})
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["site", "list"]) == 0
+    narrow = capsys.readouterr().out.splitlines()
+    assert narrow[1].split() == ["id", "name", "status", "public", "key", "registered"]
+    assert narrow[3].split() == [SITE_IDS[0], "Hospital", "A", "approved", SITE_KEYS[0][:9] + "…", "2026-11-22"]
+    assert not any(key in line for key in SITE_KEYS for line in narrow)
+
+    assert main(["site", "list", "--wide"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert wide[1].split() == ["id", "name", "organisation", "contact", "status", "public", "key", "registered"]
+    assert wide[3].split() == [
+        SITE_IDS[0],
+        *["Hospital", "A", "Hospital", "A", "NHS", "Foundation", "Trust"],
+        "fl-admin@hospital-a.example",
+        "approved",
+        SITE_KEYS[0],
+        "2026-11-22",
+        "00:00:00",
+    ]
+    assert len(wide) == len(narrow) - 1  # no name wraps any more: one line per site
+    for site_id, key in zip(SITE_IDS, SITE_KEYS, strict=True):
+        assert sum(line.startswith(site_id + " ") and key in line for line in wide) == 1
+
+
+def test_listings_in_json_are_whole_whatever_the_width(
+    services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    services({("GET", f"/v1/federations/{FED_ID}/members"): lambda r: _listed_members()})
+    monkeypatch.setenv("COLUMNS", "40")
+    assert main(["federation", "members", FED_ID, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [m["site_id"] for m in printed] == SITE_IDS
+    assert [m["public_key"] for m in printed] == SITE_KEYS
+    assert printed[3]["endorsed_by"] == SITE_IDS[:2]

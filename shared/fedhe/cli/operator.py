@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.api_client import AggregatorClient, KeyserverClient, ServiceClient
-from fedhe.cli.output import Column, emit_listing, emit_object, plain
+from fedhe.cli.output import Column, abbreviated, day, emit_listing, emit_object, plain
 from fedhe.cli.settings import CliSettings
 from fedhe.errors import InvalidRequest
 from fedhe.files import write_private
@@ -96,36 +96,41 @@ def round_seconds(round_: RoundPublic) -> float | None:
     return (round_.published_at - round_.opened_at).total_seconds() if round_.published_at else None
 
 
+# The default tables fit 80 columns with ids whole; --wide adds the wide_only columns and shows keys
+# and timestamps whole (fedhe.cli.output).
+KEY_PREFIX = 9
 SITE_COLUMNS = [
-    Column("id", lambda s: s.id),
+    Column("id", lambda s: s.id, identifier=True),
     Column("name", lambda s: s.name),
-    Column("organisation", lambda s: s.organisation),
+    Column("organisation", lambda s: s.organisation, wide_only=True),
+    Column("contact", lambda s: s.contact, wide_only=True),
     Column("status", lambda s: s.status),
-    Column("public key", lambda s: s.public_key),
-    Column("registered", lambda s: s.created_at),
+    Column("public key", lambda s: s.public_key, lambda s: abbreviated(s.public_key, KEY_PREFIX)),
+    Column("registered", lambda s: s.created_at, lambda s: day(s.created_at)),
 ]
 FEDERATION_COLUMNS = [
-    Column("id", lambda f: f.id),
+    Column("id", lambda f: f.id, identifier=True),
     Column("name", lambda f: f.name),
-    Column("key", lambda f: f.key_id),
+    Column("key", lambda f: f.key_id, lambda f: abbreviated(f.key_id, KEY_PREFIX + 4)),
     Column("endorsements", lambda f: f.endorsements_required),
-    Column("created", lambda f: f.created_at),
+    Column("created", lambda f: f.created_at, lambda f: day(f.created_at)),
 ]
 MEMBER_COLUMNS = [
-    Column("site", lambda m: m.site_id),
+    Column("site", lambda m: m.site_id, identifier=True),
     Column("name", lambda m: m.name),
     Column("status", lambda m: m.status),
-    Column("endorsed by", lambda m: ", ".join(m.endorsed_by) or None),
-    Column("admitted", lambda m: m.admitted_at),
+    Column("public key", lambda m: m.public_key, lambda m: abbreviated(m.public_key, KEY_PREFIX)),
+    Column("endorsed by", lambda m: ", ".join(m.endorsed_by) or None, lambda m: len(m.endorsed_by)),
+    Column("admitted", lambda m: m.admitted_at, wide_only=True),
 ]
 JOB_COLUMNS = [
-    Column("id", lambda j: j.id),
+    Column("id", lambda j: j.id, identifier=True),
     Column("name", lambda j: j.name),
-    Column("federation", lambda j: j.federation_id),
+    Column("federation", lambda j: j.federation_id, wide_only=True),
     Column("status", lambda j: j.status),
     Column("round", lambda j: f"{j.current_round}/{j.rounds}"),
-    Column("parameters", lambda j: j.num_parameters),
-    Column("created", lambda j: j.created_at),
+    Column("parameters", lambda j: j.num_parameters, wide_only=True),
+    Column("created", lambda j: j.created_at, lambda j: day(j.created_at)),
 ]
 ROUND_COLUMNS = [
     Column("round", lambda r: r.number),
@@ -133,7 +138,7 @@ ROUND_COLUMNS = [
     Column("state", lambda r: r.state),
     Column("sites", lambda r: r.num_submissions),
     Column("samples", lambda r: r.total_samples),
-    Column("global accuracy", round_accuracy),
+    Column("accuracy", round_accuracy),
     Column("bytes up", lambda r: sum(s.num_bytes for s in r.submissions)),
     Column("seconds", round_seconds),
 ]
@@ -141,16 +146,16 @@ ACCOUNT_COLUMNS = [
     Column("name", lambda a: a.name),
     Column("role", lambda a: a.role),
     Column("created by", lambda a: a.created_by),
-    Column("created", lambda a: a.created_at),
-    Column("disabled", lambda a: a.disabled_at),
+    Column("created", lambda a: a.created_at, lambda a: day(a.created_at)),
+    Column("disabled", lambda a: a.disabled_at, lambda a: day(a.disabled_at)),
 ]
 TOKEN_COLUMNS = [
-    Column("id", lambda t: t.id),
+    Column("id", lambda t: t.id, identifier=True),
     Column("label", lambda t: t.label),
-    Column("created", lambda t: t.created_at),
-    Column("expires", lambda t: t.expires_at),
-    Column("revoked", lambda t: t.revoked_at),
-    Column("last used", lambda t: t.last_used_at),
+    Column("created", lambda t: t.created_at, wide_only=True),
+    Column("expires", lambda t: t.expires_at, lambda t: day(t.expires_at)),
+    Column("revoked", lambda t: t.revoked_at, lambda t: day(t.revoked_at)),
+    Column("last used", lambda t: t.last_used_at, lambda t: day(t.last_used_at)),
 ]
 AUDIT_COLUMNS = [
     Column("at", lambda e: e.at),
@@ -175,6 +180,10 @@ def keyserver(args: argparse.Namespace, *, anonymous: bool = False) -> Keyserver
     return KeyserverClient(args.keyserver, token, tls=settings.tls())
 
 
+def _list(args: argparse.Namespace, title: str, columns: Sequence[Column], rows: Sequence[Any]) -> None:
+    emit_listing(args.json, title, columns, rows, wide=args.wide)
+
+
 def _emit(args: argparse.Namespace, value: Any, id_field: str = "id") -> None:
     emit_object(value, quiet=args.quiet, field=args.field, id_field=id_field)
 
@@ -189,7 +198,7 @@ def _site(args: argparse.Namespace) -> None:
     else:
         with aggregator(args) as client:
             if args.action == "list":
-                emit_listing(args.json, "sites", SITE_COLUMNS, client.sites())
+                _list(args, "sites", SITE_COLUMNS, client.sites())
             else:
                 require(args, "site_id")
                 _emit(args, getattr(client, f"{args.action}_site")(args.site_id))
@@ -255,15 +264,13 @@ def _federation(args: argparse.Namespace) -> None:
             request = FederationCreate(name=args.name, endorsements_required=args.endorsements_required)
             _emit(args, client.create_federation(request))
         elif args.action == "list":
-            emit_listing(args.json, "federations", FEDERATION_COLUMNS, client.federations())
+            _list(args, "federations", FEDERATION_COLUMNS, client.federations())
         else:
             require(args, "federation_id")
             if args.action == "rotate":
                 _emit(args, client.rotate_key(args.federation_id))
             elif args.action == "members":
-                emit_listing(
-                    args.json, f"members of {args.federation_id}", MEMBER_COLUMNS, client.members(args.federation_id)
-                )
+                _list(args, f"members of {args.federation_id}", MEMBER_COLUMNS, client.members(args.federation_id))
             elif args.action == "add-member":
                 require(args, "site_id", "public_key")
                 member = MemberCreate(site_id=args.site_id, public_key=args.public_key, name=args.name or "")
@@ -295,13 +302,13 @@ def _job(args: argparse.Namespace) -> int | None:
                 client.upload_initial_weights(vector, request.model.initial_weights_sha256)
             _emit(args, client.create_job(request))
         elif args.action == "list":
-            emit_listing(args.json, "jobs", JOB_COLUMNS, client.jobs())
+            _list(args, "jobs", JOB_COLUMNS, client.jobs())
         else:
             require(args, "job_id")
             if args.action == "status":
                 _emit(args, client.job(args.job_id))
             elif args.action == "rounds":
-                emit_listing(args.json, f"rounds of {args.job_id}", ROUND_COLUMNS, client.rounds(args.job_id))
+                _list(args, f"rounds of {args.job_id}", ROUND_COLUMNS, client.rounds(args.job_id))
             elif args.action == "verify":
                 require(args, "round")
                 verification = client.verify_round(args.job_id, args.round)
@@ -327,7 +334,7 @@ def _account(args: argparse.Namespace) -> None:
 
     with _service_client(args) as client:
         if args.action == "list":
-            emit_listing(args.json, f"{args.service} accounts", ACCOUNT_COLUMNS, client.accounts())
+            _list(args, f"{args.service} accounts", ACCOUNT_COLUMNS, client.accounts())
         elif args.action == "whoami":
             _emit(args, client.whoami(), "name")
         elif args.action == "create":
@@ -353,7 +360,7 @@ def _token(args: argparse.Namespace) -> None:
             return
         require(args, "name")
         if args.action == "list":
-            emit_listing(args.json, f"tokens of {args.name}", TOKEN_COLUMNS, client.tokens(args.name))
+            _list(args, f"tokens of {args.name}", TOKEN_COLUMNS, client.tokens(args.name))
         else:
             _check_token_delivery(args)
             issued = client.issue_token(args.name, TokenCreate(label=args.label, expires_in_days=args.days))
@@ -381,7 +388,7 @@ def _deliver_token(args: argparse.Namespace, token: str) -> None:
 
 def _audit(args: argparse.Namespace) -> None:
     with _service_client(args) as client:
-        emit_listing(args.json, f"{args.service} audit log", AUDIT_COLUMNS, client.audit_events(args.limit))
+        _list(args, f"{args.service} audit log", AUDIT_COLUMNS, client.audit_events(args.limit))
 
 
 def _urls(parser: argparse.ArgumentParser, *services: str) -> None:
@@ -401,6 +408,9 @@ def _urls(parser: argparse.ArgumentParser, *services: str) -> None:
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="listings: print JSON instead of a table")
+    parser.add_argument(
+        "--wide", action="store_true", help="listings: every column, keys and times whole (wider than 80 columns)"
+    )
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,9 @@
 """What the CLI prints: JSON for scripts (``--json``), rich tables for people, one value for shell variables.
 
+A listing's table fits 80 columns: columns that only ``--wide`` shows are left out, public keys
+are abbreviated and timestamps cut to their date; ids are always whole. ``--wide`` shows every
+column and every value whole, however wide the table gets; ``--json`` always has every field whole.
+
 A command that answers with one object prints it as JSON; ``--quiet`` prints only its id and
 ``--field NAME`` only one field (``site.id`` reaches into a nested object), so a script can
 write ``SITE=$(fedhe site register ... --quiet)``.
@@ -14,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -45,30 +50,62 @@ def cell(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+# Wider than any table a listing makes: the width a --wide table is measured at.
+_UNBOUNDED = 100_000
+
+
+def abbreviated(value: str | None, keep: int) -> str | None:
+    """The first ``keep`` characters of ``value`` and an ellipsis (a key is recognised by its start)."""
+    return value if value is None or len(value) <= keep + 1 else value[:keep] + "…"
+
+
+def day(value: datetime | None) -> str | None:
+    """A timestamp's date alone, for tables that must fit 80 columns."""
+    return None if value is None else value.strftime("%Y-%m-%d")
+
+
 @dataclass(frozen=True)
 class Column:
-    """One table column: a header and how to read its cell from a row."""
+    """One table column: a header, how to read its cell from a row, and what the 80-column table shows.
+
+    ``brief`` reads the shorter cell the default table shows (``None``: the same as ``read``);
+    a ``wide_only`` column appears only with ``--wide``; an ``identifier`` column is never
+    narrowed (the others wrap first), so an id stays whole on one line to be copied.
+    """
 
     header: str
     read: Callable[[Any], Any]
+    brief: Callable[[Any], Any] | None = None
+    wide_only: bool = False
+    identifier: bool = False
 
 
-def print_table(title: str, columns: Sequence[Column], rows: Sequence[Any], console: Console | None = None) -> None:
-    """Print ``rows`` as a table with ``columns``."""
-    table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column.header)
+def print_table(title: str, columns: Sequence[Column], rows: Sequence[Any], *, wide: bool = False) -> None:
+    """Print ``rows`` as a table with ``columns``: brief cells, or with ``wide`` every column whole."""
+    shown = [column for column in columns if wide or not column.wide_only]
+    # No side borders and no outer padding: three characters between columns, none around them.
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column in shown:
+        # Folded rather than cut with an ellipsis, so a narrow terminal never hides part of an id.
+        table.add_column(column.header, overflow="fold", no_wrap=column.identifier)
     for row in rows:
-        table.add_row(*(cell(column.read(row)) for column in columns))
-    (console or Console()).print(table)
+        table.add_row(*(cell((column.read if wide or column.brief is None else column.brief)(row)) for column in shown))
+    console = Console()
+    if wide:
+        # As wide as the widest row: a full key must stay on one line to be compared or copied.
+        unbounded = console.options.update_width(_UNBOUNDED)
+        console.width = max(console.width, console.measure(table, options=unbounded).maximum)
+    console.print(table)
 
 
-def emit_listing(as_json: bool, title: str, columns: Sequence[Column], rows: Sequence[Any]) -> None:
-    """A listing command's output: a table, or JSON with ``--json``."""
+def emit_listing(
+    as_json: bool, title: str, columns: Sequence[Column], rows: Sequence[Any], *, wide: bool = False
+) -> None:
+    """A listing command's output: a table (every column whole with ``wide``), or JSON with ``--json``."""
     if as_json:
         print_json(list(rows))
     else:
-        print_table(title, columns, rows)
+        print_table(title, columns, rows, wide=wide)
 
 
 def field_of(value: Any, path: str) -> Any:

@@ -1,9 +1,11 @@
 """``fedhe job watch JOB``: follow a job live in the terminal until it ends.
 
-A progress bar of published rounds and one row per round attempt: state, sites that uploaded
-or declined (and why), the global accuracy the sites measured, ε per site, bytes received and
-how long the round took. It polls the aggregator (operators' view, so per-site details are
-there) and redraws in place; with ``--json`` it prints one JSON line per round that changed.
+Readable at 80 columns: a header line (the job, its status, a bar of published rounds, how long
+it has run), then one line per round attempt (its state, how many sites uploaded and declined,
+the global accuracy the sites measured, the largest ε a site reported, bytes received, seconds)
+and, below, one note per failed attempt or decline saying why. It polls the aggregator
+(operators' view, so per-site details are there) and redraws in place; with ``--json`` it prints
+one JSON line per round that changed, with every site's details.
 """
 
 from __future__ import annotations
@@ -12,61 +14,107 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from rich.console import Console, Group, RenderableType
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from fedhe.api_client import AggregatorClient
 from fedhe.cli.operator import aggregator, round_accuracy, round_seconds
 from fedhe.cli.output import cell
+from fedhe.db import utcnow
 from fedhe.schemas import JobPublic, JobStatus, RoundPublic, RoundState
 
-
-def site_epsilons(round_: RoundPublic, names: dict[str, str]) -> str:
-    """ε each uploading site reported for this round, by site name."""
-    parts = [
-        f"{names.get(s.site_id, s.site_id)} {s.metrics['epsilon']:.2f}"
-        for s in round_.submissions
-        if isinstance(s.metrics.get("epsilon"), int | float)
-    ]
-    return ", ".join(parts) or "-"
+BAR_WIDTH = 20
 
 
-def answered(round_: RoundPublic, names: dict[str, str]) -> str:
-    """Sites that uploaded, and sites that declined with their reason."""
-    uploaded = [names.get(s.site_id, s.site_id) for s in round_.submissions]
-    declined = [f"{names.get(d.site_id, d.site_id)} declined ({d.reason.value})" for d in round_.declines]
-    return ", ".join(uploaded + declined) or "-"
+def largest_epsilon(round_: RoundPublic) -> float | None:
+    """The largest ε a site reported with its upload to this round (the one closest to its budget)."""
+    spent = [s.metrics["epsilon"] for s in round_.submissions if isinstance(s.metrics.get("epsilon"), int | float)]
+    return max(spent, default=None)
 
 
-def render(job: JobPublic, rounds: list[RoundPublic], names: dict[str, str]) -> RenderableType:
-    """The job's progress bar and its table of rounds."""
-    progress = Progress(
-        TextColumn(f"[bold]{job.name}[/] ({job.id}) {job.status.value}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rounds published"),
-        TimeElapsedColumn(),
-    )
-    published = sum(1 for r in rounds if r.state == RoundState.PUBLISHED)
-    progress.add_task("rounds", total=job.total_rounds, completed=published)
-    table = Table(title_justify="left", expand=True)
-    for header in ("round", "state", "sites", "global acc", "ε per site", "bytes up", "seconds"):
-        table.add_column(header)
+def answered(round_: RoundPublic) -> str:
+    """How many sites uploaded to this attempt, and how many declined."""
+    declined = f", {len(round_.declines)} declined" if round_.declines else ""
+    return f"{round_.num_submissions} up{declined}"
+
+
+def size(num_bytes: int) -> str:
+    """A byte count as people read it (decimal units)."""
+    value = float(num_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def round_label(round_: RoundPublic) -> str:
+    """``3``, ``0 stats`` for the statistics round, ``3 try 2`` for a retried attempt."""
+    kind = " stats" if round_.kind == "statistics" else ""
+    attempt = f" try {round_.attempt}" if round_.attempt > 1 else ""
+    return f"{round_.number}{kind}{attempt}"
+
+
+def notes(rounds: list[RoundPublic], names: dict[str, str]) -> list[str]:
+    """Why each failed attempt failed and why each declining site declined, one note each."""
+    lines = []
     for r in rounds:
+        if r.failure_reason:
+            lines.append(f"round {round_label(r)} failed: {r.failure_reason}")
+        for d in r.declines:
+            message = f": {d.message}" if d.message else ""
+            lines.append(
+                f"round {round_label(r)}: {names.get(d.site_id, d.site_id)} declined ({d.reason.value}){message}"
+            )
+    return lines
+
+
+def elapsed(job: JobPublic, now: datetime) -> str:
+    """How long the job has run (until it ended), as H:MM:SS."""
+    seconds = int(((job.finished_at or now) - job.created_at).total_seconds())
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def render(
+    job: JobPublic, rounds: list[RoundPublic], names: dict[str, str], now: datetime | None = None
+) -> RenderableType:
+    """The job's header line, one line per round attempt, and the notes on failures and declines."""
+    published = sum(1 for r in rounds if r.state == RoundState.PUBLISHED)
+    header = Table.grid(padding=(0, 1), expand=True)
+    # A long job name is cut, not the status or the counts after it.
+    header.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+    for _ in range(4):
+        header.add_column(no_wrap=True)
+    header.add_row(
+        Text(job.name, style="bold"),
+        job.status.value,
+        ProgressBar(total=job.total_rounds, completed=published, width=BAR_WIDTH),
+        f"{published}/{job.total_rounds} rounds",
+        elapsed(job, now or utcnow()),
+    )
+    labels = [round_label(r) for r in rounds]
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    # One line per attempt, whatever the terminal: a cell too long for it is cut, never wrapped,
+    # and which round it is and its state are never cut.
+    table.add_column("round", no_wrap=True, min_width=max(map(len, labels), default=0))
+    table.add_column("state", no_wrap=True, min_width=max(len(state.value) for state in RoundState))
+    for heading in ("sites", "accuracy", "max ε", "bytes up", "seconds"):
+        table.add_column(heading, no_wrap=True, overflow="ellipsis")
+    for label, r in zip(labels, rounds, strict=True):
         table.add_row(
-            f"{r.number}"
-            + (" statistics" if r.kind == "statistics" else "")
-            + (f" (attempt {r.attempt})" if r.attempt > 1 else ""),
-            r.state.value + (f": {r.failure_reason}" if r.failure_reason else ""),
-            answered(r, names),
+            label,
+            r.state.value,
+            answered(r),
             cell(round_accuracy(r)),
-            site_epsilons(r, names),
-            cell(sum(s.num_bytes for s in r.submissions)),
+            cell(largest_epsilon(r)),
+            size(sum(s.num_bytes for s in r.submissions)),
             cell(round_seconds(r)),
         )
-    return Group(progress, table)
+    return Group(header, table, *(Text(note) for note in notes(rounds, names)))
 
 
 def follow(
