@@ -141,20 +141,38 @@ def test_key_release_is_fresh_signed_single_use_and_for_this_keyserver(
     assert replayed.value.code == "replayed_request"
 
 
-def test_malformed_site_ids_are_refused_before_any_use_and_audited(cluster: Cluster, federation) -> None:
+def _client_at(cluster: Cluster, address: str) -> httpx.Client:
+    """A client calling from loopback address ``address`` (its own refusal-audit budget, and its own client)."""
     verify = cluster.secrets.tls.ssl_context()
-    for site_id in ["../../../metrics", "site-" + "0" * 15 + "%", "site-\n", "x" * 500]:
-        response = httpx.post(
-            f"{cluster.keyserver_url}/v1/contexts/{federation.key_id}/secret",
-            json={"site_id": site_id, "timestamp": int(time.time()), "nonce": "0" * 32, "signature": "AA=="},
-            verify=verify,
-        )
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["code"] == "invalid_request"
+    return httpx.Client(transport=httpx.HTTPTransport(verify=verify, local_address=address), timeout=30)
+
+
+def test_malformed_site_ids_are_refused_before_any_use_and_audited(cluster: Cluster, federation) -> None:
+    address = "127.0.2.1"
+    with _client_at(cluster, address) as client:
+        for site_id in ["../../../metrics", "site-" + "0" * 15 + "%", "site-\n", "x" * 500]:
+            response = client.post(
+                f"{cluster.keyserver_url}/v1/contexts/{federation.key_id}/secret",
+                json={"site_id": site_id, "timestamp": int(time.time()), "nonce": "0" * 32, "signature": "AA=="},
+            )
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == "invalid_request"
     with cluster.keyserver_admin() as keyserver:
-        refused = [e for e in keyserver.audit_events(50) if e.actor == "site:<invalid>"]
-    assert len(refused) >= 4
-    assert all(e.detail == {"granted": False, "reason": "invalid_request"} for e in refused)
+        refused = [e for e in keyserver.audit_events(200) if e.detail.get("client") == address]
+    assert [(e.actor, e.action, e.subject) for e in refused] == [
+        ("anonymous", "context.release_secret", federation.key_id)
+    ] * 4
+    assert all(
+        e.detail
+        == {
+            "granted": False,
+            "reason": "invalid_request",
+            "status": 400,
+            "client": address,
+            "route": "POST /v1/contexts/{key_id}/secret",
+        }
+        for e in refused
+    ), "an identifier that did not validate is not echoed, not even as a claim"
 
 
 def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, federation) -> None:
@@ -219,22 +237,32 @@ def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> N
     assert retired.value.code == "stale_key_id"
 
 
-def test_every_key_release_granted_or_refused_is_audited_under_the_site(
+def test_every_key_release_is_audited_granted_under_the_site_refused_as_a_claim(
     cluster: Cluster, federation, tmp_path: Path
 ) -> None:
+    """A refused request is not proof of who sent it: it is the client address's, naming the site as a claim."""
+    address = "127.0.2.2"
     site = cluster.provision_site(tmp_path, "audited", federation_id=None)
-    with pytest.raises(PermissionDenied):
-        _release(cluster, site, federation.key_id)
+    with _client_at(cluster, address) as client:
+        refused = client.post(
+            f"{cluster.keyserver_url}/v1/contexts/{federation.key_id}/secret",
+            json=key_release_request(cluster.keyserver_url, site, federation.key_id).model_dump(),
+        )
+    assert refused.status_code == 403
     admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, "audited")
     _release(cluster, site, federation.key_id)
     with cluster.keyserver_admin() as keyserver:
-        events = [e for e in keyserver.audit_events(200) if e.actor == f"site:{site.site_id}"]
-        admits = [e for e in keyserver.audit_events(200) if e.subject == f"{federation.id}/{site.site_id}"]
-    assert [(e.action, e.subject, e.detail.get("granted")) for e in reversed(events)] == [
-        ("context.release_secret", federation.key_id, False),
-        ("context.release_secret", federation.key_id, True),
+        audit = keyserver.audit_events(500)
+    events = [e for e in audit if e.actor == f"site:{site.site_id}"]
+    claims = [e for e in audit if e.detail.get("claimed_site") == site.site_id]
+    admits = [e for e in audit if e.subject == f"{federation.id}/{site.site_id}"]
+    assert [(e.action, e.subject, e.detail.get("granted")) for e in events] == [
+        ("context.release_secret", federation.key_id, True)
     ]
-    assert events[1].detail["reason"] == "not_a_member"
+    assert [(e.actor, e.action, e.subject) for e in claims] == [
+        ("anonymous", "context.release_secret", federation.key_id)
+    ]
+    assert (claims[0].detail["reason"], claims[0].detail["client"]) == ("not_a_member", address)
     assert [(e.action, e.actor) for e in admits] == [("member.admit", "account:bootstrap-admin")]
     with cluster.aggregator_admin() as operator:
         actions = {(e.action, e.subject, e.actor) for e in operator.audit_events(500)}
