@@ -3,9 +3,11 @@
 Real keyserver and aggregator on loopback over TLS against Postgres, real agents training with
 DP-SGD and encrypting with TenSEAL: an admin logs in through the form, approves a pending site
 by clicking (and hands its one-time credential to the site's agent, which then takes part),
-watches a round advance in the live view without reloading, and the screenshots of that run go
-to ``docs/img/dashboard-*.png`` for the operator guide. A viewer sees no action buttons and the
-server refuses a viewer's decision anyway; names from registrations are rendered as text.
+watches a round advance in the live view without reloading or polling (the page follows
+``/v1/events``), and the screenshots of that run go to a temporary directory, or to
+``FEDHE_SCREENSHOT_DIR`` (``docs/img`` for the operator guide's) when it is set. A viewer sees no
+action buttons and the server refuses a viewer's decision anyway; names from registrations are
+rendered as text.
 
 Chromium is required, not optional: without it these tests fail (CI installs Debian's).
 """
@@ -20,17 +22,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from fedhe.api_client import AggregatorClient
 from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
 from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
+from fedhe.environment import current as current_environment
 from fedhe.errors import PermissionDenied
 from fedhe.files import write_private_text
 from fedhe.local_cluster import (
@@ -42,9 +46,14 @@ from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import (
     AccountCreate,
+    AgentState,
+    DeclineCreate,
+    DeclineReason,
     FederationCreate,
+    HeartbeatCreate,
     JobCreate,
     JobStatus,
+    PrivacyReport,
     RoundPublic,
     SiteCreate,
     SiteStatus,
@@ -65,8 +74,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# The operator guide shows these; point FEDHE_SCREENSHOT_DIR elsewhere (a CI artifact) to keep docs/img as is.
-SCREENSHOTS = Path(os.environ.get("FEDHE_SCREENSHOT_DIR", Path(__file__).resolve().parents[2] / "docs" / "img"))
+# The operator guide shows these: FEDHE_SCREENSHOT_DIR=docs/img regenerates them; unset, docs/img is left alone.
+SCREENSHOT_DIR = os.environ.get("FEDHE_SCREENSHOT_DIR")
 VIEWPORT = {"width": 1400, "height": 900}
 ROUNDS = 5
 WAIT_MS = 5_000
@@ -152,7 +161,10 @@ class Dashboard:
 
     page: Page
     base_url: str
+    screenshots: Path
     problems: list[str] = field(default_factory=list)
+    # Every request the page made to the JSON routes (the event stream aside), as "METHOD path?query".
+    api_calls: list[str] = field(default_factory=list)
 
     def log_in(self, api_token: str) -> None:
         """Log in through the form, as an operator pasting their API token."""
@@ -175,8 +187,7 @@ class Dashboard:
     def screenshot(self, name: str, *, full_page: bool = False) -> None:
         """Save a screenshot for the docs, after the page has settled."""
         self.page.wait_for_timeout(400)  # let bars and plotly transitions finish
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SCREENSHOTS / name), full_page=full_page)
+        self.page.screenshot(path=str(self.screenshots / name), full_page=full_page)
 
     def screenshot_section(self, name: str, first: str, last: str) -> None:
         """Save the part of the page from element ``first`` down to element ``last``, full width."""
@@ -188,8 +199,18 @@ class Dashboard:
         )
         y = max(0, top - 16)
         clip = {"x": 0, "y": y, "width": VIEWPORT["width"], "height": bottom + 16 - y}
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SCREENSHOTS / name), full_page=True, clip=clip)
+        self.page.screenshot(path=str(self.screenshots / name), full_page=True, clip=clip)
+
+    def wait_for_stream(self) -> None:
+        """Wait until the page follows the event stream (it polls until then)."""
+        expect(self.page.locator("#status")).to_have_attribute("data-stream", "up", timeout=WAIT_MS)
+        self.page.wait_for_timeout(500)  # the catch-up refresh after connecting
+
+    def api_calls_during(self, seconds: float) -> list[str]:
+        """The JSON requests the page makes in the next ``seconds``."""
+        start = len(self.api_calls)
+        self.page.wait_for_timeout(seconds * 1000)
+        return self.api_calls[start:]
 
     def assert_no_problems(self, *allowed: str) -> None:
         """No script error, CSP violation or failed request other than the ``allowed`` ones."""
@@ -197,12 +218,27 @@ class Dashboard:
         assert not unexpected, unexpected
 
 
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: ``FEDHE_SCREENSHOT_DIR`` when set, else a temporary directory."""
+    directory = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path_factory.mktemp("screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 @contextmanager
-def dashboard(browser: Browser, cluster: Cluster) -> Iterator[Dashboard]:
+def dashboard(browser: Browser, cluster: Cluster, screenshots: Path) -> Iterator[Dashboard]:
     """A fresh browser context (its own sessionStorage) with one tab on the aggregator."""
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, locale="en-GB", timezone_id="UTC")
     page = context.new_page()
-    tab = Dashboard(page, cluster.aggregator_url)
+    tab = Dashboard(page, cluster.aggregator_url, screenshots)
+
+    def note_request(request: Request) -> None:
+        path = request.url.removeprefix(cluster.aggregator_url)
+        if path.startswith("/v1/") and not path.startswith("/v1/events"):
+            tab.api_calls.append(f"{request.method} {path}")
+
+    page.on("request", note_request)
     page.on("console", lambda message: tab.problems.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda exc: tab.problems.append(f"page error: {exc}"))
     page.on("dialog", lambda dialog: (tab.problems.append(f"unexpected dialog: {dialog.message}"), dialog.dismiss()))
@@ -276,7 +312,7 @@ class Federation:
 
 
 def set_up_federation(cluster: Cluster, workdir: Path) -> Federation:
-    """Federation and job at the services; three hospitals approved, Lakeside and Eastgate pending.
+    """Federation and job at the services; three hospitals approved, Lakeside pending.
 
     All four hospitals of the scenario are members at the keyserver (it pins their keys); the
     aggregator expects an answer from a member only once it is approved here too.
@@ -317,7 +353,6 @@ def set_up_federation(cluster: Cluster, workdir: Path) -> Federation:
             with cluster.aggregator_admin() as admin:
                 give_credential(site, admin.approve_site(site.site_id).credential)
         admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, site_spec.name)
-    sites[EASTGATE.key] = register(cluster, workdir, EASTGATE)
     return Federation(cluster, workdir, job_id, federation.id, sites)
 
 
@@ -349,13 +384,13 @@ def weighted_accuracy(round_: RoundPublic) -> float:
 
 
 def test_admin_approves_a_site_and_watches_the_federation_train(
-    cluster: Cluster, browser: Browser, tmp_path: Path
+    cluster: Cluster, browser: Browser, screenshots: Path, tmp_path: Path
 ) -> None:
     federation = set_up_federation(cluster, tmp_path)
     sites = federation.sites
     lakeside = sites[LAKESIDE.key]
     try:
-        with dashboard(browser, cluster) as tab:
+        with dashboard(browser, cluster, screenshots) as tab:
             page = tab.page
             tab.log_in(cluster.secrets.aggregator_admin_token)
             expect(page.locator("#who")).to_contain_text("admin")
@@ -365,11 +400,24 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
                 "() => JSON.stringify({...sessionStorage}) + JSON.stringify({...localStorage}) + document.cookie"
             ), "the API token must not be kept in the browser"
 
-            # The approval queue lists Lakeside and Eastgate; approve Lakeside by clicking.
+            # The approval queue lists Lakeside. While nothing changes the page asks nothing (it
+            # polled 3 to 5 routes every 2 s before it followed the event stream) ...
             page.click("#nav a[data-section=sites]")
             queued = page.locator(f"#approval-queue tr[data-site-id={lakeside.site_id}]")
             expect(queued).to_contain_text(LAKESIDE.name, timeout=WAIT_MS)
-            expect(page.locator(f"#approval-queue tr[data-site-id={sites[EASTGATE.key].site_id}]")).to_be_visible()
+            tab.wait_for_stream()
+            assert tab.api_calls_during(5) == []
+            # ... and Eastgate's registration appears through the stream, only the sites fetched again.
+            before = len(tab.api_calls)
+            sites[EASTGATE.key] = register(cluster, tmp_path, EASTGATE)
+            expect(page.locator(f"#approval-queue tr[data-site-id={sites[EASTGATE.key].site_id}]")).to_be_visible(
+                timeout=3_000
+            )
+            page.wait_for_timeout(500)
+            assert tab.api_calls[before:] == ["GET /v1/sites"]
+            expect(page.locator("#status")).to_contain_text("Live: following the aggregator's events")
+
+            # Approve Lakeside by clicking.
             queued.locator("button[data-action=approve]").click()
             expect(page.locator("#confirm-dialog")).to_be_visible()
             expect(page.locator("#confirm-title")).to_have_text(f"Approve {LAKESIDE.name}?")
@@ -416,6 +464,10 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             expect(advertised).to_contain_text("waiting for the roster to close")
             expect(page.locator("#figure-advertised .figure-value")).to_have_text("2")
             expect(page.locator("#figure-bytes .figure-value")).to_have_text("0 B")  # nothing uploads before the roster
+            # Waiting for Lakeside: heartbeats come as events and cost no request.
+            assert tab.api_calls_during(6) == []
+            expect(page.locator("#charts-empty")).to_have_text("No uploads yet: the charts appear once sites upload.")
+            expect(page.locator("#job-charts .charts")).to_be_hidden()
             countdown = page.locator("#countdown").inner_text()
             expect(page.locator("#countdown")).not_to_have_text(countdown, timeout=3_000)  # it ticks
             tab.screenshot_section("dashboard-round.png", ".topbar", "#live-round")
@@ -423,16 +475,23 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             # Lakeside's admin installs the credential from the dialog; its key closes the roster and
             # the three members' uploads and unmasking answers complete round 0.
             give_credential(lakeside, credential)
+            before = len(tab.api_calls)
             federation.start_agent(LAKESIDE.key, LAKESIDE)
             page.wait_for_function(f"() => ({LIVE_ROUND})() >= 1", timeout=ROUND_MS, polling=250)
             assert page.evaluate("() => typeof window.noReloadSince") == "number", "the page reloaded"
+            # Round 0 closing, publishing and round 1 opening reached the page as events: it fetched
+            # the job list and the rounds they named, never every site or every round.
+            calls = set(tab.api_calls[before:])
+            round_calls = {f"GET /v1/jobs/{federation.job_id}/rounds/{n}" for n in (0, 1)}
+            assert calls, "the page fetched nothing after the round's events"
+            assert calls <= {"GET /v1/jobs", *round_calls}, calls
             published = federation.rounds()[0]
             assert sorted(s.site_id for s in published.submissions) == sorted(
                 sites[k].site_id for k in (ST_MARYS.key, NORTHFIELD.key, LAKESIDE.key)
             )
             history = page.locator("#round-history tr[data-round='0']")
             expect(history).to_contain_text("published", timeout=WAIT_MS)
-            expect(history).to_contain_text("Harbour Clinic (privacy budget exhausted)")
+            expect(history).to_contain_text("Harbour Clinic (privacy budget exhausted")
 
             # The overview and the sites while the job runs.
             page.click("#nav a[data-section=overview]")
@@ -502,10 +561,10 @@ def viewer_token(cluster: Cluster, name: str) -> str:
 
 
 def test_a_viewer_sees_no_action_buttons_and_the_server_refuses_them(
-    cluster: Cluster, browser: Browser, tmp_path: Path
+    cluster: Cluster, browser: Browser, screenshots: Path, tmp_path: Path
 ) -> None:
     pending = register(cluster, tmp_path, SiteSpec("westbrook", "Westbrook Hospital", "Westbrook", "a@b.example", 1.0))
-    with dashboard(browser, cluster) as tab:
+    with dashboard(browser, cluster, screenshots) as tab:
         page = tab.page
         page.goto(f"{cluster.aggregator_url}/dashboard")
         page.fill("#api-token", "fht_not-a-token")
@@ -537,7 +596,7 @@ def test_a_viewer_sees_no_action_buttons_and_the_server_refuses_them(
 
 
 def test_registrations_are_shown_as_text_and_admins_reject_and_revoke_by_clicking(
-    cluster: Cluster, browser: Browser, tmp_path: Path
+    cluster: Cluster, browser: Browser, screenshots: Path, tmp_path: Path
 ) -> None:
     hostile = SiteSpec(
         "hostile",
@@ -550,7 +609,7 @@ def test_registrations_are_shown_as_text_and_admins_reject_and_revoke_by_clickin
     approved = register(cluster, tmp_path, SiteSpec("ridge", "Ridge Hospital", "Ridge", "r@ridge.example", 1.0))
     with cluster.aggregator_admin() as admin:
         admin.approve_site(approved.site_id)
-    with dashboard(browser, cluster) as tab:
+    with dashboard(browser, cluster, screenshots) as tab:
         page = tab.page
         tab.log_in(cluster.secrets.aggregator_admin_token)
         page.click("#nav a[data-section=sites]")
@@ -579,3 +638,120 @@ def test_registrations_are_shown_as_text_and_admins_reject_and_revoke_by_clickin
         assert page.evaluate("() => sessionStorage.length") == 0
         assert page.evaluate("() => window.injected") is None
         tab.assert_no_problems("401")
+
+
+def heartbeat(cluster: Cluster, credential: str, report: HeartbeatCreate) -> None:
+    """What a site's agent sends, sent here by hand so the test chooses the state."""
+    with AggregatorClient(cluster.aggregator_url, credential, tls=cluster.secrets.tls) as agent:
+        agent.heartbeat(report)
+
+
+def dashboard_time(at: datetime) -> str:
+    """How the page writes a moment in a browser set to UTC."""
+    aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def test_members_without_a_job_agents_per_job_declines_with_their_epsilon_and_dated_times(
+    cluster: Cluster, browser: Browser, screenshots: Path, tmp_path: Path
+) -> None:
+    with cluster.keyserver_admin() as keyserver:
+        federation = keyserver.create_federation(FederationCreate(name="Coastal imaging group"))
+    ridgeway = register(cluster, tmp_path, SiteSpec("ridgeway", "Ridgeway Infirmary", "Ridgeway", "r@w.example", 2.0))
+    moorland = register(cluster, tmp_path, SiteSpec("moorland", "Moorland Hospital", "Moorland", "m@m.example", 2.0))
+    credentials = {}
+    for site, name in ((ridgeway, "Ridgeway Infirmary"), (moorland, "Moorland Hospital")):
+        with cluster.aggregator_admin() as admin:
+            credentials[site.site_id] = admin.approve_site(site.site_id).credential
+        admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, name)
+
+    with dashboard(browser, cluster, screenshots) as tab:
+        page = tab.page
+        tab.log_in(cluster.secrets.aggregator_admin_token)
+        # A federation shows with its members before it has a job, on the overview and beside each site.
+        row = page.locator(f"#federations tr[data-federation-id={federation.id}]")
+        expect(row.locator(".members")).to_have_text("2", timeout=WAIT_MS)
+        expect(row).to_contain_text("no job yet")
+        page.click("#nav a[data-section=sites]")
+        for site in (ridgeway, moorland):
+            expect(page.locator(f"#all-sites tr[data-site-id={site.site_id}]")).to_contain_text("Coastal imaging group")
+
+        spec = ModelSpec(input_shape=(4,), num_classes=2)
+        job = JobCreate(
+            name="coastal-first",
+            key_id=federation.key_id,
+            model=spec,
+            rounds=2,
+            min_sites=1,
+            secure_aggregation=None,
+            max_samples_per_round=1_000,
+        )
+        with cluster.aggregator_admin() as admin:
+            first = admin.create_job(job)
+            second = admin.create_job(job.model_copy(update={"name": "coastal-second"}))
+        environment = current_environment()
+        heartbeat(
+            cluster,
+            credentials[ridgeway.site_id],
+            HeartbeatCreate(state=AgentState.TRAINING, job_id=first.id, round=0, environment=environment),
+        )
+
+        # The second job's page: Ridgeway's agent works on the first job, and says only that.
+        tab.open(f"jobs/{second.id}")
+        agent = page.locator(f"#live-round tr[data-site-id={ridgeway.site_id}] .agent-in-job")
+        expect(agent).to_have_text("busy with coastal-first", timeout=WAIT_MS)
+        expect(agent.locator(".chip")).to_have_count(0)
+        # No upload yet: a sentence, not an empty chart.
+        expect(page.locator("#charts-empty")).to_have_text("No uploads yet: the charts appear once sites upload.")
+        expect(page.locator("#job-charts .charts")).to_be_hidden()
+        expect(page.locator("#chart-scores[data-traces]")).to_have_count(0)
+        # Times carry their date and zone.
+        created = page.locator(".facts dt:text-is('Created') + dd")
+        expect(created).to_have_text(dashboard_time(second.created_at))
+        round_0 = federation_round(cluster, second.id)
+        expect(page.locator("#figure-opened .figure-value")).to_have_text(dashboard_time(round_0.opened_at))
+        tab.wait_for_stream()
+
+        # Moorland spent ε 1.25 of its 2.0 elsewhere and declines; Ridgeway moves to this job. Both
+        # reach the page as events: the heartbeat costs no request, the decline one round fetch.
+        before = len(tab.api_calls)
+        privacy = PrivacyReport(epsilon=1.25, delta=1e-5, max_epsilon=2.0)
+        heartbeat(
+            cluster,
+            credentials[moorland.site_id],
+            HeartbeatCreate(
+                state=AgentState.DECLINED, job_id=second.id, round=0, environment=environment, privacy=privacy
+            ),
+        )
+        with AggregatorClient(
+            cluster.aggregator_url, credentials[moorland.site_id], tls=cluster.secrets.tls
+        ) as agent_of_moorland:
+            agent_of_moorland.decline_round(
+                second.id, 0, DeclineCreate(reason=DeclineReason.BUDGET_EXHAUSTED, message="ε would reach 2.4")
+            )
+        declined = page.locator(f"#live-round tr[data-site-id={moorland.site_id}]")
+        expect(declined).to_have_attribute("data-answer", "declined", timeout=3_000)
+        expect(declined.locator(".spent-before")).to_have_text("ε 1.25 spent before declining (limit 2.0)")
+        decline_at = federation_round(cluster, second.id).declines[0].at
+        expect(declined).to_contain_text(f"({dashboard_time(decline_at)})")
+        heartbeat(
+            cluster,
+            credentials[ridgeway.site_id],
+            HeartbeatCreate(state=AgentState.WAITING, job_id=second.id, round=0, environment=environment),
+        )
+        expect(agent).to_have_text("waiting round 0", timeout=3_000)
+        page.wait_for_timeout(500)
+        assert tab.api_calls[before:] == [f"GET /v1/jobs/{second.id}/rounds/0"]
+        tab.screenshot_section("dashboard-declined.png", "#live-round", "#job-charts")
+
+        # The first job's page shows Ridgeway's state in that job no more.
+        tab.open(f"jobs/{first.id}")
+        expect(page.locator(f"#live-round tr[data-site-id={ridgeway.site_id}] .agent-in-job")).to_have_text(
+            "busy with coastal-second", timeout=WAIT_MS
+        )
+        tab.assert_no_problems()
+
+
+def federation_round(cluster: Cluster, job_id: str) -> RoundPublic:
+    with cluster.aggregator_admin() as admin:
+        return admin.rounds(job_id)[-1]

@@ -1,22 +1,29 @@
-// The dashboard's shell: login, navigation, the 2-second poll, notices and dialogs.
+// The dashboard's shell: login, navigation, following the aggregator's events, notices and dialogs.
 //
-// Every view is an object { element, wants, update(data) }: the shell fetches what the view
-// wants on every tick and hands it over; views re-render only the parts whose data changed.
+// Every view is an object { element, wants, update(data) }. The shell loads what the view wants,
+// then follows /v1/events and refetches only what an event concerns (a heartbeat event carries
+// the agent's whole report, so it costs no request); views re-render only the parts whose data
+// changed. Only while the stream is down does the shell poll, slowly.
 
-import { Api, endSession, savedSession, startSession } from "./api.js";
-import { refreshLiveText } from "./dom.js";
+import { Api, endSession, savedSession, serverNow, startSession } from "./api.js";
+import { fmtDateTime, refreshLiveText } from "./dom.js";
+import { followEvents } from "./events.js";
 import { createJobsView, createJobView } from "./jobs.js";
 import { createOverviewView } from "./overview.js";
 import { createSitesView } from "./sites.js";
 
-const POLL_MS = 2000;
+const FALLBACK_POLL_MS = 15_000;
+const RETRY_MS = 5_000;
+// The events of one change arrive together: wait this long so they cost one refetch.
+const SETTLE_MS = 150;
+// The aggregator's ONLINE_WITHIN: an agent silent for longer is offline (no event says so).
+const ONLINE_MS = 60_000;
 const $ = (id) => document.getElementById(id);
 
 let api = null;
 let me = null;
 let view = null;
-let pollTimer = null;
-let pollGeneration = 0;
+let data = null;
 let lastFederations = [];
 
 // ---- notices and dialogs ---------------------------------------------------------------
@@ -102,7 +109,7 @@ function setUpCredentialDialog() {
 // ---- login and logout --------------------------------------------------------------------
 
 function showLogin(message) {
-  stopPolling();
+  stopFollowing();
   view = null;
   me = null;
   api = null;
@@ -159,10 +166,11 @@ async function enter(session) {
     textContent: me.role,
   }));
   $("who").dataset.role = me.role;
+  startFollowing();
   route();
 }
 
-// ---- routing and polling -----------------------------------------------------------------
+// ---- routing --------------------------------------------------------------------------------
 
 function context() {
   return {
@@ -172,7 +180,10 @@ function context() {
     notify,
     confirmAction,
     showCredential,
-    refresh: () => poll(),
+    refresh: () => {
+      need.all = true;
+      return refresh();
+    },
     handleError,
   };
 }
@@ -193,44 +204,249 @@ function route() {
   view = next;
   $("view").replaceChildren(view.element);
   $("view").dataset.section = view.section;
-  poll();
+  generation += 1;
+  need.all = true;
+  refresh();
 }
 
-function stopPolling() {
-  clearTimeout(pollTimer);
-  pollTimer = null;
-  pollGeneration += 1;
+// ---- what to fetch -------------------------------------------------------------------------
+
+/** What the next refresh fetches: everything, or the parts events concerned. */
+function nothingNeeded() {
+  return { all: false, federations: false, sites: false, jobs: false, audit: false, current: new Set(), rounds: new Set() };
 }
 
-async function fetchData(wants) {
-  const federations = api.federations().catch((exc) => {
+let need = nothingNeeded();
+let generation = 0;
+let refreshTimer = null;
+let inFlight = false;
+let again = false;
+
+function fetchFederations() {
+  return api.federations().catch((exc) => {
     // Memberships come from the keyserver: without it, show the last ones and say so.
     if (exc.unauthorized) throw exc;
     notify(`Federation memberships unavailable: ${exc.message}`);
     return lastFederations;
   });
-  const [feds, sites, jobs] = await Promise.all([federations, api.sites(), api.jobs()]);
-  lastFederations = feds;
-  const data = { federations: feds, sites, jobs };
-  const extra = [];
-  if (wants.currentRounds) {
-    const running = jobs.filter((job) => job.status === "running");
-    extra.push(
-      Promise.all(running.map((job) => api.round(job.id, job.current_round).catch(() => null))).then((rounds) => {
-        data.currentRounds = new Map(rounds.filter(Boolean).map((round) => [round.job_id, round]));
-      }),
-    );
-  }
-  if (wants.audit) extra.push(api.audit(wants.audit).then((events) => (data.audit = events)));
-  if (wants.rounds) {
-    const rounds = api.rounds(wants.rounds).catch((exc) => {
+}
+
+/** The view's data with the needed parts fetched again and the rest kept from ``data``. */
+async function load(asked, current) {
+  const all = asked.all || !data;
+  const next = all ? {} : { ...data };
+  const wants = current.wants;
+  const parts = [];
+  if (all || asked.federations) parts.push(fetchFederations().then((found) => (next.federations = found)));
+  if (all || asked.sites) parts.push(api.sites().then((found) => (next.sites = found)));
+  if (all || asked.jobs) parts.push(api.jobs().then((found) => (next.jobs = found)));
+  if (wants.audit && (all || asked.audit)) parts.push(api.audit(wants.audit).then((found) => (next.audit = found)));
+  if (wants.rounds) parts.push(loadRounds(wants.rounds, all || asked.rounds.has("all") ? null : asked.rounds, next));
+  await Promise.all(parts);
+  lastFederations = next.federations;
+  if (wants.currentRounds) await loadCurrentRounds(all ? null : asked.current, next);
+  return next;
+}
+
+/** A job's rounds: all of them, or only ``numbers`` (each one's latest attempt) merged into those known. */
+async function loadRounds(jobId, numbers, next) {
+  if (numbers === null || next.roundsOf !== jobId) {
+    next.rounds = await api.rounds(jobId).catch((exc) => {
       if (exc.status === 400 || exc.status === 404) return []; // no such job: the view says so
       throw exc;
     });
-    extra.push(rounds.then((found) => (data.rounds = found)));
+    next.roundsOf = jobId;
+    return;
   }
-  await Promise.all(extra);
-  return data;
+  const fetched = await Promise.all([...numbers].map((number) => api.round(jobId, number).catch(() => null)));
+  const rounds = [...next.rounds];
+  for (const round of fetched.filter(Boolean)) {
+    const index = rounds.findIndex((r) => r.number === round.number && r.attempt === round.attempt);
+    if (index >= 0) rounds[index] = round;
+    else rounds.push(round);
+  }
+  next.rounds = rounds.sort((a, b) => a.number - b.number || a.attempt - b.attempt);
+}
+
+/** The round each running job collects now: fetched for ``jobIds`` (null: all) and for jobs whose round moved. */
+async function loadCurrentRounds(jobIds, next) {
+  const known = next.currentRounds ?? new Map();
+  const running = next.jobs.filter((job) => job.status === "running");
+  const stale = (job) =>
+    jobIds === null || jobIds.has(job.id) || known.get(job.id)?.number !== job.current_round;
+  const fetched = await Promise.all(
+    running.map((job) => (stale(job) ? api.round(job.id, job.current_round).catch(() => null) : known.get(job.id))),
+  );
+  next.currentRounds = new Map(fetched.filter(Boolean).map((round) => [round.job_id, round]));
+}
+
+/** Note what ``event`` changed; true if it needs a refetch (a heartbeat is applied as it comes). */
+function noteEvent(event) {
+  const kind = String(event.kind ?? "");
+  if (kind === "site.heartbeat") {
+    const site = data?.sites.find((candidate) => candidate.id === event.site_id);
+    if (!site) {
+      need.sites = true;
+      return true;
+    }
+    site.agent = event.agent;
+    render();
+    return false;
+  }
+  if (kind === "site.state") return false; // its heartbeat event came with it
+  need.audit = true;
+  if (kind.startsWith("site.")) {
+    need.sites = true;
+    return true;
+  }
+  const jobId = event.job_id;
+  if (kind.startsWith("job.") || kind === "round.opened" || kind === "round.published") need.jobs = true;
+  if (kind === "job.created") need.federations = true;
+  if (jobId) need.current.add(jobId);
+  if (jobId && jobId === view?.wants.rounds) {
+    // A failed attempt is followed by the next one (a fetch by number would return only that),
+    // a stopped job fails its round without an event, a refused aggregate fails later rounds.
+    const whole = kind.startsWith("job.") || kind === "round.failed" || kind === "aggregate.refused";
+    need.rounds.add(whole || typeof event.round !== "number" ? "all" : event.round);
+  }
+  return true;
+}
+
+function mergeNeed(into, from) {
+  for (const key of ["all", "federations", "sites", "jobs", "audit"]) into[key] ||= from[key];
+  from.current.forEach((id) => into.current.add(id));
+  from.rounds.forEach((number) => into.rounds.add(number));
+}
+
+// ---- refreshing ----------------------------------------------------------------------------
+
+function schedule(delay) {
+  if (refreshTimer === null) refreshTimer = setTimeout(refresh, delay);
+}
+
+function render() {
+  if (!view || !data) return;
+  view.update(data);
+  const pending = data.sites.filter((site) => site.status === "pending").length;
+  $("pending-count").textContent = String(pending);
+  $("pending-count").hidden = pending === 0;
+}
+
+async function refresh() {
+  clearTimeout(refreshTimer);
+  refreshTimer = null;
+  if (inFlight) {
+    again = true;
+    return;
+  }
+  const current = view;
+  const started = generation;
+  if (!api || !current) return;
+  if (Date.parse(api.session.expiresAt) <= Date.now()) {
+    logout("Your 8-hour session has expired. Log in again.");
+    return;
+  }
+  const asked = need;
+  need = nothingNeeded();
+  inFlight = true;
+  try {
+    const next = await load(asked, current);
+    if (started !== generation || current !== view) return; // another view took over
+    data = next;
+    render();
+    $("status").classList.remove("status-error");
+    showStatus();
+  } catch (exc) {
+    if (started !== generation) return;
+    if (exc.unauthorized) {
+      handleError(exc);
+      return;
+    }
+    mergeNeed(need, asked);
+    $("status-text").textContent = `Could not refresh: ${exc.message} — retrying`;
+    $("status").classList.add("status-error");
+    schedule(RETRY_MS);
+  } finally {
+    inFlight = false;
+    if (again) {
+      again = false;
+      schedule(0);
+    }
+  }
+}
+
+// ---- the event stream, and the poll while it is down ------------------------------------------
+
+let stream = null;
+let fallbackTimer = null;
+let streamProblem = null;
+let updatedAt = null;
+
+function showStatus() {
+  updatedAt = new Date().toISOString();
+  const live = streamProblem === null;
+  $("status").dataset.stream = live ? "up" : "down";
+  let state = "Live: following the aggregator's events";
+  if (streamProblem === "connecting") state = "Connecting to the aggregator's events";
+  else if (!live) state = `Live updates unavailable (${streamProblem}): refreshing every ${FALLBACK_POLL_MS / 1000} s`;
+  $("status-text").textContent = `${state} · updated ${fmtDateTime(updatedAt)}`;
+}
+
+function startFollowing() {
+  stopFollowing();
+  stream = followEvents(api.session.token, {
+    onUp() {
+      streamProblem = null;
+      clearInterval(fallbackTimer);
+      fallbackTimer = null;
+      // Whatever changed while the stream was down (or before it connected) is fetched once.
+      need.all = true;
+      refresh();
+    },
+    onDown(reason) {
+      streamProblem = reason;
+      if (updatedAt) showStatus();
+      if (fallbackTimer === null) {
+        fallbackTimer = setInterval(() => {
+          need.all = true;
+          refresh();
+        }, FALLBACK_POLL_MS);
+      }
+    },
+    onEvent(event) {
+      if (noteEvent(event)) schedule(SETTLE_MS);
+    },
+    onUnauthorized() {
+      logout("Your session has ended (expired, revoked or the account was disabled). Log in again.");
+    },
+  });
+}
+
+function stopFollowing() {
+  stream?.stop();
+  stream = null;
+  clearInterval(fallbackTimer);
+  fallbackTimer = null;
+  clearTimeout(refreshTimer);
+  refreshTimer = null;
+  streamProblem = null;
+  updatedAt = null;
+  generation += 1;
+  data = null;
+  need = nothingNeeded();
+}
+
+/** Agents silent for longer than ONLINE_MS are offline now, though no event says so. */
+function markSilentAgentsOffline() {
+  let changed = false;
+  for (const site of data?.sites ?? []) {
+    const agent = site.agent;
+    if (agent?.online && serverNow() - Date.parse(agent.last_seen_at) > ONLINE_MS) {
+      site.agent = { ...agent, online: false };
+      changed = true;
+    }
+  }
+  if (changed) render();
 }
 
 function handleError(exc) {
@@ -242,36 +458,6 @@ function handleError(exc) {
   return false;
 }
 
-async function poll() {
-  clearTimeout(pollTimer);
-  const generation = ++pollGeneration;
-  const current = view;
-  if (!api || !current) return;
-  if (Date.parse(api.session.expiresAt) <= Date.now()) {
-    logout("Your 8-hour session has expired. Log in again.");
-    return;
-  }
-  try {
-    const data = await fetchData(current.wants);
-    if (generation !== pollGeneration || current !== view) return; // a newer poll or another view took over
-    current.update(data);
-    const pending = data.sites.filter((site) => site.status === "pending").length;
-    $("pending-count").textContent = String(pending);
-    $("pending-count").hidden = pending === 0;
-    $("status-text").textContent = `Updated ${new Date().toLocaleTimeString()} · refreshes every ${POLL_MS / 1000} s`;
-    $("status").classList.remove("status-error");
-  } catch (exc) {
-    if (generation !== pollGeneration) return;
-    if (exc.unauthorized) {
-      handleError(exc);
-      return;
-    }
-    $("status-text").textContent = `Could not refresh: ${exc.message} — retrying`;
-    $("status").classList.add("status-error");
-  }
-  if (generation === pollGeneration) pollTimer = setTimeout(poll, POLL_MS);
-}
-
 // ---- start ---------------------------------------------------------------------------------
 
 function start() {
@@ -280,8 +466,11 @@ function start() {
   $("notice-close").addEventListener("click", clearNotice);
   setUpCredentialDialog();
   window.addEventListener("hashchange", route);
-  // Countdowns and "seen 5 s ago" follow the clock between polls.
-  setInterval(() => document.querySelectorAll(".live").forEach(refreshLiveText), 1000);
+  // Countdowns and "seen 5 s ago" follow the clock between events.
+  setInterval(() => {
+    document.querySelectorAll(".live").forEach(refreshLiveText);
+    markSilentAgentsOffline();
+  }, 1000);
   const session = savedSession();
   if (session) {
     enter(session).catch((exc) => {

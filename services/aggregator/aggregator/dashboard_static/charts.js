@@ -41,6 +41,11 @@ function baseLayout(extra) {
   };
 }
 
+/** Only the lines that have a point to draw, so the legend names nothing that is not there. */
+function drawn(traces) {
+  return traces.filter((trace) => trace.y.some((value) => typeof value === "number" && Number.isFinite(value)));
+}
+
 function noData(layout, text) {
   return {
     ...layout,
@@ -70,7 +75,7 @@ function scoresChart(rounds) {
   });
   if (!x.length) return [[], noData(layout, "no evaluated round yet")];
   return [
-    [
+    drawn([
       {
         x,
         y: scores.map((s) => s.accuracy),
@@ -90,7 +95,7 @@ function scoresChart(rounds) {
         line: { color: PALETTE[1], width: 2, dash: "dot" },
         hovertemplate: "%{y:.3f}",
       },
-    ],
+    ]),
     layout,
   ];
 }
@@ -166,9 +171,8 @@ function costChart(rounds) {
     },
     bargap: 0.45,
   });
-  if (!attempts.length) return [[], noData(layout, "no round yet")];
   return [
-    [
+    drawn([
       {
         x: attempts.map(label),
         y: bytes.map((value) => value / scale),
@@ -187,20 +191,16 @@ function costChart(rounds) {
         line: { color: PALETTE[4], width: 2 },
         hovertemplate: "%{y:.1f} s",
       },
-    ],
+    ]),
     layout,
   ];
 }
 
 function panel(id, title, note) {
   const plot = h("div", { class: "chart", id: `chart-${id}` });
-  const element = h(
-    "figure",
-    { class: "chart-box" },
-    h("figcaption", null, h("h3", null, title), note ? h("span", { class: "muted" }, note) : null),
-    plot,
-  );
-  return { element, plot };
+  const caption = h("span", { class: "muted", id: `chart-${id}-note` }, note);
+  const element = h("figure", { class: "chart-box" }, h("figcaption", null, h("h3", null, title), caption), plot);
+  return { element, plot, caption };
 }
 
 export function createJobCharts() {
@@ -210,39 +210,46 @@ export function createJobCharts() {
       "Global model: accuracy and loss",
       "each site's evaluation, weighted by its validation rows",
     ),
-    epsilon: panel(
-      "epsilon",
-      "Privacy: ε per site against its budget",
-      "solid: ε reported with each upload; dashed: the site's limit",
-    ),
+    epsilon: panel("epsilon", "Privacy: ε per site against its budget", "ε reported with each upload"),
     cost: panel(
       "cost",
       "Round duration and bytes received",
       "encrypted bytes uploaded; seconds from opening to publication",
     ),
   };
-  const element = h("div", { class: "charts" }, Object.values(panels).map((p) => p.element));
-  const drawn = new Map();
+  const grid = h("div", { class: "charts" }, Object.values(panels).map((p) => p.element));
+  const empty = h("p", { class: "muted", id: "charts-empty" }, "No uploads yet: the charts appear once sites upload.");
+  const element = h("div", null, empty, grid);
+  const shown = new Map();
   let failed = false;
 
   async function draw(name, [traces, layout]) {
     const key = JSON.stringify([traces, layout]);
-    if (drawn.get(name) === key) return;
-    drawn.set(name, key);
+    if (shown.get(name) === key) return;
+    shown.set(name, key);
     try {
       const Plotly = await loadPlotly();
       await Plotly.react(panels[name].plot, traces, layout, CONFIG);
       panels[name].plot.dataset.traces = String(traces.length);
     } catch (exc) {
-      drawn.delete(name);
+      shown.delete(name);
       if (!failed) panels[name].plot.replaceChildren(h("p", { class: "failure" }, exc.message));
       failed = true;
     }
   }
 
   function update(rounds, sites) {
+    const uploads = rounds.some((round) => round.submissions.length);
+    empty.hidden = uploads;
+    grid.hidden = !uploads;
+    if (!uploads) return;
+    const epsilon = epsilonChart(rounds, sites);
+    const limits = epsilon[0].some((trace) => trace.line.dash === "dash");
+    panels.epsilon.caption.textContent = limits
+      ? "solid: ε reported with each upload; dashed: the site's limit"
+      : "ε reported with each upload (no site reported a limit)";
     draw("scores", scoresChart(rounds));
-    draw("epsilon", epsilonChart(rounds, sites));
+    draw("epsilon", epsilon);
     draw("cost", costChart(rounds));
   }
 

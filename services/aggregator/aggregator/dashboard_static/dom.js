@@ -88,21 +88,22 @@ export function progress(value, max, { label, marker, kind } = {}) {
 
 // ---- formatting ----------------------------------------------------------------------
 
-const timeFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-const dateTimeFormat = new Intl.DateTimeFormat(undefined, {
+// "2026-12-07 03:12:05 UTC": unambiguous whatever the browser's locale, in its own time zone, named.
+const dateTimeParts = new Intl.DateTimeFormat("en-GB", {
   year: "numeric",
-  month: "short",
-  day: "numeric",
+  month: "2-digit",
+  day: "2-digit",
   hour: "2-digit",
   minute: "2-digit",
+  second: "2-digit",
+  hourCycle: "h23",
+  timeZoneName: "short",
 });
 
-export function fmtTime(iso) {
-  return iso ? timeFormat.format(new Date(iso)) : "—";
-}
-
 export function fmtDateTime(iso) {
-  return iso ? dateTimeFormat.format(new Date(iso)) : "—";
+  if (!iso) return "—";
+  const part = Object.fromEntries(dateTimeParts.formatToParts(new Date(iso)).map(({ type, value }) => [type, value]));
+  return `${part.year}-${part.month}-${part.day} ${part.hour}:${part.minute}:${part.second} ${part.timeZoneName}`;
 }
 
 export function fmtBytes(bytes) {

@@ -9,7 +9,6 @@ import {
   fmtPercent,
   fmtProbability,
   fmtSeconds,
-  fmtTime,
   h,
   liveText,
   progress,
@@ -24,6 +23,7 @@ import {
   waitsForSites,
   byId,
   currentAttempt,
+  epsilonBeforeDecline,
   globalScores,
   memberAnswers,
   publishedRounds,
@@ -90,8 +90,9 @@ export function createJobView(ctx, jobId) {
     const rounds = data.rounds ?? [];
     const siteKey = data.sites.map((s) => [s.id, s.name, s.status, s.agent]);
     renderIfChanged(header, JSON.stringify([job, federation?.name]), () => jobHeader(job, federation));
-    const liveKey = JSON.stringify([job.status, job.current_round, currentAttempt(job, rounds), members, siteKey]);
-    renderIfChanged(live, liveKey, () => liveRound(job, rounds, members, sitesById));
+    const jobNames = data.jobs.map((j) => [j.id, j.name]);
+    const liveKey = JSON.stringify([job.status, job.current_round, rounds, members, siteKey, jobNames]);
+    renderIfChanged(live, liveKey, () => liveRound(job, rounds, members, sitesById, byId(data.jobs)));
     renderIfChanged(history, JSON.stringify([rounds, siteKey]), () => roundHistory(rounds, sitesById));
     charts.update(rounds, data.sites);
   }
@@ -141,7 +142,7 @@ function jobHeader(job, federation) {
   ];
 }
 
-function liveRound(job, rounds, members, sitesById) {
+function liveRound(job, rounds, members, sitesById, jobsById) {
   const round = currentAttempt(job, rounds);
   if (!round) return [h("h2", null, "Live round"), h("p", { class: "muted" }, "Waiting for the first round…")];
   const target = job.target_sites ?? job.min_sites;
@@ -184,22 +185,22 @@ function liveRound(job, rounds, members, sitesById) {
         figure("not answered", count("waiting"), "waiting"),
         figure("received", fmtBytes(roundBytes(round)), "bytes"),
         figure("samples", round.total_samples.toLocaleString(), "samples"),
-        figure("opened", fmtTime(round.opened_at), "opened"),
+        figure("opened", fmtDateTime(round.opened_at), "opened"),
       ),
     ),
     round.failure_reason ? h("p", { class: "failure" }, `Failed: ${round.failure_reason}`) : null,
     table(
-      ["Site", "Answer", "Details", "Agent now"],
-      answers.map((answer) => answerRow(answer, round)),
+      ["Site", "Answer", "Details", "Agent in this job"],
+      answers.map((answer) => answerRow(answer, round, rounds, jobsById)),
       { empty: "This federation has no members yet.", className: "answers" },
     ),
   ];
 }
 
 function roundEnd(round) {
-  if (round.published_at) return `published ${fmtTime(round.published_at)} after ${fmtSeconds(roundSeconds(round))}`;
-  if (round.closed_at) return `closed ${fmtTime(round.closed_at)}`;
-  return `deadline was ${fmtTime(round.deadline_at)}`;
+  if (round.published_at) return `published ${fmtDateTime(round.published_at)} after ${fmtSeconds(roundSeconds(round))}`;
+  if (round.closed_at) return `closed ${fmtDateTime(round.closed_at)}`;
+  return `deadline was ${fmtDateTime(round.deadline_at)}`;
 }
 
 function figure(label, value, id) {
@@ -211,14 +212,14 @@ function figure(label, value, id) {
   );
 }
 
-function answerRow({ siteId, site, answer, upload, decline, unmasked }, round) {
+function answerRow({ siteId, site, answer, upload, decline, unmasked }, round, rounds, jobsById) {
   let status;
   let details;
   if (answer === "uploaded") {
     status = chip("uploaded", "uploaded");
     const epsilon = upload.metrics.epsilon;
     details = [
-      `${fmtTime(upload.received_at)} · ${fmtBytes(upload.num_bytes)} · ${upload.num_samples} samples`,
+      `${fmtDateTime(upload.received_at)} · ${fmtBytes(upload.num_bytes)} · ${upload.num_samples} samples`,
       typeof epsilon === "number" ? ` · ε ${fmtNumber(epsilon)}` : "",
       typeof upload.metrics.train_loss === "number" ? ` · train loss ${fmtNumber(upload.metrics.train_loss, 3)}` : "",
       unmasked ? " · unmasking answered" : "",
@@ -235,7 +236,8 @@ function answerRow({ siteId, site, answer, upload, decline, unmasked }, round) {
     details = [
       h("strong", null, DECLINE_REASONS[decline.reason] ?? decline.reason),
       decline.message ? `: ${decline.message}` : "",
-      h("span", { class: "muted" }, ` (${fmtTime(decline.at)})`),
+      h("span", { class: "muted" }, ` (${fmtDateTime(decline.at)})`),
+      spentBefore(epsilonBeforeDecline(rounds, round, siteId, site?.agent)),
     ];
   } else if (answer === "waiting") {
     status = chip(waitsForSites(round) ? "not answered yet" : "did not answer", "waiting");
@@ -244,7 +246,6 @@ function answerRow({ siteId, site, answer, upload, decline, unmasked }, round) {
     status = chip("cannot answer", "neutral");
     details = h("span", { class: "muted" }, `member at the keyserver, but ${site ? site.status : "unknown"} here`);
   }
-  const agent = site?.agent;
   return h(
     "tr",
     { dataset: { siteId, answer } },
@@ -256,22 +257,40 @@ function answerRow({ siteId, site, answer, upload, decline, unmasked }, round) {
     ),
     h("td", null, status),
     h("td", null, details),
-    h(
-      "td",
-      null,
-      agent
-        ? [
-            h("span", { class: ["dot", agent.online ? "dot-online" : "dot-offline"], "aria-hidden": "true" }),
-            chip(agent.state, agent.state),
-            roundNote(agent.round),
-            agent.message ? h("div", { class: "agent-message" }, agent.message) : null,
-          ]
-        : h("span", { class: "muted" }, "no heartbeat"),
-    ),
+    h("td", { class: "agent-in-job" }, agentInJob(site?.agent, round.job_id, jobsById)),
   );
 }
 
+/** "ε 1.23 spent before declining (limit 2.0)" beside a decline, when the site's spending is known. */
+function spentBefore(spent) {
+  if (!spent) return null;
+  const limit = spent.limit === null ? "" : ` (limit ${fmtNumber(spent.limit, 1)})`;
+  return h("div", { class: "spent-before" }, `ε ${fmtNumber(spent.epsilon)} spent before declining${limit}`);
+}
+
+/** What a site's agent does in this job; an agent busy with another job says only which. */
+function agentInJob(agent, jobId, jobsById) {
+  if (!agent) return h("span", { class: "muted" }, "no heartbeat");
+  const dot = h("span", { class: ["dot", agent.online ? "dot-online" : "dot-offline"], "aria-hidden": "true" });
+  if (agent.job_id && agent.job_id !== jobId) {
+    const other = jobsById.get(agent.job_id)?.name ?? agent.job_id;
+    return [dot, h("span", { class: "muted" }, "busy with ", routeLink(`jobs/${agent.job_id}`, other))];
+  }
+  return [
+    dot,
+    chip(agent.state, agent.state),
+    roundNote(agent.round),
+    agent.message ? h("div", { class: "agent-message" }, agent.message) : null,
+  ];
+}
+
 function roundHistory(rounds, sitesById) {
+  const declined = (round, decline) => {
+    const spent = epsilonBeforeDecline(rounds, round, decline.site_id, sitesById.get(decline.site_id)?.agent);
+    const reason = DECLINE_REASONS[decline.reason] ?? decline.reason;
+    const epsilon = spent ? ` · ε ${fmtNumber(spent.epsilon)} spent` : "";
+    return h("div", null, `${siteName(sitesById, decline.site_id)} (${reason}${epsilon})`);
+  };
   return table(
     ["Round", "State", "Uploaded", "Declined", "Global accuracy", "Global loss", "Bytes", "Duration"],
     [...rounds]
@@ -297,11 +316,7 @@ function roundHistory(rounds, sitesById) {
           h(
             "td",
             null,
-            round.declines.length
-              ? round.declines.map((d) =>
-                  h("div", null, `${siteName(sitesById, d.site_id)} (${DECLINE_REASONS[d.reason] ?? d.reason})`),
-                )
-              : "—",
+            round.declines.length ? round.declines.map((d) => declined(round, d)) : "—",
           ),
           h("td", { class: "num" }, fmtPercent(scores.accuracy)),
           h("td", { class: "num" }, fmtNumber(scores.loss, 3)),

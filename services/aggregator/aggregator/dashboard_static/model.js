@@ -125,6 +125,22 @@ export function siteJob(site, jobsById) {
   return jobId ? (jobsById.get(jobId) ?? null) : null;
 }
 
+/**
+ * The ε a site had spent when it declined ``round``: the ε it reported with its latest upload to
+ * an earlier round of this job, else (it never uploaded to this job) what its agent reports now
+ * while still on this job, since a site that declines spends nothing more. Null if unknown.
+ */
+export function epsilonBeforeDecline(rounds, round, siteId, agent) {
+  let spent = null;
+  for (const earlier of rounds) {
+    const before = earlier.number < round.number || (earlier.number === round.number && earlier.attempt < round.attempt);
+    const upload = before ? earlier.submissions.find((s) => s.site_id === siteId) : undefined;
+    if (typeof upload?.metrics.epsilon === "number") spent = Math.max(spent ?? 0, upload.metrics.epsilon);
+  }
+  if (spent === null && agent?.privacy && agent.job_id === round.job_id) spent = agent.privacy.epsilon;
+  return spent === null ? null : { epsilon: spent, limit: agent?.privacy?.max_epsilon ?? null };
+}
+
 export const DECLINE_REASONS = {
   budget_exhausted: "privacy budget exhausted",
   refused: "refused",

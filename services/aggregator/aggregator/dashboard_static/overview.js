@@ -1,6 +1,6 @@
 // Overview: federations, sites by status and how many are online, running jobs and their rounds.
 
-import { chip, fmtBytes, fmtTime, h, liveText, progress, renderIfChanged, routeLink, table } from "./dom.js";
+import { chip, fmtBytes, fmtDateTime, h, liveText, progress, renderIfChanged, routeLink, table } from "./dom.js";
 import { waitsForSites, byId, memberAnswers, publishedRounds, roundBytes, siteName } from "./model.js";
 
 const STATUSES = ["approved", "pending", "rejected", "revoked"];
@@ -58,25 +58,16 @@ export function createOverviewView() {
     renderIfChanged(federations, federationsKey, () =>
       table(
         ["Federation", "Members", "Jobs"],
-        data.federations.map((federation) => [
-          h("span", null, h("strong", null, federation.name), h("div", { class: "mono muted" }, federation.id)),
-          String(federation.members.length),
+        data.federations.map((federation) =>
           h(
-            "div",
-            { class: "job-links" },
-            federation.jobs.map((jobId) => {
-              const job = jobsById.get(jobId);
-              return h(
-                "span",
-                { class: "job-link" },
-                routeLink(`jobs/${jobId}`, job?.name ?? jobId),
-                " ",
-                job ? chip(job.status, job.status) : null,
-              );
-            }),
+            "tr",
+            { dataset: { federationId: federation.id } },
+            h("td", null, h("strong", null, federation.name), h("div", { class: "mono muted" }, federation.id)),
+            h("td", { class: "members" }, String(federation.members.length)),
+            h("td", null, federationJobs(federation, jobsById)),
           ),
-        ]),
-        { empty: "No federation has a job on this aggregator yet." },
+        ),
+        { empty: "The keyserver has no federation yet." },
       ),
     );
     renderIfChanged(glance, JSON.stringify([data.sites, data.federations]), () => siteGlance(data));
@@ -85,7 +76,7 @@ export function createOverviewView() {
         table(
           ["Time", "Who", "What", "Subject"],
           data.audit.map((event) => [
-            fmtTime(event.at),
+            fmtDateTime(event.at),
             actorName(event.actor, sitesById),
             event.action,
             h("span", { class: "mono" }, subjectName(event.subject, sitesById, jobsById)),
@@ -126,7 +117,7 @@ function renderStats(data) {
       "registrations waiting for an admin",
       "sites-pending",
     ),
-    stat("Federations", String(data.federations.length), "with jobs on this aggregator", "federation-count"),
+    stat("Federations", String(data.federations.length), "at the keyserver", "federation-count"),
     stat(
       "Jobs",
       Object.entries(jobs)
@@ -136,6 +127,24 @@ function renderStats(data) {
       "job-counts",
     ),
   ];
+}
+
+function federationJobs(federation, jobsById) {
+  if (!federation.jobs.length) return h("span", { class: "muted" }, "no job yet");
+  return h(
+    "div",
+    { class: "job-links" },
+    federation.jobs.map((jobId) => {
+      const job = jobsById.get(jobId);
+      return h(
+        "span",
+        { class: "job-link" },
+        routeLink(`jobs/${jobId}`, job?.name ?? jobId),
+        " ",
+        job ? chip(job.status, job.status) : null,
+      );
+    }),
+  );
 }
 
 function stat(label, value, hint, id) {

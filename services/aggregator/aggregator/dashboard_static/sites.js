@@ -10,6 +10,7 @@ import {
   progress,
   renderIfChanged,
   roundNote,
+  routeLink,
   table,
 } from "./dom.js";
 import { ENVIRONMENT_LABELS, byId, environmentDifferences, membershipsBySite, siteJob } from "./model.js";
@@ -161,7 +162,7 @@ function siteRow(site, federations, jobsById, button) {
       null,
       federations.length ? federations.map((f) => h("div", null, f.name)) : h("span", { class: "muted" }, "none"),
     ),
-    h("td", { class: "agent" }, agentCell(agent)),
+    h("td", { class: "agent" }, agentCell(agent, jobsById)),
     h("td", { class: "versions" }, versionsCell(agent, siteJob(site, jobsById))),
     h("td", { class: "privacy" }, privacyCell(agent)),
     button
@@ -174,7 +175,7 @@ function siteRow(site, federations, jobsById, button) {
   );
 }
 
-function agentCell(agent) {
+function agentCell(agent, jobsById) {
   if (!agent) return h("span", { class: "muted" }, "no heartbeat yet");
   return [
     h(
@@ -186,8 +187,9 @@ function agentCell(agent) {
     ),
     h(
       "div",
-      null,
+      { class: "agent-job" },
       chip(agent.state, agent.state),
+      agent.job_id ? [" in ", routeLink(`jobs/${agent.job_id}`, jobsById.get(agent.job_id)?.name ?? agent.job_id)] : null,
       roundNote(agent.round),
     ),
     agent.message ? h("div", { class: "agent-message" }, agent.message) : null,
