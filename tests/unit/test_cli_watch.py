@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedhe.cli.watch import render
+from fedhe.cli.watch import render, size
 from fedhe.schemas import DeclinePublic, JobPublic, RoundPublic, SubmissionPublic
 
 STARTED = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -127,4 +127,15 @@ def test_a_round_stays_on_one_line_in_a_narrower_terminal() -> None:
         ["3", "published"],
         ["4", "failed"],
         ["4", "try"],
+    ]
+
+
+def test_bytes_up_are_shown_in_decimal_units() -> None:
+    assert [size(n) for n in (0, 999, 1000, 1_398_112, 2_796_224_000, 10**13)] == [
+        "0 B",
+        "999 B",
+        "1.0 kB",
+        "1.4 MB",
+        "2.8 GB",
+        "10000.0 GB",
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -44,12 +45,10 @@ def answered(round_: RoundPublic) -> str:
 
 def size(num_bytes: int) -> str:
     """A byte count as people read it (decimal units)."""
-    value = float(num_bytes)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+    if num_bytes < 1000:
+        return f"{num_bytes} B"
+    power = min(3, int(math.log10(num_bytes)) // 3)
+    return f"{num_bytes / 1000**power:.1f} {('kB', 'MB', 'GB')[power - 1]}"
 
 
 def round_label(round_: RoundPublic) -> str:
