@@ -7,14 +7,15 @@ problem happened here or on the other side of the wire.
 
 from __future__ import annotations
 
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from fedhe.errors import InvalidRequest, UpstreamUnavailable, error_from_body
+from fedhe.connection_errors import explain_transport_error, wrong_service
+from fedhe.errors import InvalidRequest, error_from_body
 from fedhe.identifiers import ACCOUNT_NAME, FEDERATION_ID, JOB_ID, KEY_ID, SHA256, SITE_ID, TOKEN_ID, checked
-from fedhe.logs import REQUEST_ID_HEADER, current_request_id, new_request_id
+from fedhe.logs import REQUEST_ID_HEADER, SERVICE_HEADER, current_request_id, new_request_id
 from fedhe.schemas import (
     AccountCreate,
     AccountPublic,
@@ -90,8 +91,12 @@ class ServiceClient:
 
     The URL must be ``https://`` unless ``tls.insecure_http`` was chosen; the server is verified
     against ``tls.ca_file`` (or the system's CAs), and ``tls``'s certificate is presented when the
-    server asks for one (mutual TLS).
+    server asks for one (mutual TLS). A failure to connect names its cause and the setting to
+    change (``url_setting`` names the one that gave ``base_url``), and an answer from another
+    service than ``service`` is refused as such.
     """
+
+    service: ClassVar[str] = "service"
 
     def __init__(
         self,
@@ -101,9 +106,12 @@ class ServiceClient:
         tls: ClientTLS | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        url_setting: str | None = None,
     ):
         tls = tls or ClientTLS()
         tls.check_url(base_url)
+        self._tls = tls
+        self._url_setting = url_setting or f"the {self.service} URL"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=base_url,
@@ -153,12 +161,24 @@ class ServiceClient:
         except (ValueError, ValidationError) as exc:
             raise _invalid_response(response, f"a list of {model.__name__}") from exc
 
+    def _transport_error(self, exc: httpx.TransportError, method: str, path: str) -> Exception:
+        url = self._http.base_url.join(path)
+        return explain_transport_error(exc, method, url, self._tls, self.service, self._url_setting)
+
+    def _check_service(self, response: httpx.Response) -> None:
+        """Refuse an answer from another service than the one this client talks to."""
+        answered_by = response.headers.get(SERVICE_HEADER)
+        if answered_by != self.service and (answered_by is not None or response.status_code == 404):
+            request = response.request
+            raise wrong_service(request.method, request.url, answered_by, self.service, self._url_setting)
+
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send a request; raise the mapped ``FedheError`` on any failure."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"{method} {self._http.base_url}{path} failed: {type(exc).__name__}") from exc
+            raise self._transport_error(exc, method, path) from exc
+        self._check_service(response)
         _raise_for_status(response)
         return response
 
@@ -167,6 +187,7 @@ class ServiceClient:
         body = bytearray()
         try:
             with self._http.stream("GET", path) as response:
+                self._check_service(response)
                 if response.status_code >= 400:
                     response.read()
                     _raise_for_status(response)
@@ -177,7 +198,7 @@ class ServiceClient:
                             f"GET {path} sent more than the {max_bytes} bytes expected", code="response_too_large"
                         )
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"GET {self._http.base_url}{path} failed: {type(exc).__name__}") from exc
+            raise self._transport_error(exc, "GET", path) from exc
         return bytes(body)
 
     def audit_events(self, limit: int = 100) -> list[AuditEventPublic]:
@@ -222,6 +243,8 @@ class ServiceClient:
 
 class KeyserverClient(ServiceClient):
     """Typed calls to the keyserver."""
+
+    service = "keyserver"
 
     def create_federation(self, request: FederationCreate) -> FederationPublic:
         """Keyserver admin: create a federation."""
@@ -308,6 +331,8 @@ class KeyserverClient(ServiceClient):
 
 class AggregatorClient(ServiceClient):
     """Typed calls to the aggregator."""
+
+    service = "aggregator"
 
     def register_site(self, request: SiteCreate) -> SitePublic:
         """Site admin: register (no credential needed)."""

@@ -20,6 +20,8 @@ from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "X-Request-ID"
+SERVICE_HEADER = "X-Fedhe-Service"
+"""Names the service that answered, so a client pointed at the wrong port can say so."""
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedhe_request_id", default=None)
 
@@ -77,14 +79,18 @@ def configure_logging(level: str, service: str, *, json_lines: bool = True) -> N
 
 
 class RequestLogging:
-    """ASGI middleware: adopt or make the request id, echo it, and log one access line per request.
+    """ASGI middleware: adopt or make the request id, echo it with the service's name, and log one
+    access line per request.
 
     The access line has the route template, not the raw path, so identifiers never reach the log
     unvalidated; it never has headers or bodies, so no credential does either.
     """
 
-    def __init__(self, app: ASGIApp, observe: Callable[[str | None, str, int, float], None] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, *, service: str, observe: Callable[[str | None, str, int, float], None] | None = None
+    ) -> None:
         self.app = app
+        self._service = service.encode()
         self._observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,7 +106,11 @@ class RequestLogging:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
-                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-request-id", rid.encode()),
+                        (SERVICE_HEADER.lower().encode(), self._service),
+                    ]
                 await send(message)
 
             try:

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings
 
 from fedhe.errors import InvalidRequest
-from fedhe.tls import ClientTLS, ServerTLS
+from fedhe.tls import ClientTLS, ServerTLS, TLSSettingNames
 
 
 def resolve_secret(value: SecretStr | None, file: Path | None, name: str) -> SecretStr:
@@ -32,6 +32,8 @@ def optional_secret(value: SecretStr | None, file: Path | None, name: str) -> Se
     if value is not None and file is not None:
         raise InvalidRequest(f"give {name} or {name}_file, not both")
     if file is not None:
+        if not file.is_file():
+            raise InvalidRequest(f"{name}_file {file}: no such file", code="file_missing")
         text = file.read_text(encoding="utf-8").strip()
         if not text:
             raise InvalidRequest(f"{name}_file {file} is empty")
@@ -86,4 +88,9 @@ class ServiceSettings(BaseSettings):
             cert_file=self.tls_cert_file,
             key_file=self.tls_key_file,
             insecure_http=self.insecure_http,
+            names=TLSSettingNames(*(self.variable(f"tls_{name}_file") for name in ("ca", "cert", "key"))),
         )
+
+    def variable(self, field: str) -> str:
+        """The environment variable that sets ``field``."""
+        return f"{self.model_config.get('env_prefix', '')}{field}".upper()

@@ -45,9 +45,8 @@ class ServerTLS:
                 "TLS is on by default: set tls_cert_file and tls_key_file (fedhe dev-ca makes a local CA "
                 "and certificates), or insecure_http=true for a plain-HTTP trial on one machine"
             )
-        for path in (cert, key, client_ca):
-            if path is not None and not path.is_file():
-                raise InvalidRequest(f"TLS file {path} does not exist")
+        for path, setting in ((cert, "tls_cert_file"), (key, "tls_key_file"), (client_ca, "tls_client_ca_file")):
+            _require_file(path, setting)
         return cls(cert_file=cert, key_file=key, client_ca_file=client_ca)
 
     def uvicorn_options(self) -> dict[str, Any]:
@@ -59,6 +58,15 @@ class ServerTLS:
 
 
 @dataclass(frozen=True)
+class TLSSettingNames:
+    """The variables (or flags) that set a client's TLS files, so an error can say what to change."""
+
+    ca_file: str = "the CA file"
+    cert_file: str = "the client certificate"
+    key_file: str = "the client key"
+
+
+@dataclass(frozen=True)
 class ClientTLS:
     """How a client verifies the server and, for mutual TLS, which certificate it presents."""
 
@@ -66,6 +74,7 @@ class ClientTLS:
     cert_file: Path | None = None
     key_file: Path | None = None
     insecure_http: bool = False
+    names: TLSSettingNames = TLSSettingNames()
 
     def check_url(self, url: str) -> None:
         """Refuse a plain-HTTP URL unless ``insecure_http`` was chosen."""
@@ -78,9 +87,34 @@ class ClientTLS:
             raise InvalidRequest(f"{url} is not an http(s) URL", code="invalid_url")
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A client context verifying against the configured CA (or the system's), with our certificate."""
-        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        """A client context verifying against the configured CA (or the system's), with our certificate.
+
+        A file that is missing or not PEM is refused naming the file and the setting that named it.
+        """
+        for path, name in ((self.ca_file, self.names.ca_file), (self.cert_file, self.names.cert_file)):
+            _require_file(path, name)
+        _require_file(self.key_file, self.names.key_file)
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        except ssl.SSLError as exc:
+            raise InvalidRequest(
+                f"{self.names.ca_file}={self.ca_file} holds no PEM certificate ({exc.reason}): give the CA's "
+                "certificate file (fedhe dev-ca writes ca.pem)",
+                code="tls_file_invalid",
+            ) from exc
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file is not None and self.key_file is not None:
-            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            try:
+                context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            except ssl.SSLError as exc:
+                raise InvalidRequest(
+                    f"{self.names.cert_file}={self.cert_file} and {self.names.key_file}={self.key_file} are not a "
+                    f"PEM certificate and its key ({exc.reason})",
+                    code="tls_file_invalid",
+                ) from exc
         return context
+
+
+def _require_file(path: Path | None, setting: str) -> None:
+    if path is not None and not path.is_file():
+        raise InvalidRequest(f"{setting}={path}: no such file", code="tls_file_missing")

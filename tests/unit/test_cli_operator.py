@@ -182,7 +182,7 @@ def _raise(error: Exception) -> Callable[[httpx.Request], Any]:
         (_raise(UpstreamUnavailable("keyserver down")), 3, "fedhe: upstream_unavailable: keyserver down\n"),
         (_raise(Conflict("stale key")), 1, "fedhe: conflict: stale key\n"),
         (_raise(OSError("disk full")), 2, "fedhe: disk full\n"),
-        (_invalid_federation, 2, "fedhe: invalid input: "),
+        (_invalid_federation, 2, "fedhe: invalid FederationPublic:\n  id: Field required\n"),
     ],
 )
 def test_a_failed_command_says_why_in_one_line_and_exits_with_the_code_of_its_kind(

@@ -9,6 +9,7 @@ import pytest
 
 from fedhe.datasets import (
     ClassList,
+    DataProblems,
     DataSchema,
     Dataset,
     digits_as_images,
@@ -214,3 +215,83 @@ def test_split_holds_out_the_fraction() -> None:
     data = load_bundled("iris")
     rest, held = split(data, 0.2, seed=1)
     assert (len(rest), len(held)) == (120, 30)
+
+
+WINE = _tabular(["alcohol", "malic_acid", "ash"], ["barolo", "grignolino", "barbera"], count=3)
+
+
+def test_every_problem_in_a_csv_is_listed_at_once(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text(
+        "alcohol,malic_acid,ash,cultivar\n"
+        "14.2,1.7,2.4,barolo\n"
+        "NaN,1.8,2.1,barolo\n"
+        "12.3,,2.0,grignolino\n"
+        "13.1,2.2,abc,merlot\n"
+        "13.0,2.2\n"
+    )
+    with pytest.raises(DataProblem) as caught:
+        load_dataset(str(tmp_path / "d.csv"), "cultivar", WINE)
+    assert caught.value.detail["problems"] == [
+        f"{tmp_path / 'd.csv'}: row 3, column 'alcohol': missing value",
+        f"{tmp_path / 'd.csv'}: row 4, column 'malic_acid': missing value",
+        f"{tmp_path / 'd.csv'}: row 5, column 'ash': 'abc' is not a finite number",
+        f"{tmp_path / 'd.csv'}: row 5, column 'cultivar': label 'merlot' is not one of the job's classes "
+        "(barolo, grignolino, barbera)",
+        f"{tmp_path / 'd.csv'}: row 6 has 2 cells, the header 4",
+    ]
+    assert caught.value.message.startswith("5 problems in the site's data:\n  - ")
+
+
+def test_a_semicolon_csv_with_decimal_commas_and_its_own_column_names_loads_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text(
+        "cultivar;sample_date;Alcohol %;malic_acid;ash\nbarolo;2020-01-01;14,2;1,7;2,4\nbarbera;2020-01-02;13;1,8;2\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(DataProblem, match=r"lacks the job's feature columns alcohol \(mapped to 'Alcohol'\)"):
+        load_dataset(str(tmp_path / "d.csv"), "cultivar", WINE, columns={"alcohol": "Alcohol"})
+    problems = DataProblems()
+    data = load_dataset(str(tmp_path / "d.csv"), "cultivar", WINE, columns={"alcohol": "Alcohol %"}, problems=problems)
+    np.testing.assert_array_equal(data.x, [[14.2, 1.7, 2.4], [13.0, 1.8, 2.0]])
+    np.testing.assert_array_equal(data.y, [0, 2])
+    assert problems.warnings == [
+        f"{tmp_path / 'd.csv'}: columns are separated by semicolons; decimal commas read as points"
+    ]
+
+
+def test_a_csv_that_is_not_utf8_names_the_line_and_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_bytes(
+        "alcohol,malic_acid,ash,cultivar\n14.2,1.7,2.4,barolo\n1,2,3,gri\xf1olino\n".encode("latin-1")
+    )
+    with pytest.raises(DataProblem, match=r"line 3 is not UTF-8 text \(byte 0xf1\): save the file as UTF-8"):
+        load_dataset(str(tmp_path / "d.csv"), "cultivar", WINE)
+
+
+def test_system_files_beside_images_are_skipped_with_a_warning_and_every_bad_image_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    write_image_folder(digits_as_images().subset(np.arange(6)), root, DIGIT_NAMES)
+    (root / "Thumbs.db").write_bytes(b"\x00" * 64)
+    (root / "0" / "Thumbs.db").write_bytes(b"\x00" * 64)
+    (root / "1" / ".DS_Store").write_bytes(b"\x00" * 64)
+    problems = DataProblems()
+    data = load_dataset(str(root), schema=_images((8, 8, 1), DIGIT_NAMES), problems=problems)
+    assert len(data) == 6
+    assert problems.warnings == [
+        f"{root / name}: skipped (a file the operating system keeps, not an image)"
+        for name in ("0/Thumbs.db", "1/.DS_Store", "Thumbs.db")
+    ]
+    (root / "0" / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "2" / "scan.dcm").write_bytes(b"\x00" * 200)
+    (root / "zebra").mkdir()
+    with pytest.raises(DataProblem) as caught:
+        load_dataset(str(root), schema=_images((8, 8, 1), DIGIT_NAMES))
+    listed = caught.value.detail["problems"]
+    assert len(listed) == 3
+    assert listed[0].startswith(f"{root / '0' / 'broken.png'}: cannot read image")
+    assert listed[1] == (
+        f"{root / '2' / 'scan.dcm'}: not a DICOM file (no 'DICM' marker after the 128-byte preamble): export it "
+        "again as a DICOM Part 10 file, or move it out of the folder"
+    )
+    assert "force" not in caught.value.message
+    assert listed[2].endswith(
+        "sub-folder 'zebra': label 'zebra' is not one of the job's classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"
+    )

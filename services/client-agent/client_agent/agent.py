@@ -31,6 +31,7 @@ import numpy as np
 import tenseal as ts
 from numpy.typing import NDArray
 
+from client_agent.data_check import check_rows_fit, load_for_job
 from client_agent.global_chain import GlobalModelChain
 from client_agent.heartbeat import Heartbeat
 from client_agent.initial_weights import InitialWeightsSource
@@ -51,7 +52,7 @@ from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, PINNED_KEYS_PURPOSE, private_key_from_pem, sign_request
 from fedhe.cpus import usable_cpus
-from fedhe.datasets import Dataset, load_dataset, split
+from fedhe.datasets import Dataset
 from fedhe.dp_randomness import noise_generator
 from fedhe.environment import current as current_environment
 from fedhe.environment import differences
@@ -120,17 +121,9 @@ class SiteAgent:
         keyserver: KeyserverClient | None = None,
     ):
         self.settings = settings
-        tls = settings.client_tls()
-        self._aggregator = aggregator or AggregatorClient(
-            settings.aggregator_url,
-            settings.credential_secret().get_secret_value(),
-            tls=tls,
-            timeout=settings.request_timeout_s,
-        )
-        self._keyserver = keyserver or KeyserverClient(
-            settings.keyserver_url, tls=tls, timeout=settings.request_timeout_s
-        )
-        self._signing_key = private_key_from_pem(settings.signing_key_file.read_bytes())
+        self._aggregator = aggregator or settings.aggregator_client()
+        self._keyserver = keyserver or settings.keyserver_client()
+        self._signing_key = private_key_from_pem(settings.signing_key_pem())
         self._policy: SitePolicy = load_policy(settings.policy_file)
         self._state_dir = private_dir(settings.state_dir).resolve()
         self._ledger = PrivacyLedger(self._state_file("privacy-ledger.json"))
@@ -170,8 +163,7 @@ class SiteAgent:
     def _site_data(self, job: JobPublic) -> tuple[Dataset, Dataset]:
         """This site's (training, validation) rows as the job's model reads them; ``DataProblem`` if unusable."""
         if job.id not in self._data:
-            data = load_dataset(self.settings.data_path, self.settings.label_column, job.model.data_schema())
-            self._data[job.id] = split(data, self.settings.validation_fraction, seed=0)
+            self._data[job.id] = load_for_job(self.settings, job)
             self._heartbeat.set_data_size(len(self._data[job.id][0]))
         return self._data[job.id]
 
@@ -199,6 +191,12 @@ class SiteAgent:
             self._backoff = self.settings.poll_interval_s
         time.sleep(self._backoff)
 
+    def _retry_after(self, waiting_for: str, exc: FedheError) -> None:
+        """Say what the site waits for and why, then back off before trying again."""
+        next_backoff = min(self._backoff * 2, self.settings.max_backoff_s)
+        logger.warning("%s: %s (%s); trying again in %.0f s", waiting_for, exc.message, exc.code, next_backoff)
+        self._wait(failed=True)
+
     def run(self) -> list[JobOutcome]:
         """Follow running jobs (only ``job_id`` if set); with ``once``, return after one job."""
         self._heartbeat.start()
@@ -221,8 +219,7 @@ class SiteAgent:
                     and (job.status == JobStatus.RUNNING or job.id == self.settings.job_id)
                 ]
             except UpstreamUnavailable as exc:
-                logger.warning("aggregator unreachable (%s); retrying", exc.message)
-                self._wait(failed=True)
+                self._retry_after("waiting for the aggregator to list its jobs", exc)
                 continue
             for job in jobs:
                 finished[job.id] = self.participate(job)
@@ -238,6 +235,8 @@ class SiteAgent:
         while True:
             try:
                 job = self._aggregator.job(job.id)
+                # Before any round: a site whose data does not fit declines now, naming every problem.
+                self._site_data(job)
                 chain = self._chain(job)
                 self._catch_up(job, chain)
                 if job.status != JobStatus.RUNNING:
@@ -271,8 +270,7 @@ class SiteAgent:
                 logger.debug("job %s: %s; following the job's new state", job.id, exc.message)
                 self._wait(failed=False)
             except (UpstreamUnavailable, TooManyRequests) as exc:
-                logger.warning("job %s: %s; retrying", job.id, exc.message)
-                self._wait(failed=True)
+                self._retry_after(f"job {job.id}: waiting for the services", exc)
 
     def _wait_for_change(self, job: JobPublic, current: RoundPublic) -> None:
         """Until the round the site waits on moves on: the aggregator answers as soon as it does
@@ -618,7 +616,7 @@ class SiteAgent:
             return
         self._codec(job, job.current_round)
         self._pinned_keys(job, for_round=job.current_round)
-        self._check_delta(job)
+        check_rows_fit(job, len(self._site_data(job)[0]), self._policy.tighten(job.dp).delta)
         planned = self._planned_pass(job)
         if self._policy.max_epsilon is not None:
             would_be = self._ledger.epsilon(self._policy.tighten(job.dp).delta, planned)
@@ -628,30 +626,12 @@ class SiteAgent:
                     f"over the site's limit {self._policy.max_epsilon}"
                 )
 
-    def _check_delta(self, job: JobPublic) -> None:
-        """Refuse a δ that is not below 1/n for this site's training rows (the job checked only the sizes declared)."""
-        delta = self._policy.tighten(job.dp).delta
-        rows = len(self._site_data(job)[0])
-        if delta >= 1 / rows:
-            raise InvalidRequest(
-                f"the job's δ={delta:g} is not below 1/n = {1 / rows:.3g} for this site's {rows} training rows: at "
-                "that δ the DP guarantee allows rows to be released in the clear; ask the operator for a smaller "
-                "dp.delta, or set max_delta in this site's policy",
-                code="delta_too_large",
-            )
-
     def _planned_pass(self, job: JobPublic) -> TrainingPass:
         """The pass this round would charge: the statistics step, or local DP-SGD on the site's rows."""
         if job.is_statistics_round(job.current_round):
             assert job.statistics is not None
             return statistics_pass(job.statistics.noise_multiplier)
         train, _ = self._site_data(job)
-        if len(train) > job.max_samples_per_round:
-            raise InvalidRequest(
-                f"this site has {len(train)} training rows, more than the job's "
-                f"max_samples_per_round={job.max_samples_per_round}; ask the operator to raise it",
-                code="too_many_samples",
-            )
         return local_training_pass(
             num_samples=len(train),
             batch_size=job.batch_size,

@@ -7,14 +7,32 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fedhe.api_client import AggregatorClient, KeyserverClient
+from fedhe.datasets import DataProblems, DataSchema, Dataset, load_dataset
+from fedhe.errors import InvalidRequest
 from fedhe.settings import resolve_secret
-from fedhe.tls import ClientTLS
+from fedhe.tls import ClientTLS, TLSSettingNames
 
 
-class AgentSettings(BaseSettings):
-    """Configuration of one site's agent."""
+class DataSettings(BaseSettings):
+    """Where a site's data is and how its columns are named: all ``fedhe agent check-data`` needs."""
 
     model_config = SettingsConfigDict(env_prefix="FEDHE_AGENT_", extra="ignore")
+
+    data_path: str
+    label_column: str = "label"
+    # A site whose export names the job's features otherwise maps them: job feature name → the
+    # site's column (FEDHE_AGENT_COLUMN_MAP='{"alcohol": "Alcohol %"}' or --column alcohol="Alcohol %").
+    column_map: dict[str, str] = {}
+    validation_fraction: float = 0.2
+
+    def load(self, schema: DataSchema, problems: DataProblems | None = None) -> Dataset:
+        """Every row of the site's data as the job's schema reads it."""
+        return load_dataset(self.data_path, self.label_column, schema, columns=self.column_map, problems=problems)
+
+
+class AgentSettings(DataSettings):
+    """Configuration of one site's agent."""
 
     aggregator_url: str = "https://127.0.0.1:8080"
     keyserver_url: str = "https://127.0.0.1:8090"
@@ -26,9 +44,6 @@ class AgentSettings(BaseSettings):
     credential: SecretStr | None = None
     credential_file: Path | None = None
     signing_key_file: Path
-    data_path: str
-    label_column: str = "label"
-    validation_fraction: float = 0.2
     policy_file: Path | None = None
     state_dir: Path = Path("./fedhe-agent-state")
     job_id: str | None = None
@@ -55,6 +70,28 @@ class AgentSettings(BaseSettings):
             cert_file=self.tls_client_cert_file,
             key_file=self.tls_client_key_file,
             insecure_http=self.insecure_http,
+            names=TLSSettingNames(
+                "FEDHE_AGENT_TLS_CA_FILE", "FEDHE_AGENT_TLS_CLIENT_CERT_FILE", "FEDHE_AGENT_TLS_CLIENT_KEY_FILE"
+            ),
+        )
+
+    def aggregator_client(self) -> AggregatorClient:
+        """The site's client of the aggregator, with its credential."""
+        return AggregatorClient(
+            self.aggregator_url,
+            self.credential_secret().get_secret_value(),
+            tls=self.client_tls(),
+            timeout=self.request_timeout_s,
+            url_setting="FEDHE_AGENT_AGGREGATOR_URL (--aggregator)",
+        )
+
+    def keyserver_client(self) -> KeyserverClient:
+        """The site's client of the keyserver (its requests are signed, not token-bearing)."""
+        return KeyserverClient(
+            self.keyserver_url,
+            tls=self.client_tls(),
+            timeout=self.request_timeout_s,
+            url_setting="FEDHE_AGENT_KEYSERVER_URL (--keyserver)",
         )
 
     def keyserver_audience(self) -> str:
@@ -63,4 +100,13 @@ class AgentSettings(BaseSettings):
 
     def credential_secret(self) -> SecretStr:
         """The site's API credential issued at approval."""
-        return resolve_secret(self.credential, self.credential_file, "credential")
+        return resolve_secret(self.credential, self.credential_file, "FEDHE_AGENT_CREDENTIAL")
+
+    def signing_key_pem(self) -> bytes:
+        """The site's Ed25519 signing key (PEM), from the file the site admin named."""
+        if not self.signing_key_file.is_file():
+            raise InvalidRequest(
+                f"FEDHE_AGENT_SIGNING_KEY_FILE (--signing-key) {self.signing_key_file}: no such file",
+                code="file_missing",
+            )
+        return self.signing_key_file.read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -19,6 +20,8 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_INVALID_INPUT = 2
 EXIT_UNREACHABLE = 3
+EXIT_BROKEN_PIPE = 141
+"""As a shell reports a command stopped by SIGPIPE."""
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -39,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validation_lines(exc: ValidationError, names: Callable[[str], str] = str) -> str:
+    """One line per invalid field, without pydantic's documentation links; ``names`` turns a field
+    into the user's word for it (an environment variable, a flag)."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {names(field)}: {message}" if field else f"  {message}")
+    return "\n".join(lines)
+
+
 def _failure(exc: FedheError | ValidationError | OSError) -> tuple[str, int]:
     """What to tell the user about a command that failed, and the exit code that says why."""
     if isinstance(exc, FedheError):
@@ -50,7 +64,9 @@ def _failure(exc: FedheError | ValidationError | OSError) -> tuple[str, int]:
             code = EXIT_REFUSED
         return f"{exc.code}: {exc.message}", code
     if isinstance(exc, ValidationError):
-        return f"invalid input: {exc}", EXIT_INVALID_INPUT
+        return f"invalid {exc.title}:\n{validation_lines(exc)}", EXIT_INVALID_INPUT
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}", EXIT_INVALID_INPUT
     return str(exc), EXIT_INVALID_INPUT
 
 
@@ -59,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (``head``, a pager) stopped reading: nothing is wrong, and nothing more to say.
+        # Python would report the pipe again when it flushes stdout at exit, so stdout goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (FedheError, ValidationError, OSError) as exc:
         message, failed = _failure(exc)
         print(f"fedhe: {message}", file=sys.stderr)

@@ -170,14 +170,18 @@ def aggregator(args: argparse.Namespace, *, anonymous: bool = False) -> Aggregat
     """An aggregator client with the caller's aggregator token (none for anonymous calls)."""
     settings = CliSettings()
     token = None if anonymous else settings.token("aggregator")
-    return AggregatorClient(args.aggregator, token, tls=settings.tls())
+    return AggregatorClient(
+        args.aggregator, token, tls=settings.tls(), url_setting=f"--aggregator (or {AGGREGATOR_URL_ENV})"
+    )
 
 
 def keyserver(args: argparse.Namespace, *, anonymous: bool = False) -> KeyserverClient:
     """A keyserver client with the caller's keyserver token (none for signed site requests)."""
     settings = CliSettings()
     token = None if anonymous else settings.token("keyserver")
-    return KeyserverClient(args.keyserver, token, tls=settings.tls())
+    return KeyserverClient(
+        args.keyserver, token, tls=settings.tls(), url_setting=f"--keyserver (or {KEYSERVER_URL_ENV})"
+    )
 
 
 def _list(args: argparse.Namespace, title: str, columns: Sequence[Column], rows: Sequence[Any]) -> None:

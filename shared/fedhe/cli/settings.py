@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedhe.settings import resolve_secret
-from fedhe.tls import ClientTLS
+from fedhe.tls import ClientTLS, TLSSettingNames
 
 
 class CliSettings(BaseSettings):
@@ -42,4 +42,5 @@ class CliSettings(BaseSettings):
             cert_file=self.client_cert_file,
             key_file=self.client_key_file,
             insecure_http=self.insecure_http,
+            names=TLSSettingNames("FEDHE_CA_FILE", "FEDHE_CLIENT_CERT_FILE", "FEDHE_CLIENT_KEY_FILE"),
         )

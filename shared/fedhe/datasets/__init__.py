@@ -9,20 +9,23 @@
     schema        the job's contract: input shape, feature columns, class list
     dataset       Dataset, split, partition_iid, partition_dirichlet
 
-Every problem with a site's files is one ``fedhe.errors.DataProblem`` (code ``data_problem``)
-naming the file and the row and column, or the image.
+Every problem with a site's files is named (the file and the row and column, or the image) in
+one ``fedhe.errors.DataProblem`` (code ``data_problem``) that lists them all
+(``problems.DataProblems``), so a site admin fixes everything in one pass.
 """
 
 from fedhe.datasets.bundled import BUNDLED, digits_as_images, load_bundled, write_dicom, write_image_folder
 from fedhe.datasets.dataset import Dataset, partition_dirichlet, partition_iid, split
 from fedhe.datasets.images import load_image_folder, read_image
 from fedhe.datasets.loading import load_dataset
+from fedhe.datasets.problems import DataProblems
 from fedhe.datasets.schema import ClassList, DataSchema
 from fedhe.datasets.tabular import load_csv, load_npz, save_csv
 
 __all__ = [
     "BUNDLED",
     "ClassList",
+    "DataProblems",
     "DataSchema",
     "Dataset",
     "digits_as_images",

@@ -1,9 +1,11 @@
 """Image-folder site data: one sub-folder per class, PNG/JPEG (Pillow) and DICOM (pydicom).
 
 ``root/<class>/<file>``: each sub-folder's name must be one of the job's classes (mapped like
-any label, ``fedhe.datasets.schema``); files whose names start with a dot are skipped, any
-other file that is not ``.png``, ``.jpg``, ``.jpeg`` or ``.dcm`` is refused, as are files
-directly under ``root``. Every image becomes float32 H x W x C at the job's input shape:
+any label, ``fedhe.datasets.schema``); files whose names start with a dot are skipped, and so,
+with a warning, are the files operating systems leave beside images (``Thumbs.db``,
+``desktop.ini``, ``.DS_Store``); any other file that is not ``.png``, ``.jpg``, ``.jpeg`` or
+``.dcm`` is refused, as are files directly under ``root``. Every image becomes float32
+H x W x C at the job's input shape:
 
 * PNG/JPEG: EXIF orientation applied; 8-bit images keep their 0-255 values, 16-bit and
   float greyscale keep theirs; C = 1 takes luminance, C = 3 RGB (greyscale is repeated);
@@ -13,7 +15,8 @@ directly under ``root``. Every image becomes float32 H x W x C at the job's inpu
 * resized to H x W with bilinear interpolation on the float values (aspect ratio not kept).
 
 No scaling to 0-1: the model's normalisation layer does that with the federation's pooled
-statistics. Any unreadable image raises one ``DataProblem`` naming the file.
+statistics. Every unreadable image, unknown class folder and stray file is named in one
+``DataProblem`` (``fedhe.datasets.problems``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.datasets.dataset import Dataset
+from fedhe.datasets.problems import DataProblems
 from fedhe.datasets.schema import DataSchema
 from fedhe.errors import DataProblem
 
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 DICOM_SUFFIXES = frozenset({".dcm"})
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
+"""Files Windows and macOS write into image folders on their own: skipped, with a warning."""
 
 
 def _pillow_pixels(path: Path, channels: int) -> NDArray[Any]:
@@ -47,9 +53,17 @@ def _pillow_pixels(path: Path, channels: int) -> NDArray[Any]:
 
 def _dicom_pixels(path: Path) -> NDArray[Any]:
     import pydicom
+    from pydicom.errors import InvalidDicomError
     from pydicom.pixels.processing import apply_modality_lut
 
-    dataset = pydicom.dcmread(path)
+    try:
+        dataset = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        # pydicom suggests force=True, which a site admin cannot pass and which would read garbage.
+        raise DataProblem(
+            f"{path}: not a DICOM file (no 'DICM' marker after the 128-byte preamble): export it again as a "
+            "DICOM Part 10 file, or move it out of the folder"
+        ) from exc
     if int(getattr(dataset, "NumberOfFrames", 1) or 1) != 1:
         raise DataProblem(f"{path}: multi-frame DICOM is not supported; export one frame per file")
     pixels: NDArray[Any] = np.asarray(apply_modality_lut(dataset.pixel_array, dataset), dtype=np.float32)
@@ -99,23 +113,44 @@ def read_image(path: Path, shape: tuple[int, ...]) -> NDArray[Any]:
     return image
 
 
-def load_image_folder(root: Path, schema: DataSchema) -> Dataset:
+def _skipped(path: Path, relative: Path, problems: DataProblems) -> bool:
+    """Hidden files are skipped quietly, the operating system's own files with a warning."""
+    if path.name.lower() in SYSTEM_FILES:
+        problems.warn(f"{path}: skipped (a file the operating system keeps, not an image)")
+        return True
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def load_image_folder(root: Path, schema: DataSchema, problems: DataProblems | None = None) -> Dataset:
     """Every image under ``root/<class>/`` as rows of the job's input shape (module docstring: rules)."""
+    problems = problems if problems is not None else DataProblems()
     if not schema.is_image:
-        raise DataProblem(f"{root} is an image folder, but the job's model takes inputs of shape {schema.input_shape}")
+        raise problems.stop(
+            f"{root} is an image folder, but the job's model takes inputs of shape {schema.input_shape}"
+        )
     images: list[NDArray[Any]] = []
     labels: list[int] = []
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
+        if _skipped(entry, entry.relative_to(root), problems):
             continue
         if not entry.is_dir():
-            raise DataProblem(f"{entry}: images must sit in one sub-folder per class, not directly in {root}")
-        label = schema.classes.index(entry.name, f"{root}: sub-folder {entry.name!r}")
+            problems.add(f"{entry}: images must sit in one sub-folder per class, not directly in {root}")
+            continue
+        try:
+            label = schema.classes.index(entry.name, f"{root}: sub-folder {entry.name!r}")
+        except DataProblem as exc:
+            problems.add(exc.message)
+            continue
         for file in sorted(entry.rglob("*")):
-            if file.is_dir() or any(part.startswith(".") for part in file.relative_to(entry).parts):
+            if file.is_dir() or _skipped(file, file.relative_to(entry), problems):
                 continue
-            images.append(read_image(file, schema.input_shape))
+            try:
+                images.append(read_image(file, schema.input_shape))
+            except DataProblem as exc:
+                problems.add(exc.message)
+                continue
             labels.append(label)
-    if not images:
-        raise DataProblem(f"{root} holds no images")
+    if not images and not problems.problems:
+        problems.add(f"{root} holds no images")
+    problems.raise_if_any()
     return Dataset(np.stack(images), np.asarray(labels, dtype=np.int64))

@@ -171,10 +171,15 @@ function liveRound(job, rounds, members, sitesById, jobsById) {
     h(
       "div",
       { class: "live-summary" },
-      progress(round.num_submissions, target, {
-        label: `${round.num_submissions} of ${target} uploads wanted (min ${job.min_sites})`,
-        marker: job.min_sites,
-      }),
+      h(
+        "div",
+        null,
+        progress(round.num_submissions, target, {
+          label: `${round.num_submissions} of ${target} uploads wanted (min ${job.min_sites})`,
+          marker: job.min_sites,
+        }),
+        h("div", { class: "muted round-opened", id: "round-opened" }, `opened ${fmtDateTime(round.opened_at)}`),
+      ),
       h(
         "div",
         { class: "live-figures" },
@@ -185,7 +190,6 @@ function liveRound(job, rounds, members, sitesById, jobsById) {
         figure("not answered", count("waiting"), "waiting"),
         figure("received", fmtBytes(roundBytes(round)), "bytes"),
         figure("samples", round.total_samples.toLocaleString(), "samples"),
-        figure("opened", fmtDateTime(round.opened_at), "opened"),
       ),
     ),
     round.failure_reason ? h("p", { class: "failure" }, `Failed: ${round.failure_reason}`) : null,
@@ -261,9 +265,9 @@ function answerRow({ siteId, site, answer, upload, decline, unmasked }, round, r
   );
 }
 
-/** "ε 1.23 spent before declining (limit 2.0)" beside a decline, when the site's spending is known. */
+/** "ε 1.23 spent before declining (limit 2.0)" beside a decline. */
 function spentBefore(spent) {
-  if (!spent) return null;
+  if (spent.epsilon === null) return h("div", { class: "spent-before" }, "no ε spent in this job before declining");
   const limit = spent.limit === null ? "" : ` (limit ${fmtNumber(spent.limit, 1)})`;
   return h("div", { class: "spent-before" }, `ε ${fmtNumber(spent.epsilon)} spent before declining${limit}`);
 }
@@ -288,7 +292,7 @@ function roundHistory(rounds, sitesById) {
   const declined = (round, decline) => {
     const spent = epsilonBeforeDecline(rounds, round, decline.site_id, sitesById.get(decline.site_id)?.agent);
     const reason = DECLINE_REASONS[decline.reason] ?? decline.reason;
-    const epsilon = spent ? ` · ε ${fmtNumber(spent.epsilon)} spent` : "";
+    const epsilon = spent.epsilon === null ? " · no ε spent in this job" : ` · ε ${fmtNumber(spent.epsilon)} spent`;
     return h("div", null, `${siteName(sitesById, decline.site_id)} (${reason}${epsilon})`);
   };
   return table(

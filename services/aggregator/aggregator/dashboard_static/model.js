@@ -127,8 +127,9 @@ export function siteJob(site, jobsById) {
 
 /**
  * The ε a site had spent when it declined ``round``: the ε it reported with its latest upload to
- * an earlier round of this job, else (it never uploaded to this job) what its agent reports now
- * while still on this job, since a site that declines spends nothing more. Null if unknown.
+ * an earlier round of this job, else what its agent reports while still on this job (a site that
+ * declines spends nothing more). ``epsilon`` is null when neither says: the site uploaded to no
+ * earlier round, so it spent nothing in this job.
  */
 export function epsilonBeforeDecline(rounds, round, siteId, agent) {
   let spent = null;
@@ -138,7 +139,7 @@ export function epsilonBeforeDecline(rounds, round, siteId, agent) {
     if (typeof upload?.metrics.epsilon === "number") spent = Math.max(spent ?? 0, upload.metrics.epsilon);
   }
   if (spent === null && agent?.privacy && agent.job_id === round.job_id) spent = agent.privacy.epsilon;
-  return spent === null ? null : { epsilon: spent, limit: agent?.privacy?.max_epsilon ?? null };
+  return { epsilon: spent, limit: agent?.privacy?.max_epsilon ?? null };
 }
 
 export const DECLINE_REASONS = {
