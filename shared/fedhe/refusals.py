@@ -35,7 +35,7 @@ ANONYMOUS = "anonymous"
 AUDIT_BUDGET = "refusal-audits"
 # What a refusal is audited as on routes a service does not name.
 BY_STATUS = {401: "auth.refused", 403: "access.refused", 429: "request.throttled"}
-# Path parameters a refusal's subject may echo: identifiers and round numbers, nothing a caller made up.
+# A refusal's subject echoes only path parameters of a strict pattern (identifiers, round numbers).
 _IDENTIFIERS = (SITE_ID, FEDERATION_ID, KEY_ID, JOB_ID, TOKEN_ID, ACCOUNT_NAME, r"^[0-9]{1,9}$")
 _STATE = "fedhe_requester"
 
