@@ -72,6 +72,7 @@ class _Call:
     where: str
     url: httpx.URL
     host: str
+    tls_name: str
     service: str
     url_setting: str
 
@@ -81,9 +82,9 @@ def _tls_failure(call: _Call, exc: BaseException, tls: ClientTLS) -> UpstreamUna
     if isinstance(verify, ssl.SSLCertVerificationError):
         if verify.verify_code == _HOSTNAME_MISMATCH:
             return UpstreamUnavailable(
-                f"{call.where}: the server's certificate does not name {call.url.host!r} ({verify.verify_message}); "
-                f"use the host name its certificate was issued for in {call.url_setting}, or reissue the "
-                f"certificate for {call.url.host} (fedhe dev-ca --host)",
+                f"{call.where}: the server's certificate does not name {call.tls_name!r}; use the host name its "
+                f"certificate was issued for in {call.url_setting}, or reissue the certificate for "
+                f"{call.tls_name} (fedhe dev-ca --host)",
                 code="tls_name_mismatch",
             )
         return _untrusted(call.where, tls, verify.verify_message or str(verify))
@@ -132,7 +133,9 @@ def explain_transport_error(
 ) -> UpstreamUnavailable:
     """The failure of ``method url`` (a call to ``service``) as an error that names its cause and fix."""
     port = url.port or (443 if url.scheme == "https" else 80)
-    call = _Call(f"{method} {url} failed", url, f"{url.host}:{port}", service, url_setting)
+    # The name TLS checked: the URL's host, unless the request named another (httpx's sni_hostname).
+    tls_name = str(exc.request.extensions.get("sni_hostname") or url.host)
+    call = _Call(f"{method} {url} failed", url, f"{url.host}:{port}", tls_name, service, url_setting)
     return _tls_failure(call, exc, tls) or _network_failure(call, exc)
 
 

@@ -31,12 +31,13 @@ def optional_secret(value: SecretStr | None, file: Path | None, name: str) -> Se
     """The secret given directly or in a file, or None when neither is set; both is an error."""
     if value is not None and file is not None:
         raise InvalidRequest(f"give {name} or {name}_file, not both")
+    file_setting = f"{name}_file" if name.islower() else f"{name}_FILE"
     if file is not None:
         if not file.is_file():
-            raise InvalidRequest(f"{name}_file {file}: no such file", code="file_missing")
+            raise InvalidRequest(f"{file_setting} {file}: no such file", code="file_missing")
         text = file.read_text(encoding="utf-8").strip()
         if not text:
-            raise InvalidRequest(f"{name}_file {file} is empty")
+            raise InvalidRequest(f"{file_setting} {file} is empty")
         return SecretStr(text)
     if value is not None and not value.get_secret_value():
         raise InvalidRequest(f"{name} is set but empty")
