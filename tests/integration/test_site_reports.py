@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +235,46 @@ def test_a_custom_model_trains_only_at_sites_that_allow_its_module(cluster: Clus
     assert [s.site_id for s in round_.submissions] == [allowing.site_id]
     assert [(d.site_id, d.reason) for d in round_.declines] == [(refusing.site_id, DeclineReason.REFUSED)]
     assert "custom_model_not_allowed" in (tmp_path / "logs" / "refusing.log").read_text(encoding="utf-8")
+
+
+def test_check_data_against_a_running_job_lists_every_problem_before_any_round(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """``fedhe agent check-data --job`` asks the real aggregator for the job with the site's credential."""
+    job_id, (site,) = _agent_job(cluster, tmp_path, 1)
+    pool, _ = split(load_bundled("breast_cancer"), 0.5, seed=1)
+    save_csv(pool, tmp_path / "good.csv")
+    lines = (tmp_path / "good.csv").read_text(encoding="utf-8").splitlines()
+    lines[3] = lines[3].replace(lines[3].split(",")[4], "NaN", 1)
+    lines[9] = ",".join(["?", *lines[9].split(",")[1:]])
+    (tmp_path / "bad.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    flags = [
+        sys.executable, "-m", "fedhe.cli", "agent", "check-data", "--job", job_id,
+        "--aggregator", cluster.aggregator_url, "--keyserver", cluster.keyserver_url, "--site-id", site.site_id,
+        "--credential-file", str(site.credential_file), "--signing-key", str(site.signing_key_file),
+    ]  # fmt: skip
+    env = {**os.environ, "FEDHE_AGENT_TLS_CA_FILE": str(cluster.secrets.ca_file)}
+    bad = subprocess.run(
+        [*flags, "--data", str(tmp_path / "bad.csv")], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert bad.returncode == 12, bad.stderr
+    assert bad.stdout.splitlines() == [
+        f"{tmp_path / 'bad.csv'} does not fit job 'exit-codes': 2 problem(s)",
+        f"  - {tmp_path / 'bad.csv'}: row 4, column 'f4': missing value",
+        f"  - {tmp_path / 'bad.csv'}: row 10, column 'f0': missing value",
+    ]
+    good = subprocess.run(
+        [*flags, "--data", str(tmp_path / "good.csv")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert good.returncode == 0, good.stderr
+    assert (
+        good.stdout.splitlines()[0]
+        == f"{tmp_path / 'good.csv'} fits job 'exit-codes': 227 training and 57 validation rows"
+    )
+    with cluster.aggregator_admin() as operator:
+        assert operator.round(job_id, 0).declines == []  # checking is not taking part
