@@ -29,7 +29,8 @@ from aggregator.deps import (
 from aggregator.initial_weights import InitialWeightsStore, read_limited
 from aggregator.recovery import verify_round
 from aggregator.repository import AggregatorRepository
-from fedhe.errors import InvalidRequest
+from fedhe.auth import bearer_token
+from fedhe.errors import InvalidRequest, Unauthenticated
 from fedhe.http_limits import client_address
 from fedhe.identifiers import JOB_ID, JobIdPath, RoundNumberPath, Sha256Path, SiteIdPath
 from fedhe.openapi import CONFLICT, ERRORS, binary_request, binary_response
@@ -55,6 +56,8 @@ from fedhe.secagg.messages import AdvertisementCreate, Transcript, UnmaskingAnsw
 _OCTETS = "application/octet-stream"
 WAIT_LIMIT_S = 25
 RECHECK_S = 0.5
+# An event stream outlives the request that opened it: its credential is checked again this often.
+STREAM_CREDENTIAL_CHECK_S = 5.0
 REGISTRATIONS = "registrations-per-address"
 # Bodies these routes stream themselves, each under its own limit (not the generic body limit).
 STREAMED_PATHS = r"/v1/jobs/[^/]+/rounds/[^/]+/updates|/v1/initial-weights/[^/]+"
@@ -385,7 +388,11 @@ async def stream_events(
     job_id: Annotated[str | None, Query(pattern=JOB_ID)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    """Live round events as Server-Sent Events; reconnect with ``Last-Event-ID`` to resume."""
+    """Live round events as Server-Sent Events; reconnect with ``Last-Event-ID`` to resume.
+
+    The stream ends once its credential is no longer valid (revoked, expired, account disabled).
+    """
+    accounts = request.app.state.authenticator.accounts
 
     async def generate() -> AsyncIterator[str]:
         # Fix the cursor once: re-reading "from now" on every poll would drop events published
@@ -400,7 +407,16 @@ async def stream_events(
         if after is None:
             return
         yield ": connected\n\n"
+        checked = time.monotonic()
         while not await request.is_disconnected():
+            if time.monotonic() - checked >= STREAM_CREDENTIAL_CHECK_S:
+                # A session revoked or expired since must not keep receiving events; the client's
+                # reconnection is then refused with 401.
+                try:
+                    await run_in_threadpool(accounts.authenticate, bearer_token(request.headers.get("authorization")))
+                except Unauthenticated:
+                    return
+                checked = time.monotonic()
             try:
                 batch = await run_in_threadpool(coordination.read_events, after, 5.0)
             except CoordinationUnavailable:
