@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -459,6 +460,10 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             declined = page.locator(f"#live-round tr[data-site-id={sites[HARBOUR.key].site_id}]")
             expect(declined).to_contain_text("privacy budget exhausted")
             expect(declined).to_contain_text("over the site's limit 0.5")
+            # It uploaded to no round of this job: the ε beside its decline says so, or is its agent's 0.
+            expect(declined.locator(".spent-before")).to_have_text(
+                re.compile(r"no ε spent in this job before declining|ε 0\.00 spent before declining \(limit 0\.5\)")
+            )
             advertised = page.locator(f"#live-round tr[data-site-id={sites[ST_MARYS.key].site_id}]")
             expect(advertised).to_contain_text("key advertised")
             expect(advertised).to_contain_text("waiting for the roster to close")
@@ -634,10 +639,29 @@ def test_registrations_are_shown_as_text_and_admins_reject_and_revoke_by_clickin
             assert admin.site(approved.site_id).status == SiteStatus.REVOKED
             # A session that ends elsewhere (revoked, expired) sends the tab back to the login form.
             admin.revoke_token(tab.session()["id"])
-        expect(page.locator("#login-error")).to_contain_text("session has ended", timeout=WAIT_MS)
+        # The event stream checks its session every 5 s, ends, and the page's reconnection gets 401.
+        expect(page.locator("#login-error")).to_contain_text("session has ended", timeout=15_000)
         assert page.evaluate("() => sessionStorage.length") == 0
         assert page.evaluate("() => window.injected") is None
         tab.assert_no_problems("401")
+
+
+def test_without_the_event_stream_the_page_says_so_and_polls_slowly(
+    cluster: Cluster, browser: Browser, screenshots: Path
+) -> None:
+    with dashboard(browser, cluster, screenshots) as tab:
+        page = tab.page
+        page.route("**/v1/events", lambda route: route.abort())
+        tab.log_in(cluster.secrets.aggregator_admin_token)
+        page.click("#nav a[data-section=sites]")
+        status = page.locator("#status")
+        expect(status).to_have_attribute("data-stream", "down", timeout=WAIT_MS)
+        expect(status).to_contain_text("Live updates unavailable")
+        expect(status).to_contain_text("refreshing every 15 s")
+        calls = tab.api_calls_during(16)
+        # One refresh of what the sites page shows in 16 s, where it made 8 every 2 s before.
+        assert sorted(calls) == ["GET /v1/federations", "GET /v1/jobs", "GET /v1/sites"], calls
+        tab.assert_no_problems("ERR_FAILED", "/v1/events")
 
 
 def heartbeat(cluster: Cluster, credential: str, report: HeartbeatCreate) -> None:
@@ -664,6 +688,11 @@ def test_members_without_a_job_agents_per_job_declines_with_their_epsilon_and_da
         with cluster.aggregator_admin() as admin:
             credentials[site.site_id] = admin.approve_site(site.site_id).credential
         admit_member(cluster.keyserver_url, cluster.secrets, federation.id, site, name)
+    # The aggregator caches the keyserver's federation list for membership_cache_s (10 s).
+    deadline = time.monotonic() + 15
+    with cluster.aggregator_admin() as admin:
+        while federation.id not in {f.id for f in admin.federations()} and time.monotonic() < deadline:
+            time.sleep(0.5)
 
     with dashboard(browser, cluster, screenshots) as tab:
         page = tab.page
@@ -709,7 +738,7 @@ def test_members_without_a_job_agents_per_job_declines_with_their_epsilon_and_da
         created = page.locator(".facts dt:text-is('Created') + dd")
         expect(created).to_have_text(dashboard_time(second.created_at))
         round_0 = federation_round(cluster, second.id)
-        expect(page.locator("#figure-opened .figure-value")).to_have_text(dashboard_time(round_0.opened_at))
+        expect(page.locator("#round-opened")).to_have_text(f"opened {dashboard_time(round_0.opened_at)}")
         tab.wait_for_stream()
 
         # Moorland spent ε 1.25 of its 2.0 elsewhere and declines; Ridgeway moves to this job. Both

@@ -18,13 +18,15 @@ export function followEvents(token, { onUp, onDown, onEvent, onUnauthorized }) {
   const controller = new AbortController();
   let lastEventId = null;
   let failures = 0;
-  let up = false;
+  // Down until the server says "connected", so the caller polls if the stream never comes up.
+  let state = "connecting";
 
-  const setUp = (isUp, reason) => {
-    if (isUp === up) return;
-    up = isUp;
-    if (isUp) onUp();
-    else onDown(reason);
+  /** "up", or why the stream is down; the caller hears of each change. */
+  const setState = (next) => {
+    if (next === state) return;
+    state = next;
+    if (next === "up") onUp();
+    else onDown(next);
   };
 
   async function run() {
@@ -46,14 +48,14 @@ export function followEvents(token, { onUp, onDown, onEvent, onUnauthorized }) {
         if (!response.ok || !response.body) throw new Error(`${response.status} ${response.statusText}`);
         for await (const message of readMessages(response.body)) {
           if (message.comment === "coordination unavailable, retrying") {
-            setUp(false, "the aggregator cannot reach its event store");
+            setState("the aggregator cannot reach its event store");
           } else if (message.comment !== undefined) {
             // "connected" and keep-alives: the stream works.
             failures = 0;
-            setUp(true);
+            setState("up");
           } else {
             if (message.id !== undefined) lastEventId = message.id;
-            setUp(true);
+            setState("up");
             try {
               onEvent(JSON.parse(message.data));
             } catch (exc) {
@@ -64,15 +66,14 @@ export function followEvents(token, { onUp, onDown, onEvent, onUnauthorized }) {
         throw new Error("the stream ended");
       } catch (exc) {
         if (controller.signal.aborted) return;
-        setUp(false, exc.message);
+        setState(exc.message);
         await new Promise((resolve) => setTimeout(resolve, RETRY_MS[Math.min(failures, RETRY_MS.length - 1)]));
         failures += 1;
       }
     }
   }
 
-  // Down until the server says "connected", so the caller polls if the stream never comes up.
-  onDown("connecting");
+  onDown(state);
   run();
   return { stop: () => controller.abort() };
 }
