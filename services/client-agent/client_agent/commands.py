@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 from pydantic import ValidationError
 
 from client_agent.outcomes import EXIT_CODES, OutcomeStatus, exit_code
+from client_agent.quiet_tensorflow import import_tensorflow
 from fedhe.cli.main import validation_lines
 from fedhe.cli.output import print_json
 from fedhe.errors import InvalidRequest
@@ -88,11 +89,12 @@ def _setting_name(field: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.action == "check-data":
+        return _check_data(args)
+    import_tensorflow()
     from client_agent.agent import SiteAgent
     from client_agent.settings import AgentSettings
 
-    if args.action == "check-data":
-        return _check_data(args)
     settings = _settings(args, AgentSettings)
     configure_logging(settings.log_level, f"agent:{settings.site_id}")
     # As PID 1 in a container SIGTERM is ignored by default; exit promptly (the ledger and the
@@ -145,6 +147,7 @@ def _print_check(report: DataCheck, job_name: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import_tensorflow()
     from client_agent.agent import SiteAgent
     from client_agent.settings import AgentSettings
 
@@ -166,6 +169,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    import_tensorflow()
     from client_agent.pretraining import pretrain
     from fedhe.datasets import load_dataset
     from fedhe.errors import InvalidRequest

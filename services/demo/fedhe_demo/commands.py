@@ -6,11 +6,13 @@ import argparse
 import os
 from pathlib import Path
 
+from client_agent.quiet_tensorflow import import_tensorflow
 from fedhe.logs import configure_logging
 
 
 def _run(args: argparse.Namespace) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides the table
+    import_tensorflow()
     from fedhe.job_options import Algorithm
     from fedhe_demo.demo import DemoOptions, run_demo
 
