@@ -507,6 +507,7 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             expect(running.locator(f"[data-site-id={sites[HARBOUR.key].site_id}]")).to_have_attribute(
                 "data-answer", "waiting"
             )
+            expect(running).not_to_contain_text("undefined")
             tab.screenshot("dashboard-overview.png", full_page=True)
             page.click("#nav a[data-section=sites]")
             for spec in (ST_MARYS, NORTHFIELD, LAKESIDE):

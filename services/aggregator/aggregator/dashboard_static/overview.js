@@ -4,10 +4,17 @@ import { chip, fmtBytes, fmtDateTime, h, liveText, progress, renderIfChanged, ro
 import { waitsForSites, byId, memberAnswers, publishedRounds, roundBytes, siteName } from "./model.js";
 
 const STATUSES = ["approved", "pending", "rejected", "revoked"];
-const ANSWER_KINDS = { uploaded: "uploaded", declined: "declined", waiting: "waiting", unable: "neutral" };
-const ANSWER_MARKS = { uploaded: "✓", declined: "✕", waiting: "○", unable: "–" };
+const ANSWER_KINDS = {
+  uploaded: "uploaded",
+  advertised: "advertised",
+  declined: "declined",
+  waiting: "waiting",
+  unable: "neutral",
+};
+const ANSWER_MARKS = { uploaded: "✓", advertised: "◐", declined: "✕", waiting: "○", unable: "–" };
 const ANSWER_TITLES = {
   uploaded: "uploaded to this round",
+  advertised: "advertised its key for this secure round; its upload is to come",
   declined: "declined this round",
   waiting: "has not answered yet",
   unable: "member at the keyserver, not approved here",
