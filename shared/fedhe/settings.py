@@ -66,6 +66,12 @@ class ServiceSettings(BaseSettings):
     rate_limit_per_address: int = Field(default=1200, ge=1, description="requests per minute per client address")
     rate_limit_per_credential: int = Field(default=1200, ge=1, description="requests per minute per credential")
     auth_failures_per_address: int = Field(default=30, ge=1, description="failed authentications per minute")
+    hsts_max_age_s: int = Field(
+        default=31_536_000, ge=0, description="Strict-Transport-Security max-age on HTTPS answers; 0 sends none"
+    )
+    refusal_audits_per_minute: int = Field(
+        default=20, ge=1, description="audit rows of refused requests per minute per actor (or address) and action"
+    )
     migrate_on_start: bool = True
     log_level: str = "INFO"
 

@@ -35,14 +35,13 @@ from fedhe.api_client import KeyserverClient
 from fedhe.cpus import usable_cpus
 from fedhe.db import SessionFactory, make_engine
 from fedhe.http_auth import Authenticator
-from fedhe.http_errors import add_health_routes, install_error_handlers
-from fedhe.http_limits import RequestLimits, base_limits
-from fedhe.logs import RequestLogging
+from fedhe.http_errors import add_health_routes
+from fedhe.http_limits import base_limits
+from fedhe.http_stack import install_http_stack
 from fedhe.migrations import upgrade
 from fedhe.openapi import ERRORS
 from fedhe.ratelimit import Limit, RateLimiter, counters_for
 from fedhe.refusals import RefusalAudit
-from fedhe.security_headers import SecurityHeaders
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +117,6 @@ def create_app(
     app.state.initial_weights = InitialWeightsStore(sessions)
     app.state.max_initial_weights_bytes = settings.max_initial_weights_bytes
     app.state.metrics = metrics
-    app.add_middleware(
-        RequestLimits,
-        max_body_bytes=settings.max_body_bytes,
-        limiter=limiter,
-        streamed_paths=STREAMED_PATHS,
-    )
     refusals = RefusalAudit(
         sessions,
         AggregatorRepository,
@@ -132,9 +125,15 @@ def create_app(
         registry=metrics.registry,
         routes=AUDITED_ROUTES,
     )
-    install_error_handlers(app, refusals)
-    app.add_middleware(RequestLogging, service="aggregator", observe=metrics.http.request)
-    app.add_middleware(SecurityHeaders, hsts_max_age_s=settings.hsts_max_age_s)
+    install_http_stack(
+        app,
+        settings,
+        service="aggregator",
+        limiter=limiter,
+        refusals=refusals,
+        observe=metrics.http.request,
+        streamed_paths=STREAMED_PATHS,
+    )
     for router in (sites, federations, jobs, initial_weights, events, audit, accounts_router, dashboard):
         app.include_router(router)
 

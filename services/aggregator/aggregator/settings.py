@@ -25,12 +25,6 @@ class AggregatorSettings(ServiceSettings):
     max_initial_weights_bytes: int = Field(
         default=512 * 1024 * 1024, ge=8, description="largest given round-0 weights file (8 bytes per value)"
     )
-    hsts_max_age_s: int = Field(
-        default=31_536_000, ge=0, description="Strict-Transport-Security max-age on HTTPS answers; 0 sends none"
-    )
-    refusal_audits_per_minute: int = Field(
-        default=20, ge=1, description="audit rows of refused requests per minute per actor (or address) and action"
-    )
     registrations_per_address: int = Field(default=20, ge=1, description="site registrations per hour per address")
     deadline_check_interval_s: float = 1.0
     sum_workers: int = Field(default=0, ge=0, description="processes summing a closed round; 0: one per CPU core")

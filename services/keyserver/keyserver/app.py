@@ -19,10 +19,10 @@ from fedhe.accounts import AccountService, Principal, Role
 from fedhe.accounts_api import router as accounts_router
 from fedhe.db import SessionFactory, make_engine
 from fedhe.http_auth import Authenticator, allow
-from fedhe.http_errors import add_health_routes, install_error_handlers
-from fedhe.http_limits import RequestLimits, base_limits, client_address
+from fedhe.http_errors import add_health_routes
+from fedhe.http_limits import base_limits, client_address
+from fedhe.http_stack import install_http_stack
 from fedhe.identifiers import FederationIdPath, KeyIdPath, SiteIdPath
-from fedhe.logs import RequestLogging
 from fedhe.migrations import upgrade
 from fedhe.openapi import CONFLICT, ERRORS, binary_response
 from fedhe.ratelimit import Limit, RateLimiter, counters_for
@@ -39,7 +39,6 @@ from fedhe.schemas import (
     MemberPublic,
     PinnedKeysRequest,
 )
-from fedhe.security_headers import SecurityHeaders
 from keyserver import migrations
 from keyserver.metrics import RELEASE_ACTION, KeyserverMetrics
 from keyserver.nonces import nonce_store_for
@@ -260,7 +259,6 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
     )
     app.state.authenticator = Authenticator(accounts, limiter)
     app.state.limiter = limiter
-    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, limiter=limiter)
     refusals = RefusalAudit(
         sessions,
         KeyserverRepository,
@@ -270,9 +268,9 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
         routes=AUDITED_ROUTES,
         observe=metrics.refusal,
     )
-    install_error_handlers(app, refusals)
-    app.add_middleware(RequestLogging, service="keyserver", observe=metrics.http.request)
-    app.add_middleware(SecurityHeaders, hsts_max_age_s=settings.hsts_max_age_s)
+    install_http_stack(
+        app, settings, service="keyserver", limiter=limiter, refusals=refusals, observe=metrics.http.request
+    )
     for router_ in (router, release, accounts_router):
         app.include_router(router_)
     add_health_routes(app, engine)

@@ -25,12 +25,6 @@ class KeyserverSettings(ServiceSettings):
     aggregator_token: SecretStr | None = None
     aggregator_token_file: Path | None = None
     key_release_max_skew_s: int = Field(default=120, ge=10, le=900)
-    hsts_max_age_s: int = Field(
-        default=31_536_000, ge=0, description="Strict-Transport-Security max-age on HTTPS answers; 0 sends none"
-    )
-    refusal_audits_per_minute: int = Field(
-        default=20, ge=1, description="audit rows of refused requests per minute per actor (or address) and action"
-    )
     key_releases_per_site: int = Field(default=30, ge=1, description="signed requests per minute per site")
 
     def kek_secret(self) -> SecretStr:
