@@ -49,9 +49,9 @@ def test_a_certificate_signed_by_another_ca_is_named_untrusted_with_the_ca_file_
 
 def test_no_ca_and_the_servers_own_certificate_as_ca_each_say_what_to_set(cluster: Cluster) -> None:
     names = TLSSettingNames(ca_file="FEDHE_CA_FILE")
-    with AggregatorClient(cluster.aggregator_url, tls=ClientTLS(names=names)) as system_cas:
-        with pytest.raises(UpstreamUnavailable) as caught:
-            system_cas.sites()
+    system_cas = AggregatorClient(cluster.aggregator_url, tls=ClientTLS(names=names))
+    with system_cas, pytest.raises(UpstreamUnavailable) as caught:
+        system_cas.sites()
     assert caught.value.code == "tls_untrusted"
     assert "FEDHE_CA_FILE is not set, so only the system's CAs are trusted" in caught.value.message
     result = _site_list(cluster, cluster.aggregator_url, FEDHE_CA_FILE=str(cluster.secrets.server_cert_file))
@@ -64,10 +64,10 @@ def test_no_ca_and_the_servers_own_certificate_as_ca_each_say_what_to_set(cluste
 
 
 def test_a_host_name_the_certificate_does_not_name_is_a_name_mismatch(cluster: Cluster) -> None:
-    with AggregatorClient(cluster.aggregator_url, tls=cluster.secrets.tls, url_setting="--aggregator") as client:
-        with pytest.raises(UpstreamUnavailable) as caught:
-            # The TLS name the client checks, as if the URL had named this host (it resolves nowhere).
-            client.request("GET", "/v1/sites", extensions={"sni_hostname": "aggregator.hospital.example"})
+    client = AggregatorClient(cluster.aggregator_url, tls=cluster.secrets.tls, url_setting="--aggregator")
+    with client, pytest.raises(UpstreamUnavailable) as caught:
+        # The TLS name the client checks, as if the URL had named this host (it resolves nowhere).
+        client.request("GET", "/v1/sites", extensions={"sni_hostname": "aggregator.hospital.example"})
     assert caught.value.code == "tls_name_mismatch"
     assert "the server's certificate does not name 'aggregator.hospital.example'" in caught.value.message
     assert "use the host name its certificate was issued for in --aggregator" in caught.value.message
