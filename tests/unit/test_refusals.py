@@ -119,9 +119,9 @@ def test_refusals_are_audited_as_proven_with_claims_and_a_bounded_number_of_rows
     audit.record(_refusal(forged, client="10.0.0.10"))  # another address has its own budget
     audit.record(_refusal(Requester(actor=f"site:{MEMBER}"), status=404))  # any 4xx of a named route
     rows = _audit_rows(sessions)
-    assert [(r.actor, r.action, r.subject) for r in rows] == [
-        (ANONYMOUS, "context.release_secret", KEY_ID)
-    ] * (AUDITS + 1) + [(f"site:{MEMBER}", "context.release_secret", KEY_ID)]
+    assert [(r.actor, r.action, r.subject) for r in rows] == [(ANONYMOUS, "context.release_secret", KEY_ID)] * (
+        AUDITS + 1
+    ) + [(f"site:{MEMBER}", "context.release_secret", KEY_ID)]
     assert rows[0].detail == {
         "granted": False,
         "reason": "bad_signature",
