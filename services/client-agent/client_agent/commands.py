@@ -114,6 +114,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
     if (args.spec is None) == (args.job is None):
         raise InvalidRequest("check-data needs the job: --spec FILE (its definition) or --job JOB (ask the aggregator)")
+    policy_file = args.policy
     if args.spec is not None:
         job = JobCreate.model_validate_json(args.spec.read_text(encoding="utf-8"))
         settings: DataSettings = _settings(args, DataSettings)
@@ -121,8 +122,8 @@ def _check_data(args: argparse.Namespace) -> int:
         agent_settings = _settings(args, AgentSettings)
         with agent_settings.aggregator_client() as aggregator:
             job = aggregator.job(args.job)
-        settings = agent_settings
-    delta = load_policy(args.policy).tighten(job.dp).delta
+        settings, policy_file = agent_settings, agent_settings.policy_file
+    delta = load_policy(policy_file).tighten(job.dp).delta
     report = check_data(settings, job, delta)
     if args.json:
         print_json({**report.__dict__, "fits": report.fits})
