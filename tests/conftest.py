@@ -29,6 +29,21 @@ from fedhe.local_cluster import (
 
 POSTGRES_ADMIN_URL = os.environ.get("FEDHE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
+# Each folder's tier, set here once for every test in it (so `-m "not integration"` leaves out every
+# real-process test, not only those whose file remembered a pytestmark). `make test-unit` deselects
+# all three; `make test-integration` selects the first.
+FOLDER_MARKERS = {"integration": "integration", "browser": "browser", "deploy": "deploy"}
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's tier before `-m` selects (hence tryfirst)."""
+    for item in items:
+        path = item.path.resolve()
+        if path.is_relative_to(TESTS_DIR) and (marker := FOLDER_MARKERS.get(path.relative_to(TESTS_DIR).parts[0])):
+            item.add_marker(marker)
+
 
 @pytest.fixture(scope="session")
 def key_material() -> KeyMaterial:
