@@ -23,7 +23,8 @@ from typing import Any
 
 from bench.reporting import machine_description, write_markdown_table
 from fedhe.he import DEFAULT_FORMAT_ID
-from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, SWITCH
+from fedhe.he.codec import PLAINTEXT_FORMAT_ID
+from fedhe.he.plaintext import SWITCH
 from fedhe_demo.demo import DemoOptions, run_demo
 
 CASES: dict[str, tuple[str | None, tuple[int, ...] | None, int]] = {

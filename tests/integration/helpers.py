@@ -26,7 +26,7 @@ from fedhe.he import (
     format_for,
     load_secret_context,
 )
-from fedhe.he.seal_format import plaintext_coefficients
+from fedhe.he._seal.format import plaintext_coefficients
 from fedhe.local_cluster import ClusterSecrets, ManagedProcess, ProvisionedSite
 from fedhe.schemas import DEFAULT_CLIP_RANGE, KeyReleaseRequest
 

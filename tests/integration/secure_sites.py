@@ -36,8 +36,8 @@ from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict
 from fedhe.global_model import AggregateFacts, Decryption, decode_aggregate
 from fedhe.he import Envelope, PackedBfvCodec, encode_envelope
+from fedhe.he._seal.format import compact_ciphertext, plaintext_bytes
 from fedhe.he.packing import pack
-from fedhe.he.seal_format import compact_ciphertext, plaintext_bytes
 from fedhe.local_cluster import ClusterSecrets, ProvisionedSite
 from fedhe.schemas import JobPublic, PinnedKeysRequest, RoundPublic, RoundState
 from fedhe.secagg.keys import AttemptKey

@@ -174,8 +174,8 @@ def test_mutated_ciphertext_chunks_are_refused_by_the_check_and_the_sum_alike(ke
 def test_a_compressed_serialisation_is_refused_before_seal_parses_it(key_material: KeyMaterial) -> None:
     import zstandard
 
-    from fedhe.he.seal_io import COMPR_ZSTD
-    from fedhe.he.seal_io import SEAL_HEADER as HEADER
+    from fedhe.he._seal.io import COMPR_ZSTD
+    from fedhe.he._seal.io import SEAL_HEADER as HEADER
 
     site = codec_for(CKKS_FORMAT_ID, load_secret_context(key_material.secret_context))
     aggregator = codec_for(CKKS_FORMAT_ID, load_evaluation_context(key_material.evaluation_context))

@@ -31,10 +31,11 @@ from fedhe.he import (
     parameters_from,
     quantisation_report,
 )
+from fedhe.he._seal.context import tenseal_context
+from fedhe.he._seal.format import plaintext_bytes, plaintext_coefficients
+from fedhe.he._seal.io import SealIO
 from fedhe.he.packing import pack, unpack
 from fedhe.he.quantise import quantise
-from fedhe.he.seal_format import plaintext_bytes, plaintext_coefficients
-from fedhe.he.seal_io import SealIO
 
 R = 0.5
 SETTINGS = PackingSettings(clip_range=R, bits=16, max_sites=128)
@@ -262,7 +263,7 @@ def test_bad_chunks_are_refused_by_name(
     size = 2 * CHUNK
     good = site.encrypt_update(np.full(size, 0.25))
     update = site.encrypt_update(np.full(size, 0.125))
-    bad = mangle(site, update[1], load_secret_context(bfv_material.secret_context))
+    bad = mangle(site, update[1], tenseal_context(load_secret_context(bfv_material.secret_context)))
     with pytest.raises(
         InvalidUpdate, match=r"chunk 1 (is not a valid ciphertext|does not have this format's level or size)"
     ) as raised:
@@ -313,8 +314,8 @@ def test_evaluation_context_holds_no_key(bfv_material: KeyMaterial, aggregator: 
     context = load_evaluation_context(bfv_material.evaluation_context)
     assert not context.has_secret_key()
     assert not context.is_private()
-    assert not context.has_relin_keys()
-    assert not context.has_galois_keys()
+    assert not tenseal_context(context).has_relin_keys()
+    assert not tenseal_context(context).has_galois_keys()
     # A secret key alone is 8192 coefficients x 2 primes x 8 bytes; the whole context is parameters.
     assert len(bfv_material.evaluation_context) < 1024 < len(bfv_material.secret_context)
     with pytest.raises(InvalidRequest, match="secret key"):
@@ -369,7 +370,7 @@ def test_parallel_encryption_matches_sequential_decryption(bfv_material: KeyMate
 
 def test_plaintext_coefficients_read_back_what_seal_holds(bfv_material: KeyMaterial) -> None:
     """The bulk read used by decryption agrees with SEAL's own per-coefficient access."""
-    io = SealIO(load_secret_context(bfv_material.secret_context).seal_context().data)
+    io = SealIO(tenseal_context(load_secret_context(bfv_material.secret_context)).seal_context().data)
     coefficients = np.random.default_rng(7).integers(0, 2**46, 8192, dtype=np.uint64)
     plain = io.load_plaintext(plaintext_bytes(coefficients))
     read = plaintext_coefficients(io.save(plain))

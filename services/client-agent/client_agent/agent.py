@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tenseal as ts
 from numpy.typing import NDArray
 
 from client_agent.data_check import check_rows_fit, load_for_job
@@ -72,7 +71,15 @@ from fedhe.errors import (
 )
 from fedhe.files import PRIVATE_FILE, private_dir, write_private
 from fedhe.global_model import AggregateFacts, Decryption, decode_aggregate, weighted_update
-from fedhe.he import Envelope, UpdateCodec, codec_for, encode_envelope, load_secret_context, quantisation_report
+from fedhe.he import (
+    Envelope,
+    SecretContext,
+    UpdateCodec,
+    codec_for,
+    encode_envelope,
+    load_secret_context,
+    quantisation_report,
+)
 from fedhe.logs import request_id
 from fedhe.normalisation import statistics_upload
 from fedhe.privacy import TrainingPass, local_training_pass, statistics_pass
@@ -129,7 +136,7 @@ class SiteAgent:
         self._ledger = PrivacyLedger(self._state_file("privacy-ledger.json"))
         self._environment = current_environment()
         self._heartbeat = Heartbeat(self._aggregator, self._environment, settings.heartbeat_interval_s)
-        self._contexts: dict[str, ts.Context] = {}
+        self._contexts: dict[str, SecretContext] = {}
         self._codecs: dict[tuple[str, str, str], UpdateCodec] = {}
         self._data: dict[str, tuple[Dataset, Dataset]] = {}
         self._chains: dict[str, GlobalModelChain] = {}
@@ -139,7 +146,7 @@ class SiteAgent:
         self._sat_out: set[tuple[str, int, int]] = set()
         self._backoff = settings.poll_interval_s
 
-    def _secret_context(self, key_id: str) -> ts.Context:
+    def _secret_context(self, key_id: str) -> SecretContext:
         if key_id not in self._contexts:
             timestamp, nonce, signature = sign_request(
                 self._signing_key, KEY_RELEASE_PURPOSE, self.settings.keyserver_audience(), [key_id]

@@ -1,25 +1,30 @@
-"""The update-codec interface and its registry of versioned format ids.
+"""The update-codec interface and the versioned format ids (``fedhe.he.registry`` maps an id
+to its codec).
 
 A codec turns a flat float64 vector into ciphertext chunks (site side), sums chunks without a
 secret key (aggregator side) and turns a summed aggregate back into floats (site side). The
 format id names the codec *and* its wire layout: a change to either is a new id, so sites and
 aggregators can refuse what they do not understand instead of misreading it.
+
+Codecs raise the errors of ``fedhe.errors``: ``InvalidUpdate`` for a chunk or update that is not
+one of this format (as it streams in, or when summed), ``InvalidRequest`` for a request the
+codec cannot serve (no secret key, masks it cannot carry, an unknown format id), and
+``ImplausibleAggregate`` for a decrypted sum its inputs cannot have produced.
+
+This module imports nothing else of ``fedhe.he`` (and no TenSEAL): every other module may
+import it.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence, Sized
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import tenseal as ts
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-
-if TYPE_CHECKING:
-    from fedhe.he.packing import PackingSettings
 
 
 class CoefficientMask(Protocol):
@@ -110,53 +115,5 @@ CKKS_FORMAT_ID = "ckks-seeded-last-v2"
 PACKED_FORMAT_ID = "bfv-packed-v1"
 DEFAULT_FORMAT_ID = PACKED_FORMAT_ID
 """The packed BFV codec: under 4 bytes per value (ADR 0006); ``ckks-seeded-last-v2`` stays available."""
-
-_FORMAT_OF_SCHEME = {"BFV": DEFAULT_FORMAT_ID, "CKKS": CKKS_FORMAT_ID}
-
-
-def supported_formats() -> list[str]:
-    """Format ids this process accepts (the plaintext one only under its benchmark switch)."""
-    from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, plaintext_allowed
-
-    encrypted = [DEFAULT_FORMAT_ID, CKKS_FORMAT_ID]
-    return [*encrypted, PLAINTEXT_FORMAT_ID] if plaintext_allowed() else encrypted
-
-
-def format_for(context: ts.Context) -> str:
-    """The update format a federation's context takes when a job does not name one."""
-    from fedhe.he.context import scheme_of
-
-    return _FORMAT_OF_SCHEME[scheme_of(context)]
-
-
-def codec_for(
-    format_id: str, context: ts.Context, workers: int = 1, options: PackingSettings | None = None
-) -> UpdateCodec:
-    """The codec for ``format_id`` bound to ``context``; ``workers`` processes encrypt large updates.
-
-    ``options`` are the job's packing settings, required by ``bfv-packed-v1`` (sites and the
-    aggregator must pass the same ones: they fix how many values a chunk holds).
-    """
-    from fedhe.he.bfv_packed import PackedBfvCodec
-    from fedhe.he.ckks_seeded import SeededCkksCodec
-    from fedhe.he.context import scheme_of
-    from fedhe.he.plaintext import PLAINTEXT_FORMAT_ID, PlaintextCodec
-
-    if format_id == PLAINTEXT_FORMAT_ID:
-        return PlaintextCodec()
-    expected = {fmt: scheme for scheme, fmt in _FORMAT_OF_SCHEME.items()}.get(format_id)
-    if expected is None:
-        raise InvalidRequest(
-            f"unknown update format {format_id!r}",
-            code="unsupported_format",
-            detail={"supported": supported_formats()},
-        )
-    if scheme_of(context) != expected:
-        raise InvalidRequest(f"format {format_id!r} needs a {expected} context", code="scheme_mismatch")
-    if format_id == PACKED_FORMAT_ID:
-        if options is None:
-            raise InvalidRequest(
-                f"format {format_id!r} needs the job's packing settings", code="missing_packing_settings"
-            )
-        return PackedBfvCodec(context, options, workers)
-    return SeededCkksCodec(context, workers)
+PLAINTEXT_FORMAT_ID = "plain-f64-insecure-v1"
+"""No encryption at all, for benchmarks only (``fedhe.he.plaintext``): refused without its switch."""

@@ -7,7 +7,9 @@ neither a secret, public, relinearisation nor Galois key.
 
 Both schemes are serialised by TenSEAL (``Context.serialize``): it accepts BFV with a
 power-of-two plain modulus (no batching is ever asked of it), so one container, one loader and
-one key check serve both.
+one key check serve both. A loaded context is an opaque handle (``SecretContext`` or
+``EvaluationContext``), to be passed to ``codec_for`` and nowhere else; TenSEAL itself stays
+inside ``fedhe.he``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import tenseal as ts
 from pydantic import BaseModel, Field, TypeAdapter, model_validator
 
 from fedhe.errors import InvalidRequest
+from fedhe.he._seal.context import EvaluationContext, SecretContext, load, new_bfv, new_ckks, serialise
 
 # Largest total coefficient modulus (bits) for 128-bit classical security with SEAL's ternary
 # secret and sigma = 3.2, from the HomomorphicEncryption.org standard (SEAL enforces the same).
@@ -114,23 +116,12 @@ class KeyMaterial:
     evaluation_context: bytes
 
 
-def _new_context(parameters: CkksParameters | BfvParameters) -> ts.Context:
+def _new_context(parameters: CkksParameters | BfvParameters) -> Any:
     if isinstance(parameters, BfvParameters):
-        return ts.context(
-            ts.SCHEME_TYPE.BFV,
-            poly_modulus_degree=parameters.poly_modulus_degree,
-            plain_modulus=2**parameters.plain_modulus_bits,
-            coeff_mod_bit_sizes=list(parameters.coeff_mod_bit_sizes),
-            encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+        return new_bfv(
+            parameters.poly_modulus_degree, list(parameters.coeff_mod_bit_sizes), parameters.plain_modulus_bits
         )
-    context = ts.context(
-        ts.SCHEME_TYPE.CKKS,
-        poly_modulus_degree=parameters.poly_modulus_degree,
-        coeff_mod_bit_sizes=list(parameters.coeff_mod_bit_sizes),
-        encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
-    )
-    context.global_scale = float(2**parameters.scale_bits)
-    return context
+    return new_ckks(parameters.poly_modulus_degree, list(parameters.coeff_mod_bit_sizes), parameters.scale_bits)
 
 
 def create_key_material(parameters: CkksParameters | BfvParameters) -> KeyMaterial:
@@ -139,39 +130,32 @@ def create_key_material(parameters: CkksParameters | BfvParameters) -> KeyMateri
         context = _new_context(parameters)
     except ValueError as exc:
         raise InvalidRequest(f"{parameters.scheme.upper()} parameters rejected: {exc}") from exc
-    secret = context.serialize(
-        save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
-    )
     # make_context_public() refuses symmetric contexts, so drop the keys at serialisation.
-    evaluation = context.serialize(
-        save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    return KeyMaterial(
+        parameters=parameters,
+        secret_context=serialise(context, secret_key=True),
+        evaluation_context=serialise(context, secret_key=False),
     )
-    return KeyMaterial(parameters=parameters, secret_context=secret, evaluation_context=evaluation)
 
 
-def scheme_of(context: ts.Context) -> str:
-    """``"CKKS"`` or ``"BFV"``: the scheme of a loaded context."""
-    return str(context.seal_context().data.key_context_data().parms().scheme().name)
-
-
-def _load(data: bytes) -> ts.Context:
+def _load(data: bytes) -> Any:
     try:
-        return ts.context_from(data)
-    except Exception as exc:  # TenSEAL raises bare RuntimeError/ValueError on bad bytes
+        return load(data)
+    except ValueError as exc:
         raise InvalidRequest("not a valid serialised TenSEAL context") from exc
 
 
-def load_secret_context(data: bytes) -> ts.Context:
+def load_secret_context(data: bytes) -> SecretContext:
     """Load a site's context (CKKS or BFV); it must hold the secret key."""
     context = _load(data)
     if not context.has_secret_key():
         raise InvalidRequest("context has no secret key; a site needs the secret context")
-    return context
+    return SecretContext(context)
 
 
-def load_evaluation_context(data: bytes) -> ts.Context:
+def load_evaluation_context(data: bytes) -> EvaluationContext:
     """Load the aggregator's context (CKKS or BFV); refuses any context that carries a secret key."""
     context = _load(data)
     if context.has_secret_key() or context.is_private():
         raise InvalidRequest("refusing an evaluation context that carries a secret key")
-    return context
+    return EvaluationContext(context)

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tenseal.sealapi as seal
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedhe.errors import InvalidRequest
+from fedhe.he._seal.context import coefficient_primes
 from fedhe.he.context import BfvParameters
 
 # Largest |noise| of one fresh SEAL encryption: the centred binomial sample is a difference of
@@ -132,12 +132,12 @@ def check_packing(settings: PackingSettings, parameters: BfvParameters | None = 
     """Validate a job's packing settings against its federation's BFV parameters (the defaults if
     not given) before any site encrypts; raises ``InvalidRequest`` naming the problem."""
     parameters = parameters or BfvParameters()
-    primes = seal.CoeffModulus.Create(parameters.poly_modulus_degree, list(parameters.coeff_mod_bit_sizes))
+    primes = coefficient_primes(parameters.poly_modulus_degree, list(parameters.coeff_mod_bit_sizes))
     return packing_layout(
         settings,
         poly_modulus_degree=parameters.poly_modulus_degree,
         plain_modulus_bits=parameters.plain_modulus_bits,
-        data_prime=primes[0].value(),
+        data_prime=primes[0],
     )
 
 

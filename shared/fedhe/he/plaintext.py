@@ -17,9 +17,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
-from fedhe.he.codec import CoefficientMask, UpdateCodec
+from fedhe.he.codec import PLAINTEXT_FORMAT_ID, CoefficientMask, UpdateCodec
 
-PLAINTEXT_FORMAT_ID = "plain-f64-insecure-v1"
 SWITCH = "FEDHE_INSECURE_PLAINTEXT_CODEC"
 _VALUES_PER_CHUNK = 65_536
 

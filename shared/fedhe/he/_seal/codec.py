@@ -16,28 +16,22 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
-import tenseal as ts
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
+from fedhe.he._seal.context import EvaluationContext, SecretContext, load, serialise, tenseal_context
 from fedhe.he.codec import CoefficientMask, UpdateCodec
 
-_WORKER: dict[str, UpdateCodec] = {}
+_WORKER: dict[str, SealCodec] = {}
 
 
-def _start_worker(format_id: str, secret_context: bytes, options: str | None) -> None:
-    from fedhe.he.codec import codec_for
-    from fedhe.he.packing import PackingSettings
-
-    settings = PackingSettings.model_validate_json(options) if options is not None else None
-    _WORKER["codec"] = codec_for(format_id, ts.context_from(secret_context), options=settings)
+def _start_worker(codec_class: type[SealCodec], secret_context: bytes, options: str | None) -> None:
+    _WORKER["codec"] = codec_class.in_worker(SecretContext(load(secret_context)), options)
 
 
 def _encrypt_in_worker(values: NDArray[Any], masks: CoefficientMask | None, first_chunk: int) -> list[bytes]:
-    codec = _WORKER["codec"]
-    assert isinstance(codec, SealCodec)
-    return codec._encrypt_block(values, masks, first_chunk)
+    return _WORKER["codec"]._encrypt_block(values, masks, first_chunk)
 
 
 class SealCodec(UpdateCodec):
@@ -52,14 +46,19 @@ class SealCodec(UpdateCodec):
     # What ``_has_format`` checks, as the error naming a chunk that fails it says.
     _format_checks: str
 
-    def __init__(self, context: ts.Context, workers: int, options: str | None = None):
-        self._tenseal_context = context
-        self._seal_context: seal.SEALContext = context.seal_context().data
+    def __init__(self, context: SecretContext | EvaluationContext, workers: int, options: str | None = None):
+        self._tenseal_context = tenseal_context(context)
+        self._seal_context: seal.SEALContext = self._tenseal_context.seal_context().data
         self._has_secret = context.has_secret_key()
         self._workers = max(1, workers)
         self._worker_options = options
         self._pool: ProcessPoolExecutor | None = None
         self.evaluator = seal.Evaluator(self._seal_context)
+
+    @classmethod
+    @abc.abstractmethod
+    def in_worker(cls, context: SecretContext, options: str | None) -> SealCodec:
+        """The codec an encryption worker process builds from the secret context and ``options``."""
 
     @property
     @abc.abstractmethod
@@ -125,14 +124,12 @@ class SealCodec(UpdateCodec):
 
     def _encrypt_parallel(self, flat: NDArray[Any], masks: CoefficientMask | None) -> list[bytes]:
         if self._pool is None:
-            secret = self._tenseal_context.serialize(
-                save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
-            )
+            secret = serialise(self._tenseal_context, secret_key=True)
             self._pool = ProcessPoolExecutor(
                 self._workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                initargs=(self.format_id, secret, self._worker_options),
+                initargs=(type(self), secret, self._worker_options),
             )
         per_chunk = self.values_per_chunk
         step = math.ceil(math.ceil(flat.size / per_chunk) / (4 * self._workers)) * per_chunk

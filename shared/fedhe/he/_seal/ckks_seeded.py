@@ -8,7 +8,7 @@ TenSEAL's usual [60,40,40] public-key setting: ~81). A summed ciphertext is no l
 (32 bytes per slot); that is what the aggregator stores and publishes.
 
 Ciphertexts cross the wire uncompressed and are checked before SEAL parses them
-(``fedhe.he.seal_io``): SEAL's zstd loader aborts the process on some hostile inputs.
+(``fedhe.he._seal.io``): SEAL's zstd loader aborts the process on some hostile inputs.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tenseal as ts
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
+from fedhe.he._seal.codec import SealCodec
+from fedhe.he._seal.context import EvaluationContext, SecretContext
+from fedhe.he._seal.io import SealIO
 from fedhe.he.codec import CKKS_FORMAT_ID, CoefficientMask
-from fedhe.he.seal_codec import SealCodec
-from fedhe.he.seal_io import SealIO
 
 
 class SeededCkksCodec(SealCodec):
@@ -33,13 +33,17 @@ class SeededCkksCodec(SealCodec):
     format_id = CKKS_FORMAT_ID
     _format_checks = "level, scale or size"
 
-    def __init__(self, context: ts.Context, workers: int = 1):
+    def __init__(self, context: SecretContext | EvaluationContext, workers: int = 1):
         super().__init__(context, workers)
-        self._scale = float(context.global_scale)
+        self._scale = float(self._tenseal_context.global_scale)
         self._last_parms_id = self._seal_context.last_parms_id()
         self._encoder = seal.CKKSEncoder(self._seal_context)
         self.slot_count: int = self._encoder.slot_count()
         self.io = SealIO(self._seal_context)
+
+    @classmethod
+    def in_worker(cls, context: SecretContext, options: str | None) -> SeededCkksCodec:
+        return cls(context)
 
     @property
     def values_per_chunk(self) -> int:

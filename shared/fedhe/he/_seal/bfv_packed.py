@@ -3,7 +3,7 @@ encrypted with seeded symmetric BFV at one data prime; under 4 bytes per value o
 
 Site side: clip and quantise (``quantise``), pack into coefficients (``packing``), build each
 plaintext from SEAL bytes, ``encrypt_symmetric`` and keep the compact form of SEAL's seeded
-ciphertext (``seal_format``). Aggregator side: every chunk is loaded by SEAL (which regenerates
+ciphertext (``fedhe.he._seal.format``). Aggregator side: every chunk is loaded by SEAL (which regenerates
 the seeded half and checks every word) and must sit at the data level with two components,
 not in NTT form and not transparent; sums are plain ciphertext additions. Decryption reads the
 summed coefficients back as centred slots, so it needs no count of summed updates. ADR 0006
@@ -16,18 +16,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tenseal as ts
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
 from fedhe.errors import ImplausibleAggregate, InvalidRequest
+from fedhe.he._seal.codec import SealCodec
+from fedhe.he._seal.context import EvaluationContext, SecretContext
+from fedhe.he._seal.format import compact_ciphertext, plaintext_bytes, plaintext_coefficients, seal_ciphertext
+from fedhe.he._seal.io import SealIO
 from fedhe.he.codec import PACKED_FORMAT_ID, CoefficientMask
-from fedhe.he.context import scheme_of
 from fedhe.he.packing import PackingLayout, PackingSettings, pack, packing_layout, unpack
 from fedhe.he.quantise import dequantise, quantise
-from fedhe.he.seal_codec import SealCodec
-from fedhe.he.seal_format import compact_ciphertext, plaintext_bytes, plaintext_coefficients, seal_ciphertext
-from fedhe.he.seal_io import SealIO
 
 # Values quantised and packed at a time: whole chunks, and few enough that the float
 # temporaries of a 10M-value update do not all exist at once.
@@ -56,7 +55,7 @@ class PackedBfvCodec(SealCodec):
 
     def __init__(
         self,
-        context: ts.Context,
+        context: SecretContext | EvaluationContext,
         settings: PackingSettings,
         workers: int = 1,
         *,
@@ -65,7 +64,7 @@ class PackedBfvCodec(SealCodec):
         super().__init__(context, workers, settings.model_dump_json())
         key_parameters = self._seal_context.key_context_data().parms()
         data_level = self._seal_context.first_context_data()
-        if scheme_of(context) != "BFV" or len(data_level.parms().coeff_modulus()) != 1:
+        if context.scheme != "BFV" or len(data_level.parms().coeff_modulus()) != 1:
             raise InvalidRequest(
                 f"format {PACKED_FORMAT_ID} needs a BFV context with one data prime", code="scheme_mismatch"
             )
@@ -82,6 +81,11 @@ class PackedBfvCodec(SealCodec):
         self._data_parms_id = list(self._seal_context.first_parms_id())
         self._rng = rounding_rng
         self.io = SealIO(self._seal_context)
+
+    @classmethod
+    def in_worker(cls, context: SecretContext, options: str | None) -> PackedBfvCodec:
+        assert options is not None
+        return cls(context, PackingSettings.model_validate_json(options))
 
     @property
     def values_per_chunk(self) -> int:

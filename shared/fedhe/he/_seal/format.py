@@ -1,7 +1,7 @@
 """SEAL's serialisation at the byte level: plaintexts built from coefficients, and a compact
 re-encoding of ciphertexts for the wire.
 
-SEAL's Python bindings have no coefficient setter, and ``seal_io`` hands out every object
+SEAL's Python bindings have no coefficient setter, and ``fedhe.he._seal.io`` hands out every object
 uncompressed, so:
 
 - a plaintext is built by writing SEAL's own uncompressed layout (a 16-byte header with magic
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhe.he.seal_io import COMPR_NONE, SEAL_MAGIC, seal_version
-from fedhe.he.seal_io import SEAL_HEADER as _HEADER
+from fedhe.he._seal.io import COMPR_NONE, SEAL_MAGIC, seal_version
+from fedhe.he._seal.io import SEAL_HEADER as _HEADER
 
 COMPACT_MAGIC = b"FHC1"
 _MEMBERS = 73  # SEAL 4 Ciphertext members before its data array
