@@ -11,9 +11,12 @@ from fedhe.global_model import weighted_update
 from fedhe.he import (
     CKKS_FORMAT_ID,
     CkksParameters,
+    EvaluationContext,
     KeyMaterial,
+    SecretContext,
     codec_for,
     create_key_material,
+    format_for,
     load_evaluation_context,
     load_secret_context,
 )
@@ -179,3 +182,18 @@ def test_plaintext_format_is_refused_without_the_benchmark_switch(key_material: 
     codec = codec_for(PLAINTEXT_FORMAT_ID, load_secret_context(key_material.secret_context))
     summed = codec.sum_updates([codec.encrypt_update(np.arange(5.0)), codec.encrypt_update(np.ones(5))], 5)
     np.testing.assert_array_equal(codec.decrypt_aggregate(summed, 5), np.arange(5.0) + 1)
+
+
+def test_a_loaded_context_is_an_opaque_handle(key_material: KeyMaterial) -> None:
+    """Outside fedhe.he a context is passed to codec_for and nowhere else: it names its scheme and
+    keys and offers nothing of TenSEAL (no serialisation, no key, no SEAL object)."""
+    secret = load_secret_context(key_material.secret_context)
+    evaluation = load_evaluation_context(key_material.evaluation_context)
+    assert (type(secret), type(evaluation)) == (SecretContext, EvaluationContext)
+    for context in (secret, evaluation):
+        assert {name for name in dir(context) if not name.startswith("_")} == {"scheme", "has_secret_key", "is_private"}
+        assert not hasattr(context, "__dict__")
+        assert context.scheme == "CKKS"
+        assert format_for(context) == CKKS_FORMAT_ID
+    assert (secret.has_secret_key(), evaluation.has_secret_key()) == (True, False)
+    assert repr(secret) == "<SecretContext CKKS>"
