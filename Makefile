@@ -45,11 +45,15 @@ bench: $(VENV)/.dev
 api-docs: $(VENV)/.dev
 	$(BIN)/python docs/api/generate.py
 
-## Re-lock dependencies after editing requirements/*.in (needs network to PyPI).
+## Re-lock dependencies after editing requirements/*.in (needs network to PyPI): runtime.lock (every
+## role: the venv, the demo, the tests), then each role's lock within it, then the development tools.
+ROLES   := agent aggregator keyserver cli
+COMPILE := ../$(BIN)/uv pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header
 lock: $(VENV)/.dev
 	$(PIP) install uv==0.13.9
-	cd requirements && ../$(BIN)/uv pip compile runtime.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o runtime.lock
-	cd requirements && ../$(BIN)/uv pip compile dev.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o dev.lock
+	cd requirements && $(COMPILE) runtime.in -o runtime.lock
+	cd requirements && for role in $(ROLES); do $(COMPILE) $$role.in -c runtime.lock -o $$role.lock || exit 1; done
+	cd requirements && $(COMPILE) dev.in -o dev.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache fedhe-demo-report.json
