@@ -83,7 +83,7 @@ class PackedBfvCodec(SealCodec):
         self.io = SealIO(self._seal_context)
 
     @classmethod
-    def in_worker(cls, context: SecretContext, options: str | None) -> PackedBfvCodec:
+    def _in_worker(cls, context: SecretContext, options: str | None) -> PackedBfvCodec:
         assert options is not None
         return cls(context, PackingSettings.model_validate_json(options))
 

@@ -42,7 +42,7 @@ class SeededCkksCodec(SealCodec):
         self.io = SealIO(self._seal_context)
 
     @classmethod
-    def in_worker(cls, context: SecretContext, options: str | None) -> SeededCkksCodec:
+    def _in_worker(cls, context: SecretContext, options: str | None) -> SeededCkksCodec:
         return cls(context)
 
     @property

@@ -27,7 +27,7 @@ _WORKER: dict[str, SealCodec] = {}
 
 
 def _start_worker(codec_class: type[SealCodec], secret_context: bytes, options: str | None) -> None:
-    _WORKER["codec"] = codec_class.in_worker(SecretContext(load(secret_context)), options)
+    _WORKER["codec"] = codec_class._in_worker(SecretContext(load(secret_context)), options)
 
 
 def _encrypt_in_worker(values: NDArray[Any], masks: CoefficientMask | None, first_chunk: int) -> list[bytes]:
@@ -57,7 +57,7 @@ class SealCodec(UpdateCodec):
 
     @classmethod
     @abc.abstractmethod
-    def in_worker(cls, context: SecretContext, options: str | None) -> SealCodec:
+    def _in_worker(cls, context: SecretContext, options: str | None) -> SealCodec:
         """The codec an encryption worker process builds from the secret context and ``options``."""
 
     @property

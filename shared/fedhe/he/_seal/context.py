@@ -44,7 +44,8 @@ class SecretContext(_Context):
     """A site's HE context, secret key included (``load_secret_context``): it encrypts and decrypts.
 
     Opaque: it is only passed to ``codec_for``; it cannot be serialised or read from outside
-    ``fedhe.he``."""
+    ``fedhe.he``. It tells only its ``scheme`` (``"CKKS"`` or ``"BFV"``), ``has_secret_key()``
+    and ``is_private()``."""
 
     __slots__ = ()
 
@@ -53,7 +54,8 @@ class EvaluationContext(_Context):
     """The aggregator's HE context, with the encryption parameters and no key at all
     (``load_evaluation_context``): codecs bound to it check and sum ciphertexts only.
 
-    Opaque: it is only passed to ``codec_for``."""
+    Opaque: it is only passed to ``codec_for``. It tells only its ``scheme`` (``"CKKS"`` or
+    ``"BFV"``), ``has_secret_key()`` and ``is_private()`` (both false: the loader refuses any other)."""
 
     __slots__ = ()
 
