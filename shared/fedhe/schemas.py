@@ -613,6 +613,16 @@ class RoundPublic(BaseModel):
             "min_eval_sites sites have evaluated"
         ),
     )
+    duration_s: float | None = Field(
+        default=None,
+        description=(
+            "seconds from opening until the attempt ended: its publication, or its closing for a failed "
+            "attempt (null while it runs)"
+        ),
+    )
+    bytes_uploaded: int = Field(
+        default=0, description="encrypted bytes of the uploads this attempt accepted, summed over its sites"
+    )
 
 
 class AuditEventPublic(BaseModel):

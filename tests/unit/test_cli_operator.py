@@ -27,6 +27,7 @@ from fedhe.schemas import (
     JobCreate,
     MemberPublic,
     MemberStatus,
+    RoundPublic,
     RoundVerification,
     SiteApproved,
     SitePublic,
@@ -450,3 +451,59 @@ def test_listings_in_json_are_whole_whatever_the_width(
     assert [m["site_id"] for m in printed] == SITE_IDS
     assert [m["public_key"] for m in printed] == SITE_KEYS
     assert printed[3]["endorsed_by"] == SITE_IDS[:2]
+
+
+def _served_rounds() -> list[dict[str, Any]]:
+    """Two attempts as the aggregator serves them to an operator: their figures computed there."""
+    base = {
+        "job_id": JOB_ID,
+        "deadline_at": NOW.isoformat(),
+        "opened_at": NOW.isoformat(),
+        "total_samples": 120,
+        "num_submissions": 3,
+    }
+    published = base | {
+        "number": 0,
+        "attempt": 1,
+        "state": "published",
+        "published_at": NOW.replace(second=42).isoformat(),
+        "duration_s": 42.0,
+        "bytes_uploaded": 4_194_336,
+        "global_metrics": {"accuracy": 0.91},
+    }
+    running = base | {"number": 1, "attempt": 1, "state": "collecting", "bytes_uploaded": 1_398_112}
+    return [RoundPublic.model_validate(r).model_dump(mode="json") for r in (published, running)]
+
+
+def test_job_rounds_shows_the_bytes_and_seconds_the_aggregator_serves(
+    services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    services({("GET", f"/v1/jobs/{JOB_ID}/rounds"): lambda r: _served_rounds()})
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["job", "rounds", JOB_ID]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["round", "attempt", "state", "sites", "samples", "accuracy", "bytes", "up", "seconds"]
+    # No submission is listed with these rounds: the figures can only come from the served fields.
+    assert lines[3].split() == ["0", "1", "published", "3", "120", "0.91", "4194336", "42"]
+    assert lines[4].split() == ["1", "1", "collecting", "3", "120", "-", "1398112", "-"]
+    assert main(["job", "rounds", JOB_ID, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(r["bytes_uploaded"], r["duration_s"]) for r in printed] == [(4_194_336, 42.0), (1_398_112, None)]
+
+
+def test_job_watch_follows_the_job_with_the_operators_client(
+    services: Callable[..., Services], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = _listed_jobs()[0] | {"id": JOB_ID, "status": "completed"}
+    mocked = services(
+        {
+            ("GET", "/v1/sites"): lambda r: [],
+            ("GET", f"/v1/jobs/{JOB_ID}"): lambda r: job,
+            ("GET", f"/v1/jobs/{JOB_ID}/rounds"): lambda r: _served_rounds()[:1],
+        }
+    )
+    assert main(["job", "watch", JOB_ID, "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[0])["bytes_uploaded"] == 4_194_336
+    assert lines[-1] == f"job {JOB_ID} ended completed"
+    assert all(r.headers["Authorization"] == "Bearer fht_aggregator-admin-token" for r in mocked.requests)

@@ -1,5 +1,5 @@
 """``fedhe job watch`` at 80 columns: a header line, one line per round attempt, one note per
-failure or decline, on a job as the aggregator reports it mid-run."""
+failure or decline, on a job as the aggregator reports it mid-run; bytes and seconds as served."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def _upload(site_id: str, epsilon: float) -> SubmissionPublic:
 
 
 def _round(number: int, attempt: int = 1, **fields: Any) -> RoundPublic:
+    """A round as the aggregator serves it, its figures (bytes, seconds) computed there."""
+    submissions = fields.get("submissions", [])
     base: dict[str, Any] = {
         "job_id": JOB_ID,
         "number": number,
@@ -41,8 +43,9 @@ def _round(number: int, attempt: int = 1, **fields: Any) -> RoundPublic:
         "state": "published",
         "opened_at": STARTED,
         "deadline_at": STARTED + timedelta(minutes=5),
-        "num_submissions": len(fields.get("submissions", [])),
-        "total_samples": 47 * len(fields.get("submissions", [])),
+        "num_submissions": len(submissions),
+        "total_samples": 47 * len(submissions),
+        "bytes_uploaded": sum(s.num_bytes for s in submissions),
     }
     return RoundPublic.model_validate(base | fields)
 
@@ -72,6 +75,7 @@ def _rounds() -> list[RoundPublic]:
             n,
             submissions=[_upload(site, 0.31 * n + i / 100) for i, site in enumerate(SITES)],
             published_at=STARTED + timedelta(seconds=6.1 * n),
+            duration_s=6.1 * n,
             global_metrics={"accuracy": 0.9 + n / 100},
         )
         for n in (1, 2, 3)
@@ -80,6 +84,8 @@ def _rounds() -> list[RoundPublic]:
         4,
         state="failed",
         submissions=[_upload(A, 1.3), _upload(B, 1.31)],
+        closed_at=STARTED + timedelta(minutes=5),
+        duration_s=300.0,
         failure_reason=f"roster_incomplete: Hospital C oncology ({C}) did not upload by the deadline",
         declines=[
             DeclinePublic(
@@ -108,7 +114,7 @@ def test_watch_shows_one_line_per_round_attempt_in_80_columns() -> None:
         ["1", "published", "3", "up", "0.91", "0.33", "4.2", "MB", "6.1"],
         ["2", "published", "3", "up", "0.92", "0.64", "4.2", "MB", "12.2"],
         ["3", "published", "3", "up", "0.93", "0.95", "4.2", "MB", "18.3"],
-        ["4", "failed", "2", "up,", "1", "declined", "-", "1.31", "2.8", "MB", "-"],
+        ["4", "failed", "2", "up,", "1", "declined", "-", "1.31", "2.8", "MB", "300"],
         ["4", "try", "2", "collecting", "1", "up", "-", "1.3", "1.4", "MB", "-"],
     ]
     assert " ".join(rows[5:]) == (
@@ -128,6 +134,16 @@ def test_a_round_stays_on_one_line_in_a_narrower_terminal() -> None:
         ["4", "failed"],
         ["4", "try"],
     ]
+
+
+def test_bytes_and_seconds_are_the_figures_the_aggregator_serves() -> None:
+    # A round whose uploads the caller does not see in detail still has its served figures.
+    served = _round(0, state="published", num_submissions=3, bytes_uploaded=5_240_000, duration_s=42.5)
+    assert served.submissions == []
+    out = io.StringIO()
+    Console(file=out, width=80).print(render(_job(), [served], SITES, now=STARTED))
+    row = out.getvalue().splitlines()[2].split()
+    assert row[-3:] == ["5.2", "MB", "42.5"]
 
 
 def test_bytes_up_are_shown_in_decimal_units() -> None:

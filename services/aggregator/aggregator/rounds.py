@@ -64,6 +64,22 @@ def accepts_uploads(state: RoundState, *, secure: bool) -> bool:
     return state == RoundState.COLLECTING if secure else state in (RoundState.OPEN, RoundState.COLLECTING)
 
 
+def round_duration_s(row: RoundRow) -> float | None:
+    """Seconds from opening until the attempt ended: its publication, or its closing if it failed.
+
+    None while the attempt runs (a closed round is not over until its sum is published). The
+    ``round.published`` event and the served round (``RoundPublic.duration_s``) both carry this
+    figure; the CLI, the demo and the dashboard show it as served.
+    """
+    if row.published_at is not None:
+        end = row.published_at
+    elif row.state == RoundState.FAILED.value and row.closed_at is not None:
+        end = row.closed_at
+    else:
+        return None
+    return (end - row.opened_at).total_seconds()
+
+
 @dataclass(frozen=True)
 class RoundCounts:
     """What the rules look at: how many sites the round asks for and what they have done."""
@@ -328,7 +344,7 @@ class RoundLifecycle:
             "total_samples": row.total_samples,
         }
         change.repo.audit(actor="aggregator", action="round.publish", subject=job.id, detail=detail)
-        change.emit("round.published", duration_s=(now - row.opened_at).total_seconds(), **detail)
+        change.emit("round.published", duration_s=round_duration_s(row), **detail)
         if job.status == JobStatus.RUNNING.value and row.number + 1 < spec.total_rounds:
             self.open_round(change, number=row.number + 1, attempt=1)
         elif job.status == JobStatus.RUNNING.value:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aggregator.repository import ONLINE_WITHIN, AggregatorRepository
-from aggregator.tables import EvaluationRow, JobRow, RoundRow, SiteRow, SiteStatusRow
+from aggregator.rounds import round_duration_s
+from aggregator.tables import EvaluationRow, JobRow, RoundRow, SiteRow, SiteStatusRow, SubmissionRow
 from fedhe.db import utcnow
 from fedhe.schemas import (
     AgentState,
@@ -82,6 +85,14 @@ def global_metrics(evaluations: list[EvaluationRow], min_sites: int) -> dict[str
     return combine_metrics((e.metrics, e.num_examples) for e in evaluations)
 
 
+def round_bytes_uploaded(submissions: Sequence[SubmissionRow]) -> int:
+    """The encrypted bytes of an attempt's accepted uploads, as stored with each submission.
+
+    Served with the round (``bytes_uploaded``) so the CLI, the demo and the dashboard show one figure.
+    """
+    return sum(s.num_bytes for s in submissions)
+
+
 def round_public(
     repo: AggregatorRepository, spec: JobCreate, row: RoundRow, *, include_submissions: bool, caller_site: str | None
 ) -> RoundPublic:
@@ -142,4 +153,6 @@ def round_public(
         answered_by_caller=None if caller_site is None else repo.unmasking_answer(row.id, caller_site) is not None,
         # A site that knew the weighted mean could back out another site's metrics from its own.
         global_metrics=global_metrics(evaluations, spec.min_eval_sites) if include_submissions else None,
+        duration_s=round_duration_s(row),
+        bytes_uploaded=round_bytes_uploaded(submissions),
     )

@@ -215,7 +215,7 @@ def _exported_scores(path: Path, test: Dataset) -> dict[str, float]:
 
 
 def _round_row(round_: RoundPublic) -> dict[str, Any]:
-    seconds = (round_.published_at - round_.opened_at).total_seconds() if round_.published_at else None
+    """A round's line of the report; its bytes and seconds as the aggregator serves them."""
     metrics = round_.global_metrics or {}
     return {
         "round": round_.number,
@@ -227,8 +227,8 @@ def _round_row(round_: RoundPublic) -> dict[str, Any]:
         "sites": sorted(s.site_id for s in round_.submissions),
         "site_epsilon": {s.site_id: s.metrics.get("epsilon") for s in round_.submissions},
         "clipped_fraction": max((s.metrics.get("clipped_fraction", 0.0) for s in round_.submissions), default=0.0),
-        "bytes_uploaded": sum(s.num_bytes for s in round_.submissions),
-        "round_seconds": seconds,
+        "bytes_uploaded": round_.bytes_uploaded,
+        "round_seconds": round_.duration_s,
     }
 
 

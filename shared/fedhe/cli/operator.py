@@ -23,10 +23,11 @@ from numpy.typing import NDArray
 from fedhe.api_client import AggregatorClient, KeyserverClient, ServiceClient
 from fedhe.cli.output import Column, abbreviated, day, emit_listing, emit_object, plain
 from fedhe.cli.settings import CliSettings
+from fedhe.cli.watch import round_accuracy, watch
 from fedhe.errors import InvalidRequest
 from fedhe.files import write_private
 from fedhe.modelspec import DENSE_ARCHITECTURES
-from fedhe.schemas import JobCreate, RoundPublic
+from fedhe.schemas import JobCreate
 
 DEFAULT_AGGREGATOR = "https://127.0.0.1:8080"
 DEFAULT_KEYSERVER = "https://127.0.0.1:8090"
@@ -86,16 +87,6 @@ def _weights_file(request: JobCreate, path: str, custom_modules: Sequence[str]) 
     return weights_from_file(request.model, file, custom_modules=tuple(custom_modules))
 
 
-def round_accuracy(round_: RoundPublic) -> float | None:
-    """The sample-weighted accuracy of a round's published model, once min_eval_sites sites evaluated it."""
-    return None if round_.global_metrics is None else round_.global_metrics.get("accuracy")
-
-
-def round_seconds(round_: RoundPublic) -> float | None:
-    """How long a round took from opening to publication."""
-    return (round_.published_at - round_.opened_at).total_seconds() if round_.published_at else None
-
-
 # The default tables fit 80 columns with ids whole; --wide adds the wide_only columns and shows keys
 # and timestamps whole (fedhe.cli.output).
 KEY_PREFIX = 9
@@ -139,8 +130,9 @@ ROUND_COLUMNS = [
     Column("sites", lambda r: r.num_submissions),
     Column("samples", lambda r: r.total_samples),
     Column("accuracy", round_accuracy),
-    Column("bytes up", lambda r: sum(s.num_bytes for s in r.submissions)),
-    Column("seconds", round_seconds),
+    # As the aggregator serves them: encrypted bytes uploaded, seconds from opening to publication.
+    Column("bytes up", lambda r: r.bytes_uploaded),
+    Column("seconds", lambda r: r.duration_s),
 ]
 ACCOUNT_COLUMNS = [
     Column("name", lambda a: a.name),
@@ -288,10 +280,9 @@ def _federation(args: argparse.Namespace) -> None:
 
 def _job(args: argparse.Namespace) -> int | None:
     if args.action == "watch":
-        from fedhe.cli.watch import watch
-
         require(args, "job_id")
-        return watch(args)
+        with aggregator(args) as client:
+            return watch(client, args)
     request, given = None, None
     if args.action == "create":
         require(args, "spec")

@@ -3,9 +3,13 @@
 Readable at 80 columns: a header line (the job, its status, a bar of published rounds, how long
 it has run), then one line per round attempt (its state, how many sites uploaded and declined,
 the global accuracy the sites measured, the largest ε a site reported, bytes received, seconds)
-and, below, one note per failed attempt or decline saying why. It polls the aggregator
-(operators' view, so per-site details are there) and redraws in place; with ``--json`` it prints
-one JSON line per round that changed, with every site's details.
+and, below, one note per failed attempt or decline saying why. The bytes and seconds are the
+figures the aggregator serves with each round (``bytes_uploaded``, ``duration_s``), shown as
+served. It polls the aggregator (operators' view, so per-site details are there) and redraws in
+place; with ``--json`` it prints one JSON line per round that changed, with every site's details.
+
+``fedhe.cli.operator`` dispatches ``job watch`` here with its aggregator client; this module
+imports nothing from it.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from rich.table import Table
 from rich.text import Text
 
 from fedhe.api_client import AggregatorClient
-from fedhe.cli.operator import aggregator, round_accuracy, round_seconds
 from fedhe.cli.output import cell
 from fedhe.db import utcnow
 from fedhe.schemas import JobPublic, JobStatus, RoundPublic, RoundState
 
 BAR_WIDTH = 20
+
+
+def round_accuracy(round_: RoundPublic) -> float | None:
+    """The sample-weighted accuracy of a round's published model, once min_eval_sites sites evaluated it."""
+    return None if round_.global_metrics is None else round_.global_metrics.get("accuracy")
 
 
 def largest_epsilon(round_: RoundPublic) -> float | None:
@@ -110,8 +118,8 @@ def render(
             answered(r),
             cell(round_accuracy(r)),
             cell(largest_epsilon(r)),
-            size(sum(s.num_bytes for s in r.submissions)),
-            cell(round_seconds(r)),
+            size(r.bytes_uploaded),
+            cell(r.duration_s),
         )
     return Group(header, table, *(Text(note) for note in notes(rounds, names)))
 
@@ -132,8 +140,8 @@ def follow(
         time.sleep(interval_s)
 
 
-def watch(args: argparse.Namespace) -> int:
-    """Follow ``args.job_id`` until it ends; exit 0 if it completed, 1 if it failed or was stopped."""
+def watch(client: AggregatorClient, args: argparse.Namespace) -> int:
+    """Follow ``args.job_id`` with ``client`` until it ends; exit 0 if it completed, 1 if it failed or was stopped."""
     console = Console()
     seen: dict[tuple[int, int], str] = {}
 
@@ -144,13 +152,12 @@ def watch(args: argparse.Namespace) -> int:
                 seen[key] = r.state.value
                 print(json.dumps(r.model_dump(mode="json")), flush=True)
 
-    with aggregator(args) as client:
-        if args.json:
-            final = follow(client, args.job_id, show_json, args.interval)
-        else:
-            from rich.live import Live
+    if args.json:
+        final = follow(client, args.job_id, show_json, args.interval)
+    else:
+        from rich.live import Live
 
-            with Live(console=console, refresh_per_second=4) as live:
-                final = follow(client, args.job_id, lambda j, r, n: live.update(render(j, r, n)), args.interval)
+        with Live(console=console, refresh_per_second=4) as live:
+            final = follow(client, args.job_id, lambda j, r, n: live.update(render(j, r, n)), args.interval)
     console.print(f"job {final.id} ended {final.status.value}")
     return 0 if final.status == JobStatus.COMPLETED else 1
