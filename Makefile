@@ -45,6 +45,16 @@ bench: $(VENV)/.dev
 api-docs: $(VENV)/.dev
 	$(BIN)/python docs/api/generate.py
 
+## Build the three role images from the one Dockerfile (needs Docker), tagged with pyproject's version:
+## fedhe-keyserver, fedhe-aggregator and fedhe-client-agent, under REGISTRY/ when it is set.
+.PHONY: images
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE   := $(if $(REGISTRY),$(REGISTRY:%/=%)/,)fedhe
+images:
+	docker build --build-arg ROLE=keyserver --build-arg VERSION=$(VERSION) -t $(IMAGE)-keyserver:$(VERSION) .
+	docker build --build-arg ROLE=aggregator --build-arg VERSION=$(VERSION) -t $(IMAGE)-aggregator:$(VERSION) .
+	docker build --build-arg ROLE=agent --build-arg VERSION=$(VERSION) -t $(IMAGE)-client-agent:$(VERSION) .
+
 ## Re-lock dependencies after editing requirements/*.in (needs network to PyPI): runtime.lock (every
 ## role: the venv, the demo, the tests), then each role's lock within it, then the development tools.
 ROLES   := agent aggregator keyserver cli
