@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check --no-input
 
-.PHONY: demo test lint typecheck unit integration bench lock clean api-docs
+.PHONY: demo test test-unit test-integration lint typecheck bench lock clean api-docs
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "fedhe needs Python 3.11"' \
@@ -29,6 +29,14 @@ demo: $(VENV)/.runtime
 ## Lint, type-check and run every test (needs Postgres on 127.0.0.1:5432).
 test: $(VENV)/.dev lint typecheck
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The fast tier (under a minute): no real processes, chart, browser or slow TensorFlow tests; no Postgres needed.
+test-unit: $(VENV)/.dev
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -m "not integration and not deploy and not browser and not slow" $(PYTEST_ARGS)
+
+## The real services on loopback against Postgres (and Redis); the browser tests are among them.
+test-integration: $(VENV)/.dev
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
