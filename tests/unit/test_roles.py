@@ -131,6 +131,7 @@ sys.meta_path.insert(0, Refuse())
 
 AGGREGATOR = """
 import tempfile
+import fedhe
 from fastapi.testclient import TestClient
 from aggregator.app import create_app
 from aggregator.settings import AggregatorSettings
@@ -142,12 +143,14 @@ with tempfile.TemporaryDirectory() as tmp:
     )
     app = create_app(settings)
     assert app.title == "fedhe aggregator", app.title
+    assert app.version == fedhe.__version__, app.version
     with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
 """
 
 KEYSERVER = """
 import tempfile
+import fedhe
 from fastapi.testclient import TestClient
 from keyserver.app import create_app
 from keyserver.settings import KeyserverSettings
@@ -159,6 +162,7 @@ with tempfile.TemporaryDirectory() as tmp:
     )
     app = create_app(settings)
     assert app.title == "fedhe keyserver", app.title
+    assert app.version == fedhe.__version__, app.version
     with TestClient(app) as client:
         assert client.get("/healthz").status_code == 200
 """

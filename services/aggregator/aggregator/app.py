@@ -29,6 +29,7 @@ from aggregator.settings import AggregatorSettings
 from aggregator.sites import SiteRegistry
 from aggregator.tables import AccountRow, ApiTokenRow
 from aggregator.watcher import RoundWatcher
+from fedhe import __version__
 from fedhe.accounts import AccountService, Role
 from fedhe.accounts_api import router as accounts_router
 from fedhe.api_client import KeyserverClient
@@ -102,7 +103,7 @@ def create_app(
         publisher.close()
         keyserver.close()
 
-    app = FastAPI(title="fedhe aggregator", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="fedhe aggregator", version=__version__, lifespan=lifespan)
     app.state.sites = registry
     app.state.jobs = coordinator
     app.state.intake = UpdateIntake(coordinator, contexts, coordination, publisher)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from fedhe import __version__
 from fedhe.accounts import AccountService, Principal, Role
 from fedhe.accounts_api import router as accounts_router
 from fedhe.db import SessionFactory, make_engine
@@ -246,7 +247,7 @@ def create_app(settings: KeyserverSettings | None = None) -> FastAPI:
         },
         counters,
     )
-    app = FastAPI(title="fedhe keyserver", version="0.1.0")
+    app = FastAPI(title="fedhe keyserver", version=__version__)
     metrics = KeyserverMetrics()
     app.state.key_service = KeyService(
         sessions,

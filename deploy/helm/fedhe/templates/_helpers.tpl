@@ -76,10 +76,10 @@ Refuses an empty tag (it would mean "latest") and "latest" itself.
 {{- define "fedhe.imageRef" -}}
 {{- $tag := .tag | toString | trim -}}
 {{- if not $tag -}}
-{{- fail (printf "%s is empty: set a pinned image version such as \"0.1.0\" (an empty tag pulls \"latest\")" .what) -}}
+{{- fail (printf "%s is empty: set a pinned image version such as the chart's appVersion (an empty tag pulls \"latest\")" .what) -}}
 {{- end -}}
 {{- if eq (lower $tag) "latest" -}}
-{{- fail (printf "%s is \"latest\": set a pinned image version such as \"0.1.0\" (\"latest\" is mutable and not reproducible)" .what) -}}
+{{- fail (printf "%s is \"latest\": set a pinned image version such as the chart's appVersion (\"latest\" is mutable and not reproducible)" .what) -}}
 {{- end -}}
 {{- $ref := .repository -}}
 {{- with .registry -}}
