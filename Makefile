@@ -63,6 +63,12 @@ images:
 	docker build --build-arg ROLE=aggregator --build-arg VERSION=$(VERSION) -t $(IMAGE)-aggregator:$(VERSION) .
 	docker build --build-arg ROLE=agent --build-arg VERSION=$(VERSION) -t $(IMAGE)-client-agent:$(VERSION) .
 
+## Installed size of each role's image from its lock's wheels (reads their zip directories from PyPI):
+## bench/results/role_sizes.md and .json, before (runtime.lock everywhere) and after (the role's lock).
+.PHONY: role-sizes
+role-sizes: $(VENV)/.runtime
+	$(BIN)/python -m bench.role_sizes
+
 ## Re-lock dependencies after editing requirements/*.in (needs network to PyPI): runtime.lock (every
 ## role: the venv, the demo, the tests), then each role's lock within it, then the development tools.
 ROLES   := agent aggregator keyserver cli
