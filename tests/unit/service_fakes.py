@@ -1,4 +1,4 @@
-"""In-process services for the fast tier: the aggregator on SQLite behind a fake keyserver.
+"""In-process services for the fast tier: the aggregator on SQLite behind a fake keyserver, and the keyserver.
 
 ``FakeKeyserver`` implements the two Protocols the aggregator's ``create_app`` takes
 (``EvaluationContextSource`` and ``MembershipSource``) from a dictionary of members and one key's
@@ -10,6 +10,7 @@ calls and error mapping are the ones the agent and the CLI make.
 
 from __future__ import annotations
 
+import base64
 import datetime
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,11 +23,14 @@ from fastapi.testclient import TestClient
 
 from aggregator.app import create_app
 from aggregator.settings import AggregatorSettings
-from fedhe.api_client import AggregatorClient
+from fedhe.api_client import AggregatorClient, KeyserverClient
+from fedhe.auth import KEY_RELEASE_PURPOSE, sign_request
 from fedhe.errors import NotFound
 from fedhe.he import KeyMaterial
-from fedhe.schemas import ContextInfo, FederationPublic, MemberPublic, MemberStatus
+from fedhe.schemas import ContextInfo, FederationPublic, KeyReleaseRequest, MemberPublic, MemberStatus
 from fedhe.tls import ClientTLS
+from keyserver.app import create_app as create_keyserver_app
+from keyserver.settings import KeyserverSettings
 from tests.factories import SiteIdentity, site_identity
 
 ADMIN_TOKEN = "fht_" + "a" * 40
@@ -157,3 +161,46 @@ def raw_upload(aggregator: InProcessAggregator, site: Site, job_id: str, number:
         content=body,
         headers={"Content-Type": "application/octet-stream", "Authorization": f"Bearer {site.credential}"},
     )
+
+
+KEYSERVER_AUDIENCE = "http://keyserver.test"
+AGGREGATOR_SERVICE_TOKEN = "fht_" + "g" * 40
+
+
+@dataclass
+class InProcessKeyserver:
+    """The keyserver app on SQLite, with clients for its admin, the aggregator's service identity and sites."""
+
+    http: TestClient
+    admin: KeyserverClient
+    aggregator: KeyserverClient
+
+    def client(self) -> KeyserverClient:
+        """An anonymous client (sites sign their requests instead of presenting a token)."""
+        return KeyserverClient(KEYSERVER_AUDIENCE, tls=INSECURE, transport=self.http._transport)
+
+
+@contextmanager
+def keyserver_app(tmp_path: Path) -> Iterator[InProcessKeyserver]:
+    """The keyserver's ``create_app`` on a fresh SQLite file, lifespan started."""
+    settings = KeyserverSettings(
+        database_url=f"sqlite:///{tmp_path}/keyserver.db",
+        insecure_http=True,
+        public_url=KEYSERVER_AUDIENCE,
+        kek=base64.b64encode(b"k" * 32).decode(),
+        bootstrap_admin_token=ADMIN_TOKEN,
+        aggregator_token=AGGREGATOR_SERVICE_TOKEN,
+    )
+    app = create_keyserver_app(settings)
+    with TestClient(app, base_url=KEYSERVER_AUDIENCE) as http:
+        transport = http._transport
+        admin = KeyserverClient(KEYSERVER_AUDIENCE, ADMIN_TOKEN, tls=INSECURE, transport=transport)
+        aggregator = KeyserverClient(KEYSERVER_AUDIENCE, AGGREGATOR_SERVICE_TOKEN, tls=INSECURE, transport=transport)
+        yield InProcessKeyserver(http, admin, aggregator)
+
+
+def key_release(identity: SiteIdentity, site_id: str, key_id: str, **overrides: object) -> KeyReleaseRequest:
+    """The signed key-release request a site's agent sends for ``key_id`` (``overrides`` replace signed fields)."""
+    timestamp, nonce, signature = sign_request(identity.signing_key, KEY_RELEASE_PURPOSE, KEYSERVER_AUDIENCE, [key_id])
+    fields = {"site_id": site_id, "timestamp": timestamp, "nonce": nonce, "signature": signature}
+    return KeyReleaseRequest.model_validate(fields | overrides)
