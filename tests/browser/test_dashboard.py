@@ -7,7 +7,9 @@ watches a round advance in the live view without reloading or polling (the page 
 ``/v1/events``), and the screenshots of that run go to a temporary directory, or to
 ``FEDHE_SCREENSHOT_DIR`` (``docs/img`` for the operator guide's) when it is set. A viewer sees no
 action buttons and the server refuses a viewer's decision anyway; names from registrations are
-rendered as text.
+rendered as text. Every tab runs with the network blocked but for the aggregator's own origin:
+the page, its scripts, the vendored chart library and the API all come from there, and a request
+anywhere else fails the test.
 
 Chromium is required, not optional: without it these tests fail (CI installs Debian's).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -27,10 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, Request, Route, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 from fedhe.api_client import AggregatorClient
 from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
@@ -38,6 +43,8 @@ from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.environment import current as current_environment
 from fedhe.errors import PermissionDenied
 from fedhe.files import write_private_text
+from fedhe.global_model import weighted_update
+from fedhe.he import Envelope, encode_envelope
 from fedhe.local_cluster import (
     ManagedProcess,
     ProvisionedSite,
@@ -50,17 +57,20 @@ from fedhe.schemas import (
     AgentState,
     DeclineCreate,
     DeclineReason,
+    EvaluationCreate,
     FederationCreate,
     HeartbeatCreate,
     JobCreate,
     JobStatus,
     PrivacyReport,
     RoundPublic,
+    RoundState,
     SiteCreate,
     SiteStatus,
     TokenCreate,
 )
 from tests.conftest import Cluster, PostgresDatabases, running_cluster
+from tests.integration.faults_support import MODEL, WEIGHT_SCALE, UploadingSite, uploading_federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
 
@@ -166,6 +176,8 @@ class Dashboard:
     problems: list[str] = field(default_factory=list)
     # Every request the page made to the JSON routes (the event stream aside), as "METHOD path?query".
     api_calls: list[str] = field(default_factory=list)
+    # Every request for anywhere but the aggregator's origin (each one aborted), as "METHOD url".
+    external: list[str] = field(default_factory=list)
 
     def log_in(self, api_token: str) -> None:
         """Log in through the form, as an operator pasting their API token."""
@@ -187,7 +199,7 @@ class Dashboard:
 
     def screenshot(self, name: str, *, full_page: bool = False) -> None:
         """Save a screenshot for the docs, after the page has settled."""
-        self.page.wait_for_timeout(400)  # let bars and plotly transitions finish
+        self.page.wait_for_timeout(400)  # let the progress bars' transitions finish
         self.page.screenshot(path=str(self.screenshots / name), full_page=full_page)
 
     def screenshot_section(self, name: str, first: str, last: str) -> None:
@@ -227,12 +239,28 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def block_the_network(context: BrowserContext, origin: str, external: list[str]) -> None:
+    """Let the context's requests reach ``origin`` only: any other is noted in ``external`` and aborted."""
+
+    def guard(route: Route) -> None:
+        url = route.request.url
+        if url == origin or url.startswith(origin + "/"):
+            route.continue_()
+        else:
+            external.append(f"{route.request.method} {url}")
+            route.abort("blockedbyclient")
+
+    context.route("**/*", guard)
+
+
 @contextmanager
 def dashboard(browser: Browser, cluster: Cluster, screenshots: Path) -> Iterator[Dashboard]:
-    """A fresh browser context (its own sessionStorage) with one tab on the aggregator."""
+    """A fresh browser context (its own sessionStorage) with one tab on the aggregator, the network
+    blocked but for the aggregator's origin; leaving the block without a request elsewhere is checked."""
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, locale="en-GB", timezone_id="UTC")
     page = context.new_page()
     tab = Dashboard(page, cluster.aggregator_url, screenshots)
+    block_the_network(context, cluster.aggregator_url.rstrip("/"), tab.external)
 
     def note_request(request: Request) -> None:
         path = request.url.removeprefix(cluster.aggregator_url)
@@ -245,6 +273,7 @@ def dashboard(browser: Browser, cluster: Cluster, screenshots: Path) -> Iterator
     page.on("dialog", lambda dialog: (tab.problems.append(f"unexpected dialog: {dialog.message}"), dialog.dismiss()))
     try:
         yield tab
+        assert tab.external == [], "the page asked for something outside the aggregator"
     finally:
         context.close()
 
@@ -379,6 +408,72 @@ def wait_for_answers(tab: Dashboard, expected: dict[str, str], timeout_ms: int =
 def weighted_accuracy(round_: RoundPublic) -> float:
     scored = [e for e in round_.evaluations if "accuracy" in e.metrics]
     return sum(e.metrics["accuracy"] * e.num_examples for e in scored) / sum(e.num_examples for e in scored)
+
+
+def js_round(value: float) -> int:
+    """JavaScript's Math.round (halves up, where Python's round goes to the even neighbour)."""
+    return math.floor(value + 0.5)
+
+
+def dashboard_bytes(num_bytes: int) -> str:
+    """How the page writes a byte count (dom.js fmtBytes)."""
+    units = ["B", "kB", "MB", "GB", "TB"]
+    value, unit = float(num_bytes), 0
+    while value >= 1000 and unit < len(units) - 1:
+        value, unit = value / 1000, unit + 1
+    return f"{value:.{0 if unit == 0 or value >= 100 else 1}f} {units[unit]}"
+
+
+def dashboard_seconds(seconds: float) -> str:
+    """How the page writes a duration under an hour (dom.js fmtSeconds)."""
+    whole = max(0, js_round(seconds))
+    return f"{whole} s" if whole < 60 else f"{whole // 60} min {whole % 60:02d} s"
+
+
+def attempt_label(round_: RoundPublic) -> str:
+    return f"{round_.number} (try {round_.attempt})" if round_.attempt > 1 else str(round_.number)
+
+
+def legend(page: Page, chart: str) -> Locator:
+    """The names in a chart's legend (the x row first; a budget line's row is hidden, the caption names it)."""
+    return page.locator(f"#chart-{chart} .u-legend tr.u-series:visible th")
+
+
+def expect_served_round_figures(page: Page, rounds: list[RoundPublic]) -> None:
+    """Each round's served figures are the stored uploads' bytes and its opening-to-publication
+    time, and the job page shows them as served: in the cost chart's values and the round history."""
+    for r in rounds:
+        assert r.bytes_uploaded == sum(s.num_bytes for s in r.submissions) > 0
+        assert r.published_at is not None
+        assert r.duration_s == (r.published_at - r.opened_at).total_seconds()
+    attempts = sorted(rounds, key=lambda r: (r.number, r.attempt))
+    unit, scale = ("MB", 1e6) if max(r.bytes_uploaded for r in attempts) >= 1e6 else ("kB", 1e3)
+    expect(legend(page, "cost")).to_have_text(["round", f"{unit} received", "duration (s)"])
+    rows = page.locator("#chart-cost-values tbody tr")
+    expect(rows).to_have_count(len(attempts))
+    for row, r in zip(rows.all(), attempts, strict=True):
+        assert r.duration_s is not None
+        figures = [attempt_label(r), f"{r.bytes_uploaded / scale:.1f} {unit}", f"{r.duration_s:.1f} s"]
+        expect(row.locator("td")).to_have_text(figures)
+        history = page.locator(f"#round-history tr[data-round='{r.number}'][data-attempt='{r.attempt}']")
+        expect(history.locator("td.bytes")).to_have_text(dashboard_bytes(r.bytes_uploaded))
+        expect(history.locator("td.duration")).to_have_text(dashboard_seconds(r.duration_s))
+
+
+def expect_scores_and_epsilon(page: Page, rounds: list[RoundPublic], names: dict[str, str]) -> None:
+    """The accuracy and ε charts draw the values the aggregator holds: the latest round's global
+    accuracy and loss, and the ε each site reported with its upload to it, by site name."""
+    last = rounds[-1]
+    expect(legend(page, "scores")).to_have_text(["round", "accuracy (sample-weighted)", "loss"])
+    assert last.global_metrics is not None
+    scores = page.locator("#chart-scores-values tbody tr").last.locator("td")
+    expect(scores).to_have_text(
+        [str(last.number), f"{last.global_metrics['accuracy'] * 100:.1f} %", f"{last.global_metrics['loss']:.3f}"]
+    )
+    spent = {names[s.site_id]: s.metrics["epsilon"] for s in last.submissions}
+    expect(legend(page, "epsilon")).to_have_text(["round", *sorted(spent)])
+    epsilon = page.locator("#chart-epsilon-values tbody tr").last.locator("td")
+    expect(epsilon).to_have_text([str(last.number), *(f"{spent[name]:.2f}" for name in sorted(spent))])
 
 
 # ---- the tests --------------------------------------------------------------------------------
@@ -539,8 +634,13 @@ def test_admin_approves_a_site_and_watches_the_federation_train(
             last = page.locator(f"#round-history tr[data-round='{ROUNDS - 1}']")
             expect(last).to_contain_text(f"{weighted_accuracy(rounds[-1]) * 100:.1f} %", timeout=WAIT_MS * 3)
             expect(page.locator("#live-round-title")).to_contain_text("Job completed")
+            # Three sites' ε lines and their budgets, accuracy and loss, bytes and seconds: drawn
+            # with the values the aggregator serves.
             for chart, traces in (("scores", 2), ("epsilon", 6), ("cost", 2)):
                 expect(page.locator(f"#chart-{chart}")).to_have_attribute("data-traces", str(traces))
+            expect_served_round_figures(page, rounds)
+            names = {sites[spec.key].site_id: spec.name for spec in (ST_MARYS, NORTHFIELD, LAKESIDE)}
+            expect_scores_and_epsilon(page, rounds, names)
             tab.screenshot_section("dashboard-job.png", "#job-charts", "#round-history")
             assert page.evaluate("() => typeof window.noReloadSince") == "number", "the page reloaded"
 
@@ -785,3 +885,107 @@ def test_members_without_a_job_agents_per_job_declines_with_their_epsilon_and_da
 def federation_round(cluster: Cluster, job_id: str) -> RoundPublic:
     with cluster.aggregator_admin() as admin:
         return admin.rounds(job_id)[-1]
+
+
+def upload_body(site: UploadingSite, seed: int, epsilon: float) -> bytes:
+    """A real encrypted update, with the ε a site's DP-SGD would report beside it."""
+    change = np.random.default_rng(seed).uniform(-0.1, 0.1, MODEL.num_parameters())
+    chunks = site.codec.encrypt_update(weighted_update(change, np.zeros_like(change), 40, WEIGHT_SCALE))
+    meta = {"num_samples": 40, "metrics": {"epsilon": epsilon}, "environment": current_environment().model_dump()}
+    return encode_envelope(
+        Envelope(format_id=site.codec.format_id, key_id=site.key_id, num_values=change.size, chunks=chunks, meta=meta)
+    )
+
+
+def wait_for_publication(cluster: Cluster, job_id: str, number: int) -> None:
+    deadline = time.monotonic() + 60
+    with cluster.aggregator_admin() as admin:
+        while time.monotonic() < deadline:
+            if any(r.number == number and r.state == RoundState.PUBLISHED for r in admin.rounds(job_id)):
+                return
+            time.sleep(0.25)
+    pytest.fail(f"round {number} of {job_id} was not published within 60 s")
+
+
+def test_every_page_renders_from_the_aggregator_alone_with_the_network_blocked(
+    cluster: Cluster, browser: Browser, screenshots: Path, tmp_path: Path
+) -> None:
+    """Overview, sites, the job list and a job's page (its last round, three charts, the history)
+    render with every request outside the aggregator's origin aborted, and none is made: the
+    chart library is the one vendored in the aggregator's package."""
+    job_id, (uploader,) = uploading_federation(
+        cluster.secrets,
+        cluster.keyserver_url,
+        cluster.aggregator_url,
+        tmp_path,
+        1,
+        name="offline",
+        rounds=2,
+        min_sites=1,
+    )
+    site_id = uploader.site.site_id
+    sizes = []
+    with AggregatorClient(cluster.aggregator_url, uploader.site.credential, tls=cluster.secrets.tls) as as_site:
+        for number, epsilon in ((0, 0.75), (1, 1.5)):
+            body = upload_body(uploader, number, epsilon)
+            response = uploader.post(cluster.aggregator_url, job_id, number, body)
+            assert response.status_code == 201, response.text
+            sizes.append(len(body))
+            wait_for_publication(cluster, job_id, number)
+            metrics = {"accuracy": 0.7 + number / 10, "loss": 0.6 - number / 10}
+            as_site.post_evaluation(job_id, number, EvaluationCreate(num_examples=50, metrics=metrics))
+        privacy = PrivacyReport(epsilon=1.5, delta=1e-5, max_epsilon=3.0)
+        as_site.heartbeat(
+            HeartbeatCreate(
+                state=AgentState.FINISHED, job_id=job_id, round=1, environment=current_environment(), privacy=privacy
+            )
+        )
+    with cluster.aggregator_admin() as admin:
+        job = admin.job(job_id)
+        rounds = admin.rounds(job_id)
+        name = admin.site(site_id).name
+    assert job.status == JobStatus.COMPLETED
+    # The served bytes are the uploads' bodies as the aggregator stored them.
+    assert [r.bytes_uploaded for r in rounds] == sizes
+
+    with dashboard(browser, cluster, screenshots) as tab:
+        page = tab.page
+        # The block holds: a request for anywhere else is aborted, and noted.
+        probe = page.context.new_page()
+        with pytest.raises(PlaywrightError):
+            probe.goto("https://cdn.example.org/uplot.min.js")
+        probe.close()
+        assert tab.external == ["GET https://cdn.example.org/uplot.min.js"]
+        tab.external.clear()
+
+        tab.log_in(cluster.secrets.aggregator_admin_token)
+        expect(page.locator("#view")).to_have_attribute("data-section", "overview")
+        federation = page.locator(f"#federations tr[data-federation-id={job.federation_id}]")
+        expect(federation.locator(".members")).to_have_text("1", timeout=WAIT_MS)
+        expect(federation).to_contain_text("offline")
+        expect(page.locator("#stat-job-counts")).to_contain_text("completed")
+
+        page.click("#nav a[data-section=sites]")
+        site = page.locator(f"#all-sites tr[data-site-id={site_id}]")
+        expect(site).to_have_attribute("data-status", "approved", timeout=WAIT_MS)
+        expect(site.locator(".privacy")).to_contain_text("of 3.0")
+
+        page.click("#nav a[data-section=jobs]")
+        listed = page.locator(f"#view a[href='#jobs/{job_id}']")
+        expect(listed).to_have_text("offline", timeout=WAIT_MS)
+        listed.click()
+        expect(page.locator("#live-round-title")).to_contain_text("Job completed: last round 1", timeout=WAIT_MS)
+        expect(page.locator(f"#live-round tr[data-site-id={site_id}]")).to_have_attribute("data-answer", "uploaded")
+        expect(page.locator("#figure-bytes .figure-value")).to_have_text(dashboard_bytes(sizes[1]))
+        for chart in ("scores", "epsilon", "cost"):
+            expect(page.locator(f"#chart-{chart}")).to_have_attribute("data-traces", "2", timeout=WAIT_MS)
+            expect(page.locator(f"#chart-{chart} canvas")).to_have_count(1)
+        expect_served_round_figures(page, rounds)
+        expect_scores_and_epsilon(page, rounds, {site_id: name})
+        expect(page.locator("#round-history tbody tr")).to_have_count(2)
+
+        # Everything the page loaded came from the aggregator, the chart library from its package.
+        loaded = page.evaluate("() => performance.getEntriesByType('resource').map((entry) => entry.name)")
+        assert all(url.startswith(cluster.aggregator_url + "/") for url in loaded), loaded
+        assert f"{cluster.aggregator_url}/dashboard/assets/vendor/uplot-1.6.32/uPlot.esm.js" in loaded
+        tab.assert_no_problems()

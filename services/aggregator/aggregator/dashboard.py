@@ -3,16 +3,15 @@
 The pages hold no data and no credential: the browser logs in by exchanging an API token for an
 8-hour session token (``POST /v1/sessions``), keeps it in ``sessionStorage`` and calls the same
 REST routes as the CLI with it, so viewers read and admins act exactly as their role allows. The
-charting library (plotly.js) is served from the locked Python package, never from a CDN, and a
-strict Content-Security-Policy allows scripts from this origin only.
+charting library (uPlot, MIT) is vendored in this package under ``dashboard_static/vendor/`` with
+its version and licence beside it, never fetched from a CDN, and a strict Content-Security-Policy
+allows scripts, styles and images from this origin only (no inline script or style attribute).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import plotly
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse
 
@@ -20,14 +19,20 @@ from fedhe.errors import NotFound
 from fedhe.openapi import ERRORS
 
 STATIC = Path(__file__).parent / "dashboard_static"
-PLOTLY = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-_ASSET = re.compile(r"^[a-z0-9-]+\.(js|css|svg)$")
-_TYPES = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
+_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+# Every script, style sheet and icon shipped in the static folder, by its path there: nothing else
+# is served (no directory listing, no path outside it, no licence or README as a page).
+ASSETS = {
+    path.relative_to(STATIC).as_posix(): path
+    for path in sorted(STATIC.rglob("*"))
+    if path.is_file() and path.suffix in _TYPES
+}
 
 SECURITY_HEADERS = {
-    # Plotly sets inline style attributes on the elements it draws; scripts stay same-origin only.
+    # uPlot draws on canvas and sizes its elements through the CSSOM, which style-src does not
+    # govern: no inline style or script is needed.
     "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
         "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
@@ -46,11 +51,10 @@ def dashboard_page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html", headers=SECURITY_HEADERS)
 
 
-@router.get("/dashboard/assets/{name}", response_class=FileResponse)
+@router.get("/dashboard/assets/{name:path}", response_class=FileResponse)
 def dashboard_asset(name: str) -> FileResponse:
-    """A script, style sheet or icon of the dashboard, from this package (plotly.js from its own)."""
-    match = _ASSET.fullmatch(name)
-    path = PLOTLY if name == "plotly.min.js" else STATIC / name
-    if name != "plotly.min.js" and (match is None or not path.is_file()):
+    """A script, style sheet or icon of the dashboard (the vendored chart library's under ``vendor/``)."""
+    path = ASSETS.get(name)
+    if path is None:
         raise NotFound("no such dashboard asset")
-    return FileResponse(path, media_type=_TYPES[name.rsplit(".", 1)[1]], headers=SECURITY_HEADERS)
+    return FileResponse(path, media_type=_TYPES[path.suffix], headers=SECURITY_HEADERS)

@@ -27,8 +27,6 @@ import {
   globalScores,
   memberAnswers,
   publishedRounds,
-  roundBytes,
-  roundSeconds,
   siteName,
 } from "./model.js";
 
@@ -188,7 +186,7 @@ function liveRound(job, rounds, members, sitesById, jobsById) {
         round.secure ? figure("unmasking answered", round.answered.length, "unmasked") : null,
         figure("declined", count("declined"), "declined"),
         figure("not answered", count("waiting"), "waiting"),
-        figure("received", fmtBytes(roundBytes(round)), "bytes"),
+        figure("received", fmtBytes(round.bytes_uploaded), "bytes"),
         figure("samples", round.total_samples.toLocaleString(), "samples"),
       ),
     ),
@@ -202,7 +200,7 @@ function liveRound(job, rounds, members, sitesById, jobsById) {
 }
 
 function roundEnd(round) {
-  if (round.published_at) return `published ${fmtDateTime(round.published_at)} after ${fmtSeconds(roundSeconds(round))}`;
+  if (round.published_at) return `published ${fmtDateTime(round.published_at)} after ${fmtSeconds(round.duration_s)}`;
   if (round.closed_at) return `closed ${fmtDateTime(round.closed_at)}`;
   return `deadline was ${fmtDateTime(round.deadline_at)}`;
 }
@@ -324,8 +322,9 @@ function roundHistory(rounds, sitesById) {
           ),
           h("td", { class: "num" }, fmtPercent(scores.accuracy)),
           h("td", { class: "num" }, fmtNumber(scores.loss, 3)),
-          h("td", { class: "num" }, fmtBytes(roundBytes(round))),
-          h("td", { class: "num" }, fmtSeconds(roundSeconds(round))),
+          // The round's figures as the aggregator serves them (RoundPublic.bytes_uploaded, .duration_s).
+          h("td", { class: "num bytes" }, fmtBytes(round.bytes_uploaded)),
+          h("td", { class: "num duration" }, fmtSeconds(round.duration_s)),
         );
       }),
     { empty: "No round yet.", className: "history" },

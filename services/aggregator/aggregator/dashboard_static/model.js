@@ -62,16 +62,6 @@ export function globalScores(round) {
   return { accuracy: metrics.accuracy ?? null, loss: metrics.loss ?? null };
 }
 
-export function roundBytes(round) {
-  return round.submissions.reduce((sum, s) => sum + s.num_bytes, 0);
-}
-
-/** Seconds from opening to publication (or to closing, for a failed attempt). */
-export function roundSeconds(round) {
-  const end = round.published_at ?? round.closed_at;
-  return end ? (Date.parse(end) - Date.parse(round.opened_at)) / 1000 : null;
-}
-
 /** Whether a round attempt still waits for sites: advertising keys or uploading (open,
  * collecting), or, in a secure round, answering the unmasking. */
 export function waitsForSites(round) {

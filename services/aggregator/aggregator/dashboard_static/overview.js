@@ -1,7 +1,7 @@
 // Overview: federations, sites by status and how many are online, running jobs and their rounds.
 
 import { chip, fmtBytes, fmtDateTime, h, liveText, progress, renderIfChanged, routeLink, table } from "./dom.js";
-import { waitsForSites, byId, memberAnswers, publishedRounds, roundBytes, siteName } from "./model.js";
+import { waitsForSites, byId, memberAnswers, publishedRounds, siteName } from "./model.js";
 
 const STATUSES = ["approved", "pending", "rejected", "revoked"];
 const ANSWER_KINDS = {
@@ -191,7 +191,7 @@ function runningJob(job, round, federationsById, sitesById) {
           h("span", null, ` ${uploads} uploaded of ${target} wanted`),
           declined ? h("span", null, ` · ${declined} declined`) : null,
           h("span", null, ` · ${Math.max(0, expected - uploads - declined)} not answered`),
-          h("span", null, ` · ${fmtBytes(roundBytes(round))} received`),
+          h("span", null, ` · ${fmtBytes(round.bytes_uploaded)} received`),
           waitsForSites(round) ? h("span", null, " · ", liveText("countdown", round.deadline_at)) : null,
           h(
             "div",
