@@ -3,12 +3,15 @@ failure or decline, on a job as the aggregator reports it mid-run; bytes and sec
 
 from __future__ import annotations
 
+import ast
 import io
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from fedhe.cli import watch as watch_module
 from fedhe.cli.watch import render, size
 from fedhe.schemas import DeclinePublic, JobPublic, RoundPublic, SubmissionPublic
 
@@ -155,3 +158,14 @@ def test_bytes_up_are_shown_in_decimal_units() -> None:
         "2.8 GB",
         "10000.0 GB",
     ]
+
+
+def test_watch_and_operator_do_not_import_each_other_both_ways() -> None:
+    """``fedhe.cli.operator`` dispatches ``job watch`` here; this module imports nothing from it."""
+    imported = set()
+    for node in ast.walk(ast.parse(Path(watch_module.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not any(name.startswith("fedhe.cli.operator") for name in imported)
