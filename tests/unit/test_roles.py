@@ -213,3 +213,21 @@ def test_role_runs_with_only_its_locked_packages(role: str, tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().endswith("parsed")
+
+
+@pytest.mark.slow
+def test_agent_trains_with_only_its_locked_packages(tmp_path: Path) -> None:
+    """The agent's TensorFlow side (training, evaluation, export, the image readers) finds every
+    package it imports in agent.lock (about 12 s: TensorFlow's import)."""
+    script = """
+import client_agent.evaluation, client_agent.export, client_agent.pretraining, client_agent.simulation
+import client_agent.training
+import PIL.Image, pydicom, sklearn.datasets, tensorflow_privacy
+print("trained")
+"""
+    source = PROBE.format(blocked=json.dumps(sorted(blocked_for("agent")))) + textwrap.dedent(script)
+    result = subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().endswith("trained")
