@@ -21,6 +21,7 @@ from aggregator.tables import AggregatorBase, EvaluationContextRow, JobRow, Roun
 from aggregator.views import round_public
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import JobCreate, RoundState
+from fedhe_demo.demo import _round_row
 
 OPENED = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
 SPEC = JobCreate(
@@ -132,3 +133,14 @@ def test_a_failed_attempt_lasts_until_it_closed_and_a_running_one_has_no_duratio
     ]
     assert figures == [(977, 300.0), (1_398_240, None), (0, None)]
     assert round_duration_s(failed) == 300.0
+
+
+def test_the_demo_reports_the_served_figures(repo: AggregatorRepository) -> None:
+    published_at = OPENED + timedelta(seconds=12, microseconds=500_000)
+    row = _round(repo, 0, RoundState.PUBLISHED, UPLOAD_BYTES, closed_at=published_at, published_at=published_at)
+    served = round_public(repo, SPEC, row, include_submissions=True, caller_site=None)
+    reported = _round_row(served)
+    assert (reported["bytes_uploaded"], reported["round_seconds"]) == (sum(UPLOAD_BYTES.values()), 12.5)
+    # What the aggregator serves is what the demo reports, whatever the submissions listed.
+    shown = _round_row(served.model_copy(update={"submissions": [], "bytes_uploaded": 7, "duration_s": 1.5}))
+    assert (shown["bytes_uploaded"], shown["round_seconds"]) == (7, 1.5)
