@@ -30,9 +30,9 @@ from fedhe.auth import (
 )
 from fedhe.files import write_private
 from fedhe.local_cluster import ProvisionedSite
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import AccountCreate, FederationCreate, JobCreate, SiteCreate, TokenCreate
+from fedhe.schemas import AccountCreate, FederationCreate, SiteCreate, TokenCreate
 from tests.conftest import Cluster
+from tests.factories import job_create, model_spec
 
 ACTORS = (
     "anonymous",
@@ -199,10 +199,10 @@ def world(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> World:
     member, non_member, revoked = site("member", fed_a.id), site("non-member", fed_b.id), site("revoked", fed_a.id)
     victim_member = site("victim-member", fed_a.id)
     pending, rejected, victim_pending = registered("pending"), registered("rejected"), registered("victim-pending")
-    job_spec = {"model": ModelSpec(input_dim=2, num_classes=2), "min_sites": 5, "round_deadline_s": 3600}
+    job_spec = {"model": model_spec(2), "min_sites": 5, "round_deadline_s": 3600}
     with cluster.aggregator_admin() as operator:
-        job = operator.create_job(JobCreate(name="matrix", key_id=fed_a.key_id, **job_spec))
-        victim_job = operator.create_job(JobCreate(name="matrix-victim", key_id=fed_a.key_id, **job_spec))
+        job = operator.create_job(job_create(fed_a.key_id, name="matrix", **job_spec))
+        victim_job = operator.create_job(job_create(fed_a.key_id, name="matrix-victim", **job_spec))
         operator.reject_site(rejected.site_id)
         operator.revoke_site(revoked.site_id)
         operator.create_account(AccountCreate(name="matrix-viewer", role="viewer"))

@@ -16,9 +16,9 @@ import pytest
 from fedhe.environment import current as current_environment
 from fedhe.he import DEFAULT_FORMAT_ID, Envelope, UpdateCodec, encode_envelope
 from fedhe.local_cluster import ProvisionedSite, admit_member
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import FederationCreate, JobCreate
+from fedhe.schemas import FederationCreate
 from tests.conftest import Cluster
+from tests.factories import job_create, model_spec
 from tests.integration.helpers import round_snapshot, site_codec
 
 NUM_VALUES = 10  # ModelSpec(input_dim=4, num_classes=2): 4x2 kernel + 2 biases
@@ -94,10 +94,10 @@ def scene(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Scene:
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="bad-uploads"))
         other = keyserver.create_federation(FederationCreate(name="another-federation"))
-    request = JobCreate(
+    request = job_create(
+        federation.key_id,
         name="bad-uploads",
-        key_id=federation.key_id,
-        model=ModelSpec(input_dim=4, num_classes=2),
+        model=model_spec(4),
         rounds=2,
         min_sites=2,
         round_deadline_s=3600,

@@ -26,10 +26,10 @@ from fedhe.local_cluster import (
     start_keyserver,
     url,
 )
-from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
-from fedhe.schemas import DeclineReason, FederationCreate, JobCreate
+from fedhe.schemas import DeclineReason, FederationCreate
 from tests.conftest import Cluster, PostgresDatabases
+from tests.factories import job_create, model_spec
 from tests.integration.helpers import log_messages
 
 pytestmark = pytest.mark.integration
@@ -42,10 +42,10 @@ def _job(cluster: Cluster, tmp_path: Path, *, delta: float = 1e-5) -> tuple[str,
     save_csv(pool, data)
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name=tmp_path.name[:60]))
-    request = JobCreate(
+    request = job_create(
+        federation.key_id,
         name="budget",
-        key_id=federation.key_id,
-        model=ModelSpec(input_dim=30, num_classes=2),
+        model=model_spec(30),
         rounds=1,
         min_sites=3,
         round_deadline_s=3600,

@@ -30,9 +30,9 @@ from fedhe.local_cluster import (
     start_aggregator,
     url,
 )
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import DeclineReason, FederationCreate, JobCreate, JobStatus, RoundPublic, RoundState
+from fedhe.schemas import DeclineReason, FederationCreate, JobStatus, RoundPublic, RoundState
 from tests.conftest import PostgresDatabases, start_test_keyserver
+from tests.factories import job_create, model_spec
 from tests.integration.helpers import log_messages
 
 pytestmark = pytest.mark.integration
@@ -97,10 +97,10 @@ def _attack(postgres: PostgresDatabases, keyserver: Keyserver, attack: str, **jo
     try:
         with keyserver.secrets.keyserver_admin(keyserver.url) as admin:
             federation = admin.create_federation(FederationCreate(name=attack))
-        request = JobCreate(
+        request = job_create(
+            federation.key_id,
             name=attack,
-            key_id=federation.key_id,
-            model=ModelSpec(input_dim=30, num_classes=2),
+            model=model_spec(30),
             rounds=2,
             min_sites=3,
             batch_size=16,

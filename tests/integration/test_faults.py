@@ -20,9 +20,9 @@ import redis
 
 from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.local_cluster import RedisServer, provision_site, start_agent
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import FederationCreate, JobCreate
+from fedhe.schemas import FederationCreate
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
+from tests.factories import job_create, model_spec
 from tests.integration.faults_support import (
     MODEL,
     REDIS_KEY_PREFIX,
@@ -201,10 +201,10 @@ def test_real_agents_ride_out_an_aggregator_crash_without_help(cluster: FaultClu
     key_id = federation.key_id
     with cluster.admin(url) as operator:
         job = operator.create_job(
-            JobCreate(
+            job_create(
+                key_id,
                 name="crash",
-                key_id=key_id,
-                model=ModelSpec(input_dim=30, num_classes=2),
+                model=model_spec(30),
                 rounds=3,
                 min_sites=3,  # secure aggregation (the default): every phase must survive the crash
                 batch_size=16,

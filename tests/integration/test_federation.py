@@ -30,10 +30,11 @@ from fedhe.job_options import Algorithm, AlgorithmSettings, StatisticsSettings
 from fedhe.models import initial_weights
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
-from fedhe.schemas import FederationCreate, JobCreate, JobStatus, RoundState
+from fedhe.schemas import FederationCreate, JobStatus, RoundState
 from fedhe.secagg.masks import self_masks
 from fedhe.secagg.statements import RoundAttempt
 from tests.conftest import Cluster
+from tests.factories import job_create
 from tests.integration.helpers import database_connection, decrypted_coefficients, finish_agents, stored_uploads
 from tests.integration.secure_sites import ProtocolSite
 
@@ -53,9 +54,9 @@ def finished_federation(cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="it-federation"))
     spec = ModelSpec(input_dim=30, hidden_units=[8], num_classes=2)
-    request = JobCreate(
+    request = job_create(
+        federation.key_id,
         name="it-two-rounds",
-        key_id=federation.key_id,
         model=spec,
         rounds=ROUNDS,
         min_sites=3,

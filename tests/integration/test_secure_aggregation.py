@@ -25,7 +25,6 @@ from fedhe.schemas import (
     DeclineCreate,
     DeclineReason,
     FederationCreate,
-    JobCreate,
     JobPublic,
     JobStatus,
     RoundPublic,
@@ -35,6 +34,7 @@ from fedhe.secagg.masks import CoefficientMasks, MaskTerm, pairwise_sign, self_m
 from fedhe.secagg.shares import combine_shares
 from fedhe.secagg.statements import RoundAttempt, positions, self_mask_commitment
 from tests.conftest import Cluster
+from tests.factories import job_create
 from tests.integration.helpers import decrypted_coefficients, round_snapshot, stored_uploads
 from tests.integration.secure_sites import ProtocolSite, envelope_bytes, in_state, wait_for_round
 
@@ -57,9 +57,9 @@ def _federation(cluster: Cluster, tmp_path: Path, count: int) -> tuple[str, list
 def _job(
     cluster: Cluster, key_id: str, *, min_sites: int, threshold: int, phase_s: float = 30, **fields: Any
 ) -> JobPublic:
-    request = JobCreate(
+    request = job_create(
+        key_id,
         name="secure",
-        key_id=key_id,
         model=MODEL,
         rounds=1,
         min_sites=min_sites,

@@ -25,11 +25,11 @@ from fedhe.schemas import (
     DeclineReason,
     FederationCreate,
     HeartbeatCreate,
-    JobCreate,
     PrivacyReport,
     RoundState,
 )
 from tests.conftest import Cluster
+from tests.factories import job_create, model_spec
 from tests.integration.faults_support import MODEL, UploadingSite, uploading_federation
 
 
@@ -123,10 +123,10 @@ def test_a_round_fails_at_once_when_too_few_can_upload(cluster: Cluster, tmp_pat
 def _agent_job(cluster: Cluster, tmp_path: Path, num_sites: int) -> tuple[str, list[ProvisionedSite]]:
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="exit-codes"))
-    request = JobCreate(
+    request = job_create(
+        federation.key_id,
         name="exit-codes",
-        key_id=federation.key_id,
-        model=ModelSpec(input_dim=30, num_classes=2),
+        model=model_spec(30),
         rounds=2,
         min_sites=num_sites,
         round_deadline_s=3600,
@@ -204,9 +204,9 @@ def test_a_custom_model_trains_only_at_sites_that_allow_its_module(cluster: Clus
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="custom-model"))
     model = ModelSpec(architecture="custom", import_path=f"{module}:tiny", input_shape=(30,), num_classes=2)
-    request = JobCreate(
+    request = job_create(
+        federation.key_id,
         name="custom-model",
-        key_id=federation.key_id,
         model=model,
         rounds=1,
         min_sites=1,

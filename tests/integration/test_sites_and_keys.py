@@ -27,17 +27,16 @@ from fedhe.errors import Conflict, NotFound, PermissionDenied, Unauthenticated
 from fedhe.files import write_private
 from fedhe.he import load_evaluation_context, load_secret_context
 from fedhe.local_cluster import ProvisionedSite, admit_member
-from fedhe.modelspec import ModelSpec
 from fedhe.schemas import (
     EndorsementCreate,
     FederationCreate,
-    JobCreate,
     MemberCreate,
     MemberStatus,
     SiteCreate,
     SiteStatus,
 )
 from tests.conftest import Cluster
+from tests.factories import job_create, model_spec
 from tests.integration.helpers import database_connection, key_release_request, release_secret, site_codec
 
 
@@ -183,13 +182,7 @@ def test_aggregator_holds_only_keyless_contexts(cluster: Cluster, federation) ->
     assert not context.is_private()
     with cluster.aggregator_admin() as operator:
         operator.create_job(
-            JobCreate(
-                name="keyless",
-                key_id=federation.key_id,
-                model=ModelSpec(input_dim=2, num_classes=2),
-                min_sites=1,
-                secure_aggregation=None,
-            )
+            job_create(federation.key_id, name="keyless", model=model_spec(2), min_sites=1, secure_aggregation=None)
         )
     with database_connection(cluster.aggregator_database_url) as conn:
         stored = [bytes(row[0]) for row in conn.execute(text("SELECT context FROM evaluation_contexts"))]
@@ -219,9 +212,7 @@ def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> N
     with cluster.keyserver_admin() as keyserver:
         rotating = keyserver.create_federation(FederationCreate(name="rotating"))
     with cluster.aggregator_admin() as operator:  # the aggregator now holds the old key's context
-        operator.create_job(
-            JobCreate(name="before", key_id=rotating.key_id, model=ModelSpec(input_dim=2, num_classes=2))
-        )
+        operator.create_job(job_create(rotating.key_id, name="before", model=model_spec(2)))
     with cluster.keyserver_admin() as keyserver:
         rotated = keyserver.rotate_key(rotating.id)
     assert rotated.key_id != rotating.key_id
@@ -231,9 +222,7 @@ def test_key_rotation_retires_the_old_key(cluster: Cluster, tmp_path: Path) -> N
     assert stale.value.code == "stale_key_id"
     site_codec(cluster.keyserver_url, cluster.secrets, site, rotated.key_id)
     with cluster.aggregator_admin() as operator, pytest.raises(Conflict) as retired:
-        operator.create_job(
-            JobCreate(name="old-key", key_id=rotating.key_id, model=ModelSpec(input_dim=2, num_classes=2))
-        )
+        operator.create_job(job_create(rotating.key_id, name="old-key", model=model_spec(2)))
     assert retired.value.code == "stale_key_id"
 
 
@@ -321,10 +310,10 @@ def test_sites_see_only_their_federations_jobs(cluster: Cluster, tmp_path: Path)
         fed_a = keyserver.create_federation(FederationCreate(name="fed-a"))
         fed_b = keyserver.create_federation(FederationCreate(name="fed-b"))
     member_a = cluster.provision_site(tmp_path, "member-a", fed_a.id)
-    spec = {"model": ModelSpec(input_dim=2, num_classes=2), "min_sites": 1, "secure_aggregation": None}
+    spec = {"model": model_spec(2), "min_sites": 1, "secure_aggregation": None}
     with cluster.aggregator_admin() as operator:
-        job_a = operator.create_job(JobCreate(name="job-a", key_id=fed_a.key_id, **spec))
-        job_b = operator.create_job(JobCreate(name="job-b", key_id=fed_b.key_id, **spec))
+        job_a = operator.create_job(job_create(fed_a.key_id, name="job-a", **spec))
+        job_b = operator.create_job(job_create(fed_b.key_id, name="job-b", **spec))
     with AggregatorClient(cluster.aggregator_url, member_a.credential, tls=cluster.secrets.tls) as as_a:
         visible = {job.id for job in as_a.jobs()}
         assert job_a.id in visible

@@ -13,10 +13,10 @@ from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.devca import DevCA
 from fedhe.errors import InvalidRequest, UpstreamUnavailable
 from fedhe.local_cluster import ClusterSecrets, ManagedProcess, free_port, start_aggregator, start_keyserver, url
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import FederationCreate, JobCreate
+from fedhe.schemas import FederationCreate
 from fedhe.tls import ClientTLS
 from tests.conftest import Cluster, PostgresDatabases
+from tests.factories import job_create, model_spec
 
 
 def _fedhe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -104,9 +104,7 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_the_ca(
             federation = admin.create_federation(FederationCreate(name="mutual"))
         # The aggregator presents its own certificate to the keyserver: creating a job fetches the context.
         with secrets.aggregator_admin(url(ag_port)) as operator:
-            job = operator.create_job(
-                JobCreate(name="mtls", key_id=federation.key_id, model=ModelSpec(input_dim=2, num_classes=2))
-            )
+            job = operator.create_job(job_create(federation.key_id, name="mtls", model=model_spec(2)))
         assert job.federation_id == federation.id
         check = _fedhe(
             "keyserver",

@@ -23,8 +23,9 @@ import pytest
 from fedhe.datasets import Dataset, digits_as_images, partition_iid, write_image_folder
 from fedhe.errors import InvalidRequest, NotFound
 from fedhe.models import build_model, trainable_mask, weights_from_file, weights_sha256
-from fedhe.schemas import FederationCreate, JobCreate, JobPublic, JobStatus
+from fedhe.schemas import FederationCreate, JobPublic, JobStatus
 from tests.conftest import Cluster
+from tests.factories import job_create
 from tests.integration.helpers import finish_agents, stored_uploads
 
 CLASSES = [str(digit) for digit in range(10)]
@@ -200,7 +201,7 @@ def test_weights_that_are_not_whole_or_not_stored_are_refused_by_name(
         pinned = job.model.fingerprint.model_copy(update={"initial_weights_sha256": "1" * 64})
         unknown = job.model.model_copy(update={"initial_weights_sha256": "1" * 64, "fingerprint": pinned})
         with pytest.raises(InvalidRequest, match="is not stored here") as caught:
-            operator.create_job(JobCreate(name="x", key_id=job.key_id, model=unknown, min_sites=3))
+            operator.create_job(job_create(job.key_id, name="x", model=unknown, min_sites=3))
         assert caught.value.code == "initial_weights_not_found"
     anonymous = httpx.get(
         f"{cluster.aggregator_url}/v1/initial-weights/{job.model.initial_weights_sha256}",

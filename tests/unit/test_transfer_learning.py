@@ -32,7 +32,8 @@ from fedhe.models import (
     weights_sha256,
 )
 from fedhe.modelspec import ModelSpec
-from fedhe.schemas import JobCreate, JobPublic
+from fedhe.schemas import JobPublic
+from tests.factories import job_create
 
 MOBILENET = {"architecture": "mobilenet_v2", "alpha": 0.35, "input_shape": (32, 32, 3), "num_classes": 10}
 CNN = {"architecture": "cnn", "input_shape": (16, 16, 3), "num_classes": 4, "hidden_units": [8]}
@@ -85,7 +86,7 @@ def test_an_update_carries_only_the_trainable_values_and_the_fingerprint_counts_
     expected = 112 * 1280 + 2 * 1280 + 1280 * 10 + 10
     assert int(mask.sum()) == pinned.num_update_values() == expected == pinned.fingerprint.num_trainable_parameters
     assert pinned.num_parameters() == num_parameters(model) == 423_018
-    job = JobCreate(name="t", key_id=KEY, model=pinned)
+    job = job_create(KEY, name="t", model=pinned)
     assert job.round_num_values(0) == expected
     with pytest.raises(InvalidRequest, match="needs the fingerprint"):
         spec.num_update_values()
