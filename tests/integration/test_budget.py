@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fedhe.datasets import load_bundled, save_csv, split
 from fedhe.job_options import StatisticsSettings
@@ -31,8 +30,6 @@ from fedhe.schemas import DeclineReason, FederationCreate
 from tests.conftest import Cluster, PostgresDatabases
 from tests.factories import job_create, model_spec
 from tests.integration.helpers import log_messages
-
-pytestmark = pytest.mark.integration
 
 
 def _job(cluster: Cluster, tmp_path: Path, *, delta: float = 1e-5) -> tuple[str, list[ProvisionedSite], Path]:

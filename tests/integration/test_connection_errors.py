@@ -19,8 +19,6 @@ from fedhe.local_cluster import free_port
 from fedhe.tls import ClientTLS, TLSSettingNames
 from tests.conftest import Cluster
 
-pytestmark = pytest.mark.integration
-
 EXIT_UNREACHABLE, EXIT_INVALID_INPUT = 3, 2
 
 

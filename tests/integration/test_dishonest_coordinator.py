@@ -35,8 +35,6 @@ from tests.conftest import PostgresDatabases, start_test_keyserver
 from tests.factories import job_create, model_spec
 from tests.integration.helpers import log_messages
 
-pytestmark = pytest.mark.integration
-
 
 @dataclass
 class Keyserver:

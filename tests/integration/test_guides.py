@@ -123,7 +123,6 @@ def _run_guides(session: GuideSession) -> list[Block]:
     return ran
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_guides_run_a_complete_federation(session: GuideSession) -> None:

@@ -38,8 +38,6 @@ from tests.factories import job_create
 from tests.integration.helpers import decrypted_coefficients, round_snapshot, stored_uploads
 from tests.integration.secure_sites import ProtocolSite, envelope_bytes, in_state, wait_for_round
 
-pytestmark = pytest.mark.integration
-
 MODEL = ModelSpec(input_dim=200, num_classes=10)  # 2,010 values: one chunk
 S = 500
 
