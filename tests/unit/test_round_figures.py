@@ -19,20 +19,12 @@ from aggregator.repository import AggregatorRepository
 from aggregator.rounds import round_duration_s
 from aggregator.tables import AggregatorBase, EvaluationContextRow, JobRow, RoundRow, SiteRow, SubmissionRow, UploadRow
 from aggregator.views import round_public
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import JobCreate, RoundState
+from fedhe.schemas import RoundState
 from fedhe_demo.demo import _round_row
+from tests.factories import plain_job_create
 
 OPENED = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
-SPEC = JobCreate(
-    name="figures",
-    key_id="key-" + "ab" * 16,
-    model=ModelSpec(input_shape=(4,), num_classes=2),
-    rounds=3,
-    min_sites=1,
-    secure_aggregation=None,
-    max_samples_per_round=1_000,
-)
+SPEC = plain_job_create("key-" + "ab" * 16, name="figures", rounds=3, min_sites=1)
 UPLOAD_BYTES = {"site-000000000000000a": 1_398_112, "site-000000000000000b": 1_398_240, "site-000000000000000c": 977}
 
 
