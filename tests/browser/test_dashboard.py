@@ -50,7 +50,7 @@ from fedhe.local_cluster import (
     ProvisionedSite,
     admit_member,
 )
-from fedhe.modelspec import InputNormalisation, ModelSpec
+from fedhe.modelspec import InputNormalisation
 from fedhe.privacy import DPSettings
 from fedhe.schemas import (
     AccountCreate,
@@ -60,7 +60,6 @@ from fedhe.schemas import (
     EvaluationCreate,
     FederationCreate,
     HeartbeatCreate,
-    JobCreate,
     JobStatus,
     PrivacyReport,
     RoundPublic,
@@ -70,6 +69,7 @@ from fedhe.schemas import (
     TokenCreate,
 )
 from tests.conftest import Cluster, PostgresDatabases, running_cluster
+from tests.factories import job_create, model_spec
 from tests.integration.faults_support import MODEL, WEIGHT_SCALE, UploadingSite, uploading_federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.slow]
@@ -351,15 +351,14 @@ def set_up_federation(cluster: Cluster, workdir: Path) -> Federation:
     parts = partition_dirichlet(pool.y, 3, alpha=5.0, seed=7, min_size=120)
     with cluster.keyserver_admin() as keyserver:
         federation = keyserver.create_federation(FederationCreate(name="Northern breast-cancer network"))
-    spec = ModelSpec(
-        input_dim=30,
+    spec = model_spec(
+        30,
         hidden_units=[8],
-        num_classes=2,
         normalisation=InputNormalisation(mean=pool.x.mean(0).tolist(), std=pool.x.std(0).tolist()),
     )
-    job = JobCreate(
+    job = job_create(
+        federation.key_id,
         name="breast-cancer-mlp",
-        key_id=federation.key_id,
         model=spec,
         rounds=ROUNDS,
         min_sites=3,  # secure aggregation (the default) sums no fewer than t + 1 = 3 members
@@ -806,11 +805,10 @@ def test_members_without_a_job_agents_per_job_declines_with_their_epsilon_and_da
         for site in (ridgeway, moorland):
             expect(page.locator(f"#all-sites tr[data-site-id={site.site_id}]")).to_contain_text("Coastal imaging group")
 
-        spec = ModelSpec(input_shape=(4,), num_classes=2)
-        job = JobCreate(
+        job = job_create(
+            federation.key_id,
             name="coastal-first",
-            key_id=federation.key_id,
-            model=spec,
+            model=model_spec(4),
             rounds=2,
             min_sites=1,
             secure_aggregation=None,
