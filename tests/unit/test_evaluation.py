@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from aggregator.site_metrics import combine_metrics
 from client_agent.evaluation import metrics_from_logits
 from client_agent.server_momentum import apply_server_momentum, initial_state
 from fedhe.errors import InvalidRequest
-from fedhe.site_metrics import combine_metrics
 
 
 def test_binary_metrics_match_their_definitions() -> None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from aggregator.repository import ONLINE_WITHIN, AggregatorRepository
 from aggregator.rounds import round_duration_s
+from aggregator.site_metrics import combine_metrics
 from aggregator.tables import EvaluationRow, JobRow, RoundRow, SiteRow, SiteStatusRow, SubmissionRow
 from fedhe.db import utcnow
 from fedhe.schemas import (
@@ -25,7 +26,6 @@ from fedhe.schemas import (
     SiteStatusReport,
     SubmissionPublic,
 )
-from fedhe.site_metrics import combine_metrics
 
 
 def site_status(row: SiteStatusRow) -> SiteStatusReport:

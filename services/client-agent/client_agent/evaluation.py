@@ -8,7 +8,7 @@ that is neither true nor predicted anywhere at a site has no precision or recall
 ROC AUC: binary, the positive class's probability; multi-class, one-vs-rest macro over the
 classes present in the site's labels (each needs positives and negatives). With a single
 class present it is undefined and **left out** of the site's metrics (metrics must be finite
-numbers on the wire), and ``fedhe.site_metrics.combine_metrics`` then averages it over the sites that have it.
+numbers on the wire), and ``aggregator.site_metrics.combine_metrics`` then averages it over the sites that have it.
 """
 
 from __future__ import annotations
