@@ -113,6 +113,7 @@ def test_no_architecture_starts_with_an_output_independent_of_its_input(name: st
     assert logits.std(axis=0).mean() > 1e-2
 
 
+@pytest.mark.slow  # builds a MobileNet: seconds of CPU (make test runs it, make test-unit does not)
 def test_batch_normalisation_statistics_are_estimated_and_rounded_alike_everywhere() -> None:
     spec = _spec("mobilenet_v2")
     model = build_model(spec)
@@ -126,6 +127,7 @@ def test_batch_normalisation_statistics_are_estimated_and_rounded_alike_everywhe
         np.testing.assert_array_equal(mantissa * 4096, np.round(mantissa * 4096))  # 12 significant bits
 
 
+@pytest.mark.slow  # builds a MobileNet: seconds of CPU (make test runs it, make test-unit does not)
 def test_keras_applications_need_the_job_creators_fingerprint() -> None:
     spec = _spec("mobilenet_v3_small")
     with pytest.raises(InvalidRequest, match="needs the fingerprint") as caught:

@@ -45,6 +45,7 @@ def _trainable_names(spec: ModelSpec) -> list[str]:
     return [layer.name for layer in model.layers if layer.trainable and layer.weights]
 
 
+@pytest.mark.slow  # builds a MobileNet: seconds of CPU (make test runs it, make test-unit does not)
 def test_the_head_and_the_last_blocks_train_and_nothing_else() -> None:
     head = ModelSpec(**MOBILENET, trainable={})
     assert _trainable_names(head) == ["predictions"]
@@ -67,6 +68,7 @@ def test_the_head_and_the_last_blocks_train_and_nothing_else() -> None:
     ]
 
 
+@pytest.mark.slow  # builds a MobileNet: seconds of CPU (make test runs it, make test-unit does not)
 @pytest.mark.parametrize(
     ("trainable", "message"),
     [({"last_blocks": 60}, "has 20 blocks before its head"), ({"layers": ["no_such_*"]}, "matches no layer")],
@@ -77,6 +79,7 @@ def test_trainable_layers_that_do_not_exist_are_refused_by_name(trainable: dict[
     assert caught.value.code == "invalid_trainable_layers"
 
 
+@pytest.mark.slow  # builds a MobileNet: seconds of CPU (make test runs it, make test-unit does not)
 def test_an_update_carries_only_the_trainable_values_and_the_fingerprint_counts_them() -> None:
     spec = ModelSpec(**MOBILENET, trainable={"last_blocks": 1})
     pinned = spec.model_copy(update={"fingerprint": fingerprint(spec, 0)})
@@ -92,6 +95,7 @@ def test_an_update_carries_only_the_trainable_values_and_the_fingerprint_counts_
         spec.num_update_values()
 
 
+@pytest.mark.slow  # builds a MobileNet: seconds of CPU (make test runs it, make test-unit does not)
 def test_dp_sgd_on_the_fast_path_changes_exactly_the_trainable_values() -> None:
     spec = ModelSpec(**MOBILENET, trainable={"last_blocks": 1})
     model = build_model(spec)
