@@ -7,7 +7,7 @@ recovers the sample-weighted mean change as ``sum * S / Σ n_k`` and applies it 
 momentum, ``client_agent.server_momentum``) to the global model it holds. Changes are small
 and centred on zero, which is what lets the packed codec quantise them over a narrow ±R.
 
-A statistics round (``fedhe.normalisation``) publishes a plain sum the sites decode themselves.
+A statistics round (``client_agent.normalisation``) publishes a plain sum the sites decode themselves.
 """
 
 from __future__ import annotations

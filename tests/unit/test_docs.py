@@ -38,7 +38,7 @@ CONFIGURATION = ROOT / "docs" / "configuration.md"
 # source that reads each (checked below, so a switch that is removed from the code fails here).
 SWITCHES = {
     "FEDHE_INSECURE_PLAINTEXT_CODEC": "shared/fedhe/he/plaintext.py",
-    "FEDHE_INSECURE_DP_SEED": "shared/fedhe/dp_randomness.py",
+    "FEDHE_INSECURE_DP_SEED": "services/client-agent/client_agent/dp_randomness.py",
     "FEDHE_TEST_POSTGRES_URL": "tests/conftest.py",
     "FEDHE_CHROMIUM": "tests/browser/test_dashboard.py",
     "FEDHE_SCREENSHOT_DIR": "tests/browser/test_dashboard.py",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client_agent.dp_randomness import SWITCH
 from client_agent.evaluation import evaluate
 from client_agent.simulation import FederatedSettings, centralised_accuracy, run_federation, with_pooled_normalisation
 from fedhe.datasets import (
@@ -26,7 +27,6 @@ from fedhe.datasets import (
     split,
     write_image_folder,
 )
-from fedhe.dp_randomness import SWITCH
 from fedhe.models import initial_weights
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings

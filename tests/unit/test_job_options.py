@@ -11,13 +11,13 @@ import pytest
 from pydantic import ValidationError
 
 from aggregator.sampling import SiteSampler
+from client_agent.normalisation import StatisticsNoise, normalisation_from_sum, statistics_upload
 from fedhe.db import utcnow
 from fedhe.errors import InvalidRequest
 from fedhe.he import PACKED_FORMAT_ID, PackingSettings
 from fedhe.job_options import SamplingMode, SamplingSettings
 from fedhe.job_planning import creation_warnings, privacy_plan
 from fedhe.modelspec import ModelSpec
-from fedhe.normalisation import StatisticsNoise, normalisation_from_sum, statistics_upload
 from fedhe.privacy import epsilon_spent, local_training_pass
 from fedhe.schemas import JobCreate, SiteStatus
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from client_agent.normalisation import FeatureStatistics, local_statistics, pooled_normalisation
 from fedhe.datasets import digits_as_images, load_bundled, partition_dirichlet
 from fedhe.errors import InvalidRequest
-from fedhe.normalisation import FeatureStatistics, local_statistics, pooled_normalisation
 
 
 def test_pooled_statistics_equal_the_statistics_of_the_pooled_data() -> None:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from client_agent.dp_randomness import SWITCH
 from client_agent.evaluation import evaluate
 from client_agent.training import LocalTraining, train_dp_sgd
 from fedhe.datasets import load_bundled, split
-from fedhe.dp_randomness import SWITCH
 from fedhe.errors import InvalidRequest
 from fedhe.models import build_model
 from fedhe.modelspec import InputNormalisation, ModelSpec, flatten_weights

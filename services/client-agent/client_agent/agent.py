@@ -31,10 +31,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client_agent.data_check import check_rows_fit, load_for_job
+from client_agent.dp_randomness import noise_generator
 from client_agent.global_chain import GlobalModelChain
 from client_agent.heartbeat import Heartbeat
 from client_agent.initial_weights import InitialWeightsSource
 from client_agent.ledger import LedgerEntry, PrivacyLedger
+from client_agent.normalisation import statistics_upload
 from client_agent.outcomes import DECLINE_REASONS, JobOutcome, OutcomeStatus
 from client_agent.policy import SitePolicy, load_policy
 from client_agent.round_record import MadeUpdate, RoundRecord
@@ -52,7 +54,6 @@ from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, PINNED_KEYS_PURPOSE, private_key_from_pem, sign_request
 from fedhe.cpus import usable_cpus
 from fedhe.datasets import Dataset
-from fedhe.dp_randomness import noise_generator
 from fedhe.environment import current as current_environment
 from fedhe.environment import differences
 from fedhe.errors import (
@@ -81,7 +82,6 @@ from fedhe.he import (
     quantisation_report,
 )
 from fedhe.logs import request_id
-from fedhe.normalisation import statistics_upload
 from fedhe.privacy import TrainingPass, local_training_pass, statistics_pass
 from fedhe.schemas import (
     AgentState,

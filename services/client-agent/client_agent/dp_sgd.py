@@ -52,7 +52,7 @@ it instead would waste clip budget on a data-independent term.
 
 Where the randomness comes from, on every path
 ----------------------------------------------
-``fedhe.dp_randomness.draw_run_secrets`` is called once per run (``DPSGDRun``), never per
+``client_agent.dp_randomness.draw_run_secrets`` is called once per run (``DPSGDRun``), never per
 job, round or site id:
 
 * noise: a ``tf.random.Generator`` built ``from_state`` with the Philox algorithm, its 192-bit
@@ -70,7 +70,7 @@ a counter-based generator built for statistical quality (Salmon et al. 2011), no
 CSPRNG; recovering its state from float32 noise buried in gradients is not a known attack,
 and the float-level concerns of Gaussian sampling (Mironov 2012) apply as to any float DP-SGD.
 ``FEDHE_INSECURE_DP_SEED=test-only:<int>`` replaces both secrets with values derived from the
-integer, for tests only (see ``fedhe.dp_randomness``).
+integer, for tests only (see ``client_agent.dp_randomness``).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ import tensorflow as tf
 from numpy.typing import NDArray
 from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads, gradient_clipping_utils
 
+from client_agent.dp_randomness import RunSecrets, draw_run_secrets
 from client_agent.layer_registry import fast_clipping_registry, layer_supported
-from fedhe.dp_randomness import RunSecrets, draw_run_secrets
 from fedhe.errors import InvalidRequest
 from fedhe.privacy import sampling_probability, steps_per_epoch
 

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from client_agent.normalisation import StatisticsNoise, normalisation_from_sum
 from client_agent.server_momentum import ServerState, apply_server_momentum, initial_state
 from fedhe.errors import InvalidRequest
 from fedhe.files import write_private
 from fedhe.global_model import DecodedAggregate
 from fedhe.modelspec import InputNormalisation, ModelSpec
-from fedhe.normalisation import StatisticsNoise, normalisation_from_sum
 from fedhe.schemas import JobPublic
 
 

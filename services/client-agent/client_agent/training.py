@@ -33,7 +33,7 @@ def load_model(spec: ModelSpec, weights: NDArray[Any], *, custom_modules: Collec
 class LocalTraining:
     """How a site trains in one round: ``proximal_mu`` > 0 is FedProx, ``momentum`` > 0 local
     heavy-ball momentum (both post-processing of DP-SGD's noisy gradients: no privacy cost).
-    ``test_stream`` names the run for the test-only seed switch (``fedhe.dp_randomness``)."""
+    ``test_stream`` names the run for the test-only seed switch (``client_agent.dp_randomness``)."""
 
     epochs: int
     batch_size: int
