@@ -1,9 +1,12 @@
-"""The unit folder's one marking rule: a test that builds a Keras-applications MobileNet is ``slow``.
+"""The unit folder's marking rules: what takes seconds of CPU per test is ``slow``.
 
-Building one takes seconds of CPU (up to 30 s on a shared machine), so these run in ``make test``
-but not in ``make test-unit``; the same code is covered there on small models. Tests that build
-one whatever their parameters carry ``@pytest.mark.slow`` themselves (test_models,
-test_transfer_learning) or are named here.
+``make test`` runs every test; ``make test-unit`` (``-m "not ... and not slow"``) leaves these out
+so the fast tier stays under a minute:
+
+- a test that builds a Keras-applications MobileNet (seconds each, up to 30 s on a shared machine),
+  by its parameter id here, or by ``@pytest.mark.slow`` where it builds one whatever its
+  parameters (test_models, test_transfer_learning);
+- the files in ``SLOW_FILES``, each for the reason given.
 """
 
 from __future__ import annotations
@@ -14,22 +17,21 @@ import pytest
 
 UNIT_DIR = Path(__file__).resolve().parent
 MOBILENETS = ("mobilenet_v2", "mobilenet_v3_small")
-BUILD_MOBILENETS = {
-    "test_dp_sgd.py": {
-        "test_paths_follow_the_layer_registry",
-        "test_batch_norm_statistics_stay_frozen_and_examples_stay_independent",
-    },
+SLOW_FILES = {
+    # DP-SGD steps traced with tf.function on real Keras models: 1-2 s each, 20 s or more in all.
+    "test_dp_sgd.py",
+    # A fresh interpreter per role, importing that role's packages only: 4-5 s each.
+    "test_roles.py",
 }
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark MobileNet-building unit tests slow before ``-m`` selects (hence tryfirst)."""
+    """Mark the slow unit tests before ``-m`` selects (hence tryfirst)."""
     for item in items:
         if item.path.resolve().parent != UNIT_DIR:
             continue
         callspec = getattr(item, "callspec", None)
-        parametrised = callspec is not None and any(name in callspec.id for name in MOBILENETS)
-        named = item.originalname in BUILD_MOBILENETS.get(item.path.name, set())  # type: ignore[attr-defined]
-        if parametrised or named:
+        builds_a_mobilenet = callspec is not None and any(name in callspec.id for name in MOBILENETS)
+        if builds_a_mobilenet or item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 NOISE = "Unable to register cuDNN factory"
 
 
@@ -15,6 +17,7 @@ def _stderr(code: str) -> str:
     return run.stderr
 
 
+@pytest.mark.slow  # imports TensorFlow in a fresh interpreter: 5-15 s of CPU
 def test_tensorflow_is_imported_without_its_native_noise_and_stderr_works_after() -> None:
     assert NOISE in _stderr("import tensorflow")  # what a plain import prints on this machine
     quiet = _stderr(
