@@ -7,9 +7,11 @@ these run one agent's loop in this process in seconds.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -143,9 +145,12 @@ def test_an_agent_whose_data_does_not_fit_the_job_declines_and_says_why(tmp_path
         "environment": current_environment().model_dump(mode="json"),
     }
     seen: list[tuple[str, str]] = []
+    declined: list[dict[str, Any]] = []
 
     def aggregator(request: httpx.Request) -> httpx.Response:
         seen.append((request.method, request.url.path))
+        if request.url.path.endswith("/declines"):
+            declined.append(json.loads(request.content))
         if request.url.path == f"/v1/jobs/{job_id}":
             return httpx.Response(200, json=job_public)
         if request.url.path == "/v1/jobs":
@@ -166,8 +171,11 @@ def test_an_agent_whose_data_does_not_fit_the_job_declines_and_says_why(tmp_path
 
     [outcome] = agent.run()
 
-    assert outcome.status != OutcomeStatus.COMPLETED
+    assert outcome.status == OutcomeStatus.DATA_PROBLEM, outcome
     assert not [call for call in seen if call[1].endswith("/updates")], "nothing was uploaded"
     declines = [call for call in seen if call[1].endswith("/declines")]
     assert declines == [("POST", f"/v1/jobs/{job_id}/rounds/0/declines")]
+    [decline] = declined
+    assert decline["reason"] == "data_problem"
+    assert "does not fit the job" in decline["message"]  # the details stay in the site's own log
     assert not [call for call in seen if call[1].startswith("/v1/contexts")], "no key asked for a job it cannot do"
