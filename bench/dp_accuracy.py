@@ -25,11 +25,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf
 
+from client_agent.datasets import digits_as_images, load_bundled, partition_dirichlet, partition_iid, split
 from client_agent.dp_randomness import SWITCH
 from client_agent.evaluation import evaluate
+from client_agent.models import initial_weights
 from client_agent.simulation import FederatedSettings, centralised_accuracy, run_federation, with_pooled_normalisation
-from fedhe.datasets import digits_as_images, load_bundled, partition_dirichlet, partition_iid, split
-from fedhe.models import initial_weights
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 

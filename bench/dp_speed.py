@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from bench.reporting import machine_description
 from client_agent.dp_sgd import DPParameters, DPSGDRun
-from fedhe.models import build_model
+from client_agent.models import build_model
 from fedhe.modelspec import ModelSpec
 
 LEARNING_RATE = 0.05

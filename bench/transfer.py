@@ -35,15 +35,15 @@ import tensorflow as tf
 from numpy.typing import NDArray
 
 from bench.reporting import machine_description, write_markdown_table
+from client_agent.datasets import Dataset, digits_as_images, partition_dirichlet, partition_iid, split
 from client_agent.dp_randomness import SWITCH
 from client_agent.evaluation import evaluate
+from client_agent.models import build_model, initial_weights, num_parameters, num_trainable, weights_from_file
 from client_agent.pretraining import pretrain
 from client_agent.simulation import FederatedSettings, run_federation
 from client_agent.training import load_model
-from fedhe.datasets import Dataset, digits_as_images, partition_dirichlet, partition_iid, split
 from fedhe.errors import InvalidRequest
 from fedhe.he import BfvParameters, PackingSettings, codec_for, create_key_material, load_secret_context
-from fedhe.models import build_model, initial_weights, num_parameters, num_trainable, weights_from_file
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings, epsilon_spent, local_training_pass
 

@@ -3,7 +3,7 @@
 The aggregator must validate a job and, for dense models, serve round 0's initial weights
 without importing TensorFlow. So a spec is plain data: the architecture and its settings,
 the data contract (input shape, classes, feature names) and the fixed input normalisation.
-``fedhe.models`` builds the Keras model a spec describes.
+``client_agent.models`` builds the Keras model a spec describes.
 
 * ``logistic``: inputs -> softmax (one Dense layer); ``mlp``: inputs -> ``hidden_units`` ->
   softmax. Their weight shapes, parameter count and seeded Glorot-uniform initial weights
@@ -17,14 +17,14 @@ the data contract (input shape, classes, feature names) and the fixed input norm
   num_classes=..., **options)`` at each site (only for modules the site allows).
 
 For the last three the parameter count (and the architecture's identity) is whatever Keras
-builds, so the job creator computes a ``ModelFingerprint`` with ``fedhe.models.fingerprint``
+builds, so the job creator computes a ``ModelFingerprint`` with ``client_agent.models.fingerprint``
 and puts it in the spec; sites refuse a model whose build does not match it.
 
 Transfer learning:
 
 * ``initial_weights_sha256``: round 0 starts from given weights (a pre-trained backbone, say)
   instead of the seeded initialisation: the sha256 of their flat float64 little-endian vector
-  (``fedhe.models.flat_weights``' layout). The aggregator stores that vector, public to
+  (``client_agent.models.flat_weights``' layout). The aggregator stores that vector, public to
   members as round-0 weights always are; every site fetches it (or finds it locally) and
   refuses it unless the hash matches.
 * ``trainable``: only the head (the last layer with weights), plus the last ``last_blocks``
@@ -45,7 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedhe.datasets.schema import ClassList, DataSchema
+from fedhe.data_schema import ClassList, DataSchema
 from fedhe.errors import InvalidRequest
 
 Architecture = Literal["logistic", "mlp", "cnn", "mobilenet_v2", "mobilenet_v3_small", "custom"]
@@ -234,7 +234,7 @@ class ModelSpec(BaseModel):
     def weight_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the weight arrays in Keras order (kernel, bias per layer); dense models only."""
         if self.architecture not in DENSE_ARCHITECTURES:
-            raise InvalidRequest(f"a {self.architecture} model's weights come from Keras (fedhe.models)")
+            raise InvalidRequest(f"a {self.architecture} model's weights come from Keras (client_agent.models)")
         sizes = [self.input_shape[0], *self.hidden_units, self.num_classes]
         shapes: list[tuple[int, ...]] = []
         for fan_in, fan_out in itertools.pairwise(sizes):
@@ -249,7 +249,8 @@ class ModelSpec(BaseModel):
             return self._cnn_parameters()
         if self.fingerprint is None:
             raise InvalidRequest(
-                f"a {self.architecture} spec needs the fingerprint of its Keras build (fedhe.models.fingerprint)",
+                f"a {self.architecture} spec needs the fingerprint of its Keras build "
+                "(client_agent.models.fingerprint)",
                 code="missing_model_fingerprint",
             )
         return self.fingerprint.num_parameters

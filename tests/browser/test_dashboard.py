@@ -37,9 +37,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, Request, Route, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
+from client_agent.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.api_client import AggregatorClient
 from fedhe.auth import generate_signing_key, private_key_to_pem, public_key_b64
-from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.environment import current as current_environment
 from fedhe.errors import PermissionDenied
 from fedhe.files import write_private_text

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhe.datasets import load_bundled, save_csv, split
+from client_agent.datasets import load_bundled, save_csv, split
 from fedhe.job_options import StatisticsSettings
 from fedhe.local_cluster import (
     UNLIMITED_RATES,

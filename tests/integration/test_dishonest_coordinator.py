@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
+from client_agent.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.local_cluster import (
     UNLIMITED_RATES,
     ClusterSecrets,

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import redis
 
-from fedhe.datasets import load_bundled, partition_dirichlet, save_csv, split
+from client_agent.datasets import load_bundled, partition_dirichlet, save_csv, split
 from fedhe.local_cluster import RedisServer, provision_site, start_agent
 from fedhe.schemas import FederationCreate
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from client_agent.datasets import load_bundled, load_csv, partition_dirichlet, save_csv, split
+from client_agent.models import initial_weights
 from client_agent.server_momentum import apply_server_momentum, initial_state
-from fedhe.datasets import load_bundled, load_csv, partition_dirichlet, save_csv, split
 from fedhe.he.packing import unpack
 from fedhe.he.quantise import dequantise
 from fedhe.job_options import Algorithm, AlgorithmSettings, StatisticsSettings
-from fedhe.models import initial_weights
 from fedhe.modelspec import InputNormalisation, ModelSpec
 from fedhe.privacy import DPSettings
 from fedhe.schemas import FederationCreate, JobStatus, RoundState

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from client_agent.agent import DATA_PROBLEM_NOTICE
+from client_agent.datasets import load_bundled, save_csv, split
 from fedhe.api_client import AggregatorClient
 from fedhe.cli.operator import with_fingerprint
-from fedhe.datasets import load_bundled, save_csv, split
 from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict
 from fedhe.local_cluster import ProvisionedSite

@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from fedhe.datasets import Dataset, digits_as_images, partition_iid, write_image_folder
+from client_agent.datasets import Dataset, digits_as_images, partition_iid, write_image_folder
+from client_agent.models import build_model, trainable_mask, weights_from_file, weights_sha256
 from fedhe.errors import InvalidRequest, NotFound
-from fedhe.models import build_model, trainable_mask, weights_from_file, weights_sha256
 from fedhe.schemas import FederationCreate, JobPublic, JobStatus
 from tests.conftest import Cluster
 from tests.factories import job_create

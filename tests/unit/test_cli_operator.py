@@ -290,7 +290,7 @@ def test_job_create_leaves_a_counted_model_alone(
 
 @pytest.mark.slow
 def test_job_create_computes_a_missing_fingerprint(services: Callable[..., Services], tmp_path: Path) -> None:
-    from fedhe.models import fingerprint
+    from client_agent.models import fingerprint
 
     mocked = services({("POST", "/v1/jobs"): _created})
     model = {

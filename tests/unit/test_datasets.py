@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhe.datasets import (
+from client_agent.datasets import (
     ClassList,
     DataProblems,
     DataSchema,

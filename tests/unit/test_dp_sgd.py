@@ -13,8 +13,8 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
 from client_agent.dp_randomness import SWITCH, draw_run_secrets
 from client_agent.dp_sgd import ClippingPath, DPParameters, DPSGDRun, choose_clipping_path
 from client_agent.layer_registry import fast_clipping_registry
+from client_agent.models import build_model, initial_weights, set_flat_weights
 from fedhe.errors import InvalidRequest
-from fedhe.models import build_model, initial_weights, set_flat_weights
 from fedhe.modelspec import ModelSpec
 
 

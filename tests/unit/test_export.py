@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from client_agent import export
+from client_agent.datasets import digits_as_images
 from client_agent.export import (
     FLOAT16_TOLERANCE,
     Tolerance,
@@ -20,8 +21,7 @@ from client_agent.export import (
     tflite_probabilities,
     within,
 )
-from fedhe.datasets import digits_as_images
-from fedhe.models import initial_weights
+from client_agent.models import initial_weights
 from fedhe.modelspec import ModelSpec
 
 

@@ -14,10 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client_agent.dp_randomness import SWITCH
-from client_agent.evaluation import evaluate
-from client_agent.simulation import FederatedSettings, centralised_accuracy, run_federation, with_pooled_normalisation
-from fedhe.datasets import (
+from client_agent.datasets import (
     Dataset,
     digits_as_images,
     load_bundled,
@@ -27,7 +24,10 @@ from fedhe.datasets import (
     split,
     write_image_folder,
 )
-from fedhe.models import initial_weights
+from client_agent.dp_randomness import SWITCH
+from client_agent.evaluation import evaluate
+from client_agent.models import initial_weights
+from client_agent.simulation import FederatedSettings, centralised_accuracy, run_federation, with_pooled_normalisation
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
 

@@ -13,8 +13,7 @@ import pytest
 import tensorflow as tf
 from pydantic import ValidationError
 
-from fedhe.errors import InvalidRequest, PermissionDenied
-from fedhe.models import (
+from client_agent.models import (
     architecture_sha256,
     build_model,
     fingerprint,
@@ -23,6 +22,7 @@ from fedhe.models import (
     num_parameters,
     set_flat_weights,
 )
+from fedhe.errors import InvalidRequest, PermissionDenied
 from fedhe.modelspec import InputNormalisation, ModelSpec
 
 CUSTOM = "tests.unit.custom_models"
@@ -182,7 +182,7 @@ def test_a_fresh_process_builds_the_same_round_zero_model() -> None:
     spec = _spec("mobilenet_v3_small")
     here = fingerprint(spec, seed=11)
     script = (
-        "import sys; from fedhe.models import fingerprint; from fedhe.modelspec import ModelSpec; "
+        "import sys; from client_agent.models import fingerprint; from fedhe.modelspec import ModelSpec; "
         "print(fingerprint(ModelSpec.model_validate_json(sys.argv[1]), seed=11).model_dump_json())"
     )
     out = subprocess.run(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from client_agent.datasets import digits_as_images, load_bundled, partition_dirichlet
 from client_agent.normalisation import FeatureStatistics, local_statistics, pooled_normalisation
-from fedhe.datasets import digits_as_images, load_bundled, partition_dirichlet
 from fedhe.errors import InvalidRequest
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from client_agent.datasets import load_bundled, split
 from client_agent.dp_randomness import SWITCH
 from client_agent.evaluation import evaluate
+from client_agent.models import build_model
 from client_agent.training import LocalTraining, train_dp_sgd
-from fedhe.datasets import load_bundled, split
 from fedhe.errors import InvalidRequest
-from fedhe.models import build_model
 from fedhe.modelspec import InputNormalisation, ModelSpec, flatten_weights
 from fedhe.privacy import DPSettings, local_training_pass
 

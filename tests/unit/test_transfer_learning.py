@@ -18,10 +18,7 @@ from aggregator.tables import AggregatorBase
 from client_agent.dp_sgd import ClippingPath, DPParameters, DPSGDRun
 from client_agent.global_chain import GlobalModelChain
 from client_agent.initial_weights import InitialWeightsSource
-from fedhe.db import SessionFactory, make_engine
-from fedhe.errors import InvalidRequest, NotFound
-from fedhe.global_model import DecodedAggregate
-from fedhe.models import (
+from client_agent.models import (
     build_model,
     fingerprint,
     flat_weights,
@@ -31,6 +28,9 @@ from fedhe.models import (
     weights_from_file,
     weights_sha256,
 )
+from fedhe.db import SessionFactory, make_engine
+from fedhe.errors import InvalidRequest, NotFound
+from fedhe.global_model import DecodedAggregate
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import JobPublic
 from tests.factories import job_create

@@ -1,7 +1,7 @@
 """Given round-0 weights: stored once by an admin, named by their sha256, read by members.
 
 A job that starts from a pre-trained model names the flat float64 little-endian vector of its
-weights (``fedhe.models.flat_weights``' layout) by sha256. The vector is public to members, as
+weights (``client_agent.models.flat_weights``' layout) by sha256. The vector is public to members, as
 seeded round-0 weights always were; what the aggregator adds is one place to fetch it from.
 It checks what it can without TensorFlow (the hash, whole float64 values, all finite) and, at
 job creation, that the vector is stored and has the model's parameter count; every site checks

@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client_agent.data_check import check_rows_fit, load_for_job
+from client_agent.datasets import Dataset
 from client_agent.dp_randomness import noise_generator
 from client_agent.global_chain import GlobalModelChain
 from client_agent.heartbeat import Heartbeat
@@ -53,7 +54,6 @@ from client_agent.settings import AgentSettings
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.auth import KEY_RELEASE_PURPOSE, PINNED_KEYS_PURPOSE, private_key_from_pem, sign_request
 from fedhe.cpus import usable_cpus
-from fedhe.datasets import Dataset
 from fedhe.environment import current as current_environment
 from fedhe.environment import differences
 from fedhe.errors import (
@@ -541,8 +541,8 @@ class SiteAgent:
 
     def _evaluation_model(self, job: JobPublic, chain: GlobalModelChain) -> tf.keras.Model:
         """The job's model holding the chain's weights, built once per job and model spec."""
+        from client_agent.models import set_flat_weights
         from client_agent.training import load_model
-        from fedhe.models import set_flat_weights
 
         spec = chain.spec.model_dump_json()
         built = self._evaluation_models.get(job.id)

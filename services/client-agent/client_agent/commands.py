@@ -171,8 +171,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     import_tensorflow()
+    from client_agent.datasets import load_dataset
     from client_agent.pretraining import pretrain
-    from fedhe.datasets import load_dataset
     from fedhe.errors import InvalidRequest
     from fedhe.schemas import JobCreate
 

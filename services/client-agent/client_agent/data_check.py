@@ -9,8 +9,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from client_agent.datasets import DataProblems, Dataset, split
 from client_agent.settings import DataSettings
-from fedhe.datasets import DataProblems, Dataset, split
 from fedhe.errors import DataProblem, InvalidRequest
 from fedhe.schemas import JobCreate
 

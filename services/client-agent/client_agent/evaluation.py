@@ -21,8 +21,8 @@ import tensorflow as tf
 from numpy.typing import NDArray
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
+from client_agent.datasets import Dataset
 from client_agent.training import load_model
-from fedhe.datasets import Dataset
 from fedhe.errors import InvalidRequest
 from fedhe.modelspec import ModelSpec
 

@@ -1,7 +1,7 @@
 """The global model as a site holds it: public initial weights plus every published round, applied in order.
 
 The aggregator never holds a model, only encrypted sums of the sites' changes. Each site starts
-from the public initial weights (``fedhe.models.initial_weights`` of the job's spec and seed)
+from the public initial weights (``client_agent.models.initial_weights`` of the job's spec and seed)
 and, after each published round, decrypts the mean update and applies it with server momentum
 (``client_agent.server_momentum``); a statistics round instead fixes the input normalisation.
 The arithmetic is element-wise float64, so every site holds bit-identical weights.
@@ -75,7 +75,7 @@ class GlobalModelChain:
     @cached_property
     def architecture_sha256(self) -> str:
         """The hash of the architecture this site builds for the job (uploads carry it)."""
-        from fedhe.models import architecture_sha256, build_model
+        from client_agent.models import architecture_sha256, build_model
 
         return architecture_sha256(build_model(self._job.model, custom_modules=self._custom_modules))
 
@@ -84,7 +84,7 @@ class GlobalModelChain:
         """Which values of the weights an update carries; None when every value does."""
         if self._job.model.trainable is None:
             return None
-        from fedhe.models import build_model, trainable_mask
+        from client_agent.models import build_model, trainable_mask
 
         return trainable_mask(build_model(self._job.model, custom_modules=self._custom_modules))
 
@@ -101,7 +101,7 @@ class GlobalModelChain:
         return self._job.model.model_copy(update={"normalisation": self.state.normalisation})
 
     def _start(self) -> ChainState:
-        from fedhe.models import initial_weights
+        from client_agent.models import initial_weights
 
         spec = self._job.model
         given = None

@@ -49,7 +49,7 @@ class InitialWeightsSource:
 
     def __call__(self, spec: ModelSpec) -> NDArray[Any]:
         """The vector ``spec.initial_weights_sha256`` names, checked against it."""
-        from fedhe.models import check_given_weights
+        from client_agent.models import check_given_weights
 
         sha256 = spec.initial_weights_sha256
         if sha256 is None:
@@ -81,7 +81,7 @@ class InitialWeightsSource:
 
     def _local(self, spec: ModelSpec, sha256: str) -> NDArray[Any] | None:
         """The vector from a file in the admin's directory whose weights hash to ``sha256``, if any."""
-        from fedhe.models import WEIGHT_FILE_SUFFIXES, weights_from_file, weights_sha256
+        from client_agent.models import WEIGHT_FILE_SUFFIXES, weights_from_file, weights_sha256
 
         if self._local_dir is None:
             return None

@@ -3,7 +3,7 @@
 Each site sends per-feature sums and sums of squares (per channel for images, over every
 pixel), with Gaussian noise, through the encrypted codec; the summed statistics and the row
 count Σ n_k give the federation's mean and std, which go into the spec's ``normalisation`` and
-from there into a fixed layer of the model (``fedhe.models``). Each site's vector is a
+from there into a fixed layer of the model (``client_agent.models``). Each site's vector is a
 Gaussian mechanism charged to its privacy ledger like a DP-SGD pass.
 """
 

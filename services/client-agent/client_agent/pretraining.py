@@ -20,11 +20,11 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
 
+from client_agent.datasets import Dataset, split
 from client_agent.evaluation import evaluate
+from client_agent.models import flat_weights, initial_weights, weights_sha256
 from client_agent.training import load_model
-from fedhe.datasets import Dataset, split
 from fedhe.files import write_private
-from fedhe.models import flat_weights, initial_weights, weights_sha256
 from fedhe.modelspec import ModelSpec
 
 STATISTICS_ROWS = 512

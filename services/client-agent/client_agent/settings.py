@@ -7,8 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from client_agent.datasets import DataProblems, DataSchema, Dataset, load_dataset
 from fedhe.api_client import AggregatorClient, KeyserverClient
-from fedhe.datasets import DataProblems, DataSchema, Dataset, load_dataset
 from fedhe.errors import InvalidRequest
 from fedhe.settings import resolve_secret
 from fedhe.tls import ClientTLS, TLSSettingNames

@@ -18,11 +18,11 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
 
+from client_agent.datasets import Dataset
+from client_agent.models import initial_weights
 from client_agent.normalisation import local_statistics, pooled_normalisation
 from client_agent.server_momentum import apply_server_momentum, initial_state
 from client_agent.training import LocalTraining, load_model, train_dp_sgd, train_non_private
-from fedhe.datasets import Dataset
-from fedhe.models import initial_weights
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings, epsilon_spent, local_training_pass
 

@@ -1,6 +1,6 @@
 """A site's local training round on the Keras model a job's spec describes (DP-SGD in ``dp_sgd``).
 
-Weights travel as flat float64 vectors (``fedhe.models.flat_weights``); the model carries its
+Weights travel as flat float64 vectors (``client_agent.models.flat_weights``); the model carries its
 own input normalisation, so training and evaluation feed it the site's raw inputs.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 from numpy.typing import NDArray
 
+from client_agent.datasets import Dataset
 from client_agent.dp_sgd import DPParameters, DPSGDRun
-from fedhe.datasets import Dataset
-from fedhe.models import build_model, flat_weights, set_flat_weights
+from client_agent.models import build_model, flat_weights, set_flat_weights
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings, TrainingPass
 

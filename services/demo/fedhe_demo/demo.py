@@ -24,8 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
-from fedhe.cli.watch import follow, render
-from fedhe.datasets import (
+from client_agent.datasets import (
     Dataset,
     digits_as_images,
     load_bundled,
@@ -34,6 +33,7 @@ from fedhe.datasets import (
     split,
     write_image_folder,
 )
+from fedhe.cli.watch import follow, render
 from fedhe.errors import InvalidRequest
 from fedhe.he import DEFAULT_FORMAT_ID, PACKED_FORMAT_ID
 from fedhe.job_options import (

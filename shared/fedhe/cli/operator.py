@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedhe.api_client import AggregatorClient, KeyserverClient, ServiceClient
+from fedhe.cli.model_tools import model_tools
 from fedhe.cli.output import Column, abbreviated, day, emit_listing, emit_object, plain
 from fedhe.cli.settings import CliSettings
 from fedhe.cli.watch import round_accuracy, watch
@@ -62,29 +63,28 @@ def with_fingerprint(
 
     Logistic, mlp and cnn models have a parameter count the spec alone gives; the Keras
     applications, custom models and any model that freezes layers need the job creator's build
-    (``fedhe.models.fingerprint``, with TensorFlow) so that every site can check its own build
-    against it. ``given``: the round-0 weights the job starts from (always fingerprinted anew).
+    (the agent's ``client_agent.models.fingerprint``, with TensorFlow, found through the
+    ``fedhe.model_tools`` entry point) so that every site can check its own build against it.
+    ``given``: the round-0 weights the job starts from (always fingerprinted anew).
     """
     model = request.model
     needed = model.architecture not in _COUNTED_ARCHITECTURES or model.trainable is not None
     if given is None and (not needed or model.fingerprint is not None):
         return request
-    from fedhe.models import fingerprint, weights_sha256
-
+    tools = model_tools(f"fingerprinting a {model.architecture} model")
     if given is not None:
-        model = model.model_copy(update={"initial_weights_sha256": weights_sha256(given), "fingerprint": None})
-    computed = fingerprint(model, request.seed, custom_modules=tuple(custom_modules), given=given)
+        model = model.model_copy(update={"initial_weights_sha256": tools.weights_sha256(given), "fingerprint": None})
+    computed = tools.fingerprint(model, request.seed, custom_modules=tuple(custom_modules), given=given)
     return request.model_copy(update={"model": model.model_copy(update={"fingerprint": computed})})
 
 
 def _weights_file(request: JobCreate, path: str, custom_modules: Sequence[str]) -> NDArray[Any]:
     """The flat round-0 vector a ``--initial-weights`` file holds for the job's model."""
-    from fedhe.models import weights_from_file
-
     file = Path(path)
     if not file.is_file():
         raise InvalidRequest(f"--initial-weights {file}: no such file")
-    return weights_from_file(request.model, file, custom_modules=tuple(custom_modules))
+    tools = model_tools("--initial-weights")
+    return tools.weights_from_file(request.model, file, custom_modules=tuple(custom_modules))
 
 
 # The default tables fit 80 columns with ids whole; --wide adds the wide_only columns and shows keys

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedhe.datasets.bundled import load_bundled
-from fedhe.datasets.dataset import Dataset
-from fedhe.datasets.images import load_image_folder
-from fedhe.datasets.problems import DataProblems
-from fedhe.datasets.schema import DataSchema
-from fedhe.datasets.tabular import load_csv, load_npz
+from client_agent.datasets.bundled import load_bundled
+from client_agent.datasets.dataset import Dataset
+from client_agent.datasets.images import load_image_folder
+from client_agent.datasets.problems import DataProblems
+from client_agent.datasets.tabular import load_csv, load_npz
+from fedhe.data_schema import DataSchema
 from fedhe.errors import DataProblem
 
 

@@ -6,7 +6,7 @@
     ├── tabular   CSV with named feature and label columns, NPZ (x, y)
     ├── images    one sub-folder per class: PNG, JPEG, DICOM, resized to the input shape
     └── bundled   scikit-learn's datasets; PNG folders and DICOM files made for tests
-    schema        the job's contract: input shape, feature columns, class list
+    schema        the job's contract (fedhe.data_schema): input shape, feature columns, class list
     dataset       Dataset, split, partition_iid, partition_dirichlet
 
 Every problem with a site's files is named (the file and the row and column, or the image) in
@@ -14,13 +14,13 @@ one ``fedhe.errors.DataProblem`` (code ``data_problem``) that lists them all
 (``problems.DataProblems``), so a site admin fixes everything in one pass.
 """
 
-from fedhe.datasets.bundled import BUNDLED, digits_as_images, load_bundled, write_dicom, write_image_folder
-from fedhe.datasets.dataset import Dataset, partition_dirichlet, partition_iid, split
-from fedhe.datasets.images import load_image_folder, read_image
-from fedhe.datasets.loading import load_dataset
-from fedhe.datasets.problems import DataProblems
-from fedhe.datasets.schema import ClassList, DataSchema
-from fedhe.datasets.tabular import load_csv, load_npz, save_csv
+from client_agent.datasets.bundled import BUNDLED, digits_as_images, load_bundled, write_dicom, write_image_folder
+from client_agent.datasets.dataset import Dataset, partition_dirichlet, partition_iid, split
+from client_agent.datasets.images import load_image_folder, read_image
+from client_agent.datasets.loading import load_dataset
+from client_agent.datasets.problems import DataProblems
+from client_agent.datasets.tabular import load_csv, load_npz, save_csv
+from fedhe.data_schema import ClassList, DataSchema
 
 __all__ = [
     "BUNDLED",

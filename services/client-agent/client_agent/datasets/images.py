@@ -1,7 +1,7 @@
 """Image-folder site data: one sub-folder per class, PNG/JPEG (Pillow) and DICOM (pydicom).
 
 ``root/<class>/<file>``: each sub-folder's name must be one of the job's classes (mapped like
-any label, ``fedhe.datasets.schema``); files whose names start with a dot are skipped, and so,
+any label, ``fedhe.data_schema``); files whose names start with a dot are skipped, and so,
 with a warning, are the files operating systems leave beside images (``Thumbs.db``,
 ``desktop.ini``, ``.DS_Store``); any other file that is not ``.png``, ``.jpg``, ``.jpeg`` or
 ``.dcm`` is refused, as are files directly under ``root``. Every image becomes float32
@@ -16,7 +16,7 @@ H x W x C at the job's input shape:
 
 No scaling to 0-1: the model's normalisation layer does that with the federation's pooled
 statistics. Every unreadable image, unknown class folder and stray file is named in one
-``DataProblem`` (``fedhe.datasets.problems``).
+``DataProblem`` (``client_agent.datasets.problems``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhe.datasets.dataset import Dataset
-from fedhe.datasets.problems import DataProblems
-from fedhe.datasets.schema import DataSchema
+from client_agent.datasets.dataset import Dataset
+from client_agent.datasets.problems import DataProblems
+from fedhe.data_schema import DataSchema
 from fedhe.errors import DataProblem
 
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})

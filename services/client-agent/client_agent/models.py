@@ -1,7 +1,8 @@
 """Keras models from a ``ModelSpec``: the builder, the flat weight vector and the fingerprint.
 
-Imports TensorFlow: import this module lazily (the aggregator never does). The CLI, the demo
-and the agent all build models here, so every site builds the same thing.
+Imports TensorFlow: import this module lazily (the aggregator never does). The agent, the demo
+and ``fedhe job create`` (through the ``fedhe.model_tools`` entry point, ``fedhe.cli.model_tools``)
+all build models here, so every site builds the same thing.
 
 * ``build_model(spec)`` outputs logits. When the spec has a normalisation, a fixed Keras
   ``Normalization`` layer (mean and variance as constants, no weights) comes first, so a

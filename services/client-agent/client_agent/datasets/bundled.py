@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhe.datasets.dataset import Dataset
+from client_agent.datasets.dataset import Dataset
 from fedhe.errors import InvalidRequest
 
 BUNDLED = ("breast_cancer", "digits", "wine", "iris")

@@ -17,7 +17,7 @@ CSV rules (a site admin's export from any tool should load, a broken one should 
   row and column (imputing would be a modelling choice the job did not make);
 * a cell that is not a finite number is refused, naming row, column and value.
 
-Every problem in the file is reported at once (``fedhe.datasets.problems``). Rows are numbered
+Every problem in the file is reported at once (``client_agent.datasets.problems``). Rows are numbered
 as lines of the file (the header is line 1); blank lines are skipped.
 """
 
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedhe.datasets.dataset import Dataset
-from fedhe.datasets.problems import DataProblems
-from fedhe.datasets.schema import ClassList, DataSchema
+from client_agent.datasets.dataset import Dataset
+from client_agent.datasets.problems import DataProblems
+from fedhe.data_schema import ClassList, DataSchema
 from fedhe.errors import DataProblem
 
 _MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
