@@ -149,3 +149,90 @@ def test_the_public_surface_of_fedhe_he_is_locked() -> None:
     assert all(hasattr(fedhe.he, name) for name in fedhe.he.__all__)
     modules = {name: str(getattr(getattr(fedhe.he, name), "__module__", "")) for name in fedhe.he.__all__}
     assert {name: module for name, module in modules.items() if module.startswith("tenseal")} == {}
+
+
+# The common package holds only what several roles share: agent-only code lives in client_agent,
+# aggregator-only code in aggregator. (fedhe.local_cluster, used by the demo, the tests and the
+# benchmarks, stays in the common package for now.)
+
+COMMON = PACKAGES["fedhe"]
+MOVED_OUT = {
+    "site_metrics.py": PACKAGES["aggregator"] / "site_metrics.py",
+    "normalisation.py": PACKAGES["client_agent"] / "normalisation.py",
+    "dp_randomness.py": PACKAGES["client_agent"] / "dp_randomness.py",
+    "models.py": PACKAGES["client_agent"] / "models.py",
+    "datasets": PACKAGES["client_agent"] / "datasets" / "__init__.py",
+}
+# What only the agent installs (agent.lock): the common package imports none of it.
+TENSORFLOW = {"tensorflow", "tensorflow_privacy", "tensorflow_probability", "keras"}
+AGENT_ONLY_PACKAGES = TENSORFLOW | {"sklearn", "pydicom", "PIL"}
+
+
+def _string_imports(path: Path) -> set[str]:
+    """Module names given as literals to ``importlib.import_module`` or ``__import__``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            function = node.func
+            name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+            if name in {"import_module", "__import__"} and isinstance(node.args[0].value, str):
+                names.add(node.args[0].value)
+    return names
+
+
+def test_no_module_of_the_common_package_imports_a_service_anywhere_in_it() -> None:
+    """Lazy imports, TYPE_CHECKING imports and ``importlib.import_module("...")`` included."""
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            name for name in imported_modules(path) | _string_imports(path) if name.split(".")[0] in SERVICES
+        )
+        for path in _python_files(COMMON)
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_single_role_modules_live_in_their_role() -> None:
+    assert sorted(name for name in MOVED_OUT if (COMMON / name).exists()) == []
+    assert sorted(str(home.relative_to(REPO)) for home in MOVED_OUT.values() if not home.is_file()) == []
+    # The data contract ModelSpec uses stays shared; the readers that apply it are the agent's.
+    assert (COMMON / "data_schema.py").is_file()
+
+
+def test_the_common_package_imports_nothing_only_the_agent_installs() -> None:
+    """No TensorFlow (nor Keras, scikit-learn, pydicom, Pillow) anywhere under shared/fedhe, lazily either."""
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            name for name in imported_modules(path) | _string_imports(path) if name.split(".")[0] in AGENT_ONLY_PACKAGES
+        )
+        for path in _python_files(COMMON)
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_no_runtime_module_imports_test_support() -> None:
+    runtime = _python_files(REPO / "shared", REPO / "services")
+    assert len(runtime) > 100, "the scan found too few modules"
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            name for name in imported_modules(path) | _string_imports(path) if name.split(".")[0] in {"tests", "bench"}
+        )
+        for path in runtime
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_job_create_finds_the_agents_model_tools_through_an_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fedhe job create`` fingerprints Keras models and reads --initial-weights with the agent's
+    ``client_agent.models``, found through the ``fedhe.model_tools`` entry point; without it, it
+    says which extra to install."""
+    from fedhe.cli import model_tools
+    from fedhe.errors import InvalidRequest
+
+    found = model_tools.entry_points(group=model_tools.MODEL_TOOLS_GROUP, name=model_tools.MODEL_TOOLS_NAME)
+    assert [entry.value for entry in found] == ["client_agent.models"]
+    tools = model_tools.model_tools("fingerprinting")
+    assert all(callable(getattr(tools, name)) for name in ("fingerprint", "weights_from_file", "weights_sha256"))
+
+    monkeypatch.setattr(model_tools, "entry_points", lambda **_: [])
+    with pytest.raises(InvalidRequest, match=r"--initial-weights builds the model with TensorFlow.*fedhe\[agent\]"):
+        model_tools.model_tools("--initial-weights")
