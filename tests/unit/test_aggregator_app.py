@@ -10,6 +10,7 @@ these take seconds.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,3 +276,25 @@ def test_a_stopped_job_takes_no_upload(aggregator: InProcessAggregator) -> None:
     with pytest.raises(Conflict):
         site.client.upload_update(job.id, 0, envelope(plain([1, 2, 3, 4, 5, 6])))
     assert round_snapshot(aggregator, job.id, 0) == before
+
+
+@pytest.mark.usefixtures("plaintext_allowed")
+def test_a_round_short_of_uploads_at_its_deadline_fails_and_so_does_the_job(
+    tmp_path: Path, bfv_material: KeyMaterial
+) -> None:
+    """The deadline watcher (RoundWatcher) closes a round that has fewer than min_sites uploads."""
+    with aggregator_app(tmp_path, bfv_material, deadline_check_interval_s=0.05) as aggregator:
+        job = aggregator.admin.create_job(
+            plain_job_create(KEY_ID, format_id=PLAINTEXT_FORMAT_ID, round_deadline_s=0.3, on_round_failure="stop")
+        )
+        site = aggregator.register_and_approve("a")
+        site.client.upload_update(job.id, 0, envelope(plain([1, 2, 3, 4, 5, 6])))
+        deadline = time.monotonic() + 10
+        while aggregator.admin.job(job.id).status == JobStatus.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failed = aggregator.admin.round(job.id, 0)
+        assert (failed.state, failed.num_submissions) == (RoundState.FAILED, 1)
+        assert failed.failure_reason
+        assert aggregator.admin.job(job.id).status == JobStatus.FAILED
+        with pytest.raises(Conflict, match="not published"):
+            site.client.aggregate(job.id, 0)
