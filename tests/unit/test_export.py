@@ -109,3 +109,14 @@ def test_agreement_is_measured_against_the_tolerance() -> None:
     difference, agreement, ok = within(expected, expected + np.array([0.05, -0.05]), FLOAT16_TOLERANCE)
     assert (difference, agreement, ok) == (pytest.approx(0.05), 1.0, False)
     assert within(expected, np.array([[0.9, 0.1], [0.8, 0.2]]), FLOAT16_TOLERANCE)[1:] == (0.5, False)
+
+
+def test_only_the_tflite_flavours_asked_for_are_converted(tmp_path: Path) -> None:
+    spec, weights, sample = _cnn()
+    exported = export_all(spec, weights, tmp_path / "int8", sample, tflite=("int8",))
+    assert [(c.flavour, c.kept) for c in exported.tflite] == [("int8", True)]
+    assert sorted(p.name for p in (tmp_path / "int8").glob("*.tflite")) == ["model-int8.tflite"]
+    none = export_all(spec, weights, tmp_path / "none", sample, tflite=())
+    assert none.tflite == ()
+    assert json.loads(none.report.read_text(encoding="utf-8"))["tflite"] == []
+    assert none.files() == [none.keras, none.saved_model, none.report]

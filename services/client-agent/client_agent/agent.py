@@ -22,7 +22,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -824,9 +824,9 @@ class SiteAgent:
         logger.info("job %s completed; final model saved to %s", job.id, outcome.exported_model)
         return outcome
 
-    def export(self, job_id: str, directory: Path) -> ExportedModels:
+    def export(self, job_id: str, directory: Path, tflite: Collection[str]) -> ExportedModels:
         """``fedhe export``: the completed job's model as .keras and SavedModel, and each TFLite
-        flavour that agrees with it on the site's validation rows."""
+        flavour of ``tflite`` that agrees with it on the site's validation rows."""
         from client_agent.export import export_all
 
         job = self._aggregator.job(job_id)
@@ -844,6 +844,7 @@ class SiteAgent:
             np.asarray(validation.x[:64]),
             name=job.id,
             custom_modules=self.settings.custom_modules,
+            tflite=tflite,
         )
 
 

@@ -41,6 +41,15 @@ _FLAGS = {
 """Each agent setting that a flag of ``fedhe agent`` (and ``export``, ``check-data``) also sets."""
 
 
+def _tflite_flavours(value: str) -> tuple[str, ...]:
+    """``--tflite float16,int8`` (or ``none``) as the flavours to convert."""
+    flavours = () if value == "none" else tuple(part.strip() for part in value.split(","))
+    unknown = [flavour for flavour in flavours if flavour not in ("float16", "int8")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown TFLite flavour {', '.join(unknown)}: use float16, int8 or none")
+    return flavours
+
+
 def _column_map(pairs: list[str] | None) -> dict[str, str] | None:
     """``--column FEATURE=COLUMN`` flags as the job-feature → site-column map."""
     if not pairs:
@@ -155,7 +164,7 @@ def _export(args: argparse.Namespace) -> int:
     settings = _settings(args, AgentSettings)
     configure_logging(settings.log_level, f"export:{settings.site_id}")
     agent = SiteAgent(settings)
-    exported = agent.export(args.job_id, args.out or settings.state_dir / f"{args.job_id}-export")
+    exported = agent.export(args.job_id, args.out or settings.state_dir / f"{args.job_id}-export", args.tflite)
     for check in exported.tflite:
         print(check.summary(), file=sys.stderr)
     print_json(
@@ -246,6 +255,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     export.add_argument("job_id", metavar="JOB")
     export.add_argument("--out", type=Path, help="directory to write to (default: STATE_DIR/JOB-export)")
+    export.add_argument(
+        "--tflite",
+        type=_tflite_flavours,
+        default=("float16", "int8"),
+        metavar="FLAVOURS",
+        help="TFLite flavours to convert and check: float16,int8 (the default), one of them, or none",
+    )
     _site_flags(export)
     export.set_defaults(func=_export)
     pretrain = sub.add_parser(
