@@ -44,7 +44,9 @@ from fedhe.he import (
     encode_envelope,
     load_secret_context,
 )
-from fedhe.local_cluster import (
+from fedhe.modelspec import ModelSpec
+from fedhe.schemas import DEFAULT_CLIP_RANGE, FederationCreate, JobCreate, KeyReleaseRequest
+from fedhe_demo.local_cluster import (
     UNLIMITED_RATES,
     ClusterSecrets,
     ManagedProcess,
@@ -56,8 +58,6 @@ from fedhe.local_cluster import (
     start_keyserver,
     url,
 )
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import DEFAULT_CLIP_RANGE, FederationCreate, JobCreate, KeyReleaseRequest
 
 WEIGHT_SCALE = 1000  # S: the benchmark draws every n_k in [100, 1000]
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"

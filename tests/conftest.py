@@ -14,7 +14,7 @@ import pytest
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.he import CkksParameters, KeyMaterial, create_key_material
-from fedhe.local_cluster import (
+from fedhe_demo.local_cluster import (
     UNLIMITED_RATES,
     ClusterSecrets,
     ManagedProcess,

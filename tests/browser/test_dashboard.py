@@ -45,11 +45,6 @@ from fedhe.errors import PermissionDenied
 from fedhe.files import write_private_text
 from fedhe.global_model import weighted_update
 from fedhe.he import Envelope, encode_envelope
-from fedhe.local_cluster import (
-    ManagedProcess,
-    ProvisionedSite,
-    admit_member,
-)
 from fedhe.modelspec import InputNormalisation
 from fedhe.privacy import DPSettings
 from fedhe.schemas import (
@@ -67,6 +62,11 @@ from fedhe.schemas import (
     SiteCreate,
     SiteStatus,
     TokenCreate,
+)
+from fedhe_demo.local_cluster import (
+    ManagedProcess,
+    ProvisionedSite,
+    admit_member,
 )
 from tests.conftest import Cluster, PostgresDatabases, running_cluster
 from tests.factories import job_create, model_spec

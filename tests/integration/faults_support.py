@@ -13,7 +13,10 @@ from fedhe.api_client import AggregatorClient
 from fedhe.environment import current as current_environment
 from fedhe.global_model import Decryption, decode_aggregate, weighted_update
 from fedhe.he import Envelope, PackingSettings, UpdateCodec, encode_envelope
-from fedhe.local_cluster import (
+from fedhe.modelspec import ModelSpec
+from fedhe.schemas import FederationCreate, JobCreate
+from fedhe.tls import ClientTLS
+from fedhe_demo.local_cluster import (
     UNLIMITED_RATES,
     ClusterSecrets,
     ManagedProcess,
@@ -23,9 +26,6 @@ from fedhe.local_cluster import (
     start_aggregator,
     url,
 )
-from fedhe.modelspec import ModelSpec
-from fedhe.schemas import FederationCreate, JobCreate
-from fedhe.tls import ClientTLS
 from tests.conftest import PostgresDatabases, start_test_keyserver
 from tests.integration.helpers import DEFAULT_PACKING, site_codec
 

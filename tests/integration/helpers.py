@@ -27,8 +27,8 @@ from fedhe.he import (
     load_secret_context,
 )
 from fedhe.he._seal.format import plaintext_coefficients
-from fedhe.local_cluster import ClusterSecrets, ManagedProcess, ProvisionedSite
 from fedhe.schemas import DEFAULT_CLIP_RANGE, KeyReleaseRequest
+from fedhe_demo.local_cluster import ClusterSecrets, ManagedProcess, ProvisionedSite
 
 DEFAULT_PACKING = PackingSettings(clip_range=DEFAULT_CLIP_RANGE)
 """What a job on a BFV federation packs with when it names no packing settings."""

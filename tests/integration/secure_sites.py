@@ -38,11 +38,11 @@ from fedhe.global_model import AggregateFacts, Decryption, decode_aggregate
 from fedhe.he import Envelope, PackedBfvCodec, encode_envelope
 from fedhe.he._seal.format import compact_ciphertext, plaintext_bytes
 from fedhe.he.packing import pack
-from fedhe.local_cluster import ClusterSecrets, ProvisionedSite
 from fedhe.schemas import JobPublic, PinnedKeysRequest, RoundPublic, RoundState
 from fedhe.secagg.keys import AttemptKey
 from fedhe.secagg.messages import AdvertisementCreate, Transcript, UploadStatement
 from fedhe.secagg.statements import RoundAttempt, UploadFacts, chunks_sha256
+from fedhe_demo.local_cluster import ClusterSecrets, ProvisionedSite
 from tests.integration.helpers import site_codec
 
 

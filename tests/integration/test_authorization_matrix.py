@@ -29,8 +29,8 @@ from fedhe.auth import (
     sign_request,
 )
 from fedhe.files import write_private
-from fedhe.local_cluster import ProvisionedSite
 from fedhe.schemas import AccountCreate, FederationCreate, SiteCreate, TokenCreate
+from fedhe_demo.local_cluster import ProvisionedSite
 from tests.conftest import Cluster
 from tests.factories import job_create, model_spec
 

@@ -15,8 +15,8 @@ import pytest
 
 from fedhe.environment import current as current_environment
 from fedhe.he import DEFAULT_FORMAT_ID, Envelope, UpdateCodec, encode_envelope
-from fedhe.local_cluster import ProvisionedSite, admit_member
 from fedhe.schemas import FederationCreate
+from fedhe_demo.local_cluster import ProvisionedSite, admit_member
 from tests.conftest import Cluster
 from tests.factories import job_create, model_spec
 from tests.integration.helpers import round_snapshot, site_codec

@@ -16,7 +16,9 @@ import numpy as np
 
 from client_agent.datasets import load_bundled, save_csv, split
 from fedhe.job_options import StatisticsSettings
-from fedhe.local_cluster import (
+from fedhe.privacy import DPSettings
+from fedhe.schemas import DeclineReason, FederationCreate
+from fedhe_demo.local_cluster import (
     UNLIMITED_RATES,
     ManagedProcess,
     ProvisionedSite,
@@ -25,8 +27,6 @@ from fedhe.local_cluster import (
     start_keyserver,
     url,
 )
-from fedhe.privacy import DPSettings
-from fedhe.schemas import DeclineReason, FederationCreate
 from tests.conftest import Cluster, PostgresDatabases
 from tests.factories import job_create, model_spec
 from tests.integration.helpers import log_messages

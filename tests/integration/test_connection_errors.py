@@ -15,8 +15,8 @@ import pytest
 from fedhe.api_client import AggregatorClient
 from fedhe.devca import create_ca
 from fedhe.errors import UpstreamUnavailable
-from fedhe.local_cluster import free_port
 from fedhe.tls import ClientTLS, TLSSettingNames
+from fedhe_demo.local_cluster import free_port
 from tests.conftest import Cluster
 
 EXIT_UNREACHABLE, EXIT_INVALID_INPUT = 3, 2

@@ -25,7 +25,6 @@ from fedhe.auth import (
 )
 from fedhe.errors import FedheError, PermissionDenied, Unauthenticated
 from fedhe.he import load_evaluation_context
-from fedhe.local_cluster import ProvisionedSite
 from fedhe.schemas import (
     AccountCreate,
     EndorsementCreate,
@@ -34,6 +33,7 @@ from fedhe.schemas import (
     MemberCreate,
     TokenCreate,
 )
+from fedhe_demo.local_cluster import ProvisionedSite
 from tests.conftest import Cluster
 from tests.integration.helpers import database_connection, key_release_request, release_secret
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from client_agent.datasets import load_bundled, partition_dirichlet, save_csv, split
-from fedhe.local_cluster import (
+from fedhe.schemas import DeclineReason, FederationCreate, JobStatus, RoundPublic, RoundState
+from fedhe_demo.local_cluster import (
     UNLIMITED_RATES,
     ClusterSecrets,
     ManagedProcess,
@@ -30,7 +31,6 @@ from fedhe.local_cluster import (
     start_aggregator,
     url,
 )
-from fedhe.schemas import DeclineReason, FederationCreate, JobStatus, RoundPublic, RoundState
 from tests.conftest import PostgresDatabases, start_test_keyserver
 from tests.factories import job_create, model_spec
 from tests.integration.helpers import log_messages

@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from client_agent.datasets import load_bundled, partition_dirichlet, save_csv, split
-from fedhe.local_cluster import RedisServer, provision_site, start_agent
 from fedhe.schemas import FederationCreate
+from fedhe_demo.local_cluster import RedisServer, provision_site, start_agent
 from tests.conftest import POSTGRES_ADMIN_URL, PostgresDatabases
 from tests.factories import job_create, model_spec
 from tests.integration.faults_support import (

@@ -23,9 +23,9 @@ import pytest
 
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.cli.operator import round_accuracy
-from fedhe.local_cluster import RedisServer, free_port
 from fedhe.schemas import JobStatus, RoundState
 from fedhe.tls import ClientTLS
+from fedhe_demo.local_cluster import RedisServer, free_port
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.integration.guide_runner import Block, GuideFormatError, GuideSession, extract_blocks
 

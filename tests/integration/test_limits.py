@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from fedhe.auth import ENDORSE_PURPOSE, KEY_RELEASE_PURPOSE, generate_signing_key, public_key_b64, sign_request
-from fedhe.local_cluster import (
+from fedhe.schemas import AccountCreate, AuditEventPublic, FederationCreate, TokenCreate
+from fedhe_demo.local_cluster import (
     ClusterSecrets,
     ManagedProcess,
     free_port,
@@ -30,7 +31,6 @@ from fedhe.local_cluster import (
     start_keyserver,
     url,
 )
-from fedhe.schemas import AccountCreate, AuditEventPublic, FederationCreate, TokenCreate
 from tests.conftest import PostgresDatabases
 from tests.integration.helpers import key_release_request
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from aggregator.coordination import RedisCoordination
-from fedhe.local_cluster import RedisServer
 from fedhe.ratelimit import counters_for
+from fedhe_demo.local_cluster import RedisServer
 from keyserver.nonces import RedisNonces
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 
-from fedhe.local_cluster import RedisServer
+from fedhe_demo.local_cluster import RedisServer
 from tests.conftest import PostgresDatabases
 from tests.integration.faults_support import (
     MODEL,

@@ -19,7 +19,6 @@ from numpy.typing import NDArray
 
 from fedhe.errors import ImplausibleAggregate
 from fedhe.he.packing import unpack
-from fedhe.local_cluster import ProvisionedSite
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import (
     DeclineCreate,
@@ -33,6 +32,7 @@ from fedhe.schemas import (
 from fedhe.secagg.masks import CoefficientMasks, MaskTerm, pairwise_sign, self_mask_key
 from fedhe.secagg.shares import combine_shares
 from fedhe.secagg.statements import RoundAttempt, positions, self_mask_commitment
+from fedhe_demo.local_cluster import ProvisionedSite
 from tests.conftest import Cluster
 from tests.factories import job_create
 from tests.integration.helpers import decrypted_coefficients, round_snapshot, stored_uploads

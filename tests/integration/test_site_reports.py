@@ -17,7 +17,6 @@ from fedhe.api_client import AggregatorClient
 from fedhe.cli.operator import with_fingerprint
 from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict
-from fedhe.local_cluster import ProvisionedSite
 from fedhe.modelspec import ModelSpec
 from fedhe.schemas import (
     AgentState,
@@ -28,6 +27,7 @@ from fedhe.schemas import (
     PrivacyReport,
     RoundState,
 )
+from fedhe_demo.local_cluster import ProvisionedSite
 from tests.conftest import Cluster
 from tests.factories import job_create, model_spec
 from tests.integration.faults_support import MODEL, UploadingSite, uploading_federation

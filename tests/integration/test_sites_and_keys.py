@@ -26,7 +26,6 @@ from fedhe.auth import (
 from fedhe.errors import Conflict, NotFound, PermissionDenied, Unauthenticated
 from fedhe.files import write_private
 from fedhe.he import load_evaluation_context, load_secret_context
-from fedhe.local_cluster import ProvisionedSite, admit_member
 from fedhe.schemas import (
     EndorsementCreate,
     FederationCreate,
@@ -35,6 +34,7 @@ from fedhe.schemas import (
     SiteCreate,
     SiteStatus,
 )
+from fedhe_demo.local_cluster import ProvisionedSite, admit_member
 from tests.conftest import Cluster
 from tests.factories import job_create, model_spec
 from tests.integration.helpers import database_connection, key_release_request, release_secret, site_codec

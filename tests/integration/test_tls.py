@@ -12,9 +12,9 @@ import pytest
 from fedhe.api_client import AggregatorClient, KeyserverClient
 from fedhe.devca import DevCA
 from fedhe.errors import InvalidRequest, UpstreamUnavailable
-from fedhe.local_cluster import ClusterSecrets, ManagedProcess, free_port, start_aggregator, start_keyserver, url
 from fedhe.schemas import FederationCreate
 from fedhe.tls import ClientTLS
+from fedhe_demo.local_cluster import ClusterSecrets, ManagedProcess, free_port, start_aggregator, start_keyserver, url
 from tests.conftest import Cluster, PostgresDatabases
 from tests.factories import job_create, model_spec
 

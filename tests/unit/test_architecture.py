@@ -152,8 +152,8 @@ def test_the_public_surface_of_fedhe_he_is_locked() -> None:
 
 
 # The common package holds only what several roles share: agent-only code lives in client_agent,
-# aggregator-only code in aggregator. (fedhe.local_cluster, used by the demo, the tests and the
-# benchmarks, stays in the common package for now.)
+# aggregator-only code in aggregator, the local cluster (the demo's, which the tests and the
+# benchmarks start too) in the demo.
 
 COMMON = PACKAGES["fedhe"]
 MOVED_OUT = {
@@ -162,6 +162,7 @@ MOVED_OUT = {
     "dp_randomness.py": PACKAGES["client_agent"] / "dp_randomness.py",
     "models.py": PACKAGES["client_agent"] / "models.py",
     "datasets": PACKAGES["client_agent"] / "datasets" / "__init__.py",
+    "local_cluster.py": REPO / "services" / "demo" / "fedhe_demo" / "local_cluster.py",
 }
 # What only the agent installs (agent.lock): the common package imports none of it.
 TENSORFLOW = {"tensorflow", "tensorflow_privacy", "tensorflow_probability", "keras"}

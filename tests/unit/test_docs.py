@@ -310,7 +310,7 @@ def test_every_fedhe_variable_named_in_the_code_is_documented() -> None:
                 if name not in documented and f"{name}_" not in prefixes:
                     problems.append(f"{_relative(path)}:{number} names {name}, which docs/configuration.md does not")
     assert not problems, "\n".join(problems)
-    assert seen >= 30, "the scan should find the variables local_cluster.py and the CLI name"
+    assert seen >= 30, "the scan should find the variables the demo's local_cluster.py and the CLI name"
 
 
 def test_variable_pattern_keeps_whole_names_only() -> None:

@@ -45,7 +45,11 @@ from fedhe.job_options import (
     SecureAggregationSettings,
     StatisticsSettings,
 )
-from fedhe.local_cluster import (
+from fedhe.modelspec import ModelSpec
+from fedhe.privacy import DPSettings
+from fedhe.schemas import FederationCreate, JobCreate, JobPublic, JobStatus, RoundPublic, RoundState
+from fedhe.settings import ServiceSettings
+from fedhe_demo.local_cluster import (
     ClusterSecrets,
     ManagedProcess,
     free_port,
@@ -55,10 +59,6 @@ from fedhe.local_cluster import (
     start_keyserver,
     url,
 )
-from fedhe.modelspec import ModelSpec
-from fedhe.privacy import DPSettings
-from fedhe.schemas import FederationCreate, JobCreate, JobPublic, JobStatus, RoundPublic, RoundState
-from fedhe.settings import ServiceSettings
 
 MODELS = ("logistic", "mlp", "cnn")
 
