@@ -34,7 +34,7 @@ from fedhe.he import (
 from fedhe.he._seal.context import tenseal_context
 from fedhe.he._seal.format import plaintext_bytes, plaintext_coefficients
 from fedhe.he._seal.io import SealIO
-from fedhe.he.packing import pack, unpack
+from fedhe.he.packing import bytes_per_value, pack, unpack, upload_bytes
 from fedhe.he.quantise import quantise
 
 R = 0.5
@@ -87,6 +87,30 @@ def test_an_update_is_under_4_bytes_per_value_and_a_sum_under_8(
     assert 3.75 < sum(map(len, chunks)) / values.size < 3.77
     summed = aggregator.sum_chunk(0, [chunks[0], chunks[0]])
     assert 7.5 < len(summed) / CHUNK < 7.51
+
+
+@pytest.mark.parametrize(
+    ("bits", "max_sites", "per_value"), [(16, 128, 3.76), (20, 8, 3.76), (24, 128, 7.52), (40, 64, 7.52)]
+)
+def test_planned_bytes_per_value_match_a_real_encryption(
+    bfv_material: KeyMaterial, bits: int, max_sites: int, per_value: float
+) -> None:
+    settings = PackingSettings(clip_range=R, bits=bits, max_sites=max_sites)
+    codec = codec_for(PACKED_FORMAT_ID, load_secret_context(bfv_material.secret_context), options=settings)
+    size = 3 * CHUNK + 5
+    chunks = codec.encrypt_update(np.random.default_rng(bits).uniform(-R, R, size))
+    assert upload_bytes(settings, size) == sum(map(len, chunks))
+    assert bytes_per_value(settings) == len(chunks[0]) / check_packing(settings).values_per_chunk
+    assert bytes_per_value(settings) == pytest.approx(per_value, abs=0.01)
+
+
+def test_planned_bytes_follow_the_ring_dimension() -> None:
+    parameters = BfvParameters(poly_modulus_degree=4096, coeff_mod_bit_sizes=[54, 54], plain_modulus_bits=40)
+    material = create_key_material(parameters)
+    settings = PackingSettings(clip_range=R, bits=16, max_sites=16)
+    codec = codec_for(PACKED_FORMAT_ID, load_secret_context(material.secret_context), options=settings)
+    chunks = codec.encrypt_update(np.zeros(100))
+    assert upload_bytes(settings, 100, parameters) == len(chunks[0])
 
 
 def test_weighted_mean_of_100_sites_is_within_1e_5_r(site: PackedBfvCodec, aggregator: PackedBfvCodec) -> None:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedhe.errors import InvalidRequest
 from fedhe.he._seal.context import coefficient_primes
+from fedhe.he._seal.format import compact_ciphertext_size
 from fedhe.he.context import BfvParameters
 
 # Largest |noise| of one fresh SEAL encryption: the centred binomial sample is a difference of
@@ -139,6 +140,19 @@ def check_packing(settings: PackingSettings, parameters: BfvParameters | None = 
         plain_modulus_bits=parameters.plain_modulus_bits,
         data_prime=primes[0],
     )
+
+
+def bytes_per_value(settings: PackingSettings, parameters: BfvParameters | None = None) -> float:
+    """Bytes a site uploads per parameter with ``settings`` (the packing layout's values per
+    ciphertext over one compact ciphertext's size), before the last chunk's padding."""
+    layout = check_packing(settings, parameters)
+    return compact_ciphertext_size(layout.poly_modulus_degree) / layout.values_per_chunk
+
+
+def upload_bytes(settings: PackingSettings, num_values: int, parameters: BfvParameters | None = None) -> int:
+    """Bytes of one site's encrypted update of ``num_values`` parameters (whole ciphertexts)."""
+    layout = check_packing(settings, parameters)
+    return -(-num_values // layout.values_per_chunk) * compact_ciphertext_size(layout.poly_modulus_degree)
 
 
 def pack(levels: NDArray[Any], layout: PackingLayout) -> NDArray[np.uint64]:

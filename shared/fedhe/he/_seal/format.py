@@ -130,6 +130,17 @@ def compact_ciphertext(data: bytes) -> bytes:
     )
 
 
+# Ciphertext members SEAL writes after the data array (the seed the second polynomial is expanded
+# from); checked against real encryptions in tests/unit/test_packed_codec.py.
+_AFTER_WORDS = 81
+
+
+def compact_ciphertext_size(poly_modulus_degree: int) -> int:
+    """Bytes of one fresh (seeded) ciphertext's compact form at the data level of a one-data-prime
+    context: headers, then ``poly_modulus_degree`` words of 60 bits."""
+    return len(COMPACT_MAGIC) + _MEMBERS + 8 + poly_modulus_degree * _WORD_BITS // 8 + _AFTER_WORDS
+
+
 def seal_ciphertext(chunk: bytes) -> bytes:
     """SEAL's serialisation of a chunk in either form; raises ``ValueError`` if a compact chunk
     is malformed (SEAL's loader checks everything else)."""
