@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-BENCHMARKS = ("he_bench", "secagg", "load", "e2e", "dp_speed", "dp_accuracy", "transfer")
+BENCHMARKS = ("he_bench", "precision", "secagg", "load", "e2e", "dp_speed", "dp_accuracy", "transfer")
 PAGE = Path("docs/performance.md")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import dp_accuracy, dp_speed, e2e, he_bench, load, publish, secagg, transfer
+from bench import dp_accuracy, dp_speed, e2e, he_bench, load, precision, publish, secagg, transfer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     out = ["--out", str(args.out)]
     quick = ["--quick"] if args.quick else []
     he_bench.main(out + quick)
+    precision.main(out + quick)
     secagg.main(out + quick)
     load.main(out + (["--sites", "10", "--rounds", "2", "--params", "20000"] if args.quick else []))
     dp_speed.main(out + quick)
