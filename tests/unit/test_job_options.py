@@ -15,8 +15,9 @@ from client_agent.normalisation import StatisticsNoise, normalisation_from_sum, 
 from fedhe.db import utcnow
 from fedhe.errors import InvalidRequest
 from fedhe.he import PACKED_FORMAT_ID, PackingSettings
+from fedhe.he.packing import bytes_per_value
 from fedhe.job_options import SamplingMode, SamplingSettings
-from fedhe.job_planning import creation_warnings, privacy_plan
+from fedhe.job_planning import creation_warnings, privacy_plan, upload_cost
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import epsilon_spent, local_training_pass
 from fedhe.schemas import JobCreate, SiteStatus
@@ -268,3 +269,17 @@ def test_planning_a_site_too_small_for_the_jobs_delta_says_it_would_refuse() -> 
     spec = _job(dp={"delta": 0.05})
     warned = creation_warnings(spec, privacy_plan(spec, 50))
     assert "a site of 50 training rows refuses this job: δ=0.05 is not below 1/n = 0.02" in warned
+
+
+def test_the_plan_names_the_bytes_a_packing_setting_costs() -> None:
+    """8 values (3 × 2 + 2) fit one ciphertext of 61,606 bytes: 16,384 values at 16 bits, 8,192 at 32."""
+    default = upload_cost(_job())
+    assert default is not None
+    assert (default.bits, default.max_sites, default.num_values, default.upload_bytes) == (16, 128, 8, 61_606)
+    assert default.bytes_per_parameter == pytest.approx(61_606 / 16_384)
+    wide = upload_cost(_job(format_id=PACKED_FORMAT_ID, packing={"clip_range": 1.0, "bits": 32}))
+    assert wide is not None
+    assert wide.bytes_per_parameter == bytes_per_value(PackingSettings(clip_range=1.0, bits=32)) == 61_606 / 8192
+    assert upload_cost(_job(format_id="ckks-seeded-last-v2", secure_aggregation=None)) is None
+    with pytest.raises(InvalidRequest, match="lower bits or max_sites"):
+        upload_cost(_job(format_id=PACKED_FORMAT_ID, packing={"clip_range": 1.0, "bits": 40}))

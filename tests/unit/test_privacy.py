@@ -135,6 +135,10 @@ def test_the_privacy_plan_command_prints_the_plan_the_aggregator_stores(tmp_path
     expected = plan_epsilon(num_samples=120, batch_size=16, noise_multiplier=1.0, local_epochs=1, rounds=4, delta=1e-5)
     assert printed["epsilon_per_round"] == pytest.approx(expected)
     assert (expected[-1] > 5.0) == any("epsilon_warning=5" in w for w in printed["warnings"])
+    assert printed["upload"]["bytes_per_parameter"] == pytest.approx(3.76, abs=0.01)
+    assert printed["upload"]["upload_bytes"] == 61_606  # 62 values: one ciphertext
+    assert main(["privacy", "plan", str(path), "--samples", "120"]) == 0
+    assert "upload: 16-bit packing (R=1, max_sites=128) costs 3.76 bytes per parameter" in capsys.readouterr().out
     assert main(["privacy", "plan", str(path)]) == EXIT_INVALID_INPUT
     assert "give --samples or set min_site_samples" in capsys.readouterr().err
     path.write_text(json.dumps({**spec, "rounds": 0}))

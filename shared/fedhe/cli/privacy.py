@@ -1,7 +1,8 @@
 """``fedhe privacy plan``: ε per round for a job spec and a site size, before anything runs.
 
-It prints the projection the aggregator stores with a job (``JobPublic.privacy_plan``) and the
-warnings it would give, so operators and site admins can judge a job from its spec file.
+It prints the projection the aggregator stores with a job (``JobPublic.privacy_plan``), the
+bytes a site's packed upload will cost (at the default BFV parameters) and the warnings it
+would give, so operators and site admins can judge a job from its spec file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from fedhe.cli.output import Column, emit_listing
 from fedhe.errors import InvalidRequest
-from fedhe.job_planning import creation_warnings, privacy_plan
+from fedhe.job_planning import creation_warnings, privacy_plan, upload_cost
 from fedhe.schemas import JobCreate
 
 
@@ -37,10 +38,18 @@ def _plan(args: argparse.Namespace) -> int:
     plan = privacy_plan(spec, samples)
     rows = [{"round": number, "epsilon": epsilon} for number, epsilon in enumerate(plan.epsilon_per_round, start=1)]
     title = f"ε per round (δ={plan.delta:g}, {samples} rows)"
+    cost = upload_cost(spec)
     if args.json:
-        print(json.dumps({**plan.model_dump(), "warnings": creation_warnings(spec, plan)}, indent=2))
+        upload = None if cost is None else cost.model_dump()
+        print(json.dumps({**plan.model_dump(), "upload": upload, "warnings": creation_warnings(spec, plan)}, indent=2))
         return 0
     emit_listing(False, title, [Column("round", lambda r: r["round"]), Column("ε", lambda r: r["epsilon"])], rows)
+    if cost is not None:
+        print(
+            f"upload: {cost.bits}-bit packing (R={cost.clip_range:g}, max_sites={cost.max_sites}) costs "
+            f"{cost.bytes_per_parameter:.2f} bytes per parameter, {cost.upload_bytes:,} bytes per site and round "
+            f"for {cost.num_values:,} values (default BFV parameters)"
+        )
     for warning in creation_warnings(spec, plan):
         print(f"warning: {warning}")
     return 0
