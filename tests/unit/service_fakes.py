@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -133,24 +134,34 @@ class InProcessAggregator:
 
 
 @contextmanager
-def aggregator_app(tmp_path: Path, material: KeyMaterial, **settings: object) -> Iterator[InProcessAggregator]:
-    """The aggregator's ``create_app`` on a fresh SQLite file, lifespan started (deadline watcher included)."""
-    keyserver = FakeKeyserver(material)
+def aggregator_over(
+    tmp_path: Path, source: Any, **settings: object
+) -> Iterator[tuple[FastAPI, TestClient, AggregatorClient, str]]:
+    """The aggregator's ``create_app`` on a fresh SQLite file taking contexts and members from
+    ``source``, lifespan started (deadline watcher included): the app, its transport, an admin
+    client and the database URL."""
     database_url = f"sqlite:///{tmp_path}/aggregator.db"
     fields: dict[str, object] = {
         "database_url": database_url,
         "insecure_http": True,
-        "keyserver_url": "http://127.0.0.1:9",  # never called: the fake answers for the keyserver
+        "keyserver_url": "http://127.0.0.1:9",  # called only through ``source``
         "keyserver_token": "k" * 32,
         "bootstrap_admin_token": ADMIN_TOKEN,
         "membership_cache_s": 0,
         "sum_workers": 1,
     }
     app = create_app(
-        AggregatorSettings.model_validate(fields | settings), context_source=keyserver, membership_source=keyserver
+        AggregatorSettings.model_validate(fields | settings), context_source=source, membership_source=source
     )
     with TestClient(app, base_url=BASE_URL) as http:
-        admin = AggregatorClient(BASE_URL, ADMIN_TOKEN, tls=INSECURE, transport=http._transport)
+        yield app, http, AggregatorClient(BASE_URL, ADMIN_TOKEN, tls=INSECURE, transport=http._transport), database_url
+
+
+@contextmanager
+def aggregator_app(tmp_path: Path, material: KeyMaterial, **settings: object) -> Iterator[InProcessAggregator]:
+    """The aggregator in process behind a fake keyserver (``aggregator_over``)."""
+    keyserver = FakeKeyserver(material)
+    with aggregator_over(tmp_path, keyserver, **settings) as (app, http, admin, database_url):
         yield InProcessAggregator(app, http, keyserver, admin, database_url)
 
 

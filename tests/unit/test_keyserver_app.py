@@ -15,10 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from aggregator.app import create_app
-from aggregator.settings import AggregatorSettings
 from fedhe.api_client import AggregatorClient
 from fedhe.auth import PINNED_KEYS_PURPOSE, sign_request
 from fedhe.environment import current as current_environment
@@ -36,11 +33,11 @@ from fedhe.he import (
 from fedhe.schemas import DEFAULT_CLIP_RANGE, FederationCreate, MemberStatus, PinnedKeysRequest, RoundState
 from tests.factories import plain_job_create, site_identity
 from tests.unit.service_fakes import (
-    ADMIN_TOKEN,
     BASE_URL,
     INSECURE,
     KEYSERVER_AUDIENCE,
     InProcessKeyserver,
+    aggregator_over,
     key_release,
     keyserver_app,
 )
@@ -113,18 +110,7 @@ def test_the_aggregator_sees_members_and_contexts_but_no_secret(keyserver: InPro
 def test_a_round_through_both_services_in_process(tmp_path: Path, keyserver: InProcessKeyserver) -> None:
     """The aggregator takes its contexts and members from the in-process keyserver's real client."""
     federation = keyserver.admin.create_federation(FederationCreate(name="hospitals"))
-    settings = AggregatorSettings(
-        database_url=f"sqlite:///{tmp_path}/aggregator.db",
-        insecure_http=True,
-        keyserver_url=KEYSERVER_AUDIENCE,
-        keyserver_token="k" * 32,
-        bootstrap_admin_token=ADMIN_TOKEN,
-        membership_cache_s=0,
-        sum_workers=1,
-    )
-    app = create_app(settings, context_source=keyserver.aggregator, membership_source=keyserver.aggregator)
-    with TestClient(app, base_url=BASE_URL) as http:
-        admin = AggregatorClient(BASE_URL, ADMIN_TOKEN, tls=INSECURE, transport=http._transport)
+    with aggregator_over(tmp_path, keyserver.aggregator, keyserver_url=KEYSERVER_AUDIENCE) as (_, http, admin, _):
         job = admin.create_job(plain_job_create(federation.key_id))
         sites = []
         for name in ("a", "b"):  # every member admitted before the round takes uploads

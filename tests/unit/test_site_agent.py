@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from aggregator.app import create_app
-from aggregator.settings import AggregatorSettings
 from client_agent.agent import SiteAgent
 from client_agent.outcomes import OutcomeStatus
 from client_agent.settings import AgentSettings
@@ -29,11 +27,11 @@ from fedhe.environment import current as current_environment
 from fedhe.schemas import FederationCreate, JobStatus, RoundState
 from tests.factories import SiteIdentity, plain_job_create, site_identity
 from tests.unit.service_fakes import (
-    ADMIN_TOKEN,
     BASE_URL,
     INSECURE,
     KEYSERVER_AUDIENCE,
     InProcessKeyserver,
+    aggregator_over,
     keyserver_app,
 )
 
@@ -82,18 +80,8 @@ class Federation:
 def federation(tmp_path: Path) -> Iterator[Federation]:
     with keyserver_app(tmp_path) as keyserver:
         created = keyserver.admin.create_federation(FederationCreate(name="hospitals"))
-        settings = AggregatorSettings(
-            database_url=f"sqlite:///{tmp_path}/aggregator.db",
-            insecure_http=True,
-            keyserver_url=KEYSERVER_AUDIENCE,
-            keyserver_token="k" * 32,
-            bootstrap_admin_token=ADMIN_TOKEN,
-            membership_cache_s=0,
-            sum_workers=1,
-        )
-        app = create_app(settings, context_source=keyserver.aggregator, membership_source=keyserver.aggregator)
-        with TestClient(app, base_url=BASE_URL) as http:
-            admin = AggregatorClient(BASE_URL, ADMIN_TOKEN, tls=INSECURE, transport=http._transport)
+        source = keyserver.aggregator
+        with aggregator_over(tmp_path, source, keyserver_url=KEYSERVER_AUDIENCE) as (_, http, admin, _):
             yield Federation(keyserver, http, admin, created.id, created.key_id)
 
 
