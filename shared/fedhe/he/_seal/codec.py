@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from fedhe.errors import InvalidRequest, InvalidUpdate
 from fedhe.he._seal.context import EvaluationContext, SecretContext, load, serialise, tenseal_context
+from fedhe.he._seal.format import FormatMismatch
 from fedhe.he.codec import CoefficientMask, UpdateCodec
 
 _WORKER: dict[str, SealCodec] = {}
@@ -86,18 +87,18 @@ class SealCodec(UpdateCodec):
         try:
             ciphertext = self._deserialise(data)
         except (RuntimeError, ValueError) as exc:
-            raise InvalidUpdate(
-                f"chunk {index} is not a valid ciphertext for this context",
-                code="invalid_ciphertext",
-                detail={"chunk": index},
-            ) from exc
+            raise self._refusal(index, exc) from exc
         if not self._has_format(ciphertext):
-            raise InvalidUpdate(
-                f"chunk {index} does not have this format's {self._format_checks}",
-                code="invalid_ciphertext",
-                detail={"chunk": index},
-            )
+            raise self._refusal(index, FormatMismatch())
         return ciphertext
+
+    def _refusal(self, index: int, exc: Exception) -> InvalidUpdate:
+        """The error naming chunk ``index``: not a ciphertext at all, or not of this format."""
+        if isinstance(exc, FormatMismatch):
+            message = f"chunk {index} does not have this format's {self._format_checks}"
+        else:
+            message = f"chunk {index} is not a valid ciphertext for this context"
+        return InvalidUpdate(message, code="invalid_ciphertext", detail={"chunk": index})
 
     def _parallel_allowed(self) -> bool:
         """Whether this codec may hand encryption to worker processes."""
