@@ -10,6 +10,7 @@ these take seconds.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,6 +198,25 @@ def test_an_encrypted_round_publishes_the_homomorphic_sum(
     np.testing.assert_allclose(published, values[0] + values[1], atol=1e-4)
     verification = aggregator.admin.verify_round(job.id, 0)
     assert (verification.submissions, verification.counters_match, verification.sum_matches) == (2, True, True)
+
+
+def test_the_summing_processes_start_with_the_service_and_sum_its_first_round(
+    tmp_path: Path, bfv_material: KeyMaterial
+) -> None:
+    before = {child.pid for child in multiprocessing.active_children()}
+    with aggregator_app(tmp_path, bfv_material, sum_workers=2) as aggregator:
+        started = {child.pid for child in multiprocessing.active_children()} - before
+        assert len(started) == 2  # before any round closes
+        job = aggregator.admin.create_job(plain_job_create(KEY_ID))
+        codec = _site_codec(bfv_material)
+        values = np.array([0.5, -0.25, 0.125, 0.0, -0.5, 0.75])
+        sites = [aggregator.register_and_approve(name) for name in ("a", "b")]
+        for site in sites:
+            site.client.upload_update(job.id, 0, envelope(codec.encrypt_update(values), format_id=PACKED_FORMAT_ID))
+        assert aggregator.admin.round(job.id, 0).state == RoundState.PUBLISHED
+        published = codec.decrypt_aggregate(decode_envelope(site.client.aggregate(job.id, 0)).chunks, NUM_VALUES)
+        np.testing.assert_allclose(published, 2 * values, atol=2 * PackingSettings(clip_range=DEFAULT_CLIP_RANGE).step)
+        assert {child.pid for child in multiprocessing.active_children()} - before == started  # no new ones
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Publishing a closed round: its stored uploads summed chunk index by chunk index (ADR 0007).
 
 Memory holds the chunks of one index (one per upload) per worker, never a whole update or the
-whole sum. Indices are summed by a pool of processes (SEAL holds the GIL), fed a bounded number
-at a time. The sum's chunks are written as they are made; the round is published, and the next
+whole sum. Indices are summed by a pool of processes (SEAL holds the GIL), started with the
+service (``start``) and fed a bounded number at a time. A chunk's words are added modulo the
+data prime with numpy; SEAL only expands each upload's seeded half (ADR 0011). The sum's chunks are written as they are made; the round is published, and the next
 one opened, in one short transaction under the job's lock once all of them are stored.
 
 Exactly one process sums a round at a time: on Postgres it holds a session advisory lock, which
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import threading
 import zlib
 from collections import deque
@@ -49,6 +51,12 @@ def _sum_in_worker(format_id: str, context: bytes, options: str, index: int, chu
     return codec.sum_chunk(index, chunks)
 
 
+def _started() -> int:
+    """Run once in each summing process as the service starts: importing this module (and
+    with it SEAL) is the start-up a round's close must not wait for."""
+    return os.getpid()
+
+
 @dataclass(frozen=True)
 class SumPlan:
     """What summing one round needs."""
@@ -73,6 +81,19 @@ class RoundPublisher:
         self._pool: ProcessPoolExecutor | None = None
         self._local = threading.Lock()
         self._summing: set[int] = set()
+
+    def start(self) -> list[Future[int]]:
+        """Start the summing processes now, with the service, so the upload that closes the
+        first round does not wait for them; returns one future per process (its pid)."""
+        if self._workers == 1:
+            return []
+        pool = self._worker_pool()
+        return [pool.submit(_started) for _ in range(self._workers)]
+
+    def _worker_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
 
     def close(self) -> None:
         """Stop the summing processes."""
@@ -149,14 +170,13 @@ class RoundPublisher:
             for index in range(plan.num_chunks):
                 yield index, codec.sum_chunk(index, self._column(plan.upload_ids, index))
             return
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = self._worker_pool()
         context = self._contexts.context_bytes(plan.key_id)
         options = plan.packing.model_dump_json() if plan.packing is not None else ""
         pending: deque[tuple[int, Future[bytes]]] = deque()
         for index in range(plan.num_chunks):
             chunks = list(self._column(plan.upload_ids, index))
-            pending.append((index, self._pool.submit(_sum_in_worker, plan.format_id, context, options, index, chunks)))
+            pending.append((index, pool.submit(_sum_in_worker, plan.format_id, context, options, index, chunks)))
             if len(pending) >= 2 * self._workers:
                 done, future = pending.popleft()
                 yield done, future.result()
