@@ -98,6 +98,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         coordinator.waiters.bind(asyncio.get_running_loop())
         watcher.start()
+        publisher.start()
         yield
         watcher.stop()
         publisher.close()
