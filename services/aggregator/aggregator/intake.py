@@ -1,11 +1,12 @@
 """Accepting encrypted updates as they stream in, without ever touching the round's sum.
 
 An upload is read chunk by chunk: the envelope header is checked against the job first, then
-each ciphertext chunk is checked by the codec and stored as it arrives, so neither the body nor
-the sum is ever held whole. Only then, in one short transaction under the job's lock, does a
-submission row make the stored upload count (ADR 0007). Uploads to one job therefore proceed
-concurrently; the lock covers a few row updates, not ciphertext work. The round's encrypted sum
-is computed once, when the round closes (``aggregator.publisher``).
+the ciphertext chunks are checked by the codec and stored as they arrive, about 2 MiB at a
+time, so neither the body nor the sum is ever held whole. Only then, in one short transaction
+under the job's lock, does a submission row make the stored upload count (ADR 0007). Uploads
+to one job therefore proceed concurrently; the lock covers a few row updates, not ciphertext
+work. The round's encrypted sum is computed once, when the round closes
+(``aggregator.publisher``).
 
 A refused upload changes nothing that counts: its stored chunks are deleted, and an upload cut
 off mid-stream (a lost connection, a killed replica) is left unreferenced and swept later.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -46,7 +48,9 @@ from fedhe.secagg.messages import UploadStatement
 from fedhe.secagg.statements import ChunkHasher, UploadFacts
 
 IDEMPOTENCY_TTL_S = 24 * 3600
-_INSERT_BATCH = 16
+# Chunks are checked and stored in batches of about this many bytes, one worker-thread call and one
+# transaction per batch: the memory an upload holds while it streams in.
+BATCH_BYTES = 2 * 1024 * 1024
 
 
 def check_environment(meta: dict[str, object], expected: Environment, model: ModelSpec) -> None:
@@ -127,34 +131,67 @@ def check_room(repo: AggregatorRepository, spec: JobCreate, row: RoundRow, site_
 
 
 class BodyReader:
-    """Exact reads from a streamed request body, hashing everything read and counting it."""
+    """Exact reads from a streamed request body, hashing everything read and counting it.
+
+    The body's parts are kept as they arrive and each read is cut from them with one copy (none
+    when a read is exactly one part), rather than appended to and sliced out of one buffer.
+    """
 
     def __init__(self, stream: AsyncIterator[bytes], limit: int):
         self._stream = stream
-        self._buffer = bytearray()
+        self._parts: deque[bytes] = deque()
+        self._start = 0  # bytes of the first part already read
+        self._buffered = 0  # bytes received and not yet read
         self.limit = limit
         self.read_bytes = 0
         self.digest = hashlib.sha256()
 
     async def read_exactly(self, size: int, what: str) -> bytes:
         """The next ``size`` bytes; ``InvalidUpdate`` if the body ends first."""
-        while len(self._buffer) < size:
+        while self._buffered < size:
             try:
                 part = await anext(self._stream)
             except StopAsyncIteration:
                 raise InvalidUpdate(f"the body ends inside {what}", code="truncated_update") from None
-            if self.read_bytes + len(self._buffer) + len(part) > self.limit:
+            if self.read_bytes + self._buffered + len(part) > self.limit:
                 raise PayloadTooLarge(f"body is over the {self.limit}-byte limit", detail={"limit": self.limit})
-            self._buffer += part
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+            if part:
+                self._parts.append(part)
+                self._buffered += len(part)
+        data = self._take(size)
         self.read_bytes += size
         self.digest.update(data)
         return data
 
+    def _take(self, size: int) -> bytes:
+        """Cut the next ``size`` buffered bytes from the parts."""
+        if size == 0:
+            return b""
+        self._buffered -= size
+        first = self._parts[0]
+        if self._start + size <= len(first):
+            if self._start == 0 and size == len(first):
+                return self._parts.popleft()
+            data = first[self._start : self._start + size]
+            self._start += size
+            return data
+        pieces: list[memoryview] = []
+        needed = size
+        while needed:
+            first = self._parts[0]
+            taken = min(len(first) - self._start, needed)
+            pieces.append(memoryview(first)[self._start : self._start + taken])
+            needed -= taken
+            if self._start + taken == len(first):
+                self._parts.popleft()
+                self._start = 0
+            else:
+                self._start += taken
+        return b"".join(pieces)
+
     async def expect_end(self) -> None:
         """``InvalidUpdate`` if anything follows the declared chunks."""
-        if self._buffer:
+        if self._buffered:
             raise InvalidUpdate("the body carries bytes after its last declared chunk", code="truncated_update")
         async for part in self._stream:
             if part:
@@ -250,7 +287,9 @@ class UpdateIntake:
             )
         scoped_key = None if idempotency_key is None else f"{site_id}:{job_id}:{idempotency_key}"
         try:
-            chunks_sha256 = await self._stream_chunks(reader, header, admission.codec, upload_id)
+            chunks_sha256 = await self._stream_chunks(
+                reader, header, admission.codec, upload_id, hash_chunks=admission.statement is not None
+            )
             await reader.expect_end()
             if admission.statement is not None and admission.statement.chunks_sha256 != chunks_sha256:
                 raise InvalidUpdate(
@@ -326,27 +365,39 @@ class UpdateIntake:
         return upload_id
 
     async def _stream_chunks(
-        self, reader: BodyReader, header: EnvelopeHeader, codec: UpdateCodec, upload_id: str | None
-    ) -> str:
-        """Read, check and (unless it is a possible replay) store every chunk as it arrives;
-        returns the chunks' hash (``fedhe.secagg.statements.chunks_sha256``)."""
-        hasher = ChunkHasher()
+        self,
+        reader: BodyReader,
+        header: EnvelopeHeader,
+        codec: UpdateCodec,
+        upload_id: str | None,
+        *,
+        hash_chunks: bool,
+    ) -> str | None:
+        """Read every chunk and (unless it is a possible replay) check and store it, a batch of
+        about ``BATCH_BYTES`` per worker-thread call; returns the chunks' hash
+        (``fedhe.secagg.statements.chunks_sha256``) if ``hash_chunks`` (a signed statement names it)."""
+        hasher = ChunkHasher() if hash_chunks else None
         batch: list[tuple[int, bytes]] = []
+        batch_bytes = 0
         for index, size in enumerate(header.chunk_sizes):
             data = await reader.read_exactly(size, f"chunk {index}")
-            hasher.update(data)
+            if hasher is not None:
+                hasher.update(data)
             if upload_id is None:
                 continue
-            await run_in_threadpool(codec.check_chunk, index, data)
             batch.append((index, data))
-            if len(batch) >= _INSERT_BATCH:
-                await run_in_threadpool(self._store_chunks, upload_id, batch)
-                batch = []
+            batch_bytes += size
+            if batch_bytes >= BATCH_BYTES:
+                await run_in_threadpool(self._check_and_store, codec, upload_id, batch)
+                batch, batch_bytes = [], 0
         if batch and upload_id is not None:
-            await run_in_threadpool(self._store_chunks, upload_id, batch)
-        return hasher.hexdigest()
+            await run_in_threadpool(self._check_and_store, codec, upload_id, batch)
+        return None if hasher is None else hasher.hexdigest()
 
-    def _store_chunks(self, upload_id: str, chunks: list[tuple[int, bytes]]) -> None:
+    def _check_and_store(self, codec: UpdateCodec, upload_id: str, chunks: list[tuple[int, bytes]]) -> None:
+        """Check every chunk of a batch (the first bad one raises ``InvalidUpdate``), then store them."""
+        for index, data in chunks:
+            codec.check_chunk(index, data)
         with self._jobs.sessions.transaction() as session:
             AggregatorRepository(session).add_upload_chunks(upload_id, chunks)
 
