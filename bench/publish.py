@@ -35,12 +35,9 @@ def publish(results: Path, page_path: Path, images: Path) -> None:
         if section(page, name) is None:
             raise SystemExit(f"{page_path}: no <!-- bench:{name} --> section")
         body = result_body(results, name)
-        page = re.sub(
-            rf"<!-- bench:{name} -->\n.*?<!-- /bench:{name} -->",
-            lambda _, name=name, body=body: f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->",
-            page,
-            flags=re.S,
-        )
+        found = re.search(rf"<!-- bench:{name} -->\n.*?<!-- /bench:{name} -->", page, flags=re.S)
+        assert found is not None  # section() found it above
+        page = page[: found.start()] + f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->" + page[found.end() :]
     page_path.write_text(page, encoding="utf-8")
     shutil.copyfile(results / "he_bench.png", images / "he_bench.png")
 

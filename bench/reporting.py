@@ -39,13 +39,9 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def write_markdown_table(
-    path: Path, title: str, machine: str, rows: list[dict[str, Any]], columns: list[str], notes: list[str] | None = None
-) -> None:
-    """Write ``rows`` as a markdown table (a skipped row shows its reason)."""
-    lines = [f"# {title}", "", f"Machine: {machine}", ""]
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "---|" * len(columns))
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    """``rows`` as the lines of a markdown table (a skipped row shows its reason)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         if "skipped" in row:
             cells = [_format(row.get(c, "")) for c in columns[:3]] + [f"skipped: {row['skipped']}"]
@@ -53,5 +49,21 @@ def write_markdown_table(
         else:
             cells = [_format(row.get(c, "")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(path: Path, title: str, machine: str, blocks: list[list[str]]) -> None:
+    """A result page: its title, the machine, then ``blocks`` (tables, notes) separated by blank lines."""
+    lines = [f"# {title}", "", f"Machine: {machine}"]
+    for block in blocks:
+        lines += ["", *block]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_markdown_table(
+    path: Path, title: str, machine: str, rows: list[dict[str, Any]], columns: list[str], notes: list[str] | None = None
+) -> None:
+    """Write ``rows`` as a markdown table (a skipped row shows its reason)."""
+    lines = [f"# {title}", "", f"Machine: {machine}", "", *markdown_table(rows, columns)]
     lines += ["", *(notes or [])]
     path.write_text("\n".join(lines) + "\n")

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     secagg.main(out + quick)
     load.main(out + (["--sites", "10", "--rounds", "2", "--params", "20000"] if args.quick else []))
     dp_speed.main(out + quick)
-    e2e.main(out + (["--rounds", "3"] if args.quick else []))
+    e2e.main(out + (["--rounds", "2", "--repeats", "1"] if args.quick else []))
     transfer.main(out + quick)
     if not args.quick:
         dp_accuracy.main(out)
