@@ -234,11 +234,35 @@ class AggregatorRepository(AuditingRepository):
 
     def upload_chunk_column(self, upload_ids: list[str], index: int) -> list[bytes]:
         """The ``index``-th chunk of each upload, in the order of ``upload_ids``."""
-        query = select(UploadChunkRow.upload_id, UploadChunkRow.data).where(
-            UploadChunkRow.upload_id.in_(upload_ids), UploadChunkRow.index == index
+        rows = self._binary_rows(
+            'SELECT upload_id, data FROM upload_chunks WHERE upload_id = ANY(%s) AND "index" = %s',
+            (upload_ids, index),
         )
-        found = {upload_id: bytes(data) for upload_id, data in self.session.execute(query).all()}
+        if rows is None:
+            query = select(UploadChunkRow.upload_id, UploadChunkRow.data).where(
+                UploadChunkRow.upload_id.in_(upload_ids), UploadChunkRow.index == index
+            )
+            rows = [tuple(row) for row in self.session.execute(query).all()]
+        found = {upload_id: bytes(data) for upload_id, data in rows}
         return [found[upload_id] for upload_id in upload_ids]
+
+    def _binary_rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+        """On Postgres, the rows of ``sql`` fetched in binary format, in the session's transaction;
+        ``None`` elsewhere (SQLite: run the portable query).
+
+        Through SQLAlchemy, psycopg fetches results as text, and a bytea arrives hex-encoded: Postgres
+        writes two characters per byte and this process decodes them. Ciphertext chunks are read
+        in bulk (every upload's chunk at the close, the sum's chunks for each model download), so
+        they are fetched as raw bytes instead.
+        """
+        connection = self.session.connection()
+        if connection.dialect.name != "postgresql":
+            return None
+        self.session.flush()  # the raw query must see what this session added
+        driver = connection.connection.driver_connection
+        with driver.cursor(binary=True) as cursor:  # type: ignore[union-attr]
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
 
     def put_aggregate_chunk(self, round_id: int, index: int, data: bytes) -> None:
         """Store (or replace, when a sum is redone) one chunk of a round's sum."""
@@ -258,10 +282,15 @@ class AggregatorRepository(AuditingRepository):
 
     def aggregate_chunk(self, round_id: int, index: int) -> bytes:
         """One chunk of a round's sum."""
-        row = self.session.get(AggregateChunkRow, (round_id, index))
-        if row is None:
+        rows = self._binary_rows(
+            'SELECT data FROM aggregate_chunks WHERE round_id = %s AND "index" = %s', (round_id, index)
+        )
+        if rows is None:
+            row = self.session.get(AggregateChunkRow, (round_id, index))
+            rows = [] if row is None else [(row.data,)]
+        if not rows:
             raise NotFound(f"chunk {index} of round {round_id} is not stored")
-        return bytes(row.data)
+        return bytes(rows[0][0])
 
     def evaluation(self, round_id: int, site_id: str) -> EvaluationRow | None:
         """A site's evaluation of a round's model."""
