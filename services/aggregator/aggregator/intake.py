@@ -211,6 +211,16 @@ class _Admission:
 
 
 @dataclass(frozen=True)
+class _NewUpload:
+    """The ``uploads`` row an upload's chunks are stored under (inserted with the first batch)."""
+
+    id: str
+    round_id: int
+    site_id: str
+    num_chunks: int
+
+
+@dataclass(frozen=True)
 class _Staged:
     """An upload read to its end: its header, its stored chunks and its digest."""
 
@@ -280,15 +290,15 @@ class UpdateIntake:
             limit = reader.limit
             raise PayloadTooLarge(f"update declares more than the {limit}-byte limit", detail={"limit": limit})
         admission = await run_in_threadpool(self._admit, site_id, job_id, round_number, header)
-        upload_id = None
+        # The upload's row is inserted with its first batch of chunks (one transaction fewer).
+        upload = None
         if not admission.already_submitted:
-            upload_id = await run_in_threadpool(
-                self._start_upload, admission.round_id, site_id, len(header.chunk_sizes)
-            )
+            upload = _NewUpload(new_id("upl"), admission.round_id, site_id, len(header.chunk_sizes))
+        upload_id = None if upload is None else upload.id
         scoped_key = None if idempotency_key is None else f"{site_id}:{job_id}:{idempotency_key}"
         try:
             chunks_sha256 = await self._stream_chunks(
-                reader, header, admission.codec, upload_id, hash_chunks=admission.statement is not None
+                reader, header, admission.codec, upload, hash_chunks=admission.statement is not None
             )
             await reader.expect_end()
             if admission.statement is not None and admission.statement.chunks_sha256 != chunks_sha256:
@@ -358,48 +368,55 @@ class UpdateIntake:
         row = repo.current_round(job_id, round_number)
         return None if row is None else repo.submission(row.id, site_id)
 
-    def _start_upload(self, round_id: int, site_id: str, num_chunks: int) -> str:
-        upload_id = new_id("upl")
-        with self._jobs.sessions.transaction() as session:
-            session.add(UploadRow(id=upload_id, round_id=round_id, site_id=site_id, num_chunks=num_chunks))
-        return upload_id
-
     async def _stream_chunks(
         self,
         reader: BodyReader,
         header: EnvelopeHeader,
         codec: UpdateCodec,
-        upload_id: str | None,
+        upload: _NewUpload | None,
         *,
         hash_chunks: bool,
     ) -> str | None:
         """Read every chunk and (unless it is a possible replay) check and store it, a batch of
-        about ``BATCH_BYTES`` per worker-thread call; returns the chunks' hash
-        (``fedhe.secagg.statements.chunks_sha256``) if ``hash_chunks`` (a signed statement names it)."""
+        about ``BATCH_BYTES`` per worker-thread call, the first with the upload's row; returns the
+        chunks' hash (``fedhe.secagg.statements.chunks_sha256``) if ``hash_chunks`` (a signed
+        statement names it)."""
         hasher = ChunkHasher() if hash_chunks else None
         batch: list[tuple[int, bytes]] = []
         batch_bytes = 0
+        unstored = upload  # the row, until the first batch stores it
         for index, size in enumerate(header.chunk_sizes):
             data = await reader.read_exactly(size, f"chunk {index}")
             if hasher is not None:
                 hasher.update(data)
-            if upload_id is None:
+            if upload is None:
                 continue
             batch.append((index, data))
             batch_bytes += size
             if batch_bytes >= BATCH_BYTES:
-                await run_in_threadpool(self._check_and_store, codec, upload_id, batch)
-                batch, batch_bytes = [], 0
-        if batch and upload_id is not None:
-            await run_in_threadpool(self._check_and_store, codec, upload_id, batch)
+                await run_in_threadpool(self._check_and_store, codec, upload, batch, unstored is not None)
+                batch, batch_bytes, unstored = [], 0, None
+        if upload is not None and (batch or unstored is not None):
+            await run_in_threadpool(self._check_and_store, codec, upload, batch, unstored is not None)
         return None if hasher is None else hasher.hexdigest()
 
-    def _check_and_store(self, codec: UpdateCodec, upload_id: str, chunks: list[tuple[int, bytes]]) -> None:
-        """Check every chunk of a batch (the first bad one raises ``InvalidUpdate``), then store them."""
+    def _check_and_store(
+        self, codec: UpdateCodec, upload: _NewUpload, chunks: list[tuple[int, bytes]], first: bool
+    ) -> None:
+        """Check every chunk of a batch (the first bad one raises ``InvalidUpdate``), then store
+        them, with the upload's row if this is its ``first`` batch."""
         for index, data in chunks:
             codec.check_chunk(index, data)
         with self._jobs.sessions.transaction() as session:
-            AggregatorRepository(session).add_upload_chunks(upload_id, chunks)
+            if first:
+                session.add(
+                    UploadRow(
+                        id=upload.id, round_id=upload.round_id, site_id=upload.site_id, num_chunks=upload.num_chunks
+                    )
+                )
+                session.flush()
+            if chunks:
+                AggregatorRepository(session).add_upload_chunks(upload.id, chunks)
 
     def _drop_upload(self, upload_id: str) -> None:
         with contextlib.suppress(FedheError), self._jobs.sessions.transaction() as session:
