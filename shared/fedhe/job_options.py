@@ -190,3 +190,14 @@ class PrivacyPlan(BaseModel):
     delta: float
     epsilon_per_round: list[float]
     final_epsilon: float
+
+
+class UploadCost(BaseModel):
+    """What one site's encrypted training update costs under a job's packing settings."""
+
+    bits: int
+    clip_range: float
+    max_sites: int
+    bytes_per_parameter: float = Field(description="bytes per value sent, before the last ciphertext's padding")
+    num_values: int = Field(description="values a training update carries (the trainable parameters)")
+    upload_bytes: int = Field(description="bytes of one site's update per round (whole ciphertexts)")

@@ -8,12 +8,10 @@ site admin see the same numbers before any budget is spent.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from fedhe.he.codec import PACKED_FORMAT_ID
 from fedhe.he.context import BfvParameters
-from fedhe.he.packing import bytes_per_value, upload_bytes
-from fedhe.job_options import PrivacyPlan
+from fedhe.he.packing import PackingLayout, check_packing
+from fedhe.job_options import PrivacyPlan, UploadCost
 from fedhe.privacy import TrainingPass, epsilon_spent, local_training_pass, plan_epsilon, statistics_pass
 from fedhe.schemas import JobCreate
 
@@ -49,34 +47,27 @@ def privacy_plan(spec: JobCreate, num_samples: int) -> PrivacyPlan:
     return PrivacyPlan(num_samples=num_samples, delta=spec.dp.delta, epsilon_per_round=per_round, final_epsilon=final)
 
 
-class UploadCost(BaseModel):
-    """What one site's encrypted training update costs under a job's packing settings."""
-
-    bits: int
-    clip_range: float
-    max_sites: int
-    bytes_per_parameter: float
-    num_values: int
-    upload_bytes: int
-
-
-def upload_cost(spec: JobCreate, parameters: BfvParameters | None = None) -> UploadCost | None:
+def upload_cost(
+    spec: JobCreate, parameters: BfvParameters | None = None, *, layout: PackingLayout | None = None
+) -> UploadCost | None:
     """Bytes per parameter and per site upload of a training round for a job run with the packed
-    codec (as a BFV federation runs it; ``parameters`` default to the default BFV parameters), or
-    None for a job of another format. Raises ``InvalidRequest`` if the packing cannot hold the sum."""
+    codec, or None for a job of another format. The layout is the federation's codec's when the
+    aggregator plans a job, else the one ``parameters`` imply (the default BFV parameters if
+    None, as ``fedhe privacy plan`` assumes). Raises ``InvalidRequest`` if the packing cannot hold the sum."""
     if spec.format_id not in (None, PACKED_FORMAT_ID):
         return None
     # The settings the aggregator resolves for a BFV federation: the job's own, or the defaults.
     settings = spec.packing or JobCreate.model_validate({**spec.model_dump(), "format_id": PACKED_FORMAT_ID}).packing
     assert settings is not None
+    layout = layout or check_packing(settings, parameters)
     values = spec.model.num_update_values()
     return UploadCost(
         bits=settings.bits,
         clip_range=settings.clip_range,
         max_sites=settings.max_sites,
-        bytes_per_parameter=bytes_per_value(settings, parameters),
+        bytes_per_parameter=layout.bytes_per_value(),
         num_values=values,
-        upload_bytes=upload_bytes(settings, values, parameters),
+        upload_bytes=layout.upload_bytes(values),
     )
 
 

@@ -20,6 +20,7 @@ from fedhe.job_options import (
     SamplingSettings,
     SecureAggregationSettings,
     StatisticsSettings,
+    UploadCost,
 )
 from fedhe.modelspec import ModelSpec
 from fedhe.privacy import DPSettings
@@ -497,6 +498,11 @@ class JobPublic(JobCreate):
         default=None, description="ε per round for a site of max_site_samples training rows, planned at creation"
     )
     warnings: list[str] = Field(default_factory=list, description="what the aggregator found doubtful at creation")
+    upload_cost: UploadCost | None = Field(
+        default=None,
+        description="bytes one site's encrypted update costs per round with the job's packing, on its federation's "
+        "parameters (packed BFV jobs only)",
+    )
 
 
 class SubmissionPublic(BaseModel):

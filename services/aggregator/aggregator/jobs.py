@@ -35,9 +35,17 @@ from fedhe.db import SessionFactory, utcnow
 from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict, InvalidRequest, NotFound
 from fedhe.global_model import aggregate_header
-from fedhe.he import PackingSettings, codec_for, format_for, load_evaluation_context, supported_formats
+from fedhe.he import (
+    PackedBfvCodec,
+    PackingLayout,
+    PackingSettings,
+    codec_for,
+    format_for,
+    load_evaluation_context,
+    supported_formats,
+)
 from fedhe.identifiers import new_id
-from fedhe.job_planning import creation_warnings, privacy_plan
+from fedhe.job_planning import creation_warnings, privacy_plan, upload_cost
 from fedhe.schemas import (
     REFUSAL_REASONS,
     DeclineCreate,
@@ -181,12 +189,13 @@ class JobCoordinator:
         with self._sessions.transaction() as session:
             repo = AggregatorRepository(session)
             context_row = self._contexts.ensure(repo, request.key_id)
-            spec = self._resolved(request, context_row.context)
+            spec, layout = self._resolved(request, context_row.context)
             spec.model.num_update_values()  # a spec that freezes layers must say how many values train
             if spec.model.initial_weights_sha256 is not None:
                 require_initial_weights(repo, spec.model.initial_weights_sha256, spec.model.num_parameters())
             plan = None if spec.min_site_samples is None else privacy_plan(spec, spec.min_site_samples)
             largest = None if spec.max_site_samples is None else privacy_plan(spec, spec.max_site_samples)
+            cost = None if layout is None else upload_cost(spec, layout=layout)
             row = JobRow(
                 id=new_id("job"),
                 name=spec.name,
@@ -200,6 +209,7 @@ class JobCoordinator:
                 privacy_plan=None if plan is None else plan.model_dump(),
                 largest_site_plan=None if largest is None else largest.model_dump(),
                 warnings=creation_warnings(spec, plan, largest),
+                upload_cost=None if cost is None else cost.model_dump(),
             )
             repo.add(row)
             repo.flush()
@@ -212,8 +222,9 @@ class JobCoordinator:
         return job_public(row)
 
     @staticmethod
-    def _resolved(request: JobCreate, context: bytes) -> JobCreate:
-        """``request`` with the format its federation's context takes, checked against that context."""
+    def _resolved(request: JobCreate, context: bytes) -> tuple[JobCreate, PackingLayout | None]:
+        """``request`` with the format its federation's context takes, checked against that
+        context, and the packing layout the context gives its training rounds (packed jobs only)."""
         evaluation = load_evaluation_context(context)
         format_id = request.format_id or format_for(evaluation)
         if format_id not in supported_formats():
@@ -230,10 +241,11 @@ class JobCoordinator:
                 code="invalid_job",
             ) from exc
         # Building the codecs checks the scheme and that the packing cannot overflow this context.
-        codec_for(format_id, evaluation, options=spec.packing).close()
+        codec = codec_for(format_id, evaluation, options=spec.packing)
+        codec.close()
         if spec.statistics is not None:
             codec_for(format_id, evaluation, options=spec.round_packing(0)).close()
-        return spec
+        return spec, codec.layout if isinstance(codec, PackedBfvCodec) else None
 
     def publish_round(self, job_id: str, round_id: int) -> bool:
         """Publish a closed round whose sum is stored, and open the next round (or complete the job)."""

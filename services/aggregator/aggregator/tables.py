@@ -73,6 +73,7 @@ class JobRow(AggregatorBase):
     privacy_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     largest_site_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
+    upload_cost: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RoundRow(AggregatorBase):

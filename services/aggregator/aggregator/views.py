@@ -74,6 +74,7 @@ def job_public(row: JobRow) -> JobPublic:
             "privacy_plan": row.privacy_plan,
             "largest_site_plan": row.largest_site_plan,
             "warnings": row.warnings or [],
+            "upload_cost": row.upload_cost,
         }
     )
 

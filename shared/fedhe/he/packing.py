@@ -86,6 +86,15 @@ class PackingLayout:
         """Values one ciphertext holds."""
         return self.poly_modulus_degree * self.values_per_coefficient
 
+    def bytes_per_value(self) -> float:
+        """Bytes a site uploads per value (one compact ciphertext over the values it holds),
+        before the last chunk's padding."""
+        return compact_ciphertext_size(self.poly_modulus_degree) / self.values_per_chunk
+
+    def upload_bytes(self, num_values: int) -> int:
+        """Bytes of one site's encrypted update of ``num_values`` values (whole ciphertexts)."""
+        return -(-num_values // self.values_per_chunk) * compact_ciphertext_size(self.poly_modulus_degree)
+
 
 def packing_layout(
     settings: PackingSettings, *, poly_modulus_degree: int, plain_modulus_bits: int, data_prime: int
@@ -145,14 +154,12 @@ def check_packing(settings: PackingSettings, parameters: BfvParameters | None = 
 def bytes_per_value(settings: PackingSettings, parameters: BfvParameters | None = None) -> float:
     """Bytes a site uploads per parameter with ``settings`` (the packing layout's values per
     ciphertext over one compact ciphertext's size), before the last chunk's padding."""
-    layout = check_packing(settings, parameters)
-    return compact_ciphertext_size(layout.poly_modulus_degree) / layout.values_per_chunk
+    return check_packing(settings, parameters).bytes_per_value()
 
 
 def upload_bytes(settings: PackingSettings, num_values: int, parameters: BfvParameters | None = None) -> int:
     """Bytes of one site's encrypted update of ``num_values`` parameters (whole ciphertexts)."""
-    layout = check_packing(settings, parameters)
-    return -(-num_values // layout.values_per_chunk) * compact_ciphertext_size(layout.poly_modulus_degree)
+    return check_packing(settings, parameters).upload_bytes(num_values)
 
 
 def pack(levels: NDArray[Any], layout: PackingLayout) -> NDArray[np.uint64]:
