@@ -28,7 +28,7 @@ from aggregator.tables import (
 )
 from fedhe.db import AuditingRepository, utcnow
 from fedhe.errors import NotFound
-from fedhe.schemas import RoundState
+from fedhe.schemas import RoundState, SiteStatus
 
 ONLINE_WITHIN = timedelta(seconds=60)
 
@@ -79,6 +79,11 @@ class AggregatorRepository(AuditingRepository):
     def sites(self) -> list[SiteRow]:
         """All sites, oldest first."""
         return list(self.session.scalars(select(SiteRow).order_by(SiteRow.created_at)))
+
+    def approved_site_keys(self) -> dict[str, str]:
+        """Each approved site's public key by site id (asked on every upload: two columns, not rows)."""
+        query = select(SiteRow.id, SiteRow.public_key).where(SiteRow.status == SiteStatus.APPROVED.value)
+        return {str(site_id): str(key) for site_id, key in self.session.execute(query).all()}
 
     def evaluation_context(self, key_id: str) -> EvaluationContextRow | None:
         """A cached keyless context."""

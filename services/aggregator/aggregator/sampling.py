@@ -15,12 +15,11 @@ from aggregator.membership import FederationMembers
 from aggregator.repository import ONLINE_WITHIN, AggregatorRepository
 from fedhe.db import utcnow
 from fedhe.job_options import SamplingMode, SamplingSettings
-from fedhe.schemas import SiteStatus
 
 
 def eligible_members(repo: AggregatorRepository, members: FederationMembers, federation_id: str) -> list[str]:
     """Sites that can answer a round: active members at the keyserver, approved here with the same key."""
-    approved = {row.id: row.public_key for row in repo.sites() if row.status == SiteStatus.APPROVED.value}
+    approved = repo.approved_site_keys()
     return sorted(site_id for site_id, key in members.active(federation_id).items() if approved.get(site_id) == key)
 
 
