@@ -290,7 +290,8 @@ class SiteAgent:
 
     @staticmethod
     def _trains_next(job: JobPublic, current: RoundPublic) -> bool:
-        """Whether this site trains as soon as the secure round's roster closes (it advertised a key)."""
+        """Whether this site uploads as soon as the secure round's roster closes (it advertised a key,
+        and trained right after), so that it waits for nothing else meanwhile."""
         return (
             job.secure_aggregation is not None
             and current.state == RoundState.OPEN
@@ -360,6 +361,10 @@ class SiteAgent:
                 job.id, number, AdvertisementCreate(attempt=at.attempt, public_key=key.public_key, signature=signature)
             )
             logger.info("job %s round %d: key advertised for attempt %d", job.id, number, at.attempt)
+            # Training starts at once, while the roster forms: nothing of it leaves the site
+            # before the roster is fixed and checks out (``_masked_envelope``), the pass stays
+            # unreleased in the ledger until then, and a later attempt re-sends the same update.
+            self._made_update(job, current, chain, outcome, record)
         elif current.state == RoundState.COLLECTING:
             self._upload(job, current.attempt, partial(self._masked_envelope, job, current, chain, outcome, record))
         else:
