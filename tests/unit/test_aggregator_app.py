@@ -142,7 +142,8 @@ def test_a_job_is_created_on_the_federation_key_and_opens_round_zero(aggregator:
     assert (first.state, first.attempt, first.num_submissions) == (RoundState.OPEN, 1, 0)
     assert aggregator.keyserver.calls == [f"evaluation_context {KEY_ID}"]  # fetched once, then stored
     # The job names what each site's update will cost on this federation's parameters.
-    assert job.upload_cost is not None and aggregator.admin.job(job.id).upload_cost == job.upload_cost
+    assert job.upload_cost is not None
+    assert aggregator.admin.job(job.id).upload_cost == job.upload_cost
     values = job.model.num_update_values()
     assert (job.upload_cost.bits, job.upload_cost.num_values) == (16, values)
     assert job.upload_cost.upload_bytes == -(-values // 16_384) * 61_606

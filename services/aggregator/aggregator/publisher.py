@@ -2,10 +2,10 @@
 
 Memory holds the chunks of one index (one per upload) per worker, never a whole update or the
 whole sum. Indices are summed by a pool of processes (SEAL holds the GIL), started with the
-service (``start``) and fed a bounded number at a time. A chunk's words are added modulo the
-data prime with numpy; SEAL only expands each upload's seeded half (ADR 0011). The sum's chunks
-are written as they are made; the round is published, and the next one opened, in one short
-transaction under the job's lock once all of them are stored.
+service (``start``) and fed a bounded number at a time; each chunk is read once here, by SEAL,
+which must expand its seed (ADR 0011). The sum's chunks are written as they are made; the round
+is published, and the next one opened, in one short transaction under the job's lock once all
+of them are stored.
 
 Exactly one process sums a round at a time: on Postgres it holds a session advisory lock, which
 the database releases if the process dies, so another replica can take over; the deadline

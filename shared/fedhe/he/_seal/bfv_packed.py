@@ -12,19 +12,18 @@ derives the layout, the noise rule and the error bounds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
 from numpy.typing import NDArray
 
-from fedhe.errors import ImplausibleAggregate, InvalidRequest, InvalidUpdate
+from fedhe.errors import ImplausibleAggregate, InvalidRequest
 from fedhe.he._seal.codec import SealCodec
 from fedhe.he._seal.context import EvaluationContext, SecretContext
 from fedhe.he._seal.format import (
     CompactLayout,
-    CompactParts,
     compact_ciphertext,
     plaintext_bytes,
     plaintext_coefficients,
@@ -134,53 +133,16 @@ class PackedBfvCodec(SealCodec):
         """The wire form of a (summed) ciphertext."""
         return compact_ciphertext(self.io.save(ciphertext))
 
-    def _compact_parts(self, index: int, data: bytes) -> CompactParts | None:
-        """A compact chunk's words and seed, checked without SEAL; None for SEAL's own form."""
-        try:
-            return self._compact.parse(data)
-        except ValueError as exc:
-            raise self._refusal(index, exc) from exc
-
     def check_chunk(self, index: int, data: bytes) -> None:
         """Sites send the compact form: checked by numpy in one pass, with no SEAL object made
-        and no seed expanded (``CompactLayout.parse`` accepts what SEAL's loader would)."""
-        if self._compact_parts(index, data) is None:
+        and no seed expanded (``CompactLayout.check`` accepts what SEAL's loader would); a chunk
+        in SEAL's own form is loaded by SEAL."""
+        try:
+            compact = self._compact.check(data)
+        except ValueError as exc:
+            raise self._refusal(index, exc) from exc
+        if not compact:
             self.load_chunk(index, data)
-
-    def sum_chunk(self, index: int, chunks: Iterable[bytes]) -> bytes:
-        """Words added modulo q as numpy arrays; SEAL only expands each seeded half's seed (and
-        reads a chunk in its own form). The result is SEAL's own sum, in the compact form."""
-        layout, degree = self._compact, self.layout.poly_modulus_degree
-        c0, c1 = np.zeros(degree, dtype=np.uint64), np.zeros(degree, dtype=np.uint64)
-        expanded: seal.Ciphertext | None = None
-        summed = 0
-        for position, data in enumerate(chunks):
-            summed += 1
-            try:
-                parts = self._compact_parts(index, data)
-                if parts is None:
-                    term = self.load_chunk(index, data)
-                else:
-                    layout.add(c0, parts.c0)
-                    if parts.c1 is not None:
-                        layout.add(c1, parts.c1)
-                        continue
-                    assert parts.seed_record is not None
-                    term = self.load_chunk(index, layout.seeded_half(parts.seed_record))
-            except InvalidUpdate as exc:
-                exc.detail["update"] = position
-                raise
-            if expanded is None:
-                expanded = term
-            else:
-                self.evaluator.add_inplace(expanded, term)
-        if not summed:
-            raise InvalidRequest("no chunks to sum")
-        if expanded is not None:
-            words = layout.words_of(self.io.save(expanded))
-            layout.add(c0, words[:degree])
-            layout.add(c1, words[degree:])
-        return layout.summed(c0, c1)
 
     def _add_masks(self, coefficients: NDArray[np.uint64], masks: CoefficientMask, first_chunk: int) -> None:
         """Add ``masks`` to rows of plaintext coefficients in place, modulo t."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -172,52 +171,32 @@ _SEAL_MEMBERS = struct.Struct("<4Q?QQQdQ")  # parms_id, is_ntt_form, size, n, co
 _PRNG_TYPES = (1, 2)  # SEAL's prng_type blake2xb and shake256: the seeds its loader can expand
 
 
-@dataclass(frozen=True)
-class CompactParts:
-    """A compact chunk read without SEAL: c0's words, then c1's words or the seed it expands from."""
-
-    c0: NDArray[np.uint64]
-    c1: NDArray[np.uint64] | None
-    seed_record: bytes | None
-
-
 class CompactLayout:
     """The compact chunks of one context's data level (one prime q, coefficient form, two
-    components, BFV's scale and correction factor): read, checked and added with numpy.
+    components, BFV's scale and correction factor), checked with numpy.
 
-    ``parse`` accepts exactly what SEAL's loader accepts in this form (every word below q, the
-    metadata of a fresh ciphertext at the data level, a PRNG record SEAL can expand), so a chunk
-    is checked once, with no SEAL object made. Adding two such ciphertexts is adding their
-    words modulo q; only a seeded half needs SEAL, to expand its seed (``seeded_half``).
+    ``check`` accepts exactly what SEAL's loader accepts in this form (every word below q, the
+    metadata of a fresh or summed ciphertext at the data level, a PRNG record SEAL can expand),
+    and is stricter where SEAL ignores bytes, so a chunk is checked once, with no SEAL object
+    made and no seed expanded (ADR 0011).
     """
 
     def __init__(self, parms_id: Sequence[int], degree: int, prime: int):
-        if prime >> _WORD_BITS:
-            raise ValueError("a compact chunk holds words of at most 60 bits")
         self.degree = degree
-        self.prime = np.uint64(prime)
+        self.prime = prime
         self.members = _SEAL_MEMBERS.pack(*parms_id, False, 2, degree, 1, 1.0, 1)
         self._words_at = len(COMPACT_MAGIC) + _MEMBERS + 8
         self._half_bytes = _PAIR_BYTES * degree // 2
         self._seeded_size = self._words_at + self._half_bytes + _AFTER_WORDS
         self._summed_size = self._words_at + 2 * self._half_bytes
         self._record_header = _header(_AFTER_WORDS)
-        # SEAL's bytes of the ciphertext (0, c1) but for the seed record: loading them with a
-        # record appended expands that record's c1 alone.
-        array_size = _HEADER.size + 8 + 8 * degree
-        self._zero_c0 = (
-            _header(_HEADER.size + _MEMBERS + array_size + _AFTER_WORDS)
-            + self.members
-            + _header(array_size)
-            + struct.pack("<Q", degree)
-            + bytes(8 * degree)
-        )
 
-    def parse(self, chunk: bytes) -> CompactParts | None:
-        """The parts of a compact chunk of this level; None if ``chunk`` is not in the compact
-        form (SEAL's own form, read by SEAL); ``ValueError`` naming what is wrong otherwise."""
+    def check(self, chunk: bytes) -> bool:
+        """True for a valid compact chunk of this level, False if ``chunk`` is not in the compact
+        form (SEAL's own form, for SEAL to read); ``ValueError`` naming what is wrong otherwise
+        (``FormatMismatch`` for a well-formed chunk of another level, size or form)."""
         if not chunk.startswith(COMPACT_MAGIC):
-            return None
+            return False
         if chunk[len(COMPACT_MAGIC) : len(COMPACT_MAGIC) + _MEMBERS] != self.members:
             raise FormatMismatch("not a fresh or summed ciphertext of this context's data level")
         (count,) = struct.unpack_from("<Q", chunk, self._words_at - 8)
@@ -225,49 +204,21 @@ class CompactLayout:
             record = chunk[-_AFTER_WORDS:]
             if record[: _HEADER.size] != self._record_header or record[_HEADER.size] not in _PRNG_TYPES:
                 raise ValueError("the seed record is not one SEAL wrote")
-            return CompactParts(self._words(chunk, 0), None, record)
+            self._words(chunk, 0)
+            return True
         if count == 2 * self.degree and len(chunk) == self._summed_size:
-            c1 = self._words(chunk, 1)
-            if not c1.any():
+            self._words(chunk, 0)
+            if not self._words(chunk, 1).any():
                 raise FormatMismatch("a transparent ciphertext (its second half is zero)")
-            return CompactParts(self._words(chunk, 0), c1, None)
+            return True
         raise FormatMismatch("neither a seeded nor a summed ciphertext of this context's degree")
 
     def _words(self, chunk: bytes, half: int) -> NDArray[np.uint64]:
         words = np.empty(self.degree, dtype=np.uint64)
         _unpack_words(chunk, self._words_at + half * self._half_bytes, self.degree, words)
-        if int(words.max()) >= int(self.prime):
+        if int(words.max()) >= self.prime:
             raise ValueError("a word is not below the data prime")
         return words
-
-    def seeded_half(self, seed_record: bytes) -> bytes:
-        """SEAL's serialisation of (0, c1) with c1 expanded from ``seed_record``."""
-        return self._zero_c0 + seed_record
-
-    def add(self, total: NDArray[np.uint64], words: NDArray[np.uint64]) -> None:
-        """``total`` += ``words`` modulo q, in place (both below q, so the sum fits 61 bits).
-
-        Below q, ``total - q`` wraps around to above 2^63, so the minimum of the two is the
-        reduced sum (a masked subtraction costs five times as much)."""
-        total += words
-        np.minimum(total, total - self.prime, out=total)
-
-    def words_of(self, seal_bytes: bytes) -> NDArray[np.uint64]:
-        """Both halves' words of SEAL's uncompressed serialisation of a ciphertext of this level."""
-        members = _members(seal_bytes)
-        array_at = _MEMBERS + _HEADER.size
-        if members is None or members[:_MEMBERS] != self.members:
-            raise FormatMismatch("not a ciphertext of this context's data level")
-        (count,) = struct.unpack_from("<Q", members, array_at)
-        if count != 2 * self.degree:
-            raise FormatMismatch("not an expanded two-component ciphertext")
-        return np.frombuffer(members, dtype="<u8", count=count, offset=array_at + 8).astype(np.uint64)
-
-    def summed(self, c0: NDArray[np.uint64], c1: NDArray[np.uint64]) -> bytes:
-        """The compact chunk of the ciphertext (c0, c1): what ``compact_ciphertext`` makes of
-        SEAL's serialisation of the same ciphertext."""
-        words = np.concatenate([c0, c1])
-        return b"".join([COMPACT_MAGIC, self.members, struct.pack("<Q", words.size), _pack_words(words)])
 
 
 class FormatMismatch(ValueError):
