@@ -109,6 +109,9 @@ logger = logging.getLogger("fedhe.agent")
 
 DATA_PROBLEM_NOTICE = "this site's data does not fit the job (the site's agent log names the file, row and column)"
 
+_RUNNING = (RoundState.OPEN, RoundState.COLLECTING, RoundState.UNMASKING)
+"""The states of a round that still waits on its sites."""
+
 _STATUS_OF_CODE = {
     "data_problem": OutcomeStatus.DATA_PROBLEM,
     "too_many_samples": OutcomeStatus.DATA_PROBLEM,
@@ -239,23 +242,20 @@ class SiteAgent:
         """Take part in ``job`` until it ends, or until this site cannot (and then say why)."""
         outcome = JobOutcome(job_id=job.id, status=OutcomeStatus.COMPLETED)
         logger.info("job %s: taking part (%d rounds, model of %d parameters)", job.id, job.rounds, job.num_parameters)
+        followed: RoundPublic | None = None
         while True:
             try:
-                job = self._aggregator.job(job.id)
-                # Before any round: a site whose data does not fit declines now, naming every problem.
-                self._site_data(job)
-                chain = self._chain(job)
-                self._catch_up(job, chain)
-                if job.status != JobStatus.RUNNING:
+                job, chain, current = self._follow(job, followed)
+                followed = None
+                if current is None:
                     self._evaluate_newest(job, chain)
                     return self._finish(job, chain, outcome)
-                current = self._aggregator.round(job.id, job.current_round)
                 if not self._has_work(job, current):
                     if not self._trains_next(job, current):
                         # While the round waits on others, evaluating delays nothing.
                         self._evaluate_newest(job, chain)
                     self._heartbeat.report(AgentState.WAITING, job_id=job.id, round_number=job.current_round)
-                    self._wait_for_change(job, current)
+                    followed = self._wait_for_change(job, current)
                     continue
                 with request_id(f"{job.id}-r{job.current_round}-a{current.attempt}"):
                     self._check_can_train(job)
@@ -279,14 +279,36 @@ class SiteAgent:
             except (UpstreamUnavailable, TooManyRequests) as exc:
                 self._retry_after(f"job {job.id}: waiting for the services", exc)
 
-    def _wait_for_change(self, job: JobPublic, current: RoundPublic) -> None:
+    def _follow(
+        self, job: JobPublic, followed: RoundPublic | None
+    ) -> tuple[JobPublic, GlobalModelChain, RoundPublic | None]:
+        """The job, its chain (every published round applied) and its current round (None once the
+        job is no longer running). A round the long poll just answered serves as it is when it is
+        the job's current round and still running (stopping a job fails its round): the job, its
+        chain and its data are then as they were, and a phase change costs no further requests."""
+        if followed is not None and followed.number == job.current_round and followed.state in _RUNNING:
+            return job, self._chain(job), followed
+        job = self._aggregator.job(job.id)
+        # Before any round: a site whose data does not fit declines now, naming every problem.
+        self._site_data(job)
+        chain = self._chain(job)
+        self._catch_up(job, chain)
+        if job.status != JobStatus.RUNNING:
+            return job, chain, None
+        return job, chain, self._aggregator.round(job.id, job.current_round)
+
+    def _wait_for_change(self, job: JobPublic, current: RoundPublic) -> RoundPublic | None:
         """Until the round the site waits on moves on: the aggregator answers as soon as it does
-        (a long poll, up to ``round_wait_s``), so a phase change reaches the site at once."""
-        if current.state in (RoundState.OPEN, RoundState.COLLECTING, RoundState.UNMASKING, RoundState.CLOSED):
-            self._aggregator.round(job.id, current.number, changed_from=current, wait_s=self.settings.round_wait_s)
+        (a long poll, up to ``round_wait_s``), so a phase change reaches the site at once; the
+        round as the long poll answered it (None after a plain sleep)."""
+        if current.state in (*_RUNNING, RoundState.CLOSED):
+            changed = self._aggregator.round(
+                job.id, current.number, changed_from=current, wait_s=self.settings.round_wait_s
+            )
             self._backoff = self.settings.poll_interval_s
-        else:
-            self._wait(failed=False)
+            return changed
+        self._wait(failed=False)
+        return None
 
     @staticmethod
     def _trains_next(job: JobPublic, current: RoundPublic) -> bool:
