@@ -175,8 +175,8 @@ class _Repo:
     def __init__(self, sites: list[_Site], statuses: dict[str, _Status]):
         self._sites, self._statuses = sites, statuses
 
-    def sites(self) -> list[_Site]:
-        return self._sites
+    def approved_site_keys(self) -> dict[str, str]:
+        return {site.id: site.public_key for site in self._sites if site.status == SiteStatus.APPROVED.value}
 
     def site_statuses(self) -> dict[str, _Status]:
         return self._statuses
