@@ -71,11 +71,12 @@ def _chunks_read_back(sessions: SessionFactory) -> None:
             column = repo.upload_chunk_column(order, index)
             assert column == [uploads[upload_id][index] for upload_id in order]
             assert all(type(data) is bytes for data in column)
-        assert repo.aggregate_chunk(1, 0) == b"\x00sum\xff" * 1000
+        assert repo.aggregate_chunks(1, 0, 1) == [b"\x00sum\xff" * 1000]
         repo.put_aggregate_chunk(1, 1, b"unflushed")  # read in the same session, before any flush
-        assert repo.aggregate_chunk(1, 1) == b"unflushed"
+        assert repo.aggregate_chunks(1, 0, 2) == [b"\x00sum\xff" * 1000, b"unflushed"]
+        assert all(type(data) is bytes for data in repo.aggregate_chunks(1, 0, 2))
         with pytest.raises(NotFound):
-            repo.aggregate_chunk(1, 2)
+            repo.aggregate_chunks(1, 1, 3)
     sessions.engine.dispose()
 
 

@@ -36,7 +36,7 @@ def verify_round(sessions: SessionFactory, publisher: RoundPublisher, job_id: st
         sum_matches = plan is not None and len(stored_sizes) == plan.num_chunks
         for index, data in publisher.sums(plan) if plan is not None and sum_matches else []:
             with sessions.transaction() as session:
-                sum_matches = AggregatorRepository(session).aggregate_chunk(round_id, index) == data
+                sum_matches = AggregatorRepository(session).aggregate_chunks(round_id, index, index + 1) == [data]
             if not sum_matches:
                 break
     return RoundVerification(

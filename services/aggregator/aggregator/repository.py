@@ -285,17 +285,26 @@ class AggregatorRepository(AuditingRepository):
         )
         return [int(size) for size in self.session.scalars(query)]
 
-    def aggregate_chunk(self, round_id: int, index: int) -> bytes:
-        """One chunk of a round's sum."""
+    def aggregate_chunks(self, round_id: int, start: int, stop: int) -> list[bytes]:
+        """Chunks ``start`` to ``stop - 1`` of a round's sum, in order (``NotFound`` if one is missing)."""
         rows = self._binary_rows(
-            'SELECT data FROM aggregate_chunks WHERE round_id = %s AND "index" = %s', (round_id, index)
+            'SELECT data FROM aggregate_chunks WHERE round_id = %s AND "index" >= %s AND "index" < %s ORDER BY "index"',
+            (round_id, start, stop),
         )
         if rows is None:
-            row = self.session.get(AggregateChunkRow, (round_id, index))
-            rows = [] if row is None else [(row.data,)]
-        if not rows:
-            raise NotFound(f"chunk {index} of round {round_id} is not stored")
-        return bytes(rows[0][0])
+            query = (
+                select(AggregateChunkRow.data)
+                .where(
+                    AggregateChunkRow.round_id == round_id,
+                    AggregateChunkRow.index >= start,
+                    AggregateChunkRow.index < stop,
+                )
+                .order_by(AggregateChunkRow.index)
+            )
+            rows = [(data,) for data in self.session.scalars(query)]
+        if len(rows) != stop - start:
+            raise NotFound(f"chunks {start}-{stop - 1} of round {round_id} are not all stored")
+        return [bytes(row[0]) for row in rows]
 
     def evaluation(self, round_id: int, site_id: str) -> EvaluationRow | None:
         """A site's evaluation of a round's model."""
