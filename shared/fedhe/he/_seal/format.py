@@ -175,10 +175,10 @@ class CompactLayout:
     """The compact chunks of one context's data level (one prime q, coefficient form, two
     components, BFV's scale and correction factor), checked with numpy.
 
-    ``check`` accepts exactly what SEAL's loader accepts in this form (every word below q, the
+    ``check`` accepts only what SEAL's loader accepts in this form (every word below q, the
     metadata of a fresh or summed ciphertext at the data level, a PRNG record SEAL can expand),
-    and is stricter where SEAL ignores bytes, so a chunk is checked once, with no SEAL object
-    made and no seed expanded (ADR 0011).
+    refusing also bytes SEAL would ignore, so a chunk is checked once, with no SEAL object made
+    and no seed expanded (ADR 0011).
     """
 
     def __init__(self, parms_id: Sequence[int], degree: int, prime: int):
