@@ -71,6 +71,8 @@ def _chunks_read_back(sessions: SessionFactory) -> None:
             column = repo.upload_chunk_column(order, index)
             assert column == [uploads[upload_id][index] for upload_id in order]
             assert all(type(data) is bytes for data in column)
+        with pytest.raises(NotFound):  # an upload swept by the retention period while a sum is redone
+            repo.upload_chunk_column(["upl-0", "upl-swept"], 0)
         assert repo.aggregate_chunks(1, 0, 1) == [b"\x00sum\xff" * 1000]
         repo.put_aggregate_chunk(1, 1, b"unflushed")  # read in the same session, before any flush
         assert repo.aggregate_chunks(1, 0, 2) == [b"\x00sum\xff" * 1000, b"unflushed"]

@@ -34,11 +34,15 @@ def verify_round(sessions: SessionFactory, publisher: RoundPublisher, job_id: st
     if published and submissions and not pruned:
         plan = publisher.plan(job_id, round_id, require_state=RoundState.PUBLISHED)
         sum_matches = plan is not None and len(stored_sizes) == plan.num_chunks
-        for index, data in publisher.sums(plan) if plan is not None and sum_matches else []:
-            with sessions.transaction() as session:
-                sum_matches = AggregatorRepository(session).aggregate_chunks(round_id, index, index + 1) == [data]
-            if not sum_matches:
-                break
+        try:
+            for index, data in publisher.sums(plan) if plan is not None and sum_matches else []:
+                with sessions.transaction() as session:
+                    sum_matches = AggregatorRepository(session).aggregate_chunks(round_id, index, index + 1) == [data]
+                if not sum_matches:
+                    break
+        except NotFound:
+            # The retention sweep removed the uploads' chunks while they were being summed again.
+            pruned, sum_matches = True, False
     return RoundVerification(
         job_id=job_id,
         number=number,

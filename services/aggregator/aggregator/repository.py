@@ -238,7 +238,8 @@ class AggregatorRepository(AuditingRepository):
         return list(self.session.scalars(query))
 
     def upload_chunk_column(self, upload_ids: list[str], index: int) -> list[bytes]:
-        """The ``index``-th chunk of each upload, in the order of ``upload_ids``."""
+        """The ``index``-th chunk of each upload, in the order of ``upload_ids`` (``NotFound`` if
+        one is not stored)."""
         rows = self._binary_rows(
             'SELECT upload_id, data FROM upload_chunks WHERE upload_id = ANY(%s) AND "index" = %s',
             (upload_ids, index),
@@ -249,6 +250,9 @@ class AggregatorRepository(AuditingRepository):
             )
             rows = [tuple(row) for row in self.session.execute(query).all()]
         found = {upload_id: bytes(data) for upload_id, data in rows}
+        missing = [upload_id for upload_id in upload_ids if upload_id not in found]
+        if missing:
+            raise NotFound(f"chunk {index} of {len(missing)} uploads is not stored (removed by the retention period?)")
         return [found[upload_id] for upload_id in upload_ids]
 
     def _binary_rows(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
