@@ -15,12 +15,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
+from aggregator.publisher import RoundPublisher, SumPlan
+from aggregator.recovery import verify_round
+from aggregator.repository import AggregatorRepository
+from fedhe.db import SessionFactory
 from fedhe.environment import current as current_environment
 from fedhe.errors import Conflict, NotFound, PermissionDenied
 from fedhe.he import (
@@ -205,6 +209,49 @@ def test_an_encrypted_round_publishes_the_homomorphic_sum(
     np.testing.assert_allclose(published, values[0] + values[1], atol=1e-4)
     verification = aggregator.admin.verify_round(job.id, 0)
     assert (verification.submissions, verification.counters_match, verification.sum_matches) == (2, True, True)
+
+
+class _RedoneSum:
+    """The aggregator's publisher, but its re-sum meets a missing upload chunk: swept by the
+    retention period just before (``sweep``), or gone without any sweep."""
+
+    def __init__(self, publisher: RoundPublisher, sessions: SessionFactory, *, sweep: bool):
+        self._publisher, self._sessions, self._sweep = publisher, sessions, sweep
+
+    def plan(self, *args: Any, **kwargs: Any) -> SumPlan | None:
+        return self._publisher.plan(*args, **kwargs)
+
+    def sums(self, plan: SumPlan) -> Iterator[tuple[int, bytes]]:
+        if not self._sweep:
+            raise NotFound("chunk 0 of 1 uploads is not stored")
+        with self._sessions.transaction() as session:
+            AggregatorRepository(session).delete_upload_chunks(plan.upload_ids)
+        yield from self._publisher.sums(plan)
+
+
+def test_verifying_while_the_retention_sweep_removes_the_uploads_says_they_were_pruned(
+    tmp_path: Path, bfv_material: KeyMaterial
+) -> None:
+    with aggregator_app(tmp_path, bfv_material) as aggregator:
+        job = aggregator.admin.create_job(plain_job_create(KEY_ID))
+        codec = _site_codec(bfv_material)
+        sites = [aggregator.register_and_approve(name) for name in ("a", "b")]
+        for site in sites:
+            update = envelope(codec.encrypt_update(np.zeros(NUM_VALUES)), format_id=PACKED_FORMAT_ID)
+            site.client.upload_update(job.id, 0, update)
+        assert aggregator.admin.verify_round(job.id, 0).sum_matches
+        sessions, publisher = aggregator.app.state.sessions, aggregator.app.state.publisher
+        gone = cast(RoundPublisher, _RedoneSum(publisher, sessions, sweep=False))
+        with pytest.raises(NotFound):  # a chunk missing for any other reason is not hidden
+            verify_round(sessions, gone, job.id, 0)
+        raced = verify_round(sessions, cast(RoundPublisher, _RedoneSum(publisher, sessions, sweep=True)), job.id, 0)
+        assert (raced.submissions, raced.counters_match, raced.sum_matches, raced.uploads_pruned) == (
+            2,
+            True,
+            False,
+            True,
+        )
+        assert aggregator.admin.verify_round(job.id, 0).uploads_pruned  # and so it stays
 
 
 def test_the_summing_processes_start_with_the_service_and_sum_its_first_round(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import threading
 import zlib
 from collections import deque
@@ -52,10 +51,9 @@ def _sum_in_worker(format_id: str, context: bytes, options: str, index: int, chu
     return codec.sum_chunk(index, chunks)
 
 
-def _started() -> int:
+def _started() -> None:
     """Run once in each summing process as the service starts: importing this module (and
     with it SEAL) is the start-up a round's close must not wait for."""
-    return os.getpid()
 
 
 @dataclass(frozen=True)
@@ -83,13 +81,15 @@ class RoundPublisher:
         self._local = threading.Lock()
         self._summing: set[int] = set()
 
-    def start(self) -> list[Future[int]]:
+    def start(self) -> None:
         """Start the summing processes now, with the service, so the upload that closes the
-        first round does not wait for them; returns one future per process (its pid)."""
+        first round does not wait for them (each process is spawned by a submission finding
+        none idle)."""
         if self._workers == 1:
-            return []
+            return
         pool = self._worker_pool()
-        return [pool.submit(_started) for _ in range(self._workers)]
+        for _ in range(self._workers):
+            pool.submit(_started)
 
     def _worker_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:

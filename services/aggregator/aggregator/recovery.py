@@ -29,7 +29,8 @@ def verify_round(sessions: SessionFactory, publisher: RoundPublisher, job_id: st
             s.num_samples for s in submissions
         )
         stored_sizes = repo.aggregate_chunk_sizes(row.id)
-        pruned = bool(submissions) and repo.uploads_without_chunks([s.upload_id for s in submissions]) > 0
+        upload_ids = [s.upload_id for s in submissions]
+        pruned = bool(submissions) and repo.uploads_without_chunks(upload_ids) > 0
     sum_matches = False
     if published and submissions and not pruned:
         plan = publisher.plan(job_id, round_id, require_state=RoundState.PUBLISHED)
@@ -41,8 +42,13 @@ def verify_round(sessions: SessionFactory, publisher: RoundPublisher, job_id: st
                 if not sum_matches:
                     break
         except NotFound:
-            # The retention sweep removed the uploads' chunks while they were being summed again.
-            pruned, sum_matches = True, False
+            # Only the retention sweep, removing the uploads' chunks while they were summed again,
+            # may end this early; anything else missing is the operator's to hear about.
+            with sessions.transaction() as session:
+                pruned = AggregatorRepository(session).uploads_without_chunks(upload_ids) > 0
+            if not pruned:
+                raise
+            sum_matches = False
     return RoundVerification(
         job_id=job_id,
         number=number,
